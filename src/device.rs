@@ -1,0 +1,146 @@
+//! Which device (and which float type) the model runs on.
+//!
+//! candle's `Device::cuda_if_available` errors when a CUDA build finds no GPU;
+//! `auto` here falls back to the CPU instead, so one binary serves both kinds of
+//! machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// The user's `--device` choice, parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when built with CUDA and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("`{other}` is not a device; use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device this spec names.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Auto if cuda_present() => Ok(Device::new_cuda(0)?),
+            DeviceSpec::Auto => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) if cfg!(feature = "cuda") => Device::new_cuda(n)
+                .map_err(|e| Error::Device(format!("cannot open cuda:{n}: {e}"))),
+            DeviceSpec::Cuda(_) => Err(Error::Device(
+                "this sac was built without CUDA; rebuild with `--features cuda` or use --device cpu"
+                    .into(),
+            )),
+        }
+    }
+}
+
+fn cuda_present() -> bool {
+    cfg!(feature = "cuda") && candle_core::utils::cuda_is_available()
+}
+
+/// The user's `--dtype` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeSpec {
+    /// f32 on the CPU (exact, and fast enough there); bf16 on a GPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl FromStr for DTypeSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DTypeSpec::Auto),
+            "f32" => Ok(DTypeSpec::F32),
+            "bf16" => Ok(DTypeSpec::Bf16),
+            "f16" => Ok(DTypeSpec::F16),
+            other => Err(format!(
+                "`{other}` is not a dtype; use auto, f32, bf16 or f16"
+            )),
+        }
+    }
+}
+
+impl DTypeSpec {
+    /// The float type to compute in on `device`.
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            DTypeSpec::Auto if device.is_cpu() => DType::F32,
+            DTypeSpec::Auto => DType::BF16,
+            DTypeSpec::F32 => DType::F32,
+            DTypeSpec::Bf16 => DType::BF16,
+            DTypeSpec::F16 => DType::F16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn auto_falls_back_to_cpu_without_cuda() {
+        if !cuda_present() {
+            assert!(DeviceSpec::Auto.open().unwrap().is_cpu());
+        }
+    }
+
+    #[test]
+    fn cuda_request_without_cuda_build_is_a_clear_error() {
+        if !cfg!(feature = "cuda") {
+            let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
+
+    #[test]
+    fn auto_dtype_is_f32_on_cpu() {
+        assert_eq!(DTypeSpec::Auto.resolve(&Device::Cpu), DType::F32);
+        assert_eq!(DTypeSpec::Bf16.resolve(&Device::Cpu), DType::BF16);
+    }
+}

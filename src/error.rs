@@ -1,0 +1,63 @@
+//! The library's error type. Every variant renders as one line that says what
+//! failed and, where a file is involved, which one.
+
+use std::path::PathBuf;
+
+/// Errors raised by the `sac` library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a named file failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model directory or Hub snapshot lacks a file we need.
+    #[error("{0}")]
+    MissingModelFile(String),
+
+    /// `config.json` is malformed or describes something we cannot run.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    /// A weight tensor is absent or has the wrong shape.
+    #[error("weights: {0}")]
+    Weights(String),
+
+    /// The Hugging Face Hub could not deliver a file.
+    #[error("{0}")]
+    Hub(String),
+
+    /// The tokenizer could not be loaded or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A `--device` value or device request that cannot be satisfied.
+    #[error("device: {0}")]
+    Device(String),
+
+    /// A caller passed tensors that do not fit together (shapes, positions, masks).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// An error from the tensor library.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the file it concerns and what we were doing.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Shorthand for results of this library.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,366 @@
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+//!
+//! candle-transformers' models keep their KV cache private, accept no general
+//! mask and return only the last position; SAC needs all three (anchors read
+//! out of a bidirectional pass, a decoder whose past is a loaded .sack), so
+//! this file is our own forward pass, written after candle's `llama.rs` and
+//! transformers' `modeling_llama.py`. The four families differ only in the
+//! switches of [`ModelConfig`] (biases, q/k norms, RoPE scaling), hence one file.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::ModelConfig;
+use super::kv::LayerKv;
+use super::lora::{LayerLora, LowRank, QvLora};
+use super::mask::{self, AttentionMask};
+use super::ops::{self, Path};
+use super::rope::{Rope, RopeTables};
+use crate::error::{Error, Result};
+
+/// One forward pass's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInput<'a> {
+    /// Input embeddings `[batch, seq, hidden]` in the model's dtype: token
+    /// embeddings from [`Decoder::embed`], possibly with anchor embeddings
+    /// added, or soft tokens.
+    pub embeds: &'a Tensor,
+    /// Position ids `[batch, seq]` (u32), any values: SAC uses 1-based global ids.
+    pub positions: &'a Tensor,
+    pub mask: AttentionMask<'a>,
+    /// Every layer's K/V from earlier passes, `[batch, kv_heads, past, head_dim]`.
+    pub past: Option<&'a [LayerKv]>,
+    /// LoRA on q/v (the SAC compressor); `None` for the frozen decoder.
+    pub lora: Option<&'a QvLora>,
+    pub path: Path,
+}
+
+/// One forward pass's results, owned by the caller.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Hidden states after the final norm, `[batch, seq, hidden]`.
+    pub hidden: Tensor,
+    /// The K/V this pass computed (not including the past), one per layer.
+    pub kv: Vec<LayerKv>,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Per-head RMSNorm weights on q and k (Qwen3).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    attention: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A loaded decoder model.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    config: ModelConfig,
+    embed_tokens: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+fn linear(
+    vb: &VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    name: &str,
+) -> Result<Linear> {
+    let vb = vb.pp(name);
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+    Ok(Linear::new(weight, bias))
+}
+
+impl Decoder {
+    /// Builds the model from weights named as in transformers checkpoints
+    /// (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+    pub fn load(config: ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let q_dim = c.num_heads * hd;
+        let kv_dim = c.num_kv_heads * hd;
+        let model = vb.pp("model");
+        let embed_weight = model.get((c.vocab_size, h), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), h);
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let vb = model.pp(format!("layers.{i}"));
+                let attn = vb.pp("self_attn");
+                let mlp = vb.pp("mlp");
+                Ok(Block {
+                    input_layernorm: vb.get(h, "input_layernorm.weight")?,
+                    attention: Attention {
+                        q_proj: linear(&attn, h, q_dim, c.qkv_bias, "q_proj")?,
+                        k_proj: linear(&attn, h, kv_dim, c.qkv_bias, "k_proj")?,
+                        v_proj: linear(&attn, h, kv_dim, c.qkv_bias, "v_proj")?,
+                        o_proj: linear(&attn, q_dim, h, c.o_bias, "o_proj")?,
+                        q_norm: c
+                            .qk_norm
+                            .then(|| attn.get(hd, "q_norm.weight"))
+                            .transpose()?,
+                        k_norm: c
+                            .qk_norm
+                            .then(|| attn.get(hd, "k_norm.weight"))
+                            .transpose()?,
+                    },
+                    post_attention_layernorm: vb.get(h, "post_attention_layernorm.weight")?,
+                    mlp: Mlp {
+                        gate_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "gate_proj")?,
+                        up_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "up_proj")?,
+                        down_proj: linear(&mlp, c.intermediate_size, h, c.mlp_bias, "down_proj")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed_weight, None)
+        } else {
+            linear(&vb, h, c.vocab_size, false, "lm_head")?
+        };
+        Ok(Decoder {
+            rope: Rope::new(c, vb.device())?,
+            norm: model.get(h, "norm.weight")?,
+            embed_tokens,
+            blocks,
+            lm_head,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` for ids `[batch, seq]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(ids)?)
+    }
+
+    /// Logits for hidden states `[..., hidden]`, in f32 (f64 for an f64 model).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
+        Ok(logits.to_dtype(ops::accumulation_dtype(self.dtype))?)
+    }
+
+    /// Runs the blocks over `input`; see [`ForwardInput`].
+    pub fn forward(&self, input: ForwardInput) -> Result<ForwardOutput> {
+        let (batch, seq, hidden_size) = input.embeds.dims3()?;
+        if hidden_size != self.config.hidden_size {
+            return Err(Error::InvalidInput(format!(
+                "embeddings have width {hidden_size}, the model {}",
+                self.config.hidden_size
+            )));
+        }
+        if input.positions.dims() != [batch, seq] {
+            return Err(Error::InvalidInput(format!(
+                "position ids have shape {:?}, expected [{batch}, {seq}]",
+                input.positions.dims()
+            )));
+        }
+        if let Some(past) = input.past {
+            if past.len() != self.blocks.len() {
+                return Err(Error::InvalidInput(format!(
+                    "past K/V has {} layers, the model {}",
+                    past.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
+        if let Some(lora) = input.lora {
+            if lora.layers.len() != self.blocks.len() {
+                return Err(Error::InvalidInput(format!(
+                    "LoRA has {} layers, the model {}",
+                    lora.layers.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
+        let past_len = input.past.and_then(|p| p.first()).map_or(0, LayerKv::len);
+        let mask = self.additive_mask(input.mask, batch, seq, past_len)?;
+        let tables = self
+            .rope
+            .tables(&input.positions.to_dtype(DType::U32)?, self.dtype)?;
+        let no_lora = LayerLora::default();
+
+        let mut x = input.embeds.to_dtype(self.dtype)?;
+        let mut kv = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let lora = input.lora.map_or(&no_lora, |l| &l.layers[i]);
+            let past = input.past.map(|p| &p[i]);
+            let step = BlockStep {
+                tables: &tables,
+                mask: mask.as_ref(),
+                past,
+                lora,
+                path: input.path,
+            };
+            let (y, layer_kv) = block.forward(&x, &self.config, &step)?;
+            x = y;
+            kv.push(layer_kv);
+        }
+        let hidden = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, input.path)?;
+        Ok(ForwardOutput { hidden, kv })
+    }
+
+    /// The mask as a `[batch|1, 1, 1, seq, past+seq]` tensor in the
+    /// accumulation dtype, or `None` when every position is visible.
+    fn additive_mask(
+        &self,
+        mask: AttentionMask,
+        batch: usize,
+        seq: usize,
+        past: usize,
+    ) -> Result<Option<Tensor>> {
+        let tensor = match mask {
+            AttentionMask::Full => return Ok(None),
+            AttentionMask::Causal if seq == 1 => return Ok(None),
+            AttentionMask::Causal => mask::causal(seq, past, &self.device)?,
+            AttentionMask::Additive(t) => t.clone(),
+        };
+        let keys = past + seq;
+        let rows = match tensor.dims() {
+            [s, k] if *s == seq && *k == keys => 1,
+            [b, s, k] if (*b == batch || *b == 1) && *s == seq && *k == keys => *b,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "mask has shape {other:?}, expected [{seq}, {keys}] or [{batch}, {seq}, {keys}]"
+                )));
+            }
+        };
+        let acc = ops::accumulation_dtype(self.dtype);
+        Ok(Some(
+            tensor
+                .to_device(&self.device)?
+                .to_dtype(acc)?
+                .reshape((rows, 1, 1, seq, keys))?,
+        ))
+    }
+}
+
+/// What every block of one forward pass shares, plus its own past and LoRA.
+struct BlockStep<'a> {
+    tables: &'a RopeTables,
+    mask: Option<&'a Tensor>,
+    past: Option<&'a LayerKv>,
+    lora: &'a LayerLora,
+    path: Path,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<(Tensor, LayerKv)> {
+        let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.path)?;
+        let (attn, kv) = self.attention.forward(&normed, c, step)?;
+        let x = (x + attn)?;
+        let normed = ops::rms_norm(
+            &x,
+            &self.post_attention_layernorm,
+            c.rms_norm_eps,
+            step.path,
+        )?;
+        let mlp = &self.mlp;
+        let gate = mlp.gate_proj.forward(&normed)?.silu()?;
+        let up = mlp.up_proj.forward(&normed)?;
+        let y = mlp.down_proj.forward(&(gate * up)?)?;
+        Ok(((x + y)?, kv))
+    }
+}
+
+fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor) -> Result<Tensor> {
+    let base = proj.forward(x)?;
+    match lora {
+        Some(lora) => Ok((base + lora.delta(x)?)?),
+        None => Ok(base),
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<(Tensor, LayerKv)> {
+        let (batch, seq, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let group = c.group_size();
+
+        let q = project(&self.q_proj, step.lora.q.as_ref(), x)?.reshape((batch, seq, heads, hd))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((batch, seq, kv_heads, hd))?;
+        let v = project(&self.v_proj, step.lora.v.as_ref(), x)?
+            .reshape((batch, seq, kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                ops::rms_norm(&q, qn, c.rms_norm_eps, step.path)?,
+                ops::rms_norm(&k, kn, c.rms_norm_eps, step.path)?,
+            ),
+            _ => (q, k),
+        };
+        let q = Rope::apply(&q.transpose(1, 2)?, step.tables, step.path)?;
+        let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.path)?;
+        let new_kv = LayerKv { k, v };
+        let all = match step.past {
+            Some(past) => past.concat(&new_kv)?,
+            None => new_kv.clone(),
+        };
+        let keys = all.len();
+
+        // Grouped-query attention without copying K/V per query head: the
+        // `group` query heads that share a KV head are stacked along the
+        // sequence axis, [b, kv_heads, group * seq, hd].
+        let q = q.reshape((batch, kv_heads, group * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&all.k.t()?)? * scale)?;
+        let acc = ops::accumulation_dtype(scores.dtype());
+        let scores = scores
+            .to_dtype(acc)?
+            .reshape((batch, kv_heads, group, seq, keys))?;
+        let scores = match step.mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = ops::softmax_last_dim(&scores, step.path)?
+            .to_dtype(x.dtype())?
+            .reshape((batch, kv_heads, group * seq, keys))?;
+        let out = probs
+            .matmul(&all.v)?
+            .reshape((batch, heads, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((batch, seq, heads * hd))?;
+        Ok((self.o_proj.forward(&out)?, new_kv))
+    }
+}

@@ -1,0 +1,95 @@
+//! Attention masks. Kept apart from the model so that callers can say which
+//! tokens see which: causal decoding, a fully visible chunk (the SAC
+//! compressor), or any additive mask a test or a selector needs.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Who attends to whom in one forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum AttentionMask<'a> {
+    /// Each new token sees the past and the new tokens up to itself.
+    #[default]
+    Causal,
+    /// Every new token sees the past and all new tokens (bidirectional).
+    Full,
+    /// An additive mask of shape `[seq, past + seq]` or `[batch, seq, past + seq]`:
+    /// 0 where attention is allowed, `-inf` where it is not.
+    Additive(&'a Tensor),
+}
+
+/// The additive causal mask `[seq, past + seq]`.
+pub fn causal(seq: usize, past: usize, device: &Device) -> Result<Tensor> {
+    additive_from_fn(seq, past + seq, device, |i, j| j <= past + i)
+}
+
+/// A causal mask over `seq` tokens (no past) in which every token of each block
+/// in `blocks` also sees every other token of that block.
+pub fn causal_with_bidirectional_blocks(
+    seq: usize,
+    blocks: &[Range<usize>],
+    device: &Device,
+) -> Result<Tensor> {
+    if let Some(bad) = blocks.iter().find(|b| b.end > seq) {
+        return Err(Error::InvalidInput(format!(
+            "block {bad:?} reaches past the {seq} tokens"
+        )));
+    }
+    additive_from_fn(seq, seq, device, |i, j| {
+        j <= i || blocks.iter().any(|b| b.contains(&i) && b.contains(&j))
+    })
+}
+
+/// Builds an f32 additive mask from a visibility predicate `(query, key) -> bool`.
+pub fn additive_from_fn(
+    rows: usize,
+    cols: usize,
+    device: &Device,
+    visible: impl Fn(usize, usize) -> bool,
+) -> Result<Tensor> {
+    let data: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| (i, j)))
+        .map(|(i, j)| {
+            if visible(i, j) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (rows, cols), device)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_with_past_sees_past_and_self() -> Result<()> {
+        let m = causal(2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[0][..4], [0.0; 4]);
+        assert_eq!(m[0][4], f32::NEG_INFINITY);
+        assert_eq!(m[1], [0.0; 5]);
+        Ok(())
+    }
+
+    #[test]
+    fn blocks_are_bidirectional_inside_only() -> Result<()> {
+        let m =
+            causal_with_bidirectional_blocks(6, &[1..3, 5..6], &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[1][2], 0.0, "block token sees a later block token");
+        assert_eq!(m[0][1], f32::NEG_INFINITY, "before the block stays causal");
+        assert_eq!(
+            m[2][3],
+            f32::NEG_INFINITY,
+            "block token does not see past the block"
+        );
+        assert_eq!(m[4][..5], [0.0; 5]);
+        assert_eq!(m[5], [0.0; 6]);
+        assert!(causal_with_bidirectional_blocks(3, &[0..1, 2..4], &Device::Cpu).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! The model runtime: configuration, weights, and a forward pass whose KV,
+//! masks and positions are all in the caller's hands.
+
+pub mod config;
+pub mod decoder;
+pub mod kv;
+pub mod lora;
+pub mod mask;
+pub mod ops;
+pub mod rope;
+pub mod source;
+
+pub use config::{Architecture, ModelConfig};
+pub use decoder::{Decoder, ForwardInput, ForwardOutput};
+pub use kv::{KvCache, LayerKv};
+pub use lora::{LayerLora, LowRank, QvLora};
+pub use mask::AttentionMask;
+pub use ops::Path;
+pub use source::ModelFiles;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// Memory-maps the weights of `files` and builds the decoder in `dtype`.
+pub fn load_decoder(
+    files: &ModelFiles,
+    config: ModelConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<Decoder> {
+    // SAFETY: the files are mapped read-only; like every safetensors loader we
+    // rely on them not being truncated while the model is alive.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+        .map_err(|e| {
+            Error::Weights(format!("cannot map {}: {e}", display_paths(&files.weights)))
+        })?;
+    Decoder::load(config, vb).map_err(|e| match e {
+        Error::Candle(e) => Error::Weights(format!("{} in {}", e, display_paths(&files.weights))),
+        other => other,
+    })
+}
+
+fn display_paths(paths: &[std::path::PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,69 @@
+//! Fixtures and helpers shared by the integration tests; each test crate uses
+//! a different subset of them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use sac::model::{self, Decoder, ModelConfig};
+
+/// The fixture models made by `scripts/make_fixtures.py`.
+/// The block of positions that the `bidir` reference case makes bidirectional.
+pub const BIDIRECTIONAL_BLOCK: std::ops::Range<usize> = 3..11;
+
+pub const PARITY_MODELS: [&str; 4] = ["llama3", "qwen2", "qwen3", "mistral"];
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name)
+}
+
+pub struct Fixture {
+    pub decoder: Decoder,
+    pub reference: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    pub fn load(name: &str, dtype: DType) -> Fixture {
+        let dir = fixture_dir(name);
+        let files = model::source::resolve(dir.to_str().unwrap(), None).unwrap();
+        let config = ModelConfig::from_file(&files.config).unwrap();
+        let decoder = model::load_decoder(&files, config, &Device::Cpu, dtype).unwrap();
+        let reference =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        Fixture { decoder, reference }
+    }
+
+    pub fn tensor(&self, name: &str) -> &Tensor {
+        self.reference
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no `{name}`"))
+    }
+
+    /// A reference id tensor as `[1, n]` u32.
+    pub fn ids(&self, name: &str) -> Tensor {
+        self.tensor(name)
+            .to_dtype(DType::U32)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    }
+}
+
+/// max |a - b| over all elements, compared in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
