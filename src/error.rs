@@ -31,6 +31,10 @@ pub enum Error {
     #[error("{0}")]
     Hub(String),
 
+    /// A SAC adapter is malformed or does not fit the model.
+    #[error("adapter {0}")]
+    Adapter(String),
+
     /// The tokenizer could not be loaded or failed on input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

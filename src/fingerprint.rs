@@ -53,7 +53,12 @@ pub fn fingerprint(files: &ModelFiles, cache: &mut DigestCache) -> Result<ModelF
     Ok(result)
 }
 
-fn manifest_digest(tag: &str, files: &[(&str, &Path)], cache: &mut DigestCache) -> Result<String> {
+/// `sha256:` + SHA-256 of `tag\n` and one `<role> <size> <sha256>\n` line per file.
+pub(crate) fn manifest_digest(
+    tag: &str,
+    files: &[(&str, &Path)],
+    cache: &mut DigestCache,
+) -> Result<String> {
     let mut manifest = format!("{tag}\n");
     for (role, path) in files {
         let (size, digest) = cache.file_digest(path)?;

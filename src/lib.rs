@@ -3,11 +3,16 @@
 //! The data flows text -> tokens -> chunks -> compressor -> anchor KV ->
 //! quantized tensors -> .sack -> decoder -> answer; each stage is a module.
 
+pub mod adapter;
+pub mod atomic;
+pub mod chunk;
 pub mod cli;
 pub mod commands;
+pub mod compressor;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
+pub mod generate;
 pub mod model;
 pub mod tokens;
 

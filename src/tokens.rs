@@ -7,6 +7,14 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ModelFiles};
 
+/// What precedes the document in the compressor's input (after BOS).
+pub const CONTEXT_PREFIX: &str = "### Context:\n";
+
+/// The question prompt of the reference implementation; `{}` is the question.
+pub fn question_prompt(question: &str) -> String {
+    format!("\n### Question:\n{question}\n### Answer:\n")
+}
+
 /// A model's tokenizer plus the special ids that frame a prompt.
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
@@ -58,6 +66,19 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The context as the compressor reads it: BOS (when the tokenizer has
+    /// one), then the tokens of `"### Context:\n" + text`, at positions 1..=L.
+    pub fn context_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.encode(&format!("{CONTEXT_PREFIX}{text}"))?);
+        Ok(ids)
+    }
+
+    /// The tokens of the question prompt the decoder reads after the context.
+    pub fn question_ids(&self, question: &str) -> Result<Vec<u32>> {
+        self.encode(&question_prompt(question))
+    }
+
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -84,4 +105,101 @@ fn read_json(path: &Path) -> Result<Value> {
         path: path.to_path_buf(),
         message: format!("not JSON: {e}"),
     })
+}
+
+/// Turns generated ids into text pieces as soon as they decode to whole
+/// characters, so answers can stream without splitting a UTF-8 sequence.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds one id; returns the new text, if any is complete.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{fffd}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
+
+    /// The whole text decoded so far.
+    pub fn text(&self) -> Result<String> {
+        self.tokenizer.decode(&self.ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::normalizers::NormalizerWrapper;
+    use tokenizers::processors::PostProcessorWrapper;
+    use tokenizers::{AddedToken, TokenizerBuilder, TokenizerImpl};
+
+    /// A byte-level BPE tokenizer trained here on a few sentences.
+    fn trained() -> TextTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "the cat sat on the mat. héllo wörld, naïve café. ".repeat(20)).unwrap();
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(300)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(vec![AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
+            .build();
+        let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel> =
+            TokenizerBuilder::new()
+                .with_model(BPE::default())
+                .with_normalizer(None)
+                .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+                .with_post_processor(None)
+                .with_decoder(Some(ByteLevel::default()))
+                .build()
+                .unwrap();
+        tokenizer.train_from_files(&mut trainer, vec![corpus.to_string_lossy().into()]).unwrap();
+        let inner: tokenizers::Tokenizer = tokenizer.into();
+        let bos = inner.token_to_id("<s>");
+        let eos = inner.token_to_id("</s>").into_iter().collect();
+        TextTokenizer { inner, bos, eos }
+    }
+
+    #[test]
+    fn context_starts_with_bos_and_prefix() {
+        let tok = trained();
+        let ids = tok.context_ids("the cat").unwrap();
+        assert_eq!(ids[0], tok.bos().unwrap());
+        assert_eq!(tok.decode(&ids).unwrap(), "### Context:\nthe cat");
+        let q = tok.question_ids("why?").unwrap();
+        assert_eq!(tok.decode(&q).unwrap(), "\n### Question:\nwhy?\n### Answer:\n");
+    }
+
+    #[test]
+    fn stream_never_splits_characters() {
+        let tok = trained();
+        let text = "naïve café wörld";
+        let mut stream = TextStream::new(&tok);
+        let mut out = String::new();
+        for id in tok.encode(text).unwrap() {
+            if let Some(piece) = stream.push(id).unwrap() {
+                out.push_str(&piece);
+            }
+        }
+        assert_eq!(out, text);
+        assert_eq!(stream.text().unwrap(), text);
+    }
 }

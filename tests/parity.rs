@@ -116,8 +116,7 @@ fn prefill_then_single_steps_match_transformers() {
         let logits = fx.decoder.logits(&out.hidden).unwrap().squeeze(0).unwrap();
         let d = max_abs_diff(&logits, fx.tensor("steps.prefill_logits"));
         assert!(d <= F32_TOLERANCE, "{name}: prefill logits differ by {d}");
-        let mut cache = KvCache::default();
-        cache.append(out.kv).unwrap();
+        let mut cache = KvCache::new(out.kv, 2).unwrap();
         let mut step_logits = Vec::new();
         for t in prefill..seq {
             let out = run(
@@ -125,15 +124,15 @@ fn prefill_then_single_steps_match_transformers() {
                 &ids.narrow(1, t, 1).unwrap(),
                 &positions.narrow(1, t, 1).unwrap(),
                 AttentionMask::Causal,
-                cache.as_past(),
+                cache.past().unwrap().as_deref(),
             );
             step_logits.push(fx.decoder.logits(&out.hidden).unwrap().squeeze(0).unwrap());
-            cache.append(out.kv).unwrap();
+            cache.append(&out.kv).unwrap();
         }
         let step_logits = Tensor::cat(&step_logits, 0).unwrap();
         let d = max_abs_diff(&step_logits, fx.tensor("steps.step_logits"));
         assert!(d <= F32_TOLERANCE, "{name}: step logits differ by {d}");
-        check_kv(&fx, "steps", cache.layers(), name);
+        check_kv(&fx, "steps", &cache.past().unwrap().unwrap(), name);
     }
 }
 

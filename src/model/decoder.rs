@@ -332,21 +332,22 @@ impl Attention {
         };
         let q = Rope::apply(&q.transpose(1, 2)?, step.tables, step.path)?;
         let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.path)?;
-        let new_kv = LayerKv { k, v };
-        let all = match step.past {
-            Some(past) => past.concat(&new_kv)?,
-            None => new_kv.clone(),
-        };
-        let keys = all.len();
-
         // Grouped-query attention without copying K/V per query head: the
         // `group` query heads that share a KV head are stacked along the
-        // sequence axis, [b, kv_heads, group * seq, hd].
+        // sequence axis, [b, kv_heads, group * seq, hd]. The past and the new
+        // positions are attended separately and never concatenated, so a
+        // decoding step does not copy the past.
         let q = q.reshape((batch, kv_heads, group * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&all.k.t()?)? * scale)?;
+        let past_len = step.past.map_or(0, LayerKv::len);
+        let new_scores = q.matmul(&k.t()?)?;
+        let scores = match step.past {
+            Some(past) => Tensor::cat(&[&q.matmul(&past.k.t()?)?, &new_scores], 3)?,
+            None => new_scores,
+        };
+        let keys = past_len + seq;
         let acc = ops::accumulation_dtype(scores.dtype());
-        let scores = scores
+        let scores = (scores * scale)?
             .to_dtype(acc)?
             .reshape((batch, kv_heads, group, seq, keys))?;
         let scores = match step.mask {
@@ -356,11 +357,18 @@ impl Attention {
         let probs = ops::softmax_last_dim(&scores, step.path)?
             .to_dtype(x.dtype())?
             .reshape((batch, kv_heads, group * seq, keys))?;
-        let out = probs
-            .matmul(&all.v)?
+        let out = match step.past {
+            Some(past) => {
+                let from_past = probs.narrow(3, 0, past_len)?.contiguous()?.matmul(&past.v)?;
+                let from_new = probs.narrow(3, past_len, seq)?.contiguous()?.matmul(&v)?;
+                (from_past + from_new)?
+            }
+            None => probs.matmul(&v)?,
+        };
+        let out = out
             .reshape((batch, heads, seq, hd))?
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
-        Ok((self.o_proj.forward(&out)?, new_kv))
+        Ok((self.o_proj.forward(&out)?, LayerKv { k, v }))
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One layer's keys and values, each `[batch, kv_heads, seq, head_dim]`.
 /// Keys carry RoPE at their own position ids.
@@ -24,56 +24,157 @@ impl LayerKv {
         self.len() == 0
     }
 
-    /// Appends `other`'s positions after ours.
-    pub fn concat(&self, other: &LayerKv) -> Result<LayerKv> {
+    /// The positions at `indices` (a u32 tensor) along the sequence axis.
+    pub fn select(&self, indices: &Tensor) -> Result<LayerKv> {
         Ok(LayerKv {
-            k: Tensor::cat(&[&self.k, &other.k], 2)?,
-            v: Tensor::cat(&[&self.v, &other.v], 2)?,
+            k: self.k.index_select(indices, 2)?,
+            v: self.v.index_select(indices, 2)?,
         })
     }
 }
 
-/// A growing cache for incremental decoding: every layer's K/V so far.
+/// A cache for incremental decoding. Each layer's K/V live in a buffer with
+/// room to grow; appending writes in place, and the past handed to a forward
+/// pass is a view, so a decoding step costs no copy of the (possibly long)
+/// past. Truncating back to a prefix lets many questions share one loaded
+/// context.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    buffers: Vec<LayerKv>,
+    len: usize,
 }
 
 impl KvCache {
-    /// A cache that starts from `layers` (e.g. the K/V loaded from a .sack).
-    pub fn from_layers(layers: Vec<LayerKv>) -> Self {
-        KvCache { layers }
+    /// A cache holding `layers`, with room for `extra` more positions before
+    /// it has to grow.
+    pub fn new(layers: Vec<LayerKv>, extra: usize) -> Result<Self> {
+        let len = layers.first().map_or(0, LayerKv::len);
+        if layers.iter().any(|l| l.len() != len || l.v.dims().get(2) != Some(&len)) {
+            return Err(Error::InvalidInput("K/V layers hold different lengths".into()));
+        }
+        let buffers = layers
+            .iter()
+            .map(|l| {
+                Ok(LayerKv {
+                    k: with_room(&l.k, extra)?,
+                    v: with_room(&l.v, extra)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { buffers, len })
     }
 
-    /// Positions held (0 for an empty cache).
+    /// Positions held.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, LayerKv::len)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// The cache as the `past` of a forward pass; `None` while empty.
-    pub fn as_past(&self) -> Option<&[LayerKv]> {
-        (!self.layers.is_empty()).then_some(self.layers.as_slice())
+    /// Views of every layer's K/V so far, to pass as a forward pass's past;
+    /// `None` while the cache is empty.
+    pub fn past(&self) -> Result<Option<Vec<LayerKv>>> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        self.buffers
+            .iter()
+            .map(|b| {
+                Ok(LayerKv {
+                    k: b.k.narrow(2, 0, self.len)?,
+                    v: b.v.narrow(2, 0, self.len)?,
+                })
+            })
+            .collect::<Result<_>>()
+            .map(Some)
     }
 
-    pub fn layers(&self) -> &[LayerKv] {
-        &self.layers
-    }
-
-    /// Appends one forward pass's new K/V.
-    pub fn append(&mut self, new: Vec<LayerKv>) -> Result<()> {
-        self.layers = if self.layers.is_empty() {
-            new
-        } else {
-            self.layers
-                .iter()
-                .zip(&new)
-                .map(|(old, new)| old.concat(new))
-                .collect::<Result<_>>()?
+    /// Appends one forward pass's new K/V (one entry per layer).
+    pub fn append(&mut self, new: &[LayerKv]) -> Result<()> {
+        let Some(added) = new.first().map(LayerKv::len) else {
+            return Ok(());
         };
+        if self.buffers.is_empty() {
+            *self = KvCache::new(new.to_vec(), added.max(16))?;
+            return Ok(());
+        }
+        if new.len() != self.buffers.len() {
+            return Err(Error::InvalidInput(format!(
+                "appending {} layers to a cache of {}",
+                new.len(),
+                self.buffers.len()
+            )));
+        }
+        let capacity = self.buffers[0].len();
+        if self.len + added > capacity {
+            let room = (self.len + added).max(2 * capacity) - capacity;
+            for b in &mut self.buffers {
+                b.k = with_room(&b.k, room)?;
+                b.v = with_room(&b.v, room)?;
+            }
+        }
+        for (b, n) in self.buffers.iter().zip(new) {
+            b.k.slice_set(&n.k.contiguous()?, 2, self.len)?;
+            b.v.slice_set(&n.v.contiguous()?, 2, self.len)?;
+        }
+        self.len += added;
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// A contiguous copy of `t` with `extra` zeroed positions after its own.
+fn with_room(t: &Tensor, extra: usize) -> Result<Tensor> {
+    let mut dims = t.dims().to_vec();
+    let Some(seq) = dims.get_mut(2) else {
+        return Err(Error::InvalidInput(format!("K/V tensor of shape {dims:?} is not 4-D")));
+    };
+    *seq = extra;
+    let room = Tensor::zeros(dims, t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[t, &room], 2)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn kv(values: &[f32]) -> LayerKv {
+        let t = Tensor::from_slice(values, (1, 1, values.len(), 1), &Device::Cpu).unwrap();
+        LayerKv { k: t.clone(), v: (t * 10.0).unwrap() }
+    }
+
+    fn keys(cache: &KvCache) -> Vec<f32> {
+        let past = cache.past().unwrap().unwrap();
+        past[0].k.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn append_grows_and_truncate_rewinds() -> Result<()> {
+        let mut cache = KvCache::new(vec![kv(&[1.0, 2.0])], 1)?;
+        cache.append(&[kv(&[3.0])])?;
+        cache.append(&[kv(&[4.0, 5.0])])?;
+        assert_eq!(keys(&cache), [1.0, 2.0, 3.0, 4.0, 5.0]);
+        cache.truncate(2);
+        cache.append(&[kv(&[9.0])])?;
+        assert_eq!(keys(&cache), [1.0, 2.0, 9.0]);
+        let v: Vec<f32> = cache.past()?.unwrap()[0].v.flatten_all()?.to_vec1()?;
+        assert_eq!(v, [10.0, 20.0, 90.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn empty_cache_has_no_past() -> Result<()> {
+        let mut cache = KvCache::default();
+        assert!(cache.past()?.is_none());
+        cache.append(&[kv(&[7.0])])?;
+        assert_eq!(keys(&cache), [7.0]);
         Ok(())
     }
 }

@@ -1,0 +1,296 @@
+//! SAC adapters: the trained parts of a compressor (anchor role embeddings,
+//! the `[AE]`/`[LM]` special embeddings, LoRA on q/v), stored as a directory
+//! with `adapter.safetensors` and `adapter_config.json`.
+//!
+//! `import_reference_pt` converts the reference implementation's PyTorch state
+//! dict with candle's pickle reader, which only reads tensors: no Python, and
+//! nothing in the file is executed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk;
+use crate::error::{Error, Result};
+use crate::fingerprint::{DigestCache, manifest_digest};
+use crate::model::{LayerLora, LowRank, ModelConfig, QvLora};
+
+pub const WEIGHTS_FILE: &str = "adapter.safetensors";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+const TARGETS: [&str; 2] = ["q_proj", "v_proj"];
+
+/// `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// Always `sac` for now.
+    pub method: String,
+    pub ratio: usize,
+    pub chunk_size: usize,
+    /// Role embeddings available: anchors in a full chunk.
+    pub mem_size: usize,
+    pub lora_rank: usize,
+    pub lora_scale: f64,
+    pub lora_targets: Vec<String>,
+    /// The base model the adapter was trained on, as given to `--model`.
+    pub base_model: String,
+    pub base_model_fingerprint: Option<String>,
+}
+
+/// A loaded adapter, on the model's device and in its dtype.
+#[derive(Debug, Clone)]
+pub struct SacAdapter {
+    pub config: AdapterConfig,
+    /// `[mem_size, hidden]`: added to the i-th anchor of every chunk.
+    pub role_tokens: Tensor,
+    /// `[2, hidden]`: row 0 `[AE]`, row 1 `[LM]`.
+    pub special_tokens: Tensor,
+    pub lora: QvLora,
+}
+
+fn adapter_error(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::Adapter(format!("{}: {message}", path.display()))
+}
+
+impl SacAdapter {
+    /// Reads an adapter directory and checks it against the model's shapes.
+    pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| Error::io("cannot read adapter config", &config_path, e))?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|e| adapter_error(&config_path, format!("not an adapter config: {e}")))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(adapter_error(dir, format!("has no `{WEIGHTS_FILE}`")));
+        }
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .map_err(|e| adapter_error(&weights_path, e))?;
+        Self::from_tensors(config, tensors, model, dtype).map_err(|e| adapter_error(dir, e))
+    }
+
+    /// Builds an adapter from tensors named as in `adapter.safetensors`.
+    fn from_tensors(
+        config: AdapterConfig,
+        mut tensors: HashMap<String, Tensor>,
+        model: &ModelConfig,
+        dtype: DType,
+    ) -> std::result::Result<Self, String> {
+        validate_config(&config)?;
+        let h = model.hidden_size;
+        let rank = config.lora_rank;
+        let mut take = |name: &str, shape: &[usize]| -> std::result::Result<Tensor, String> {
+            let t = tensors.remove(name).ok_or_else(|| format!("no tensor `{name}`"))?;
+            if t.dims() != shape {
+                return Err(format!("`{name}` has shape {:?}, expected {shape:?}", t.dims()));
+            }
+            t.to_dtype(dtype).map_err(|e| e.to_string())
+        };
+        let role_tokens = take("role_tokens", &[config.mem_size, h])?;
+        let special_tokens = take("special_tokens", &[2, h])?;
+        let targets = &config.lora_targets;
+        let layers = (0..model.num_layers)
+            .map(|i| {
+                let mut low_rank = |proj: &str, out: usize| -> std::result::Result<_, String> {
+                    if !targets.iter().any(|t| t == proj) {
+                        return Ok(None);
+                    }
+                    let p = format!("layers.{i}.self_attn.{proj}");
+                    Ok(Some(LowRank {
+                        a: take(&format!("{p}.lora_a"), &[h, rank])?,
+                        b: take(&format!("{p}.lora_b"), &[rank, out])?,
+                        scale: config.lora_scale,
+                    }))
+                };
+                Ok(LayerLora {
+                    q: low_rank("q_proj", model.num_heads * model.head_dim)?,
+                    v: low_rank("v_proj", model.num_kv_heads * model.head_dim)?,
+                })
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        if let Some(extra) = tensors.keys().min() {
+            return Err(format!("unexpected tensor `{extra}` (is it for another model?)"));
+        }
+        Ok(SacAdapter {
+            config,
+            role_tokens,
+            special_tokens,
+            lora: QvLora { layers },
+        })
+    }
+
+    /// The learned `[LM]` embedding `[hidden]` that precedes the question.
+    pub fn lm_embedding(&self) -> Result<Tensor> {
+        Ok(self.special_tokens.get(1)?)
+    }
+
+    /// The tensors as stored in `adapter.safetensors` (f32).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        out.insert("role_tokens".into(), self.role_tokens.to_dtype(DType::F32)?);
+        out.insert("special_tokens".into(), self.special_tokens.to_dtype(DType::F32)?);
+        for (i, layer) in self.lora.layers.iter().enumerate() {
+            for (proj, lr) in [("q_proj", &layer.q), ("v_proj", &layer.v)] {
+                if let Some(lr) = lr {
+                    let p = format!("layers.{i}.self_attn.{proj}");
+                    out.insert(format!("{p}.lora_a"), lr.a.to_dtype(DType::F32)?);
+                    out.insert(format!("{p}.lora_b"), lr.b.to_dtype(DType::F32)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the adapter directory (each file atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
+        let weights = safetensors::serialize(self.tensors()?, None)
+            .map_err(|e| Error::Adapter(format!("cannot serialize: {e}")))?;
+        crate::atomic::write_bytes(&dir.join(WEIGHTS_FILE), &weights)?;
+        let mut json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Adapter(e.to_string()))?;
+        json.push('\n');
+        crate::atomic::write_bytes(&dir.join(CONFIG_FILE), json.as_bytes())
+    }
+
+    /// Converts the reference implementation's `adapter.pt` (a state dict with
+    /// `role_tokens`, `special_tokens` and
+    /// `model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}`).
+    pub fn import_reference_pt(pt: &Path, settings: ImportSettings, model: &ModelConfig) -> Result<Self> {
+        let entries = candle_core::pickle::read_all(pt).map_err(|e| adapter_error(pt, format!("not a PyTorch state dict: {e}")))?;
+        let mut tensors = HashMap::new();
+        for (name, tensor) in entries {
+            let ours = if name == "role_tokens" || name == "special_tokens" {
+                name.clone()
+            } else {
+                reference_lora_name(&name).ok_or_else(|| adapter_error(pt, format!("unexpected tensor `{name}`")))?
+            };
+            tensors.insert(ours, tensor.to_dtype(DType::F32)?);
+        }
+        let role = tensors.get("role_tokens").ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
+        let mem_size = role.dim(0)?;
+        let lora_rank = match tensors.get("layers.0.self_attn.q_proj.lora_a") {
+            Some(a) => a.dim(1)?,
+            None => return Err(adapter_error(pt, "no LoRA on layer 0's q_proj")),
+        };
+        let ratio = match settings.ratio {
+            Some(r) => r,
+            None => (1..=settings.chunk_size)
+                .find(|&r| chunk::mem_size(settings.chunk_size, r) == mem_size)
+                .ok_or_else(|| {
+                    adapter_error(pt, format!("no ratio gives {mem_size} anchors per {}-token chunk; pass --ratio", settings.chunk_size))
+                })?,
+        };
+        let config = AdapterConfig {
+            method: "sac".into(),
+            ratio,
+            chunk_size: settings.chunk_size,
+            mem_size,
+            lora_rank,
+            lora_scale: settings.lora_scale,
+            lora_targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            base_model: settings.base_model,
+            base_model_fingerprint: settings.base_model_fingerprint,
+        };
+        Self::from_tensors(config, tensors, model, DType::F32).map_err(|e| adapter_error(pt, e))
+    }
+}
+
+/// What a reference `.pt` file does not say about itself.
+#[derive(Debug, Clone)]
+pub struct ImportSettings {
+    pub chunk_size: usize,
+    /// Derived from the number of role embeddings when `None`.
+    pub ratio: Option<usize>,
+    pub lora_scale: f64,
+    pub base_model: String,
+    pub base_model_fingerprint: Option<String>,
+}
+
+/// `model.model.layers.3.self_attn.q_proj.lora_A` -> `layers.3.self_attn.q_proj.lora_a`.
+fn reference_lora_name(name: &str) -> Option<String> {
+    let rest = &name[name.find("layers.")?..];
+    let (stem, which) = rest.rsplit_once('.')?;
+    let which = match which {
+        "lora_A" => "lora_a",
+        "lora_B" => "lora_b",
+        _ => return None,
+    };
+    let mut parts = stem.split('.');
+    let ok = parts.next() == Some("layers")
+        && parts.next().is_some_and(|i| i.parse::<usize>().is_ok())
+        && parts.next() == Some("self_attn")
+        && parts.next().is_some_and(|p| TARGETS.contains(&p))
+        && parts.next().is_none();
+    ok.then(|| format!("{stem}.{which}"))
+}
+
+fn validate_config(c: &AdapterConfig) -> std::result::Result<(), String> {
+    if c.method != "sac" {
+        return Err(format!("method `{}` is not `sac`", c.method));
+    }
+    if c.ratio == 0 || c.chunk_size == 0 || c.lora_rank == 0 {
+        return Err("ratio, chunk_size and lora_rank must be positive".into());
+    }
+    let needed = chunk::mem_size(c.chunk_size, c.ratio);
+    if c.mem_size < needed {
+        return Err(format!(
+            "mem_size {} is fewer than the {needed} anchors of a {}-token chunk at ratio {}",
+            c.mem_size, c.chunk_size, c.ratio
+        ));
+    }
+    if let Some(t) = c.lora_targets.iter().find(|t| !TARGETS.contains(&t.as_str())) {
+        return Err(format!("LoRA target `{t}` is not supported (only q_proj and v_proj)"));
+    }
+    Ok(())
+}
+
+/// The adapter's fingerprint: its weights and config, hashed as model files are.
+pub fn fingerprint(dir: &Path, cache: &mut DigestCache) -> Result<String> {
+    let files: [(&str, PathBuf); 2] = [("adapter", dir.join(WEIGHTS_FILE)), ("adapter_config", dir.join(CONFIG_FILE))];
+    let files: Vec<(&str, &Path)> = files.iter().map(|(r, p)| (*r, p.as_path())).collect();
+    let digest = manifest_digest("sac-adapter-v1", &files, cache)?;
+    cache.save();
+    Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_names_map_to_ours() {
+        assert_eq!(
+            reference_lora_name("model.model.layers.3.self_attn.q_proj.lora_A").as_deref(),
+            Some("layers.3.self_attn.q_proj.lora_a")
+        );
+        assert_eq!(
+            reference_lora_name("base_model.model.model.layers.0.self_attn.v_proj.lora_B").as_deref(),
+            Some("layers.0.self_attn.v_proj.lora_b")
+        );
+        assert_eq!(reference_lora_name("model.model.layers.0.self_attn.k_proj.lora_A"), None);
+        assert_eq!(reference_lora_name("model.model.layers.x.self_attn.q_proj.lora_A"), None);
+        assert_eq!(reference_lora_name("role_tokens"), None);
+    }
+
+    #[test]
+    fn config_must_cover_a_full_chunk() {
+        let mut c = AdapterConfig {
+            method: "sac".into(),
+            ratio: 5,
+            chunk_size: 510,
+            mem_size: 102,
+            lora_rank: 128,
+            lora_scale: 2.0,
+            lora_targets: vec!["q_proj".into(), "v_proj".into()],
+            base_model: "m".into(),
+            base_model_fingerprint: None,
+        };
+        assert!(validate_config(&c).is_ok());
+        c.mem_size = 101;
+        assert!(validate_config(&c).unwrap_err().contains("fewer"));
+        c.mem_size = 102;
+        c.lora_targets.push("k_proj".into());
+        assert!(validate_config(&c).unwrap_err().contains("k_proj"));
+    }
+}

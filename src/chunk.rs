@@ -1,0 +1,94 @@
+//! Tokens to chunks, and the anchor positions inside each chunk (SAC.md steps
+//! 2–4). Chunks are compressed independently; positions are global and 1-based.
+
+/// One chunk of the context: ids `start..start + len` (0-based indices), at
+/// position ids `start + 1 ..= start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub index: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Chunk {
+    /// The 1-based position id of the chunk's first token.
+    pub fn first_position(&self) -> u32 {
+        (self.start + 1) as u32
+    }
+
+    /// Position ids of every token in the chunk.
+    pub fn positions(&self) -> Vec<u32> {
+        (0..self.len as u32).map(|i| self.first_position() + i).collect()
+    }
+}
+
+/// Splits `total` tokens into chunks of `chunk_size` (the last may be shorter).
+pub fn chunks(total: usize, chunk_size: usize) -> impl Iterator<Item = Chunk> {
+    assert!(chunk_size > 0, "chunk size must be positive");
+    (0..total.div_ceil(chunk_size)).map(move |index| {
+        let start = index * chunk_size;
+        Chunk {
+            index,
+            start,
+            len: chunk_size.min(total - start),
+        }
+    })
+}
+
+/// 0-based offsets of the anchors inside a chunk of `len` tokens at `ratio`:
+/// the first at `(ratio - 1) / 2`, then every `ratio`-th; a chunk too short to
+/// reach the first anchor keeps its first token instead.
+pub fn anchor_offsets(len: usize, ratio: usize) -> Vec<usize> {
+    assert!(ratio > 0, "ratio must be positive");
+    let first = (ratio - 1) / 2;
+    let first = if first >= len { 0 } else { first };
+    (first..len).step_by(ratio).collect()
+}
+
+/// Anchors in a full chunk, i.e. how many role embeddings an adapter needs.
+pub fn mem_size(chunk_size: usize, ratio: usize) -> usize {
+    chunk_size.div_ceil(ratio)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_context_once() {
+        let all: Vec<Chunk> = chunks(1022, 510).collect();
+        assert_eq!(all.len(), 3);
+        assert_eq!((all[2].start, all[2].len), (1020, 2));
+        assert_eq!(all[1].first_position(), 511);
+        assert_eq!(all[2].positions(), vec![1021, 1022]);
+        assert_eq!(chunks(0, 510).count(), 0);
+    }
+
+    #[test]
+    fn anchors_at_ratio_5_match_the_reference() {
+        let full = anchor_offsets(510, 5);
+        assert_eq!(full.len(), 102);
+        assert_eq!(&full[..3], &[2, 7, 12]);
+        assert_eq!(*full.last().unwrap(), 507);
+        assert_eq!(mem_size(510, 5), 102);
+        assert_eq!(mem_size(510, 15), 34);
+    }
+
+    #[test]
+    fn short_last_chunk_keeps_its_first_token() {
+        assert_eq!(anchor_offsets(2, 5), vec![0]);
+        assert_eq!(anchor_offsets(3, 5), vec![2]);
+        assert_eq!(anchor_offsets(1, 1), vec![0]);
+        assert_eq!(anchor_offsets(7, 1), (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn anchors_never_exceed_mem_size() {
+        for ratio in 1..20 {
+            for len in 1..=64 {
+                let n = anchor_offsets(len, ratio).len();
+                assert!(n >= 1 && n <= mem_size(64, ratio), "len {len} ratio {ratio}");
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Chunks to anchor K/V: the compressors.
+//!
+//! - `sac`: the paper's compressor. Each chunk is one bidirectional forward
+//!   pass of the base model with LoRA on q/v, the i-th anchor's embedding plus
+//!   the i-th role embedding; the anchors' K/V of every layer are kept.
+//! - `uniform`: the training-free ablation. The same anchors, a plain causal
+//!   pass per chunk, no role embeddings, no LoRA.
+//! - `full`: every position's K/V from one causal prefill of the whole
+//!   context (chunk by chunk, each chunk seeing all before it): a lossless
+//!   prompt cache, the ceiling the others are measured against.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{D, Device, Tensor};
+
+use crate::adapter::SacAdapter;
+use crate::chunk::{self, Chunk};
+use crate::error::{Error, Result};
+use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path};
+
+/// Which compressor `sac compress` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Sac,
+    Uniform,
+    Full,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sac => "sac",
+            Method::Uniform => "uniform",
+            Method::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sac" => Ok(Method::Sac),
+            "uniform" => Ok(Method::Uniform),
+            "full" => Ok(Method::Full),
+            other => Err(format!("`{other}` is not a compressor; use sac, uniform or full")),
+        }
+    }
+}
+
+/// The K/V one chunk contributes to the .sack.
+#[derive(Debug, Clone)]
+pub struct ChunkKv {
+    pub chunk: Chunk,
+    /// 1-based position ids of the kept tokens, ascending.
+    pub positions: Vec<u32>,
+    /// Per layer, `[1, kv_heads, kept, head_dim]`; keys carry RoPE.
+    pub layers: Vec<LayerKv>,
+}
+
+/// A configured compressor over one model.
+#[derive(Debug)]
+pub struct Compressor<'a> {
+    decoder: &'a Decoder,
+    method: Method,
+    adapter: Option<&'a SacAdapter>,
+    ratio: usize,
+    chunk_size: usize,
+}
+
+impl<'a> Compressor<'a> {
+    /// `sac` needs an adapter, which fixes the ratio and chunk size; the others
+    /// take no adapter.
+    pub fn new(
+        decoder: &'a Decoder,
+        method: Method,
+        adapter: Option<&'a SacAdapter>,
+        ratio: usize,
+        chunk_size: usize,
+    ) -> Result<Self> {
+        if ratio == 0 || chunk_size == 0 {
+            return Err(Error::InvalidInput("ratio and chunk size must be positive".into()));
+        }
+        match (method, adapter) {
+            (Method::Sac, None) => {
+                return Err(Error::InvalidInput(
+                    "the sac compressor needs an adapter (--adapter DIR); without one, use --compressor uniform"
+                        .into(),
+                ));
+            }
+            (Method::Sac, Some(a)) if (a.config.ratio, a.config.chunk_size) != (ratio, chunk_size) => {
+                return Err(Error::InvalidInput(format!(
+                    "the adapter was trained for ratio {} and chunk size {}, not {ratio} and {chunk_size}",
+                    a.config.ratio, a.config.chunk_size
+                )));
+            }
+            (Method::Uniform | Method::Full, Some(_)) => {
+                return Err(Error::InvalidInput(format!(
+                    "the {method} compressor takes no adapter"
+                )));
+            }
+            _ => {}
+        }
+        let ratio = if method == Method::Full { 1 } else { ratio };
+        Ok(Compressor {
+            decoder,
+            method,
+            adapter,
+            ratio,
+            chunk_size,
+        })
+    }
+
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    pub fn ratio(&self) -> usize {
+        self.ratio
+    }
+
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// Compresses the context `ids` (positions 1..=L), handing each chunk's
+    /// kept K/V to `emit` as soon as it is computed, so nothing but the kept
+    /// K/V (and, for `full`, the cache it attends to) stays in memory.
+    pub fn compress(&self, ids: &[u32], mut emit: impl FnMut(ChunkKv) -> Result<()>) -> Result<()> {
+        let limit = self.decoder.config().max_position_embeddings;
+        if ids.len() >= limit {
+            return Err(Error::InvalidInput(format!(
+                "the document is {} tokens long, but the model reads at most {limit} positions \
+                 (and the question needs some too); use a model with a longer context",
+                ids.len()
+            )));
+        }
+        let mut cache = KvCache::default();
+        for chunk in chunk::chunks(ids.len(), self.chunk_size) {
+            let chunk_ids = &ids[chunk.start..chunk.start + chunk.len];
+            let kept = match self.method {
+                Method::Full => (0..chunk.len).collect(),
+                _ => chunk::anchor_offsets(chunk.len, self.ratio),
+            };
+            let layers = self.run_chunk(&chunk, chunk_ids, &kept, &mut cache)?;
+            let positions = kept.iter().map(|&o| chunk.first_position() + o as u32).collect();
+            emit(ChunkKv {
+                chunk,
+                positions,
+                layers,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run_chunk(&self, chunk: &Chunk, ids: &[u32], kept: &[usize], cache: &mut KvCache) -> Result<Vec<LayerKv>> {
+        let device = self.decoder.device();
+        let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
+        let positions = Tensor::new(chunk.positions().as_slice(), device)?.unsqueeze(0)?;
+        let kept_t = offsets_tensor(kept, device)?;
+        let mut embeds = self.decoder.embed(&ids_t)?;
+        if let (Method::Sac, Some(adapter)) = (self.method, self.adapter) {
+            embeds = (embeds + role_embeddings(adapter, chunk.len, &kept_t, kept.len())?)?;
+        }
+        let past = if self.method == Method::Full { cache.past()? } else { None };
+        let out = self.decoder.forward(ForwardInput {
+            embeds: &embeds,
+            positions: &positions,
+            mask: match self.method {
+                Method::Sac => AttentionMask::Full,
+                Method::Uniform | Method::Full => AttentionMask::Causal,
+            },
+            past: past.as_deref(),
+            lora: self.adapter.map(|a| &a.lora),
+            path: Path::Inference,
+        })?;
+        if self.method == Method::Full {
+            cache.append(&out.kv)?;
+            return Ok(out.kv);
+        }
+        out.kv.iter().map(|l| l.select(&kept_t)).collect()
+    }
+}
+
+fn offsets_tensor(offsets: &[usize], device: &Device) -> Result<Tensor> {
+    let offsets: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    Ok(Tensor::new(offsets.as_slice(), device)?)
+}
+
+/// `[1, len, hidden]`: role embedding i at the i-th kept offset, zero elsewhere.
+fn role_embeddings(adapter: &SacAdapter, len: usize, kept: &Tensor, count: usize) -> Result<Tensor> {
+    let roles = &adapter.role_tokens;
+    let hidden = roles.dim(D::Minus1)?;
+    let zeros = Tensor::zeros((len, hidden), roles.dtype(), roles.device())?;
+    Ok(zeros.index_add(kept, &roles.narrow(0, 0, count)?, 0)?.unsqueeze(0)?)
+}
