@@ -1,0 +1,3 @@
+//! Semantic-Anchor Compression: compress long documents into portable KV files for LLMs.
+
+pub mod sack;

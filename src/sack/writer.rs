@@ -1,0 +1,422 @@
+//! Streaming writer: the header goes out at creation, each tensor as soon as it
+//! is added, and the directory and footer at [`SackWriter::finish`]. Nothing is
+//! ever sought or rewritten, so the sink may be a pipe, and memory holds only
+//! the tensor being written plus one small directory entry per tensor.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::sack::encoding::compress::{self, LEVELS};
+use crate::sack::encoding::quant::GROUP_SIZE;
+use crate::sack::encoding::{self as enc, Compression, Encoding, Floats, KvEncoding};
+use crate::sack::error::{Result, SackError, io_err};
+use crate::sack::format::directory::{self, Directory, KeptSet, KvSlot, TensorEntry, TensorName};
+use crate::sack::format::header::{KeptLayout, SackHeader};
+use crate::sack::format::{FORMAT_MAJOR, FORMAT_MINOR, Footer, Preamble, crc32};
+
+/// Choices that affect size and speed but not meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Storage precision of keys and values.
+    pub encoding: KvEncoding,
+    /// zstd level (1..=19) for every payload, or `None` to store payloads as is.
+    pub zstd_level: Option<i32>,
+}
+
+impl Default for WriteOptions {
+    /// bf16 and zstd level 3: lossless for bf16 models and fast.
+    fn default() -> Self {
+        Self {
+            encoding: KvEncoding::Bf16,
+            zstd_level: Some(3),
+        }
+    }
+}
+
+/// A destination for a `.sack`. [`Sink::complete`] runs once after the last
+/// byte: it is where a file becomes durable and appears under its name.
+pub trait Sink: Write {
+    /// Makes the written bytes final.
+    fn complete(self) -> io::Result<()>;
+}
+
+/// A file written under a temporary name in the target directory and renamed
+/// over the target only once complete and fsynced, so an interrupted write never
+/// leaves a partial `.sack` under the final name. Dropping it unfinished deletes
+/// the temporary file.
+#[derive(Debug)]
+pub struct AtomicFile {
+    temp: tempfile::NamedTempFile,
+    target: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file next to `target`.
+    pub fn create(target: &Path) -> io::Result<Self> {
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".sack-").suffix(".tmp");
+        // NamedTempFile defaults to 0600; a finished .sack should get the usual
+        // umask-filtered mode like any other file the user creates.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        Ok(Self {
+            temp: builder.tempfile_in(dir)?,
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.temp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.temp.flush()
+    }
+}
+
+impl Sink for AtomicFile {
+    fn complete(mut self) -> io::Result<()> {
+        self.temp.flush()?;
+        self.temp.as_file().sync_all()?;
+        self.temp.persist(&self.target).map_err(|e| e.error)?;
+        // The rename itself is durable only once the directory is synced.
+        #[cfg(unix)]
+        if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Any writer used as a stream (stdout, a socket, a `Vec<u8>`): completing it flushes.
+#[derive(Debug)]
+pub struct StreamSink<W: Write>(pub W);
+
+impl<W: Write> Write for StreamSink<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write> Sink for StreamSink<W> {
+    fn complete(mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Progress of one kept set: the segment written last and what it held.
+#[derive(Clone, Copy, Debug)]
+struct SetState {
+    segment: u32,
+    kept: usize,
+    last_position: Option<u32>,
+}
+
+/// Writes a `.sack` tensor by tensor.
+///
+/// For each segment (compressor chunk) `s`, in order 0, 1, …: add the kept
+/// positions of every kept set with [`add_positions`](Self::add_positions),
+/// then the keys and values of every slot with [`add_kv`](Self::add_kv). Any
+/// order within a segment works as long as a set's positions come before its
+/// keys and values. [`finish`](Self::finish) refuses an incomplete file.
+#[derive(Debug)]
+pub struct SackWriter<S: Sink> {
+    out: BufWriter<S>,
+    file: String,
+    header: SackHeader,
+    options: WriteOptions,
+    offset: u64,
+    data_start: u64,
+    entries: Vec<TensorEntry>,
+    names: HashSet<TensorName>,
+    sets: HashMap<KeptSet, SetState>,
+}
+
+impl SackWriter<AtomicFile> {
+    /// Starts writing `path` atomically (see [`AtomicFile`]).
+    pub fn create(path: &Path, header: &SackHeader, options: WriteOptions) -> Result<Self> {
+        let file = path.display().to_string();
+        let sink = AtomicFile::create(path).map_err(io_err(
+            &file,
+            "creating a temporary file in the target directory",
+        ))?;
+        Self::new(sink, file, header, options)
+    }
+}
+
+impl<W: Write> SackWriter<StreamSink<W>> {
+    /// Starts writing to a stream; `name` (e.g. `<stdout>`) appears in errors.
+    pub fn to_stream(
+        stream: W,
+        name: impl Into<String>,
+        header: &SackHeader,
+        options: WriteOptions,
+    ) -> Result<Self> {
+        Self::new(StreamSink(stream), name.into(), header, options)
+    }
+}
+
+impl<S: Sink> SackWriter<S> {
+    /// Validates the header and options and writes the preamble and header.
+    pub fn new(sink: S, file: String, header: &SackHeader, options: WriteOptions) -> Result<Self> {
+        let invalid = |what: String| SackError::InvalidArgument {
+            file: file.clone(),
+            what,
+        };
+        header.validate().map_err(invalid)?;
+        if let Some(level) = options.zstd_level.filter(|l| !LEVELS.contains(l)) {
+            return Err(invalid(format!(
+                "zstd level {level} is outside {}..={}",
+                LEVELS.start(),
+                LEVELS.end()
+            )));
+        }
+        let json = serde_json::to_vec(header).map_err(|e| invalid(e.to_string()))?;
+        let header_len = u32::try_from(json.len())
+            .ok()
+            .filter(|&l| u64::from(l) <= super::format::MAX_HEADER_LEN)
+            .ok_or_else(|| invalid(format!("header JSON is {} bytes, too large", json.len())))?;
+        let preamble = Preamble {
+            major: FORMAT_MAJOR,
+            minor: FORMAT_MINOR,
+            header_len,
+        }
+        .to_bytes();
+        let mut framed = preamble.to_vec();
+        framed.extend_from_slice(&json);
+        let crc = crc32(&framed);
+        framed.extend_from_slice(&crc.to_le_bytes());
+        let mut out = BufWriter::new(sink);
+        out.write_all(&framed)
+            .map_err(io_err(&file, "writing the preamble and header"))?;
+        let data_start = framed.len() as u64;
+        Ok(Self {
+            out,
+            file,
+            header: header.clone(),
+            options,
+            offset: data_start,
+            data_start,
+            entries: Vec::new(),
+            names: HashSet::new(),
+            sets: HashMap::new(),
+        })
+    }
+
+    fn invalid(&self, what: impl Into<String>) -> SackError {
+        SackError::InvalidArgument {
+            file: self.file.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// Writes the kept positions of `set` for `segment`: strictly increasing,
+    /// above those of the set's previous segment, below the document's token count.
+    /// Segments of a set must come in order 0, 1, 2, ….
+    pub fn add_positions(&mut self, segment: u32, set: KeptSet, positions: &[u32]) -> Result<()> {
+        let name = TensorName::Positions { set, segment };
+        let m = &self.header.model;
+        let fits = self.header.kv.layout.holds(set)
+            && match set {
+                KeptSet::Shared => true,
+                KeptSet::Layer(l) => l < m.layers,
+                KeptSet::Head { layer, head } => layer < m.layers && head < m.kv_heads,
+            };
+        if !fits {
+            return Err(self.invalid(format!(
+                "{name} does not fit layout {:?} of a {}-layer, {}-head model",
+                self.header.kv.layout, m.layers, m.kv_heads
+            )));
+        }
+        let previous = self.sets.get(&set).copied();
+        let expected_segment = previous.map_or(0, |p| p.segment.saturating_add(1));
+        if segment != expected_segment {
+            return Err(self.invalid(format!("{name}: expected segment {expected_segment} next")));
+        }
+        let mut last = previous.and_then(|p| p.last_position);
+        for &p in positions {
+            if last.is_some_and(|l| p <= l) || u64::from(p) >= self.header.document.tokens {
+                return Err(self.invalid(format!(
+                    "{name}: position {p} is not above {last:?} and below the document's {} tokens",
+                    self.header.document.tokens
+                )));
+            }
+            last = Some(p);
+        }
+        let shape = [positions.len() as u64];
+        self.write_tensor(
+            name,
+            Encoding::U32,
+            &shape,
+            None,
+            enc::encode_u32(positions),
+        )?;
+        self.sets.insert(
+            set,
+            SetState {
+                segment,
+                kept: positions.len(),
+                last_position: last,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes the keys and values of `slot` for `segment`, row-major
+    /// `[kv_heads, n, head_dim]` (or `[n, head_dim]` in the `per_head` layout),
+    /// where `n` is the number of positions added for the slot's kept set in
+    /// this segment.
+    pub fn add_kv(
+        &mut self,
+        segment: u32,
+        slot: KvSlot,
+        keys: Floats<'_>,
+        values: Floats<'_>,
+    ) -> Result<()> {
+        let layout = self.header.kv.layout;
+        let m = &self.header.model;
+        let key_name = TensorName::Key { slot, segment };
+        let set = layout
+            .set_of(slot)
+            .filter(|_| slot.layer < m.layers && slot.head.is_none_or(|h| h < m.kv_heads))
+            .ok_or_else(|| {
+                self.invalid(format!(
+                    "{key_name} does not fit layout {layout:?} and the model"
+                ))
+            })?;
+        let kept = match self.sets.get(&set) {
+            Some(s) if s.segment == segment => s.kept as u64,
+            _ => {
+                return Err(self.invalid(format!(
+                    "{key_name}: add the positions of segment {segment} first"
+                )));
+            }
+        };
+        let shape = match layout {
+            KeptLayout::PerHead => vec![kept, u64::from(m.head_dim)],
+            KeptLayout::Shared | KeptLayout::PerLayer => {
+                vec![u64::from(m.kv_heads), kept, u64::from(m.head_dim)]
+            }
+        };
+        let kv = self.options.encoding;
+        let value_name = TensorName::Value { slot, segment };
+        let elements: u64 = shape.iter().product();
+        for (name, data, encoding) in [
+            (key_name, keys, kv.for_keys()),
+            (value_name, values, kv.for_values()),
+        ] {
+            if data.len() as u64 != elements {
+                return Err(self.invalid(format!(
+                    "{name}: {} values given, shape {shape:?} needs {elements}",
+                    data.len()
+                )));
+            }
+            let group = encoding.quant().map(|_| GROUP_SIZE);
+            // With the length right, only quantization can fail: a value the f16
+            // scales cannot cover.
+            let payload = enc::encode_floats(data, encoding, &shape, group).map_err(|reason| {
+                SackError::Unquantizable {
+                    file: self.file.clone(),
+                    tensor: name.to_string(),
+                    reason,
+                }
+            })?;
+            self.write_tensor(name, encoding, &shape, group, payload)?;
+        }
+        Ok(())
+    }
+
+    fn write_tensor(
+        &mut self,
+        name: TensorName,
+        encoding: Encoding,
+        shape: &[u64],
+        group_size: Option<u32>,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        if !self.names.insert(name) {
+            return Err(self.invalid(format!("{name} was already written")));
+        }
+        let (stored, compression) = match self.options.zstd_level {
+            Some(level) => (
+                compress::compress(&payload, level)
+                    .map_err(io_err(&self.file, format!("compressing {name}")))?,
+                Compression::Zstd,
+            ),
+            None => (payload, Compression::None),
+        };
+        self.out.write_all(&stored).map_err(io_err(
+            &self.file,
+            format!(
+                "writing {} bytes of {name} at offset {}",
+                stored.len(),
+                self.offset
+            ),
+        ))?;
+        self.entries.push(TensorEntry {
+            name,
+            dtype: encoding.dtype(),
+            shape: shape.to_vec(),
+            encoding,
+            group_size,
+            compression,
+            offset: self.offset,
+            stored_len: stored.len() as u64,
+            crc32: crc32(&stored),
+        });
+        self.offset += stored.len() as u64;
+        Ok(())
+    }
+
+    /// Checks that every segment is complete, writes the directory and footer,
+    /// and completes the sink (for a file: fsync and rename into place).
+    pub fn finish(self) -> Result<()> {
+        let Self {
+            mut out,
+            file,
+            header,
+            offset,
+            data_start,
+            entries,
+            ..
+        } = self;
+        directory::validate(&header, &entries, data_start..offset).map_err(|what| {
+            SackError::InvalidArgument {
+                file: file.clone(),
+                what,
+            }
+        })?;
+        let json = serde_json::to_vec(&Directory { tensors: entries }).map_err(|e| {
+            SackError::InvalidArgument {
+                file: file.clone(),
+                what: e.to_string(),
+            }
+        })?;
+        let footer = Footer {
+            directory_offset: offset,
+            directory_len: json.len() as u64,
+            directory_crc: crc32(&json),
+        };
+        out.write_all(&json)
+            .and_then(|()| out.write_all(&footer.to_bytes()))
+            .map_err(io_err(&file, "writing the directory and footer"))?;
+        let sink = out
+            .into_inner()
+            .map_err(|e| io_err(&file, "flushing the end of the file")(e.into_error()))?;
+        sink.complete().map_err(io_err(
+            &file,
+            "syncing and moving the finished file into place",
+        ))
+    }
+}
