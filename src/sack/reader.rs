@@ -428,3 +428,117 @@ fn read_at<R: Read + Seek>(
         .map_err(|e| io_err(file, action())(e))?;
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sack::encoding::Floats;
+    use crate::sack::format::header::tests::sample;
+    use crate::sack::writer::{SackWriter, WriteOptions};
+
+    /// Two layers, two heads, head_dim 2, per-head layout with ragged counts
+    /// (head 1 of layer 0 keeps nothing in segment 1), two segments.
+    fn ragged() -> Vec<u8> {
+        let mut h = sample(KeptLayout::PerHead);
+        h.model.layers = 2;
+        h.model.kv_heads = 2;
+        h.model.head_dim = 2;
+        let mut bytes = Vec::new();
+        let mut w = SackWriter::to_stream(&mut bytes, "mem", &h, WriteOptions::default()).unwrap();
+        for segment in 0..2u32 {
+            for layer in 0..2u32 {
+                for head in 0..2u32 {
+                    let n = if (layer, head, segment) == (0, 1, 1) { 0 } else { 1 + head };
+                    let positions: Vec<u32> =
+                        (0..n).map(|i| 100 * segment + 10 * layer + i).collect();
+                    w.add_positions(segment, KeptSet::Head { layer, head }, &positions)
+                        .unwrap();
+                    let k: Vec<f32> = (0..2 * n).map(|i| (layer * 100 + head * 10 + i) as f32).collect();
+                    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                    let slot = KvSlot {
+                        layer,
+                        head: Some(head),
+                    };
+                    w.add_kv(segment, slot, Floats::F32(&k), Floats::F32(&v)).unwrap();
+                }
+            }
+        }
+        w.finish().unwrap();
+        bytes
+    }
+
+    #[test]
+    fn ragged_layers_read_back_per_head() {
+        let mut r = SackReader::from_bytes(ragged(), "mem").unwrap();
+        assert_eq!(r.segments(), 2);
+        let layer = r.read_layer(0).unwrap();
+        assert_eq!(layer.heads[0].positions, [0, 100]);
+        assert_eq!(layer.heads[0].keys, [0.0, 1.0, 0.0, 1.0]);
+        assert_eq!(layer.heads[1].positions, [0, 1]);
+        assert_eq!(layer.heads[1].values, [-10.0, -11.0, -12.0, -13.0]);
+        assert!(layer.into_stacked().is_err());
+        let t = r.read_tensor("pos.l1.h1.s1").unwrap();
+        assert_eq!(t.shape, [2]);
+        assert_eq!(t.values, TensorValues::U32(vec![110, 111]));
+        r.verify().unwrap();
+    }
+
+    #[test]
+    fn files_and_buffers_read_the_same() {
+        let bytes = ragged();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sack");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut from_file = SackReader::open(&path).unwrap();
+        let mut from_bytes = SackReader::from_bytes(bytes, "mem").unwrap();
+        assert_eq!(from_file.header(), from_bytes.header());
+        assert_eq!(from_file.tensors(), from_bytes.tensors());
+        assert_eq!(from_file.read_layer(1).unwrap(), from_bytes.read_layer(1).unwrap());
+    }
+
+    #[test]
+    fn unknown_names_and_layers_are_errors() {
+        let mut r = SackReader::from_bytes(ragged(), "mem").unwrap();
+        for name in ["key.l0.s0", "key.l9.h0.s0", "nonsense"] {
+            assert!(matches!(r.read_tensor(name), Err(SackError::NoSuchTensor { .. })), "{name}");
+        }
+        assert!(r.read_layer(2).is_err());
+    }
+
+    #[test]
+    fn shared_layers_stack() {
+        let mut h = sample(KeptLayout::Shared);
+        h.model.layers = 1;
+        h.model.kv_heads = 2;
+        h.model.head_dim = 1;
+        let mut bytes = Vec::new();
+        let mut w = SackWriter::to_stream(&mut bytes, "mem", &h, WriteOptions::default()).unwrap();
+        let slot = KvSlot { layer: 0, head: None };
+        for (segment, positions) in [[1, 2], [5, 6]].iter().enumerate() {
+            w.add_positions(segment as u32, KeptSet::Shared, positions).unwrap();
+            let base = 4.0 * segment as f32;
+            let k = [base, base + 1.0, base + 2.0, base + 3.0];
+            w.add_kv(segment as u32, slot, Floats::F32(&k), Floats::F32(&k)).unwrap();
+        }
+        w.finish().unwrap();
+        let mut r = SackReader::from_bytes(bytes, "mem").unwrap();
+        let stacked = r.read_layer(0).unwrap().into_stacked().unwrap();
+        assert_eq!(stacked.positions, [1, 2, 5, 6]);
+        // Head 0 then head 1, each with segment 0 then segment 1.
+        assert_eq!(stacked.keys, [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn tiny_inputs_fail_cleanly() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"", "not a .sack"),
+            (b"\x89SAC\r\n", "truncated"),
+            (b"hello world, this is a text file and not a sack at all ............", "not a .sack"),
+            (&[0u8; 100], "not a .sack"),
+        ];
+        for (bytes, expect) in cases {
+            let err = SackReader::from_bytes(bytes.to_vec(), "x.sack").unwrap_err().to_string();
+            assert!(err.starts_with("x.sack: ") && err.contains(expect), "{err}");
+        }
+    }
+}

@@ -420,3 +420,173 @@ impl<S: Sink> SackWriter<S> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sack::format::header::tests::sample;
+    use crate::sack::reader::SackReader;
+
+    fn small(layout: KeptLayout) -> SackHeader {
+        let mut h = sample(layout);
+        h.model.layers = 2;
+        h.model.kv_heads = 2;
+        h.model.head_dim = 4;
+        h
+    }
+
+    fn misuse(result: Result<()>) -> String {
+        let err = result.unwrap_err();
+        assert!(matches!(err, SackError::InvalidArgument { .. }), "{err}");
+        err.to_string()
+    }
+
+    #[test]
+    fn calls_that_would_make_an_invalid_file_are_refused() {
+        let h = small(KeptLayout::Shared);
+        let mut w = SackWriter::to_stream(Vec::new(), "mem", &h, WriteOptions::default()).unwrap();
+        let kv = [0.5f32; 2 * 2 * 4];
+        let slot = KvSlot { layer: 0, head: None };
+        let r = w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv));
+        assert!(misuse(r).contains("positions of segment 0 first"));
+        let r = w.add_positions(1, KeptSet::Shared, &[1]);
+        assert!(misuse(r).contains("expected segment 0"));
+        let r = w.add_positions(0, KeptSet::Layer(0), &[1]);
+        assert!(misuse(r).contains("does not fit"));
+        let r = w.add_positions(0, KeptSet::Shared, &[3, 3]);
+        assert!(misuse(r).contains("position 3"));
+        let r = w.add_positions(0, KeptSet::Shared, &[4000]);
+        assert!(misuse(r).contains("position 4000"));
+        w.add_positions(0, KeptSet::Shared, &[1, 2]).unwrap();
+        let r = w.add_positions(1, KeptSet::Shared, &[2]);
+        assert!(misuse(r).contains("position 2"));
+        let r = w.add_kv(0, slot, Floats::F32(&kv[1..]), Floats::F32(&kv));
+        assert!(misuse(r).contains("values given"));
+        let r = w.add_kv(0, KvSlot { layer: 2, head: None }, Floats::F32(&kv), Floats::F32(&kv));
+        assert!(misuse(r).contains("does not fit"));
+        w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+        let r = w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv));
+        assert!(misuse(r).contains("already written"));
+        let err = w.finish().unwrap_err();
+        assert!(err.to_string().contains("incomplete"), "{err}");
+    }
+
+    #[test]
+    fn bad_options_and_headers_are_refused_before_writing() {
+        let h = small(KeptLayout::Shared);
+        let options = WriteOptions {
+            zstd_level: Some(22),
+            ..WriteOptions::default()
+        };
+        assert!(SackWriter::to_stream(Vec::new(), "mem", &h, options).is_err());
+        let mut bad = h.clone();
+        bad.model.head_dim = 0;
+        assert!(SackWriter::to_stream(Vec::new(), "mem", &bad, WriteOptions::default()).is_err());
+    }
+
+    #[test]
+    fn unquantizable_values_name_the_tensor() {
+        let h = small(KeptLayout::PerHead);
+        let options = WriteOptions {
+            encoding: KvEncoding::Q4,
+            zstd_level: None,
+        };
+        let mut w = SackWriter::to_stream(Vec::new(), "mem", &h, options).unwrap();
+        let set = KeptSet::Head { layer: 1, head: 1 };
+        w.add_positions(0, set, &[7]).unwrap();
+        let slot = KvSlot {
+            layer: 1,
+            head: Some(1),
+        };
+        let err = w
+            .add_kv(0, slot, Floats::F32(&[1e6, 0.0, 0.0, 0.0]), Floats::F32(&[0.0; 4]))
+            .unwrap_err();
+        assert!(matches!(err, SackError::Unquantizable { .. }), "{err}");
+        assert!(err.to_string().contains("key.l1.h1.s0"), "{err}");
+    }
+
+    /// A pipe cannot seek: the writer must never need to.
+    #[test]
+    fn writes_through_an_os_pipe() {
+        let h = small(KeptLayout::PerLayer);
+        let (mut rx, tx) = std::io::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut rx, &mut bytes).map(|_| bytes)
+        });
+        let mut w = SackWriter::to_stream(tx, "<pipe>", &h, WriteOptions::default()).unwrap();
+        for layer in 0..2 {
+            w.add_positions(0, KeptSet::Layer(layer), &[layer, 10]).unwrap();
+            let kv: Vec<f32> = (0..16).map(|i| i as f32).collect();
+            let slot = KvSlot { layer, head: None };
+            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+        }
+        w.finish().unwrap();
+        let bytes = reader.join().unwrap().unwrap();
+        let mut r = SackReader::from_bytes(bytes, "<pipe>").unwrap();
+        r.verify().unwrap();
+        assert_eq!(r.read_layer(1).unwrap().heads[1].positions, [1, 10]);
+    }
+
+    fn write_one_segment(w: &mut SackWriter<AtomicFile>) {
+        w.add_positions(0, KeptSet::Shared, &[5]).unwrap();
+        for layer in 0..2 {
+            let kv = [1.0f32; 8];
+            let slot = KvSlot { layer, head: None };
+            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+        }
+    }
+
+    #[test]
+    fn file_appears_only_when_finished_and_replaces_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.sack");
+        let h = small(KeptLayout::Shared);
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+
+        // Interrupted (dropped) mid-way: nothing under the final name, no debris.
+        let mut w = SackWriter::create(&path, &h, WriteOptions::default()).unwrap();
+        write_one_segment(&mut w);
+        assert!(!path.exists());
+        drop(w);
+        assert!(listing().is_empty(), "{:?}", listing());
+
+        // Finished: the file is there and complete.
+        let mut w = SackWriter::create(&path, &h, WriteOptions::default()).unwrap();
+        write_one_segment(&mut w);
+        w.finish().unwrap();
+        assert_eq!(listing(), ["doc.sack"]);
+        let before = std::fs::read(&path).unwrap();
+        SackReader::open(&path).unwrap().verify().unwrap();
+
+        // A failed rewrite leaves the old file untouched.
+        let mut w = SackWriter::create(&path, &h, WriteOptions::default()).unwrap();
+        w.add_positions(0, KeptSet::Shared, &[5]).unwrap();
+        assert!(w.finish().is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(listing(), ["doc.sack"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn finished_files_get_the_usual_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.sack");
+        let mut w = SackWriter::create(&path, &small(KeptLayout::Shared), WriteOptions::default())
+            .unwrap();
+        write_one_segment(&mut w);
+        w.finish().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        assert_eq!(mode(&path), mode(&plain), "differs from a file created normally");
+    }
+}
