@@ -165,8 +165,16 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+/// Bytes in the largest binary unit that keeps the number at least 1.
+fn human(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if value < 1024.0 {
+            return format!("{value:.1} {unit}");
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.1} TiB")
 }
 
 fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
@@ -179,7 +187,7 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         out,
         "size        {} bytes ({})",
         s.file_bytes,
-        mib(s.file_bytes)
+        human(s.file_bytes)
     )?;
     writeln!(
         out,
@@ -258,6 +266,58 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         "ratio       {:.1}x smaller than the full bf16 KV cache ({} bytes, {})",
         s.compression_ratio,
         s.full_bf16_kv_bytes,
-        mib(s.full_bf16_kv_bytes)
+        human(s.full_bf16_kv_bytes)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sack::format::header::tests::sample;
+    use crate::sack::writer::{SackWriter, WriteOptions};
+
+    #[test]
+    fn sizes_use_the_largest_fitting_unit() {
+        assert_eq!(human(10), "10.0 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn strings_from_the_file_cannot_drive_the_terminal() {
+        let mut h = sample(KeptLayout::Shared);
+        h.document.name = Some("evil\x1b[2J\u{7}.txt".into());
+        let mut bytes = Vec::new();
+        SackWriter::to_stream(&mut bytes, "mem", &h, WriteOptions::default())
+            .unwrap()
+            .finish()
+            .unwrap();
+        let reader = SackReader::from_bytes(bytes, "mem").unwrap();
+        let mut out = Vec::new();
+        render(&reader, &mut out, InfoFormat::Human).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r"evil\u{1b}[2J\u{7}.txt"), "{text}");
+        assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn empty_files_report_zero_costs_without_dividing_by_zero() {
+        let mut bytes = Vec::new();
+        SackWriter::to_stream(
+            &mut bytes,
+            "mem",
+            &sample(KeptLayout::PerHead),
+            WriteOptions::default(),
+        )
+        .unwrap()
+        .finish()
+        .unwrap();
+        let reader = SackReader::from_bytes(bytes, "mem").unwrap();
+        let s = Summary::of(&reader);
+        assert_eq!(
+            (s.kept_per_head, s.bytes_per_kept_position, s.kv_bytes),
+            (0.0, 0.0, 0)
+        );
+        assert!(s.compression_ratio > 1.0);
+    }
 }

@@ -448,18 +448,25 @@ mod tests {
         for segment in 0..2u32 {
             for layer in 0..2u32 {
                 for head in 0..2u32 {
-                    let n = if (layer, head, segment) == (0, 1, 1) { 0 } else { 1 + head };
+                    let n = if (layer, head, segment) == (0, 1, 1) {
+                        0
+                    } else {
+                        1 + head
+                    };
                     let positions: Vec<u32> =
                         (0..n).map(|i| 100 * segment + 10 * layer + i).collect();
                     w.add_positions(segment, KeptSet::Head { layer, head }, &positions)
                         .unwrap();
-                    let k: Vec<f32> = (0..2 * n).map(|i| (layer * 100 + head * 10 + i) as f32).collect();
+                    let k: Vec<f32> = (0..2 * n)
+                        .map(|i| (layer * 100 + head * 10 + i) as f32)
+                        .collect();
                     let v: Vec<f32> = k.iter().map(|x| -x).collect();
                     let slot = KvSlot {
                         layer,
                         head: Some(head),
                     };
-                    w.add_kv(segment, slot, Floats::F32(&k), Floats::F32(&v)).unwrap();
+                    w.add_kv(segment, slot, Floats::F32(&k), Floats::F32(&v))
+                        .unwrap();
                 }
             }
         }
@@ -493,14 +500,20 @@ mod tests {
         let mut from_bytes = SackReader::from_bytes(bytes, "mem").unwrap();
         assert_eq!(from_file.header(), from_bytes.header());
         assert_eq!(from_file.tensors(), from_bytes.tensors());
-        assert_eq!(from_file.read_layer(1).unwrap(), from_bytes.read_layer(1).unwrap());
+        assert_eq!(
+            from_file.read_layer(1).unwrap(),
+            from_bytes.read_layer(1).unwrap()
+        );
     }
 
     #[test]
     fn unknown_names_and_layers_are_errors() {
         let mut r = SackReader::from_bytes(ragged(), "mem").unwrap();
         for name in ["key.l0.s0", "key.l9.h0.s0", "nonsense"] {
-            assert!(matches!(r.read_tensor(name), Err(SackError::NoSuchTensor { .. })), "{name}");
+            assert!(
+                matches!(r.read_tensor(name), Err(SackError::NoSuchTensor { .. })),
+                "{name}"
+            );
         }
         assert!(r.read_layer(2).is_err());
     }
@@ -513,12 +526,17 @@ mod tests {
         h.model.head_dim = 1;
         let mut bytes = Vec::new();
         let mut w = SackWriter::to_stream(&mut bytes, "mem", &h, WriteOptions::default()).unwrap();
-        let slot = KvSlot { layer: 0, head: None };
+        let slot = KvSlot {
+            layer: 0,
+            head: None,
+        };
         for (segment, positions) in [[1, 2], [5, 6]].iter().enumerate() {
-            w.add_positions(segment as u32, KeptSet::Shared, positions).unwrap();
+            w.add_positions(segment as u32, KeptSet::Shared, positions)
+                .unwrap();
             let base = 4.0 * segment as f32;
             let k = [base, base + 1.0, base + 2.0, base + 3.0];
-            w.add_kv(segment as u32, slot, Floats::F32(&k), Floats::F32(&k)).unwrap();
+            w.add_kv(segment as u32, slot, Floats::F32(&k), Floats::F32(&k))
+                .unwrap();
         }
         w.finish().unwrap();
         let mut r = SackReader::from_bytes(bytes, "mem").unwrap();
@@ -533,11 +551,16 @@ mod tests {
         let cases: [(&[u8], &str); 4] = [
             (b"", "not a .sack"),
             (b"\x89SAC\r\n", "truncated"),
-            (b"hello world, this is a text file and not a sack at all ............", "not a .sack"),
+            (
+                b"hello world, this is a text file and not a sack at all ............",
+                "not a .sack",
+            ),
             (&[0u8; 100], "not a .sack"),
         ];
         for (bytes, expect) in cases {
-            let err = SackReader::from_bytes(bytes.to_vec(), "x.sack").unwrap_err().to_string();
+            let err = SackReader::from_bytes(bytes.to_vec(), "x.sack")
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("x.sack: ") && err.contains(expect), "{err}");
         }
     }

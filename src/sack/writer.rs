@@ -446,7 +446,10 @@ mod tests {
         let h = small(KeptLayout::Shared);
         let mut w = SackWriter::to_stream(Vec::new(), "mem", &h, WriteOptions::default()).unwrap();
         let kv = [0.5f32; 2 * 2 * 4];
-        let slot = KvSlot { layer: 0, head: None };
+        let slot = KvSlot {
+            layer: 0,
+            head: None,
+        };
         let r = w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv));
         assert!(misuse(r).contains("positions of segment 0 first"));
         let r = w.add_positions(1, KeptSet::Shared, &[1]);
@@ -462,9 +465,18 @@ mod tests {
         assert!(misuse(r).contains("position 2"));
         let r = w.add_kv(0, slot, Floats::F32(&kv[1..]), Floats::F32(&kv));
         assert!(misuse(r).contains("values given"));
-        let r = w.add_kv(0, KvSlot { layer: 2, head: None }, Floats::F32(&kv), Floats::F32(&kv));
+        let r = w.add_kv(
+            0,
+            KvSlot {
+                layer: 2,
+                head: None,
+            },
+            Floats::F32(&kv),
+            Floats::F32(&kv),
+        );
         assert!(misuse(r).contains("does not fit"));
-        w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+        w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv))
+            .unwrap();
         let r = w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv));
         assert!(misuse(r).contains("already written"));
         let err = w.finish().unwrap_err();
@@ -499,7 +511,12 @@ mod tests {
             head: Some(1),
         };
         let err = w
-            .add_kv(0, slot, Floats::F32(&[1e6, 0.0, 0.0, 0.0]), Floats::F32(&[0.0; 4]))
+            .add_kv(
+                0,
+                slot,
+                Floats::F32(&[1e6, 0.0, 0.0, 0.0]),
+                Floats::F32(&[0.0; 4]),
+            )
             .unwrap_err();
         assert!(matches!(err, SackError::Unquantizable { .. }), "{err}");
         assert!(err.to_string().contains("key.l1.h1.s0"), "{err}");
@@ -516,10 +533,12 @@ mod tests {
         });
         let mut w = SackWriter::to_stream(tx, "<pipe>", &h, WriteOptions::default()).unwrap();
         for layer in 0..2 {
-            w.add_positions(0, KeptSet::Layer(layer), &[layer, 10]).unwrap();
+            w.add_positions(0, KeptSet::Layer(layer), &[layer, 10])
+                .unwrap();
             let kv: Vec<f32> = (0..16).map(|i| i as f32).collect();
             let slot = KvSlot { layer, head: None };
-            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv))
+                .unwrap();
         }
         w.finish().unwrap();
         let bytes = reader.join().unwrap().unwrap();
@@ -533,7 +552,8 @@ mod tests {
         for layer in 0..2 {
             let kv = [1.0f32; 8];
             let slot = KvSlot { layer, head: None };
-            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv)).unwrap();
+            w.add_kv(0, slot, Floats::F32(&kv), Floats::F32(&kv))
+                .unwrap();
         }
     }
 
@@ -580,13 +600,17 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("doc.sack");
-        let mut w = SackWriter::create(&path, &small(KeptLayout::Shared), WriteOptions::default())
-            .unwrap();
+        let mut w =
+            SackWriter::create(&path, &small(KeptLayout::Shared), WriteOptions::default()).unwrap();
         write_one_segment(&mut w);
         w.finish().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
         let plain = dir.path().join("plain");
         std::fs::File::create(&plain).unwrap();
-        assert_eq!(mode(&path), mode(&plain), "differs from a file created normally");
+        assert_eq!(
+            mode(&path),
+            mode(&plain),
+            "differs from a file created normally"
+        );
     }
 }
