@@ -31,6 +31,8 @@ MIN_FILE_LEN = PREAMBLE_LEN + 4 + FOOTER_LEN
 MAX_HEADER_LEN = 1 << 20
 MAX_DIRECTORY_LEN = 1 << 28
 MAX_WINDOW = 1 << 23
+MAX_EXPANSION = 1024
+EXPANSION_SLACK = 1 << 16
 
 NAME = re.compile(r"^(pos|key|value)(?:\.l(0|[1-9][0-9]*)(?:\.h(0|[1-9][0-9]*))?)?\.s(0|[1-9][0-9]*)$")
 WIDTH = {"f32": 4, "bf16": 2, "f16": 2, "u32": 4}
@@ -175,6 +177,8 @@ def decode_tensor(data, entry, header):
         raise SackError(f"checksum mismatch in tensor {name}")
     expected = payload_len(entry)
     if entry["compression"] == "zstd":
+        if expected > MAX_EXPANSION * entry["stored_len"] + EXPANSION_SLACK:
+            raise SackError(f"{name}: zstd payload would expand beyond the format's limit")
         frame = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
         payload = frame.decompress(stored)
         if not frame.eof or frame.unused_data:

@@ -13,7 +13,7 @@ use crate::sack::encoding::{self as enc, Compression, Encoding, Floats, KvEncodi
 use crate::sack::error::{Result, SackError, io_err};
 use crate::sack::format::directory::{self, Directory, KeptSet, KvSlot, TensorEntry, TensorName};
 use crate::sack::format::header::{KeptLayout, SackHeader};
-use crate::sack::format::{FORMAT_MAJOR, FORMAT_MINOR, Footer, Preamble, crc32};
+use crate::sack::format::{FORMAT_MAJOR, FORMAT_MINOR, Footer, MAX_HEADER_LEN, Preamble, crc32};
 
 /// Choices that affect size and speed but not meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +44,8 @@ pub trait Sink: Write {
 /// A file written under a temporary name in the target directory and renamed
 /// over the target only once complete and fsynced, so an interrupted write never
 /// leaves a partial `.sack` under the final name. Dropping it unfinished deletes
-/// the temporary file.
+/// the temporary file; a killed process may leave a `.sack-*.tmp` behind, never
+/// a damaged target.
 #[derive(Debug)]
 pub struct AtomicFile {
     temp: tempfile::NamedTempFile,
@@ -185,7 +186,7 @@ impl<S: Sink> SackWriter<S> {
         let json = serde_json::to_vec(header).map_err(|e| invalid(e.to_string()))?;
         let header_len = u32::try_from(json.len())
             .ok()
-            .filter(|&l| u64::from(l) <= super::format::MAX_HEADER_LEN)
+            .filter(|&l| u64::from(l) <= MAX_HEADER_LEN)
             .ok_or_else(|| invalid(format!("header JSON is {} bytes, too large", json.len())))?;
         let preamble = Preamble {
             major: FORMAT_MAJOR,
@@ -348,12 +349,16 @@ impl<S: Sink> SackWriter<S> {
         if !self.names.insert(name) {
             return Err(self.invalid(format!("{name} was already written")));
         }
-        let (stored, compression) = match self.options.zstd_level {
-            Some(level) => (
+        let compressed = match self.options.zstd_level {
+            Some(level) => Some(
                 compress::compress(&payload, level)
                     .map_err(io_err(&self.file, format!("compressing {name}")))?,
-                Compression::Zstd,
-            ),
+            )
+            .filter(|c| compress::expansion_allowed(c.len() as u64, payload.len() as u64)),
+            None => None,
+        };
+        let (stored, compression) = match compressed {
+            Some(c) => (c, Compression::Zstd),
             None => (payload, Compression::None),
         };
         self.out.write_all(&stored).map_err(io_err(
@@ -520,6 +525,39 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SackError::Unquantizable { .. }), "{err}");
         assert!(err.to_string().contains("key.l1.h1.s0"), "{err}");
+    }
+
+    #[test]
+    fn tensors_zstd_would_shrink_beyond_the_expansion_limit_are_stored_raw() {
+        let mut h = small(KeptLayout::Shared);
+        h.model.head_dim = 4096;
+        h.model.layers = 1;
+        let mut bytes = Vec::new();
+        let mut w = SackWriter::to_stream(&mut bytes, "mem", &h, WriteOptions::default()).unwrap();
+        w.add_positions(0, KeptSet::Shared, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap();
+        let zeros = vec![0f32; 2 * 8 * 4096];
+        let noise: Vec<f32> = (0..zeros.len())
+            .map(|i| ((i * 7919) % 1000) as f32)
+            .collect();
+        let slot = KvSlot {
+            layer: 0,
+            head: None,
+        };
+        w.add_kv(0, slot, Floats::F32(&zeros), Floats::F32(&noise))
+            .unwrap();
+        w.finish().unwrap();
+        let mut r = SackReader::from_bytes(bytes, "mem").unwrap();
+        let compression = |name: &str| {
+            r.tensors()
+                .iter()
+                .find(|e| e.name.to_string() == name)
+                .unwrap()
+                .compression
+        };
+        assert_eq!(compression("key.l0.s0"), Compression::None);
+        assert_eq!(compression("value.l0.s0"), Compression::Zstd);
+        r.verify().unwrap();
     }
 
     /// A pipe cannot seek: the writer must never need to.

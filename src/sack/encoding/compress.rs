@@ -14,6 +14,22 @@ pub const LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 /// Largest window (log2 bytes) a reader accepts; level 19 uses at most 2^23.
 pub const MAX_WINDOW_LOG: u32 = 23;
 
+/// A zstd payload may decompress to at most this many times its stored size
+/// plus [`EXPANSION_SLACK`]. The directory can then be checked against the file
+/// length before anything is decompressed; writers store a tensor uncompressed
+/// in the (absurd, for KV data) case that zstd would shrink it further.
+pub const MAX_EXPANSION: u64 = 1024;
+/// See [`MAX_EXPANSION`]: lets small constant tensors stay compressed.
+pub const EXPANSION_SLACK: u64 = 1 << 16;
+
+/// Whether a zstd payload of `stored` bytes may decompress to `payload` bytes.
+pub fn expansion_allowed(stored: u64, payload: u64) -> bool {
+    payload
+        <= stored
+            .saturating_mul(MAX_EXPANSION)
+            .saturating_add(EXPANSION_SLACK)
+}
+
 /// Compresses `raw` into one zstd frame that records its content size.
 pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     zstd::bulk::compress(raw, level)
@@ -70,6 +86,20 @@ mod tests {
         assert!(decompress(&stored, 17).is_err());
         assert!(decompress(b"not zstd at all", 17).is_err());
         assert!(decompress(b"", 0).is_err());
+    }
+
+    #[test]
+    fn expansion_limit_has_slack_for_small_tensors() {
+        assert!(expansion_allowed(9, EXPANSION_SLACK));
+        assert!(expansion_allowed(
+            100,
+            100 * MAX_EXPANSION + EXPANSION_SLACK
+        ));
+        assert!(!expansion_allowed(
+            100,
+            100 * MAX_EXPANSION + EXPANSION_SLACK + 1
+        ));
+        assert!(expansion_allowed(u64::MAX, u64::MAX));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::header::{KeptLayout, SackHeader};
+use crate::sack::encoding::compress::expansion_allowed;
 use crate::sack::encoding::quant::MAX_GROUP_SIZE;
 use crate::sack::encoding::{Compression, Dtype, Encoding};
 
@@ -354,14 +355,18 @@ fn check_entry(header: &SackHeader, e: &TensorEntry) -> Result<(), String> {
             );
         }
     }
-    let payload = e.payload_len().ok_or("shape is too large")?;
-    if e.compression == Compression::None && Some(e.stored_len) != u64::try_from(payload).ok() {
-        return Err(format!(
+    let payload = e.payload_len().ok_or("shape is too large")? as u64;
+    match e.compression {
+        Compression::None if e.stored_len != payload => Err(format!(
             "uncompressed payload is {} bytes, expected {payload}",
             e.stored_len
-        ));
+        )),
+        Compression::Zstd if !expansion_allowed(e.stored_len, payload) => Err(format!(
+            "{} zstd bytes cannot expand to the {payload} bytes the shape needs",
+            e.stored_len
+        )),
+        Compression::None | Compression::Zstd => Ok(()),
     }
-    Ok(())
 }
 
 /// Payloads must follow each other without gaps or overlap and exactly fill `data`:

@@ -288,6 +288,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn now_is_a_valid_created_time() {
+        let mut h = sample(KeptLayout::Shared);
+        h.created = now_rfc3339();
+        assert!(h.created.ends_with('Z'), "{}", h.created);
+        h.validate().unwrap();
+    }
+
+    #[test]
     fn full_bf16_kv_bytes_follows_the_formula() {
         let h = sample(KeptLayout::Shared);
         assert_eq!(h.full_bf16_kv_bytes(), 4000 * 16 * 2 * 8 * 64 * 2);
