@@ -166,11 +166,10 @@ impl<R> SackReader<R> {
 impl<R: Read + Seek> SackReader<R> {
     /// Reads and checks everything but the payloads from a source of `file_len` bytes.
     pub fn from_source(mut source: R, file_len: u64, file: String) -> Result<Self> {
-        let mut preamble = [0u8; PREAMBLE_LEN as usize];
-        let head_len = usize::try_from(file_len.min(PREAMBLE_LEN)).unwrap_or(0);
-        let head = read_at(&mut source, &file, 0, head_len, "the preamble")?;
         if file_len < MIN_FILE_LEN {
-            if !MAGIC.starts_with(&head[..head.len().min(MAGIC.len())]) || head.is_empty() {
+            let head_len = usize::try_from(file_len.min(MAGIC.len() as u64)).unwrap_or(0);
+            let head = read_at(&mut source, &file, 0, head_len, "the magic bytes")?;
+            if head.is_empty() || !MAGIC.starts_with(&head) {
                 return Err(SackError::NotSack { file });
             }
             return Err(malformed(
@@ -180,37 +179,27 @@ impl<R: Read + Seek> SackReader<R> {
                 ),
             ));
         }
-        preamble.copy_from_slice(&head);
+        let preamble = read_array(&mut source, &file, 0, "the preamble")?;
         let p = Preamble::parse(&preamble, &file, file_len)?;
         let header_len = usize::try_from(p.header_len).unwrap_or(usize::MAX);
-        let framed = read_at(
+        let json = read_at(&mut source, &file, PREAMBLE_LEN, header_len, "the header")?;
+        let header_end = PREAMBLE_LEN + u64::from(p.header_len);
+        let stored = u32::from_le_bytes(read_array(
             &mut source,
             &file,
-            PREAMBLE_LEN,
-            header_len + 4,
-            "the header",
-        )?;
-        let (json, stored) = framed.split_at(header_len);
-        let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+            header_end,
+            "the header CRC",
+        )?);
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&preamble);
-        hasher.update(json);
+        hasher.update(&json);
         check_crc(&file, "header", stored, hasher.finalize())?;
-        let header: SackHeader = serde_json::from_slice(json)
+        let header: SackHeader = serde_json::from_slice(&json)
             .map_err(|e| malformed(&file, format!("header JSON is invalid: {e}")))?;
         header.validate().map_err(|e| malformed(&file, e))?;
 
-        let data_start = PREAMBLE_LEN + u64::from(p.header_len) + CRC_LEN;
-        let footer_at = file_len - FOOTER_LEN;
-        let raw = read_at(
-            &mut source,
-            &file,
-            footer_at,
-            FOOTER_LEN as usize,
-            "the footer",
-        )?;
-        let mut footer = [0u8; FOOTER_LEN as usize];
-        footer.copy_from_slice(&raw);
+        let data_start = header_end + CRC_LEN;
+        let footer = read_array(&mut source, &file, file_len - FOOTER_LEN, "the footer")?;
         let footer = Footer::parse(&footer, &file, file_len, data_start)?;
         let dir_len = usize::try_from(footer.directory_len)
             .map_err(|_| malformed(&file, "directory is too large"))?;
@@ -410,6 +399,22 @@ fn check_crc(file: &str, what: &str, stored: u32, computed: u32) -> Result<()> {
     }
 }
 
+/// Reads `N` bytes at `offset`; callers have checked the range lies in the file.
+fn read_array<R: Read + Seek, const N: usize>(
+    source: &mut R,
+    file: &str,
+    offset: u64,
+    what: &str,
+) -> Result<[u8; N]> {
+    let action = || format!("reading {what} ({N} bytes at offset {offset})");
+    let mut buf = [0u8; N];
+    source
+        .seek(SeekFrom::Start(offset))
+        .and_then(|_| source.read_exact(&mut buf))
+        .map_err(|e| io_err(file, action())(e))?;
+    Ok(buf)
+}
+
 /// Reads `len` bytes at `offset`; callers have checked the range lies in the file.
 fn read_at<R: Read + Seek>(
     source: &mut R,
@@ -419,12 +424,10 @@ fn read_at<R: Read + Seek>(
     what: &str,
 ) -> Result<Vec<u8>> {
     let action = || format!("reading {what} ({len} bytes at offset {offset})");
-    source
-        .seek(SeekFrom::Start(offset))
-        .map_err(|e| io_err(file, action())(e))?;
     let mut buf = vec![0u8; len];
     source
-        .read_exact(&mut buf)
+        .seek(SeekFrom::Start(offset))
+        .and_then(|_| source.read_exact(&mut buf))
         .map_err(|e| io_err(file, action())(e))?;
     Ok(buf)
 }
