@@ -142,7 +142,7 @@ def common(vocab: int, bos_id: int, eos_id: int) -> dict:
         num_attention_heads=N_HEADS,
         num_key_value_heads=N_KV_HEADS,
         hidden_act="silu",
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         bos_token_id=bos_id,
         eos_token_id=eos_id,

@@ -81,9 +81,14 @@ impl SacAdapter {
         let h = model.hidden_size;
         let rank = config.lora_rank;
         let mut take = |name: &str, shape: &[usize]| -> std::result::Result<Tensor, String> {
-            let t = tensors.remove(name).ok_or_else(|| format!("no tensor `{name}`"))?;
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| format!("no tensor `{name}`"))?;
             if t.dims() != shape {
-                return Err(format!("`{name}` has shape {:?}, expected {shape:?}", t.dims()));
+                return Err(format!(
+                    "`{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ));
             }
             t.to_dtype(dtype).map_err(|e| e.to_string())
         };
@@ -110,7 +115,9 @@ impl SacAdapter {
             })
             .collect::<std::result::Result<_, String>>()?;
         if let Some(extra) = tensors.keys().min() {
-            return Err(format!("unexpected tensor `{extra}` (is it for another model?)"));
+            return Err(format!(
+                "unexpected tensor `{extra}` (is it for another model?)"
+            ));
         }
         Ok(SacAdapter {
             config,
@@ -129,7 +136,10 @@ impl SacAdapter {
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("role_tokens".into(), self.role_tokens.to_dtype(DType::F32)?);
-        out.insert("special_tokens".into(), self.special_tokens.to_dtype(DType::F32)?);
+        out.insert(
+            "special_tokens".into(),
+            self.special_tokens.to_dtype(DType::F32)?,
+        );
         for (i, layer) in self.lora.layers.iter().enumerate() {
             for (proj, lr) in [("q_proj", &layer.q), ("v_proj", &layer.v)] {
                 if let Some(lr) = lr {
@@ -144,11 +154,13 @@ impl SacAdapter {
 
     /// Writes the adapter directory (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
         let weights = safetensors::serialize(self.tensors()?, None)
             .map_err(|e| Error::Adapter(format!("cannot serialize: {e}")))?;
         crate::atomic::write_bytes(&dir.join(WEIGHTS_FILE), &weights)?;
-        let mut json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Adapter(e.to_string()))?;
+        let mut json = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| Error::Adapter(e.to_string()))?;
         json.push('\n');
         crate::atomic::write_bytes(&dir.join(CONFIG_FILE), json.as_bytes())
     }
@@ -156,18 +168,26 @@ impl SacAdapter {
     /// Converts the reference implementation's `adapter.pt` (a state dict with
     /// `role_tokens`, `special_tokens` and
     /// `model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}`).
-    pub fn import_reference_pt(pt: &Path, settings: ImportSettings, model: &ModelConfig) -> Result<Self> {
-        let entries = candle_core::pickle::read_all(pt).map_err(|e| adapter_error(pt, format!("not a PyTorch state dict: {e}")))?;
+    pub fn import_reference_pt(
+        pt: &Path,
+        settings: ImportSettings,
+        model: &ModelConfig,
+    ) -> Result<Self> {
+        let entries = candle_core::pickle::read_all(pt)
+            .map_err(|e| adapter_error(pt, format!("not a PyTorch state dict: {e}")))?;
         let mut tensors = HashMap::new();
         for (name, tensor) in entries {
             let ours = if name == "role_tokens" || name == "special_tokens" {
                 name.clone()
             } else {
-                reference_lora_name(&name).ok_or_else(|| adapter_error(pt, format!("unexpected tensor `{name}`")))?
+                reference_lora_name(&name)
+                    .ok_or_else(|| adapter_error(pt, format!("unexpected tensor `{name}`")))?
             };
             tensors.insert(ours, tensor.to_dtype(DType::F32)?);
         }
-        let role = tensors.get("role_tokens").ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
+        let role = tensors
+            .get("role_tokens")
+            .ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
         let mem_size = role.dim(0)?;
         let lora_rank = match tensors.get("layers.0.self_attn.q_proj.lora_a") {
             Some(a) => a.dim(1)?,
@@ -178,7 +198,13 @@ impl SacAdapter {
             None => (1..=settings.chunk_size)
                 .find(|&r| chunk::mem_size(settings.chunk_size, r) == mem_size)
                 .ok_or_else(|| {
-                    adapter_error(pt, format!("no ratio gives {mem_size} anchors per {}-token chunk; pass --ratio", settings.chunk_size))
+                    adapter_error(
+                        pt,
+                        format!(
+                            "no ratio gives {mem_size} anchors per {}-token chunk; pass --ratio",
+                            settings.chunk_size
+                        ),
+                    )
                 })?,
         };
         let config = AdapterConfig {
@@ -239,15 +265,24 @@ fn validate_config(c: &AdapterConfig) -> std::result::Result<(), String> {
             c.mem_size, c.chunk_size, c.ratio
         ));
     }
-    if let Some(t) = c.lora_targets.iter().find(|t| !TARGETS.contains(&t.as_str())) {
-        return Err(format!("LoRA target `{t}` is not supported (only q_proj and v_proj)"));
+    if let Some(t) = c
+        .lora_targets
+        .iter()
+        .find(|t| !TARGETS.contains(&t.as_str()))
+    {
+        return Err(format!(
+            "LoRA target `{t}` is not supported (only q_proj and v_proj)"
+        ));
     }
     Ok(())
 }
 
 /// The adapter's fingerprint: its weights and config, hashed as model files are.
 pub fn fingerprint(dir: &Path, cache: &mut DigestCache) -> Result<String> {
-    let files: [(&str, PathBuf); 2] = [("adapter", dir.join(WEIGHTS_FILE)), ("adapter_config", dir.join(CONFIG_FILE))];
+    let files: [(&str, PathBuf); 2] = [
+        ("adapter", dir.join(WEIGHTS_FILE)),
+        ("adapter_config", dir.join(CONFIG_FILE)),
+    ];
     let files: Vec<(&str, &Path)> = files.iter().map(|(r, p)| (*r, p.as_path())).collect();
     let digest = manifest_digest("sac-adapter-v1", &files, cache)?;
     cache.save();
@@ -265,11 +300,18 @@ mod tests {
             Some("layers.3.self_attn.q_proj.lora_a")
         );
         assert_eq!(
-            reference_lora_name("base_model.model.model.layers.0.self_attn.v_proj.lora_B").as_deref(),
+            reference_lora_name("base_model.model.model.layers.0.self_attn.v_proj.lora_B")
+                .as_deref(),
             Some("layers.0.self_attn.v_proj.lora_b")
         );
-        assert_eq!(reference_lora_name("model.model.layers.0.self_attn.k_proj.lora_A"), None);
-        assert_eq!(reference_lora_name("model.model.layers.x.self_attn.q_proj.lora_A"), None);
+        assert_eq!(
+            reference_lora_name("model.model.layers.0.self_attn.k_proj.lora_A"),
+            None
+        );
+        assert_eq!(
+            reference_lora_name("model.model.layers.x.self_attn.q_proj.lora_A"),
+            None
+        );
         assert_eq!(reference_lora_name("role_tokens"), None);
     }
 

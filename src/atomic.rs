@@ -22,7 +22,10 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
         let mut builder = tempfile::Builder::new();
         let prefix = format!(".{name}-");
         builder.prefix(&prefix).suffix(".tmp");

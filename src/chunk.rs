@@ -18,7 +18,9 @@ impl Chunk {
 
     /// Position ids of every token in the chunk.
     pub fn positions(&self) -> Vec<u32> {
-        (0..self.len as u32).map(|i| self.first_position() + i).collect()
+        (0..self.len as u32)
+            .map(|i| self.first_position() + i)
+            .collect()
     }
 }
 
@@ -87,7 +89,10 @@ mod tests {
         for ratio in 1..20 {
             for len in 1..=64 {
                 let n = anchor_offsets(len, ratio).len();
-                assert!(n >= 1 && n <= mem_size(64, ratio), "len {len} ratio {ratio}");
+                assert!(
+                    n >= 1 && n <= mem_size(64, ratio),
+                    "len {len} ratio {ratio}"
+                );
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Command-line flags, parsed once by clap into typed settings.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DTypeSpec, DeviceSpec};
@@ -15,6 +17,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show what a .sack file holds and what it costs, without reading its tensors.
+    Info(InfoArgs),
     /// Show what sac sees of a model: architecture, sizes, fingerprints.
     ModelInfo(ModelInfoArgs),
 }
@@ -45,6 +49,16 @@ pub struct ModelInfoArgs {
     pub model: ModelArgs,
 
     /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The .sack file, or `-` for standard input.
+    pub file: PathBuf,
+
+    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }

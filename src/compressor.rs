@@ -51,7 +51,9 @@ impl FromStr for Method {
             "sac" => Ok(Method::Sac),
             "uniform" => Ok(Method::Uniform),
             "full" => Ok(Method::Full),
-            other => Err(format!("`{other}` is not a compressor; use sac, uniform or full")),
+            other => Err(format!(
+                "`{other}` is not a compressor; use sac, uniform or full"
+            )),
         }
     }
 }
@@ -87,7 +89,9 @@ impl<'a> Compressor<'a> {
         chunk_size: usize,
     ) -> Result<Self> {
         if ratio == 0 || chunk_size == 0 {
-            return Err(Error::InvalidInput("ratio and chunk size must be positive".into()));
+            return Err(Error::InvalidInput(
+                "ratio and chunk size must be positive".into(),
+            ));
         }
         match (method, adapter) {
             (Method::Sac, None) => {
@@ -96,7 +100,9 @@ impl<'a> Compressor<'a> {
                         .into(),
                 ));
             }
-            (Method::Sac, Some(a)) if (a.config.ratio, a.config.chunk_size) != (ratio, chunk_size) => {
+            (Method::Sac, Some(a))
+                if (a.config.ratio, a.config.chunk_size) != (ratio, chunk_size) =>
+            {
                 return Err(Error::InvalidInput(format!(
                     "the adapter was trained for ratio {} and chunk size {}, not {ratio} and {chunk_size}",
                     a.config.ratio, a.config.chunk_size
@@ -151,7 +157,10 @@ impl<'a> Compressor<'a> {
                 _ => chunk::anchor_offsets(chunk.len, self.ratio),
             };
             let layers = self.run_chunk(&chunk, chunk_ids, &kept, &mut cache)?;
-            let positions = kept.iter().map(|&o| chunk.first_position() + o as u32).collect();
+            let positions = kept
+                .iter()
+                .map(|&o| chunk.first_position() + o as u32)
+                .collect();
             emit(ChunkKv {
                 chunk,
                 positions,
@@ -161,7 +170,13 @@ impl<'a> Compressor<'a> {
         Ok(())
     }
 
-    fn run_chunk(&self, chunk: &Chunk, ids: &[u32], kept: &[usize], cache: &mut KvCache) -> Result<Vec<LayerKv>> {
+    fn run_chunk(
+        &self,
+        chunk: &Chunk,
+        ids: &[u32],
+        kept: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Vec<LayerKv>> {
         let device = self.decoder.device();
         let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
         let positions = Tensor::new(chunk.positions().as_slice(), device)?.unsqueeze(0)?;
@@ -170,7 +185,11 @@ impl<'a> Compressor<'a> {
         if let (Method::Sac, Some(adapter)) = (self.method, self.adapter) {
             embeds = (embeds + role_embeddings(adapter, chunk.len, &kept_t, kept.len())?)?;
         }
-        let past = if self.method == Method::Full { cache.past()? } else { None };
+        let past = if self.method == Method::Full {
+            cache.past()?
+        } else {
+            None
+        };
         let out = self.decoder.forward(ForwardInput {
             embeds: &embeds,
             positions: &positions,
@@ -196,9 +215,16 @@ fn offsets_tensor(offsets: &[usize], device: &Device) -> Result<Tensor> {
 }
 
 /// `[1, len, hidden]`: role embedding i at the i-th kept offset, zero elsewhere.
-fn role_embeddings(adapter: &SacAdapter, len: usize, kept: &Tensor, count: usize) -> Result<Tensor> {
+fn role_embeddings(
+    adapter: &SacAdapter,
+    len: usize,
+    kept: &Tensor,
+    count: usize,
+) -> Result<Tensor> {
     let roles = &adapter.role_tokens;
     let hidden = roles.dim(D::Minus1)?;
     let zeros = Tensor::zeros((len, hidden), roles.dtype(), roles.device())?;
-    Ok(zeros.index_add(kept, &roles.narrow(0, 0, count)?, 0)?.unsqueeze(0)?)
+    Ok(zeros
+        .index_add(kept, &roles.narrow(0, 0, count)?, 0)?
+        .unsqueeze(0)?)
 }

@@ -64,7 +64,10 @@ pub struct Generation {
 impl Generation {
     /// Decoding speed after the first token.
     pub fn tokens_per_second(&self) -> f64 {
-        let rest = self.elapsed.saturating_sub(self.time_to_first_token).as_secs_f64();
+        let rest = self
+            .elapsed
+            .saturating_sub(self.time_to_first_token)
+            .as_secs_f64();
         match self.tokens.len() {
             0 | 1 => 0.0,
             n if rest > 0.0 => (n - 1) as f64 / rest,
@@ -84,7 +87,12 @@ pub struct Answerer<'a> {
 }
 
 impl<'a> Answerer<'a> {
-    pub fn new(decoder: &'a Decoder, context: DecoderContext, eos: &[u32], max_tokens: usize) -> Result<Self> {
+    pub fn new(
+        decoder: &'a Decoder,
+        context: DecoderContext,
+        eos: &[u32],
+        max_tokens: usize,
+    ) -> Result<Self> {
         let c = decoder.config();
         if context.past.len() != c.num_layers {
             return Err(Error::InvalidInput(format!(
@@ -132,7 +140,8 @@ impl<'a> Answerer<'a> {
             if next_position + seq > limit {
                 break Stop::MaxTokens;
             }
-            let positions = Tensor::arange(next_position, next_position + seq, &device)?.unsqueeze(0)?;
+            let positions =
+                Tensor::arange(next_position, next_position + seq, &device)?.unsqueeze(0)?;
             let past = self.cache.past()?;
             let out = self.decoder.forward(ForwardInput {
                 embeds: &embeds,
@@ -145,7 +154,11 @@ impl<'a> Answerer<'a> {
             self.cache.append(&out.kv)?;
             next_position += seq;
             let last = out.hidden.narrow(1, seq as usize - 1, 1)?;
-            let logits = self.decoder.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?;
+            let logits = self
+                .decoder
+                .logits(&last)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?;
             let token = processor.sample(&logits)?;
             time_to_first_token.get_or_insert_with(|| start.elapsed());
             if self.eos.contains(&token) {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod generate;
 pub mod model;
+pub mod sack;
 pub mod tokens;
 
 pub use error::{Error, Result};

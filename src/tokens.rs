@@ -129,7 +129,10 @@ impl<'a> TextStream<'a> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{fffd}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{fffd}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(None);
         }
         let piece = text[self.emitted..].to_string();
@@ -147,8 +150,8 @@ impl<'a> TextStream<'a> {
 mod tests {
     use super::*;
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::normalizers::NormalizerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::processors::PostProcessorWrapper;
     use tokenizers::{AddedToken, TokenizerBuilder, TokenizerImpl};
 
@@ -156,22 +159,36 @@ mod tests {
     fn trained() -> TextTokenizer {
         let dir = tempfile::tempdir().unwrap();
         let corpus = dir.path().join("corpus.txt");
-        std::fs::write(&corpus, "the cat sat on the mat. héllo wörld, naïve café. ".repeat(20)).unwrap();
+        std::fs::write(
+            &corpus,
+            "the cat sat on the mat. héllo wörld, naïve café. ".repeat(20),
+        )
+        .unwrap();
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(300)
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .special_tokens(vec![AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
+            .special_tokens(vec![
+                AddedToken::from("<s>", true),
+                AddedToken::from("</s>", true),
+            ])
             .build();
-        let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel> =
-            TokenizerBuilder::new()
-                .with_model(BPE::default())
-                .with_normalizer(None)
-                .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-                .with_post_processor(None)
-                .with_decoder(Some(ByteLevel::default()))
-                .build()
-                .unwrap();
-        tokenizer.train_from_files(&mut trainer, vec![corpus.to_string_lossy().into()]).unwrap();
+        let mut tokenizer: TokenizerImpl<
+            BPE,
+            NormalizerWrapper,
+            ByteLevel,
+            PostProcessorWrapper,
+            ByteLevel,
+        > = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_post_processor(None)
+            .with_decoder(Some(ByteLevel::default()))
+            .build()
+            .unwrap();
+        tokenizer
+            .train_from_files(&mut trainer, vec![corpus.to_string_lossy().into()])
+            .unwrap();
         let inner: tokenizers::Tokenizer = tokenizer.into();
         let bos = inner.token_to_id("<s>");
         let eos = inner.token_to_id("</s>").into_iter().collect();
@@ -185,7 +202,10 @@ mod tests {
         assert_eq!(ids[0], tok.bos().unwrap());
         assert_eq!(tok.decode(&ids).unwrap(), "### Context:\nthe cat");
         let q = tok.question_ids("why?").unwrap();
-        assert_eq!(tok.decode(&q).unwrap(), "\n### Question:\nwhy?\n### Answer:\n");
+        assert_eq!(
+            tok.decode(&q).unwrap(),
+            "\n### Question:\nwhy?\n### Answer:\n"
+        );
     }
 
     #[test]

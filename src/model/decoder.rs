@@ -359,7 +359,10 @@ impl Attention {
             .reshape((batch, kv_heads, group * seq, keys))?;
         let out = match step.past {
             Some(past) => {
-                let from_past = probs.narrow(3, 0, past_len)?.contiguous()?.matmul(&past.v)?;
+                let from_past = probs
+                    .narrow(3, 0, past_len)?
+                    .contiguous()?
+                    .matmul(&past.v)?;
                 let from_new = probs.narrow(3, past_len, seq)?.contiguous()?.matmul(&v)?;
                 (from_past + from_new)?
             }

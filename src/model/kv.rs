@@ -49,8 +49,13 @@ impl KvCache {
     /// it has to grow.
     pub fn new(layers: Vec<LayerKv>, extra: usize) -> Result<Self> {
         let len = layers.first().map_or(0, LayerKv::len);
-        if layers.iter().any(|l| l.len() != len || l.v.dims().get(2) != Some(&len)) {
-            return Err(Error::InvalidInput("K/V layers hold different lengths".into()));
+        if layers
+            .iter()
+            .any(|l| l.len() != len || l.v.dims().get(2) != Some(&len))
+        {
+            return Err(Error::InvalidInput(
+                "K/V layers hold different lengths".into(),
+            ));
         }
         let buffers = layers
             .iter()
@@ -133,7 +138,9 @@ impl KvCache {
 fn with_room(t: &Tensor, extra: usize) -> Result<Tensor> {
     let mut dims = t.dims().to_vec();
     let Some(seq) = dims.get_mut(2) else {
-        return Err(Error::InvalidInput(format!("K/V tensor of shape {dims:?} is not 4-D")));
+        return Err(Error::InvalidInput(format!(
+            "K/V tensor of shape {dims:?} is not 4-D"
+        )));
     };
     *seq = extra;
     let room = Tensor::zeros(dims, t.dtype(), t.device())?;
@@ -147,7 +154,10 @@ mod tests {
 
     fn kv(values: &[f32]) -> LayerKv {
         let t = Tensor::from_slice(values, (1, 1, values.len(), 1), &Device::Cpu).unwrap();
-        LayerKv { k: t.clone(), v: (t * 10.0).unwrap() }
+        LayerKv {
+            k: t.clone(),
+            v: (t * 10.0).unwrap(),
+        }
     }
 
     fn keys(cache: &KvCache) -> Vec<f32> {
