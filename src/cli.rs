@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device::{DTypeSpec, DeviceSpec};
+use crate::runtime::ModelSpec;
+use crate::sack::KvEncoding;
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
 /// KV files (.sack) and answer questions from them with the same base model.
@@ -17,10 +19,54 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Compress a text file into a .sack holding its anchor K/V.
+    Compress(CompressArgs),
+    /// Answer questions about a compressed document: one-shot, batch or REPL.
+    Ask(AskArgs),
     /// Show what a .sack file holds and what it costs, without reading its tensors.
     Info(InfoArgs),
     /// Show what sac sees of a model: architecture, sizes, fingerprints.
     ModelInfo(ModelInfoArgs),
+    /// Work with SAC adapters.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdapterCommand {
+    /// Convert the reference implementation's adapter.pt into an adapter directory.
+    Import(AdapterImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdapterImportArgs {
+    /// The PyTorch state dict (role_tokens, special_tokens, LoRA A/B of q/v).
+    #[arg(value_name = "ADAPTER.pt")]
+    pub pt: PathBuf,
+
+    /// The adapter directory to write.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: PathBuf,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Tokens per chunk the adapter was trained with.
+    #[arg(long, default_value_t = 510, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_size: u32,
+
+    /// Compression ratio. Default: derived from the number of role embeddings.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ratio: Option<u32>,
+
+    /// LoRA scale (alpha / rank); the reference uses 2.
+    #[arg(long, default_value_t = 2.0)]
+    pub lora_scale: f64,
 }
 
 /// Which model to run, and where.
@@ -30,6 +76,13 @@ pub struct ModelArgs {
     #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
     pub model: String,
 
+    #[command(flatten)]
+    pub placement: Placement,
+}
+
+/// Hub revision, device and dtype: how a model is fetched and run.
+#[derive(Debug, Clone, Args)]
+pub struct Placement {
     /// Hub revision: branch, tag or commit (Hub ids only).
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
@@ -41,6 +94,24 @@ pub struct ModelArgs {
     /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto", value_name = "DTYPE")]
     pub dtype: DTypeSpec,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> ModelSpec {
+        self.placement.spec(&self.model)
+    }
+}
+
+impl Placement {
+    /// The spec of `model` placed as these flags say.
+    pub fn spec(&self, model: &str) -> ModelSpec {
+        ModelSpec {
+            model: model.to_string(),
+            revision: self.revision.clone(),
+            device: self.device,
+            dtype: self.dtype,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -61,4 +132,168 @@ pub struct InfoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--compressor` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressorChoice {
+    /// `sac` when an adapter is given, else `uniform`.
+    Auto,
+    /// The paper's compressor (needs --adapter).
+    Sac,
+    /// Training-free: the same anchors from a plain causal pass.
+    Uniform,
+    /// Every token kept: a lossless prompt cache.
+    Full,
+}
+
+/// `--kv-encoding` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvEncodingChoice {
+    /// 8-bit codes: keys per channel, values per token.
+    Q8,
+    /// 4-bit codes: keys per channel, values per token.
+    Q4,
+    Bf16,
+    F16,
+    /// Lossless for f32 models.
+    F32,
+}
+
+impl KvEncodingChoice {
+    pub fn encoding(self) -> KvEncoding {
+        match self {
+            Self::Q8 => KvEncoding::Q8,
+            Self::Q4 => KvEncoding::Q4,
+            Self::Bf16 => KvEncoding::Bf16,
+            Self::F16 => KvEncoding::F16,
+            Self::F32 => KvEncoding::F32,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// The text file to compress, or `-` for standard input.
+    #[arg(value_name = "FILE|-")]
+    pub input: PathBuf,
+
+    /// Where to write the .sack (`-` for standard output). Default: FILE with
+    /// its extension replaced by .sack, or standard output when reading `-`.
+    #[arg(long, short = 'o', value_name = "OUT")]
+    pub output: Option<PathBuf>,
+
+    /// Base model: a directory or Hub id. Default: the adapter's base model.
+    #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
+    pub model: Option<String>,
+
+    #[command(flatten)]
+    pub placement: Placement,
+
+    /// SAC adapter directory (adapter.safetensors + adapter_config.json).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// Which compressor to run.
+    #[arg(long, value_enum, default_value_t = CompressorChoice::Auto)]
+    pub compressor: CompressorChoice,
+
+    /// Document tokens per kept token. Default: the adapter's, else 5.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ratio: Option<u32>,
+
+    /// Tokens per chunk. Default: the adapter's, else 510.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_size: Option<u32>,
+
+    /// Storage precision of the kept K/V.
+    #[arg(long, value_enum, default_value_t = KvEncodingChoice::Bf16)]
+    pub kv_encoding: KvEncodingChoice,
+
+    /// zstd level for every tensor (1-19); 0 stores them uncompressed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub zstd_level: i32,
+
+    /// A name for the document in the header. Default: the file name.
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// No progress bar or summary on standard error.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The .sack file, or `-` for standard input.
+    #[arg(value_name = "FILE.sack|-")]
+    pub sack: PathBuf,
+
+    /// Questions to answer, one after the other. None on a terminal opens the REPL.
+    #[arg(value_name = "QUESTION")]
+    pub questions: Vec<String>,
+
+    /// Base model. Default: the one named in the .sack header.
+    #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
+    pub model: Option<String>,
+
+    #[command(flatten)]
+    pub placement: Placement,
+
+    /// Most tokens to generate per answer.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+
+    /// Print one JSON object per answer.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Read questions from FILE (or `-`), one per line or as JSON lines
+    /// {"id": ..., "question": ...}; write JSON lines.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "questions")]
+    pub batch: Option<PathBuf>,
+
+    /// Answer even if the model's fingerprint differs from the one in the .sack.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The manual page `man/sac.1`: the top-level page, then every subcommand's
+/// description, synopsis and options as subsections.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+
+    fn subcommands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let name = format!("{prefix} {}", sub.get_name());
+            let man = clap_mangen::Man::new(sub.clone().name(name.clone()));
+            let mut part = Vec::new();
+            man.render_description_section(&mut part)?;
+            man.render_synopsis_section(&mut part)?;
+            man.render_options_section(&mut part)?;
+            out.extend_from_slice(format!(".SH \"{}\"\n", name.to_uppercase()).as_bytes());
+            let part = String::from_utf8_lossy(&part).replace(".SH ", ".SS ");
+            out.extend_from_slice(part.as_bytes());
+            subcommands(sub, &name, out)?;
+        }
+        Ok(())
+    }
+
+    let cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    subcommands(&cmd, "sac", &mut out)?;
+    Ok(out)
 }

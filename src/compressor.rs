@@ -129,6 +129,10 @@ impl<'a> Compressor<'a> {
         self.method
     }
 
+    pub fn adapter(&self) -> Option<&'a SacAdapter> {
+        self.adapter
+    }
+
     pub fn ratio(&self) -> usize {
         self.ratio
     }

@@ -47,6 +47,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A .sack file is unreadable, or could not be written.
+    #[error(transparent)]
+    Sack(#[from] crate::sack::SackError),
+
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

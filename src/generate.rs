@@ -35,10 +35,11 @@ impl SamplingSettings {
 pub struct DecoderContext {
     /// The kept K/V, one entry per layer.
     pub past: Vec<LayerKv>,
-    /// L: the context's last position id. The question starts at L + 1.
-    pub context_len: usize,
-    /// The `[LM]` embedding `[hidden]`, read at position L, for `sac`.
-    pub lm_embedding: Option<Tensor>,
+    /// Position id of the question's first token (L + 1 for a context at 1..=L).
+    pub question_position: u32,
+    /// Learned embeddings `[n, hidden]` read at the `n` positions just before
+    /// the question: SAC's `[LM]`.
+    pub prefix: Option<Tensor>,
 }
 
 /// Why generation stopped.
@@ -125,11 +126,15 @@ impl<'a> Answerer<'a> {
 
         let question = Tensor::new(question_ids, &device)?.unsqueeze(0)?;
         let mut embeds = self.decoder.embed(&question)?;
-        let mut next_position = self.context.context_len as u32 + 1;
-        if let Some(lm) = &self.context.lm_embedding {
-            let lm = lm.to_dtype(embeds.dtype())?.reshape((1, 1, ()))?;
-            embeds = Tensor::cat(&[&lm, &embeds], 1)?;
-            next_position -= 1;
+        let mut next_position = self.context.question_position;
+        if let Some(prefix) = &self.context.prefix {
+            let prefix = prefix.to_dtype(embeds.dtype())?.unsqueeze(0)?;
+            next_position = next_position
+                .checked_sub(prefix.dim(1)? as u32)
+                .ok_or_else(|| {
+                    Error::InvalidInput("the learned prefix would sit before position 0".into())
+                })?;
+            embeds = Tensor::cat(&[&prefix, &embeds], 1)?;
         }
         let limit = self.decoder.config().max_position_embeddings as u32;
         let mut processor = sampling.processor();

@@ -14,6 +14,8 @@ pub mod error;
 pub mod fingerprint;
 pub mod generate;
 pub mod model;
+pub mod pack;
+pub mod runtime;
 pub mod sack;
 pub mod tokens;
 

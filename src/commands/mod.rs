@@ -1,15 +1,27 @@
 //! What each subcommand does, on top of the library. Errors here are
 //! `anyhow` errors with context, printed by `main` as one line.
 
+mod adapter_import;
+mod ask;
+mod compress;
 mod info;
 mod model_info;
+mod repl;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{AdapterCommand, Cli, Command};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Compress(args) => compress::run(&args),
+        Command::Ask(args) => ask::run(&args),
         Command::Info(args) => info::run(&args),
         Command::ModelInfo(args) => model_info::run(&args),
+        Command::Adapter(AdapterCommand::Import(args)) => adapter_import::run(&args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "sac", &mut std::io::stdout().lock());
+            Ok(())
+        }
     }
 }

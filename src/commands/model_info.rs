@@ -6,10 +6,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::ModelInfoArgs;
-use crate::fingerprint::{DigestCache, ModelFingerprint, fingerprint};
+use crate::fingerprint::ModelFingerprint;
 use crate::model::config::RopeScaling;
-use crate::model::{self, ModelConfig, source};
-use crate::tokens::TextTokenizer;
+use crate::runtime::LoadedModel;
 
 #[derive(Serialize)]
 struct ModelInfo {
@@ -37,14 +36,15 @@ struct ModelInfo {
 }
 
 pub fn run(args: &ModelInfoArgs) -> anyhow::Result<()> {
-    let m = &args.model;
-    let files = source::resolve(&m.model, m.revision.as_deref())?;
-    let config = ModelConfig::from_file(&files.config)?;
-    let tokenizer = TextTokenizer::load(&files, &config)?;
-    let device = m.device.open()?;
-    let dtype = m.dtype.resolve(&device);
-    model::load_decoder(&files, config.clone(), &device, dtype)?;
-    let fingerprint = fingerprint(&files, &mut DigestCache::open_default())?;
+    let LoadedModel {
+        files,
+        config,
+        decoder,
+        tokenizer,
+        fingerprint,
+    } = LoadedModel::load(&args.model.spec())?;
+    let device = decoder.device();
+    let dtype = decoder.dtype();
     let weight_bytes = files
         .weights
         .iter()

@@ -177,6 +177,14 @@ impl Decoder {
         Ok(logits.to_dtype(ops::accumulation_dtype(self.dtype))?)
     }
 
+    /// Applies RoPE to `x` (`[batch, heads, seq, head_dim]`) at integer
+    /// `positions` (`[batch, seq]`, negative ones rotate backwards), as the
+    /// forward pass does to keys.
+    pub fn rotate(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let tables = self.rope.tables(positions, x.dtype())?;
+        Rope::apply(x, &tables, Path::Inference)
+    }
+
     /// Runs the blocks over `input`; see [`ForwardInput`].
     pub fn forward(&self, input: ForwardInput) -> Result<ForwardOutput> {
         let (batch, seq, hidden_size) = input.embeds.dims3()?;

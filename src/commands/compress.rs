@@ -1,0 +1,275 @@
+//! `sac compress`: text in, .sack out.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::adapter::{self, SacAdapter};
+use crate::cli::{CompressArgs, CompressorChoice};
+use crate::compressor::{Compressor, Method};
+use crate::fingerprint::DigestCache;
+use crate::pack::{self, DocumentFacts};
+use crate::runtime::LoadedModel;
+use crate::sack::{SackWriter, Sink, WriteOptions};
+
+const DEFAULT_RATIO: usize = 5;
+const DEFAULT_CHUNK_SIZE: usize = 510;
+
+/// Where the .sack goes.
+enum Output {
+    File(PathBuf),
+    Stdout,
+}
+
+pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
+    let (text, file_name) = read_document(&args.input)?;
+    let output = output_for(args)?;
+
+    let adapter_config = args
+        .adapter
+        .as_deref()
+        .map(|dir| -> anyhow::Result<_> {
+            let path = dir.join(adapter::CONFIG_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read adapter config {}", path.display()))?;
+            serde_json::from_str::<adapter::AdapterConfig>(&text)
+                .with_context(|| format!("{} is not an adapter config", path.display()))
+        })
+        .transpose()?;
+    let model_id = match (&args.model, &adapter_config) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.base_model.clone(),
+        (None, None) => {
+            bail!("no model given: pass --model DIR|HUB_ID (or --adapter, or set SAC_MODEL)")
+        }
+    };
+    let method = match (args.compressor, args.adapter.is_some()) {
+        (CompressorChoice::Auto, true) | (CompressorChoice::Sac, _) => Method::Sac,
+        (CompressorChoice::Auto, false) | (CompressorChoice::Uniform, _) => Method::Uniform,
+        (CompressorChoice::Full, _) => Method::Full,
+    };
+    let ratio = args
+        .ratio
+        .map(|r| r as usize)
+        .or(adapter_config.as_ref().map(|c| c.ratio))
+        .unwrap_or(DEFAULT_RATIO);
+    let chunk_size = args
+        .chunk_size
+        .map(|c| c as usize)
+        .or(adapter_config.as_ref().map(|c| c.chunk_size))
+        .unwrap_or(DEFAULT_CHUNK_SIZE);
+
+    let model = LoadedModel::load(&args.placement.spec(&model_id))?;
+    let adapter = match (&args.adapter, method) {
+        (Some(dir), Method::Sac) => {
+            let a = SacAdapter::load(
+                dir,
+                &model.config,
+                model.decoder.device(),
+                model.decoder.dtype(),
+            )?;
+            if let Some(fp) = a
+                .config
+                .base_model_fingerprint
+                .as_deref()
+                .filter(|fp| *fp != model.fingerprint.model)
+            {
+                bail!(
+                    "adapter {} was trained on model {fp}, but {} is {}",
+                    dir.display(),
+                    model.files.id,
+                    model.fingerprint.model
+                );
+            }
+            Some((
+                a,
+                adapter::fingerprint(dir, &mut DigestCache::open_default())?,
+            ))
+        }
+        (Some(_), _) => bail!("--adapter is only used by the sac compressor, not {method}"),
+        (None, _) => None,
+    };
+    let compressor = Compressor::new(
+        &model.decoder,
+        method,
+        adapter.as_ref().map(|(a, _)| a),
+        ratio,
+        chunk_size,
+    )?;
+
+    let ids = model.tokenizer.context_ids(&text)?;
+    let document = DocumentFacts {
+        text: &text,
+        tokens: ids.len(),
+        name: args.name.clone().or(file_name),
+    };
+    let header = pack::header(
+        &model,
+        &compressor,
+        adapter.as_ref().map(|(_, fp)| fp.clone()),
+        &document,
+    )?;
+    let options = WriteOptions {
+        encoding: args.kv_encoding.encoding(),
+        zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
+    };
+    let progress = progress_bar(ids.len() as u64, args.quiet);
+    let started = Instant::now();
+    let (kept, written) = match &output {
+        Output::File(path) => {
+            let writer = SackWriter::create(path, &header, options)?;
+            (
+                write_sack(writer, &compressor, &ids, &progress)?,
+                path.display().to_string(),
+            )
+        }
+        Output::Stdout => {
+            let stdout = std::io::stdout().lock();
+            let writer = SackWriter::to_stream(stdout, "<stdout>", &header, options)?;
+            (
+                write_sack(writer, &compressor, &ids, &progress)?,
+                "standard output".into(),
+            )
+        }
+    };
+    progress.finish_and_clear();
+    if !args.quiet {
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "sac: wrote {written}: {} tokens, {kept} kept ({method}, ratio {}), {:.0} tokens/s",
+            ids.len(),
+            compressor.ratio(),
+            ids.len() as f64 / seconds.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+/// Compresses `ids` chunk by chunk into `writer`; returns how many positions were kept.
+fn write_sack<S: Sink>(
+    mut writer: SackWriter<S>,
+    compressor: &Compressor,
+    ids: &[u32],
+    progress: &ProgressBar,
+) -> anyhow::Result<usize> {
+    let mut kept = 0;
+    compressor.compress(ids, |chunk| {
+        kept += chunk.positions.len();
+        pack::write_chunk(&mut writer, &chunk)?;
+        progress.inc(chunk.chunk.len as u64);
+        Ok(())
+    })?;
+    writer.finish()?;
+    Ok(kept)
+}
+
+/// Reads the document: UTF-8, not empty, from a file or standard input.
+fn read_document(input: &Path) -> anyhow::Result<(String, Option<String>)> {
+    let (bytes, name, shown) = if input.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+        (bytes, None, "standard input".to_string())
+    } else {
+        if input.is_dir() {
+            bail!("{} is a directory, not a text file", input.display());
+        }
+        let bytes =
+            std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+        let name = input.file_name().map(|n| n.to_string_lossy().into_owned());
+        (bytes, name, input.display().to_string())
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{shown} is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.trim().is_empty() {
+        bail!("{shown} is empty: there is nothing to compress");
+    }
+    Ok((text, name))
+}
+
+fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
+    let output = match &args.output {
+        Some(path) if path.as_os_str() == "-" => Output::Stdout,
+        Some(path) => Output::File(path.clone()),
+        None if args.input.as_os_str() == "-" => Output::Stdout,
+        None => {
+            let path = args.input.with_extension("sack");
+            if path == args.input {
+                bail!(
+                    "{} already ends in .sack; pass -o OUT",
+                    args.input.display()
+                );
+            }
+            Output::File(path)
+        }
+    };
+    if matches!(output, Output::Stdout) && std::io::stdout().is_terminal() {
+        bail!(
+            "refusing to write a binary .sack to a terminal; redirect standard output or pass -o OUT"
+        );
+    }
+    Ok(output)
+}
+
+fn progress_bar(tokens: u64, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(tokens);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} compressing [{bar:30}] {pos}/{len} tokens, {per_sec}, {eta} left",
+        )
+        .expect("static progress template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk;
+
+    #[test]
+    fn default_ratio_gives_the_reference_anchor_count() {
+        assert_eq!(chunk::mem_size(DEFAULT_CHUNK_SIZE, DEFAULT_RATIO), 102);
+    }
+
+    #[test]
+    fn documents_must_be_utf8_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "  \n").unwrap();
+        assert!(
+            read_document(&empty)
+                .unwrap_err()
+                .to_string()
+                .contains("is empty")
+        );
+        let binary = dir.path().join("bin.txt");
+        std::fs::write(&binary, b"ok\xff").unwrap();
+        assert!(
+            read_document(&binary)
+                .unwrap_err()
+                .to_string()
+                .contains("offset 2")
+        );
+        assert!(
+            read_document(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("directory")
+        );
+        let missing = read_document(&dir.path().join("nope.txt")).unwrap_err();
+        assert!(format!("{missing:#}").contains("nope.txt"));
+    }
+}
