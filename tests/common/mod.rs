@@ -67,3 +67,31 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// The `sac` binary with a private fingerprint cache and no network.
+pub fn sac() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sac"));
+    cmd.env("SAC_CACHE_DIR", std::env::temp_dir().join("sac-test-cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("SAC_MODEL");
+    cmd
+}
+
+/// Runs `cmd`, panicking with its stderr unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().expect("run sac");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The directory of the SAC reference fixtures.
+pub fn sac_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sac")
+        .join(name)
+}
