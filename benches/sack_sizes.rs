@@ -79,10 +79,13 @@ fn segment_kv(rng: &mut Gauss, n: u32) -> (Vec<f32>, Vec<f32>) {
     (keys, values)
 }
 
+/// Writes the file; returns it and the layer-0 keys in `[kv_heads, KEPT, head_dim]`
+/// order, as the reader stacks them.
 fn write(options: WriteOptions) -> Result<(Vec<u8>, Vec<f32>), Box<dyn std::error::Error>> {
     let mut rng = Gauss(42);
     let mut bytes = Vec::new();
-    let mut originals = Vec::new();
+    let dim = HEAD_DIM as usize;
+    let mut layer0_keys = vec![0f32; (KV_HEADS * KEPT) as usize * dim];
     let mut w = SackWriter::to_stream(&mut bytes, "<memory>", &header(), options)?;
     for (segment, start) in (0..KEPT).step_by(SEGMENT as usize).enumerate() {
         let n = SEGMENT.min(KEPT - start);
@@ -94,12 +97,16 @@ fn write(options: WriteOptions) -> Result<(Vec<u8>, Vec<f32>), Box<dyn std::erro
             let slot = KvSlot { layer, head: None };
             w.add_kv(segment, slot, Floats::F32(&k), Floats::F32(&v))?;
             if layer == 0 {
-                originals.extend(k);
+                let per_head = n as usize * dim;
+                for (h, chunk) in k.chunks(per_head).enumerate() {
+                    let at = (h * KEPT as usize + start as usize) * dim;
+                    layer0_keys[at..at + per_head].copy_from_slice(chunk);
+                }
             }
         }
     }
     w.finish()?;
-    Ok((bytes, originals))
+    Ok((bytes, layer0_keys))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -112,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         LAYERS * 2 * KV_HEADS * HEAD_DIM * 2
     );
     println!(
-        "{:<6} {:<5} {:>10} {:>13} {:>13} {:>11} {:>14}",
+        "{:<6} {:<5} {:>10} {:>13} {:>13} {:>11} {:>20}",
         "enc", "zstd", "file bytes", "file B/pos", "K+V B/pos", "bits/elem", "layer-0 key rms err"
     );
     for encoding in [
@@ -138,32 +145,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .read_layer(0)?
                 .into_stacked()
                 .map_err(|_| "shared layout must stack")?;
-            // Segment-major order in the writer vs head-major after stacking:
-            // compare as sorted multisets of errors is wrong, so re-order originals.
-            let mut ordered = vec![0f32; originals.len()];
-            let mut at = 0usize;
-            for start in (0..KEPT).step_by(SEGMENT as usize) {
-                let n = SEGMENT.min(KEPT - start) as usize;
-                for h in 0..KV_HEADS as usize {
-                    for t in 0..n {
-                        for c in 0..HEAD_DIM as usize {
-                            ordered[(h * KEPT as usize + start as usize + t) * HEAD_DIM as usize
-                                + c] = originals[at];
-                            at += 1;
-                        }
-                    }
-                }
-            }
-            let rms = (ordered
+            let rms = (originals
                 .iter()
                 .zip(&stacked.keys)
                 .map(|(a, b)| f64::from(a - b).powi(2))
                 .sum::<f64>()
-                / ordered.len() as f64)
+                / originals.len() as f64)
                 .sqrt();
             let elements = f64::from(KEPT * LAYERS * 2 * KV_HEADS * HEAD_DIM);
             println!(
-                "{:<6} {:<5} {:>10} {:>13.1} {:>13.1} {:>11.2} {:>14.5}",
+                "{:<6} {:<5} {:>10} {:>13.1} {:>13.1} {:>11.2} {:>20.5}",
                 format!("{encoding:?}").to_lowercase(),
                 zstd_level.map_or("-".into(), |l| l.to_string()),
                 reader.file_len(),

@@ -6,6 +6,16 @@
 //! is, and with every checksum (header, directory, footer and each tensor's)
 //! repaired, which lets mutations reach the JSON, the directory rules and the
 //! decoders behind them. The corpus is therefore plain `.sack` files.
+//!
+//! Run from the repository root (cargo-fuzz needs nightly features):
+//!
+//! ```text
+//! RUSTC_BOOTSTRAP=1 cargo fuzz run sack_reader -- -max_total_time=600 \
+//!     -timeout=10 -max_len=16384 -malloc_limit_mb=512
+//! ```
+//!
+//! `-malloc_limit_mb` turns "never allocate without bound" into a crash: no
+//! input of at most 16 KiB may make the reader ask for 512 MiB at once.
 
 #![no_main]
 
