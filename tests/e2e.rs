@@ -11,7 +11,6 @@ use candle_core::{Device, Tensor};
 use common::{fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
 use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath};
-use sac::runtime::{LoadedModel, ModelSpec};
 
 fn model(name: &str) -> String {
     fixture_dir(name).to_string_lossy().into_owned()
@@ -44,13 +43,7 @@ fn uncompressed_greedy(
     question: &str,
     max_tokens: usize,
 ) -> Vec<u32> {
-    let m = LoadedModel::load(&ModelSpec {
-        model: model(model_name),
-        revision: None,
-        device: sac::device::DeviceSpec::Cpu,
-        dtype: sac::device::DTypeSpec::F32,
-    })
-    .unwrap();
+    let m = common::load_model(model_name);
     let mut ids = m.tokenizer.context_ids(text).unwrap();
     let context_len = ids.len();
     ids.extend(m.tokenizer.question_ids(question).unwrap());

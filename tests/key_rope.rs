@@ -6,7 +6,6 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
-use sac::runtime::{LoadedModel, ModelSpec};
 use sac::sack::{Floats, KeptSet, KeyRope, KvSlot, SackReader, SackWriter, WriteOptions};
 
 #[test]
@@ -24,13 +23,7 @@ fn pre_rope_keys_are_rotated_on_load() {
             .arg(&model_dir)
             .args(["--kv-encoding", "f32", "-q"]),
     );
-    let model = LoadedModel::load(&ModelSpec {
-        model: model_dir.to_string_lossy().into_owned(),
-        revision: None,
-        device: sac::device::DeviceSpec::Cpu,
-        dtype: sac::device::DTypeSpec::F32,
-    })
-    .unwrap();
+    let model = common::load_model("llama3");
 
     // Rewrite the file with every key rotated back to position 0.
     let mut reader = SackReader::open(&rotated).unwrap();

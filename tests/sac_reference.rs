@@ -11,7 +11,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, run_ok, sac, sac_fixture};
 use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath};
-use sac::runtime::{LoadedModel, ModelSpec};
 use sac::sack::SackReader;
 
 const TOLERANCE: f32 = 1e-4;
@@ -78,13 +77,7 @@ fn ask_tokens(sack_path: &Path, question: &str) -> Vec<i64> {
 /// Teacher-forces the reference answer through the decoder reading `sack_path`
 /// and returns the logits each answer token was chosen from.
 fn answer_logits(sack_path: &Path, question_ids: &[u32], answer_ids: &[u32]) -> Tensor {
-    let model = LoadedModel::load(&ModelSpec {
-        model: base_model(),
-        revision: None,
-        device: sac::device::DeviceSpec::Cpu,
-        dtype: sac::device::DTypeSpec::F32,
-    })
-    .unwrap();
+    let model = common::load_model("llama3");
     let mut reader = SackReader::open(sack_path).unwrap();
     let context = sac::pack::load_context(&mut reader, &model.decoder).unwrap();
     let mut ids = question_ids.to_vec();
@@ -180,13 +173,7 @@ fn check(doc: &str, key: &str, method_args: &[&str], variant: &str) {
 
 #[test]
 fn tokenization_matches_the_reference() {
-    let model = LoadedModel::load(&ModelSpec {
-        model: base_model(),
-        revision: None,
-        device: sac::device::DeviceSpec::Cpu,
-        dtype: sac::device::DTypeSpec::F32,
-    })
-    .unwrap();
+    let model = common::load_model("llama3");
     let reference = reference();
     for (doc, key) in [("doc_long.txt", "long"), ("doc_edge.txt", "edge")] {
         let text = std::fs::read_to_string(sac_fixture(doc)).unwrap();

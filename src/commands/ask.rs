@@ -1,8 +1,7 @@
 //! `sac ask`: answers from a .sack, one-shot, in a batch, or in a REPL.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
@@ -46,7 +45,23 @@ pub fn run(args: &AskArgs) -> anyhow::Result<()> {
             "no question given: pass QUESTION..., or --batch FILE|-, or run on a terminal for the REPL"
         );
     }
-    let mut reader = open_sack(&args.sack)?;
+    if args.sack.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read the .sack from standard input")?;
+        ask(args, SackReader::from_bytes(bytes, "<stdin>")?, repl)
+    } else {
+        ask(args, SackReader::open(&args.sack)?, repl)
+    }
+}
+
+/// Loads the model the .sack names and answers the questions `args` give.
+fn ask<R: Read + Seek>(
+    args: &AskArgs,
+    mut reader: SackReader<R>,
+    repl: bool,
+) -> anyhow::Result<()> {
     let header = reader.header().clone();
     let model_id = args
         .model
@@ -112,20 +127,6 @@ pub fn run(args: &AskArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn open_sack(path: &Path) -> anyhow::Result<SackReader<std::io::Cursor<Vec<u8>>>> {
-    if path.as_os_str() == "-" {
-        let mut bytes = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("cannot read the .sack from standard input")?;
-        Ok(SackReader::from_bytes(bytes, "<stdin>")?)
-    } else {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(SackReader::from_bytes(bytes, path.display().to_string())?)
-    }
 }
 
 impl Session<'_> {
@@ -235,15 +236,6 @@ fn run_batch(session: &mut Session, batch: &Path, out: &mut impl Write) -> anyho
         }
     }
     Ok(())
-}
-
-/// Sets up Ctrl-C to stop the current answer instead of the process.
-pub(super) fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let handler_flag = Arc::clone(&flag);
-    ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
-        .context("cannot install the Ctrl-C handler")?;
-    Ok(flag)
 }
 
 #[cfg(test)]

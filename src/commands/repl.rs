@@ -3,7 +3,8 @@
 //! `:info`, `:quit`. Ctrl-D leaves; Ctrl-C stops the current answer, not the
 //! session.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use rustyline::DefaultEditor;
@@ -21,7 +22,7 @@ pub fn run(
     answer: &mut dyn FnMut(&str, &AtomicBool) -> anyhow::Result<()>,
     info: &str,
 ) -> anyhow::Result<()> {
-    let interrupted = super::ask::interrupt_flag()?;
+    let interrupted = interrupt_flag()?;
     let mut editor = DefaultEditor::new().context("cannot start the line editor")?;
     let history = dirs::data_dir().map(|d| d.join("sac").join("history"));
     if let Some(path) = &history {
@@ -42,7 +43,7 @@ pub fn run(
                     ":help" | ":h" => println!("{HELP}"),
                     ":info" => print!("{info}"),
                     question => {
-                        interrupted.store(false, std::sync::atomic::Ordering::SeqCst);
+                        interrupted.store(false, Ordering::SeqCst);
                         answer(question, &interrupted)?;
                     }
                 }
@@ -59,4 +60,13 @@ pub fn run(
         let _ = editor.save_history(path);
     }
     Ok(())
+}
+
+/// Sets up Ctrl-C to stop the current answer instead of the process.
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = Arc::clone(&flag);
+    ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
+        .context("cannot install the Ctrl-C handler")?;
+    Ok(flag)
 }

@@ -95,3 +95,14 @@ pub fn sac_fixture(name: &str) -> PathBuf {
         .join("tests/fixtures/sac")
         .join(name)
 }
+
+/// A parity fixture model loaded for the CPU in f32.
+pub fn load_model(name: &str) -> sac::runtime::LoadedModel {
+    sac::runtime::LoadedModel::load(&sac::runtime::ModelSpec {
+        model: fixture_dir(name).to_string_lossy().into_owned(),
+        revision: None,
+        device: sac::device::DeviceSpec::Cpu,
+        dtype: sac::device::DTypeSpec::F32,
+    })
+    .unwrap()
+}
