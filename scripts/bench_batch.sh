@@ -9,9 +9,9 @@
 #
 # Prints both wall times and their ratio. Environment: CARGO_FLAGS (extra
 # flags for `cargo build --release`, e.g. "--features mkl"); RAYON_NUM_THREADS
-# is passed on to sac. With a model this small the numbers mostly measure fixed
-# costs: with RAYON_NUM_THREADS unset, candle 0.11 reads /proc/cpuinfo on every
-# CPU matmul to count cores, which dominates the batch; set it to compare.
+# is passed on to sac (sac sets it itself when unset, since candle 0.11 would
+# otherwise read /proc/cpuinfo on every CPU matmul). With a model this small
+# the numbers mostly measure fixed costs.
 set -euo pipefail
 
 n=${1:-100}

@@ -11,7 +11,7 @@ use crate::sack::KvEncoding;
 /// Semantic-Anchor Compression: compress long documents into small, portable
 /// KV files (.sack) and answer questions from them with the same base model.
 #[derive(Debug, Parser)]
-#[command(name = "sac", version, about, max_term_width = 100)]
+#[command(name = "sac", version, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,6 +33,7 @@ pub enum Command {
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
+        /// The shell to complete for.
         shell: clap_complete::Shell,
     },
 }
@@ -270,8 +271,9 @@ pub struct AskArgs {
     pub force: bool,
 }
 
-/// The manual page `man/sac.1`: the top-level page, then every subcommand's
-/// description, synopsis and options as subsections.
+/// The manual page `man/sac.1`: one page for the whole tool, the top-level
+/// sections first, then a section per subcommand with its description,
+/// synopsis and options as subsections.
 pub fn man_page() -> std::io::Result<Vec<u8>> {
     use clap::CommandFactory;
 
@@ -292,8 +294,14 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
     }
 
     let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd.clone());
     let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
     subcommands(&cmd, "sac", &mut out)?;
+    man.render_version_section(&mut out)?;
     Ok(out)
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    pin_thread_count();
     let cli = sac::cli::Cli::parse();
     match sac::commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -23,4 +24,17 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// candle's CPU matmul asks for the thread count on every call, and unless
+/// `RAYON_NUM_THREADS` is set that means reading `/proc/cpuinfo` each time (a
+/// few hundred reads per generated token on a small model). Ask once, and pin
+/// the answer in the variable candle reads.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: called first thing in `main`, before any other thread exists,
+        // so nothing can read the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
 }
