@@ -38,6 +38,19 @@ pub struct AdapterConfig {
     pub base_model_fingerprint: Option<String>,
 }
 
+impl AdapterConfig {
+    /// Reads and checks `adapter_config.json` in `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|e| adapter_error(&path, format!("not an adapter config: {e}")))?;
+        validate_config(&config).map_err(|e| adapter_error(&path, e))?;
+        Ok(config)
+    }
+}
+
 /// A loaded adapter, on the model's device and in its dtype.
 #[derive(Debug, Clone)]
 pub struct SacAdapter {
@@ -56,18 +69,15 @@ fn adapter_error(path: &Path, message: impl std::fmt::Display) -> Error {
 impl SacAdapter {
     /// Reads an adapter directory and checks it against the model's shapes.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| Error::io("cannot read adapter config", &config_path, e))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| adapter_error(&config_path, format!("not an adapter config: {e}")))?;
+        let config = AdapterConfig::load(dir)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
             return Err(adapter_error(dir, format!("has no `{WEIGHTS_FILE}`")));
         }
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| adapter_error(&weights_path, e))?;
-        Self::from_tensors(config, tensors, model, dtype).map_err(|e| adapter_error(dir, e))
+        Self::from_tensors(config, tensors, model, dtype)
+            .map_err(|e| adapter_error(&weights_path, e))
     }
 
     /// Builds an adapter from tensors named as in `adapter.safetensors`.
@@ -183,7 +193,15 @@ impl SacAdapter {
                 reference_lora_name(&name)
                     .ok_or_else(|| adapter_error(pt, format!("unexpected tensor `{name}`")))?
             };
-            tensors.insert(ours, tensor.to_dtype(DType::F32)?);
+            if tensors
+                .insert(ours.clone(), tensor.to_dtype(DType::F32)?)
+                .is_some()
+            {
+                return Err(adapter_error(
+                    pt,
+                    format!("two tensors map to `{ours}` (last: `{name}`)"),
+                ));
+            }
         }
         let role = tensors
             .get("role_tokens")

@@ -39,10 +39,6 @@ impl AtomicFile {
         })
     }
 
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Flushes, fsyncs and renames the file over its target.
     pub fn commit(mut self) -> io::Result<()> {
         self.temp.flush()?;

@@ -144,7 +144,7 @@ pub enum CompressorChoice {
     Sac,
     /// Training-free: the same anchors from a plain causal pass.
     Uniform,
-    /// Every token kept: a lossless prompt cache.
+    /// Every token kept: a prompt cache (lossless with --kv-encoding f32).
     Full,
 }
 
@@ -246,11 +246,11 @@ pub struct AskArgs {
     pub max_tokens: u32,
 
     /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     pub temperature: f64,
 
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, value_name = "P")]
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (0 < P <= 1).
+    #[arg(long, value_name = "P", value_parser = probability)]
     pub top_p: Option<f64>,
 
     /// Seed for sampling.
@@ -269,6 +269,20 @@ pub struct AskArgs {
     /// Answer even if the model's fingerprint differs from the one in the .sack.
     #[arg(long)]
     pub force: bool,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a number >= 0")),
+    }
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("`{s}` is not a probability in (0, 1]")),
+    }
 }
 
 /// The manual page `man/sac.1`: one page for the whole tool, the top-level

@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use candle_core::{D, Device, Tensor};
 
-use crate::adapter::SacAdapter;
+use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::chunk::{self, Chunk};
 use crate::error::{Error, Result};
 use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path};
@@ -58,6 +58,44 @@ impl FromStr for Method {
     }
 }
 
+/// Positions a context must leave free for the question and its answer.
+pub const QUESTION_ROOM: usize = 64;
+
+/// Checks that the compressor settings fit together: `sac` needs an adapter
+/// and runs at the adapter's ratio and chunk size; `uniform` and `full` take no
+/// adapter, and `full` keeps every token (ratio 1).
+pub fn check_settings(
+    method: Method,
+    adapter: Option<&AdapterConfig>,
+    ratio: usize,
+    chunk_size: usize,
+) -> Result<()> {
+    if ratio == 0 || chunk_size == 0 {
+        return Err(Error::InvalidInput(
+            "ratio and chunk size must be positive".into(),
+        ));
+    }
+    match (method, adapter) {
+        (Method::Sac, None) => Err(Error::InvalidInput(
+            "the sac compressor needs an adapter (--adapter DIR); without one, use --compressor uniform"
+                .into(),
+        )),
+        (Method::Sac, Some(a)) if (a.ratio, a.chunk_size) != (ratio, chunk_size) => {
+            Err(Error::InvalidInput(format!(
+                "the adapter was trained for ratio {} and chunk size {}, not {ratio} and {chunk_size}",
+                a.ratio, a.chunk_size
+            )))
+        }
+        (Method::Uniform | Method::Full, Some(_)) => Err(Error::InvalidInput(format!(
+            "the {method} compressor takes no adapter"
+        ))),
+        (Method::Full, None) if ratio != 1 => Err(Error::InvalidInput(
+            "the full compressor keeps every token; it takes no ratio".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The K/V one chunk contributes to the .sack.
 #[derive(Debug, Clone)]
 pub struct ChunkKv {
@@ -80,7 +118,7 @@ pub struct Compressor<'a> {
 
 impl<'a> Compressor<'a> {
     /// `sac` needs an adapter, which fixes the ratio and chunk size; the others
-    /// take no adapter.
+    /// take no adapter. See [`check_settings`].
     pub fn new(
         decoder: &'a Decoder,
         method: Method,
@@ -88,34 +126,7 @@ impl<'a> Compressor<'a> {
         ratio: usize,
         chunk_size: usize,
     ) -> Result<Self> {
-        if ratio == 0 || chunk_size == 0 {
-            return Err(Error::InvalidInput(
-                "ratio and chunk size must be positive".into(),
-            ));
-        }
-        match (method, adapter) {
-            (Method::Sac, None) => {
-                return Err(Error::InvalidInput(
-                    "the sac compressor needs an adapter (--adapter DIR); without one, use --compressor uniform"
-                        .into(),
-                ));
-            }
-            (Method::Sac, Some(a))
-                if (a.config.ratio, a.config.chunk_size) != (ratio, chunk_size) =>
-            {
-                return Err(Error::InvalidInput(format!(
-                    "the adapter was trained for ratio {} and chunk size {}, not {ratio} and {chunk_size}",
-                    a.config.ratio, a.config.chunk_size
-                )));
-            }
-            (Method::Uniform | Method::Full, Some(_)) => {
-                return Err(Error::InvalidInput(format!(
-                    "the {method} compressor takes no adapter"
-                )));
-            }
-            _ => {}
-        }
-        let ratio = if method == Method::Full { 1 } else { ratio };
+        check_settings(method, adapter.map(|a| &a.config), ratio, chunk_size)?;
         Ok(Compressor {
             decoder,
             method,
@@ -123,6 +134,30 @@ impl<'a> Compressor<'a> {
             ratio,
             chunk_size,
         })
+    }
+
+    /// Refuses a context of `len` tokens that leaves the question no room
+    /// inside the model's positions.
+    pub fn check_fits(&self, len: usize) -> Result<()> {
+        let limit = self.decoder.config().max_position_embeddings;
+        if len + QUESTION_ROOM > limit {
+            return Err(Error::InvalidInput(format!(
+                "the document is {len} tokens long, but the model reads at most {limit} positions \
+                 and the question needs at least {QUESTION_ROOM}; use a model with a longer context"
+            )));
+        }
+        if let Some(window) = self
+            .decoder
+            .config()
+            .sliding_window
+            .filter(|&w| len + QUESTION_ROOM > w)
+        {
+            return Err(Error::InvalidInput(format!(
+                "the document is {len} tokens long, but the model attends within a {window}-token \
+                 sliding window, which sac does not implement; use a shorter document or another model"
+            )));
+        }
+        Ok(())
     }
 
     pub fn method(&self) -> Method {
@@ -145,14 +180,7 @@ impl<'a> Compressor<'a> {
     /// kept K/V to `emit` as soon as it is computed, so nothing but the kept
     /// K/V (and, for `full`, the cache it attends to) stays in memory.
     pub fn compress(&self, ids: &[u32], mut emit: impl FnMut(ChunkKv) -> Result<()>) -> Result<()> {
-        let limit = self.decoder.config().max_position_embeddings;
-        if ids.len() >= limit {
-            return Err(Error::InvalidInput(format!(
-                "the document is {} tokens long, but the model reads at most {limit} positions \
-                 (and the question needs some too); use a model with a longer context",
-                ids.len()
-            )));
-        }
+        self.check_fits(ids.len())?;
         let mut cache = KvCache::default();
         for chunk in chunk::chunks(ids.len(), self.chunk_size) {
             let chunk_ids = &ids[chunk.start..chunk.start + chunk.len];

@@ -119,10 +119,10 @@ impl DigestCache {
     pub fn file_digest(&mut self, path: &Path) -> Result<(u64, String)> {
         let real = path
             .canonicalize()
-            .map_err(|e| Error::io("cannot open model file", path, e))?;
+            .map_err(|e| Error::io("cannot open", path, e))?;
         let meta = real
             .metadata()
-            .map_err(|e| Error::io("cannot stat model file", &real, e))?;
+            .map_err(|e| Error::io("cannot stat", &real, e))?;
         if let Some(sha) = hub_blob_sha256(&real) {
             return Ok((meta.len(), sha));
         }
@@ -180,13 +180,13 @@ fn hub_blob_sha256(real: &Path) -> Option<String> {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io("cannot open model file", path, e))?;
+    let mut file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file
             .read(&mut buf)
-            .map_err(|e| Error::io("cannot read model file", path, e))?;
+            .map_err(|e| Error::io("cannot read", path, e))?;
         if n == 0 {
             break;
         }

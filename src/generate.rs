@@ -47,7 +47,7 @@ pub struct DecoderContext {
 pub enum Stop {
     Eos,
     MaxTokens,
-    /// The caller asked to stop (Ctrl-C, a closed pipe).
+    /// The caller asked to stop (Ctrl-C).
     Interrupted,
 }
 
@@ -82,7 +82,10 @@ impl Generation {
 #[derive(Debug)]
 pub struct Answerer<'a> {
     decoder: &'a Decoder,
-    context: DecoderContext,
+    question_position: u32,
+    prefix: Option<Tensor>,
+    /// Positions of the context in `cache`; each question starts from them.
+    context_len: usize,
     eos: Vec<u32>,
     cache: KvCache,
 }
@@ -102,10 +105,13 @@ impl<'a> Answerer<'a> {
                 c.num_layers
             )));
         }
-        let cache = KvCache::new(context.past.clone(), max_tokens + 64)?;
+        let context_len = context.past.first().map_or(0, LayerKv::len);
+        let cache = KvCache::new(context.past, max_tokens + 64)?;
         Ok(Answerer {
             decoder,
-            context,
+            question_position: context.question_position,
+            prefix: context.prefix,
+            context_len,
             eos: eos.to_vec(),
             cache,
         })
@@ -121,32 +127,37 @@ impl<'a> Answerer<'a> {
     ) -> Result<Generation> {
         let start = Instant::now();
         let device = self.decoder.device().clone();
-        let kept = self.context.past.first().map_or(0, LayerKv::len);
-        self.cache.truncate(kept);
+        self.cache.truncate(self.context_len);
 
         let question = Tensor::new(question_ids, &device)?.unsqueeze(0)?;
         let mut embeds = self.decoder.embed(&question)?;
-        let mut next_position = self.context.question_position;
-        if let Some(prefix) = &self.context.prefix {
+        let mut next_position = u64::from(self.question_position);
+        if let Some(prefix) = &self.prefix {
             let prefix = prefix.to_dtype(embeds.dtype())?.unsqueeze(0)?;
-            next_position = next_position
-                .checked_sub(prefix.dim(1)? as u32)
-                .ok_or_else(|| {
-                    Error::InvalidInput("the learned prefix would sit before position 0".into())
-                })?;
+            next_position = next_position.saturating_sub(prefix.dim(1)? as u64);
             embeds = Tensor::cat(&[&prefix, &embeds], 1)?;
         }
-        let limit = self.decoder.config().max_position_embeddings as u32;
+        let limit = self.decoder.config().max_position_embeddings as u64;
+        let needed = next_position + embeds.dim(1)? as u64;
+        if needed > limit {
+            return Err(Error::InvalidInput(format!(
+                "the question needs positions up to {needed}, but the model stops at {limit}; \
+                 ask a shorter question or use a model with a longer context"
+            )));
+        }
         let mut processor = sampling.processor();
         let mut tokens = Vec::new();
         let mut time_to_first_token = None;
         let stop = loop {
-            let seq = embeds.dim(1)? as u32;
+            let seq = embeds.dim(1)? as u64;
             if next_position + seq > limit {
                 break Stop::MaxTokens;
             }
-            let positions =
-                Tensor::arange(next_position, next_position + seq, &device)?.unsqueeze(0)?;
+            // Below `limit` (checked above), so it fits u32 for any real model.
+            let first = u32::try_from(next_position).map_err(|_| {
+                Error::InvalidInput(format!("position {next_position} exceeds u32"))
+            })?;
+            let positions = Tensor::arange(first, first + seq as u32, &device)?.unsqueeze(0)?;
             let past = self.cache.past()?;
             let out = self.decoder.forward(ForwardInput {
                 embeds: &embeds,

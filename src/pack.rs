@@ -160,6 +160,14 @@ pub fn load_context<R: Read + Seek>(
         past.push(LayerKv { k, v });
     }
     let question_position = u64::from(first) + header.document.tokens;
+    if question_position >= c.max_position_embeddings as u64 {
+        return Err(Error::InvalidInput(format!(
+            "{} holds a {}-token document, but the model reads at most {} positions",
+            reader.file_name(),
+            header.document.tokens,
+            c.max_position_embeddings
+        )));
+    }
     let question_position = u32::try_from(question_position)
         .map_err(|_| Error::InvalidInput("the document is too long for u32 positions".into()))?;
     let prefix = header.decoder.prefix_embeddings;

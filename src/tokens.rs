@@ -40,15 +40,20 @@ impl TextTokenizer {
             };
             inner.token_to_id(token)
         };
-        let bos = special("bos_token").or(config.bos_token_id);
+        // tokenizer_config.json decides: `add_bos_token: false` or an explicit
+        // `bos_token: null` (Qwen) means no BOS, whatever config.json says.
+        let bos = match (tok_config.get("add_bos_token"), tok_config.get("bos_token")) {
+            (Some(Value::Bool(false)), _) | (_, Some(Value::Null)) => None,
+            (_, Some(_)) => special("bos_token"),
+            (_, None) => config.bos_token_id,
+        };
         let mut eos = config.eos_token_ids.clone();
         if let Some(path) = &files.generation_config {
+            let ids = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
             match read_json(path)?.get("eos_token_id") {
-                Some(Value::Number(n)) => eos.extend(n.as_u64().map(|n| n as u32)),
-                Some(Value::Array(a)) => {
-                    eos.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
-                }
-                _ => {}
+                Some(Value::Array(a)) => eos.extend(a.iter().filter_map(ids)),
+                Some(v) => eos.extend(ids(v)),
+                None => {}
             }
         }
         eos.extend(special("eos_token"));
@@ -93,10 +98,6 @@ impl TextTokenizer {
     pub fn eos(&self) -> &[u32] {
         &self.eos
     }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -140,9 +141,16 @@ impl<'a> TextStream<'a> {
         Ok(Some(piece))
     }
 
-    /// The whole text decoded so far.
-    pub fn text(&self) -> Result<String> {
-        self.tokenizer.decode(&self.ids)
+    /// Text still held back at the end (an incomplete character), once
+    /// generation is over.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let rest = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(rest))
     }
 }
 
@@ -208,6 +216,44 @@ mod tests {
         );
     }
 
+    /// `load` with this tokenizer and the given tokenizer_config.json.
+    fn load_with(tokenizer_config: &str, bos_token_id: Option<u32>) -> TextTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        trained().inner.save(path("tokenizer.json"), false).unwrap();
+        std::fs::write(path("tokenizer_config.json"), tokenizer_config).unwrap();
+        let files = ModelFiles {
+            id: "t".into(),
+            revision: None,
+            config: path("config.json"),
+            tokenizer: path("tokenizer.json"),
+            tokenizer_config: path("tokenizer_config.json"),
+            generation_config: None,
+            weights: Vec::new(),
+        };
+        let config = ModelConfig::from_json(&format!(
+            r#"{{"model_type": "qwen2", "vocab_size": 300, "hidden_size": 8, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 1, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 64, "bos_token_id": {}}}"#,
+            bos_token_id.map_or("null".into(), |b| b.to_string())
+        ))
+        .unwrap();
+        TextTokenizer::load(&files, &config).unwrap()
+    }
+
+    #[test]
+    fn bos_follows_the_tokenizer_config() {
+        let s = trained().bos();
+        assert_eq!(load_with(r#"{"bos_token": "<s>"}"#, Some(7)).bos(), s);
+        // Qwen: no BOS token, although config.json names one.
+        assert_eq!(load_with(r#"{"bos_token": null}"#, Some(7)).bos(), None);
+        assert_eq!(
+            load_with(r#"{"bos_token": "<s>", "add_bos_token": false}"#, None).bos(),
+            None
+        );
+        assert_eq!(load_with("{}", Some(7)).bos(), Some(7));
+    }
+
     #[test]
     fn stream_never_splits_characters() {
         let tok = trained();
@@ -219,7 +265,7 @@ mod tests {
                 out.push_str(&piece);
             }
         }
+        assert_eq!(stream.finish().unwrap(), None);
         assert_eq!(out, text);
-        assert_eq!(stream.text().unwrap(), text);
     }
 }

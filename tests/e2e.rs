@@ -358,3 +358,38 @@ fn no_question_without_a_terminal_is_an_error() {
     let err = failing(sac().arg("ask").arg(&sack).stdin(Stdio::null()));
     assert!(err.contains("no question"), "{err}");
 }
+
+#[test]
+fn conflicting_flags_are_refused_before_any_work() {
+    let doc = sac_fixture("doc_edge.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.sack");
+    for (flags, expected) in [
+        (
+            &["--compressor", "full", "--ratio", "5"][..],
+            "takes no ratio",
+        ),
+        (&["--compressor", "sac"][..], "needs an adapter"),
+        (
+            &["--compressor", "uniform", "--revision", "main"][..],
+            "--revision applies to Hub ids",
+        ),
+    ] {
+        let err = failing(
+            sac()
+                .arg("compress")
+                .arg(&doc)
+                .arg("-o")
+                .arg(&out)
+                .args(["-m", &model("qwen2")])
+                .args(flags),
+        );
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
+    assert!(!out.exists());
+    let usage = sac()
+        .args(["ask", "x.sack", "q", "--top-p", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}

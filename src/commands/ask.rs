@@ -168,6 +168,9 @@ impl Session<'_> {
             }
             Ok(!interrupted.swap(false, Ordering::SeqCst))
         })?;
+        if let Some(rest) = stream.finish()? {
+            out.write_all(rest.as_bytes())?;
+        }
         if generation.stop == Stop::Interrupted {
             write!(out, " [stopped]")?;
         }

@@ -7,9 +7,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::adapter::{self, SacAdapter};
+use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::cli::{CompressArgs, CompressorChoice};
-use crate::compressor::{Compressor, Method};
+use crate::compressor::{Compressor, Method, check_settings};
 use crate::fingerprint::DigestCache;
 use crate::pack::{self, DocumentFacts};
 use crate::runtime::LoadedModel;
@@ -25,19 +25,12 @@ enum Output {
 }
 
 pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
-    let (text, file_name) = read_document(&args.input)?;
+    // Everything that can be checked without the model is checked first.
     let output = output_for(args)?;
-
     let adapter_config = args
         .adapter
         .as_deref()
-        .map(|dir| -> anyhow::Result<_> {
-            let path = dir.join(adapter::CONFIG_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read adapter config {}", path.display()))?;
-            serde_json::from_str::<adapter::AdapterConfig>(&text)
-                .with_context(|| format!("{} is not an adapter config", path.display()))
-        })
+        .map(AdapterConfig::load)
         .transpose()?;
     let model_id = match (&args.model, &adapter_config) {
         (Some(m), _) => m.clone(),
@@ -51,20 +44,27 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         (CompressorChoice::Auto, false) | (CompressorChoice::Uniform, _) => Method::Uniform,
         (CompressorChoice::Full, _) => Method::Full,
     };
+    let default_ratio = if method == Method::Full {
+        1
+    } else {
+        DEFAULT_RATIO
+    };
     let ratio = args
         .ratio
         .map(|r| r as usize)
         .or(adapter_config.as_ref().map(|c| c.ratio))
-        .unwrap_or(DEFAULT_RATIO);
+        .unwrap_or(default_ratio);
     let chunk_size = args
         .chunk_size
         .map(|c| c as usize)
         .or(adapter_config.as_ref().map(|c| c.chunk_size))
         .unwrap_or(DEFAULT_CHUNK_SIZE);
+    check_settings(method, adapter_config.as_ref(), ratio, chunk_size)?;
+    let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
-    let adapter = match (&args.adapter, method) {
-        (Some(dir), Method::Sac) => {
+    let adapter = match &args.adapter {
+        Some(dir) => {
             let a = SacAdapter::load(
                 dir,
                 &model.config,
@@ -89,8 +89,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
                 adapter::fingerprint(dir, &mut DigestCache::open_default())?,
             ))
         }
-        (Some(_), _) => bail!("--adapter is only used by the sac compressor, not {method}"),
-        (None, _) => None,
+        None => None,
     };
     let compressor = Compressor::new(
         &model.decoder,
@@ -101,6 +100,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     )?;
 
     let ids = model.tokenizer.context_ids(&text)?;
+    compressor.check_fits(ids.len())?;
     let document = DocumentFacts {
         text: &text,
         tokens: ids.len(),

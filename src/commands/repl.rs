@@ -44,7 +44,10 @@ pub fn run(
                     ":info" => print!("{info}"),
                     question => {
                         interrupted.store(false, Ordering::SeqCst);
-                        answer(question, &interrupted)?;
+                        // One failed answer does not end the session.
+                        if let Err(e) = answer(question, &interrupted) {
+                            eprintln!("sac: {e:#}");
+                        }
                     }
                 }
             }

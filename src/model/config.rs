@@ -83,6 +83,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Attention span of sliding-window models (Mistral v0.1), when in use.
+    pub sliding_window: Option<usize>,
 }
 
 /// One id or a list of ids, as `eos_token_id` may be either.
@@ -127,6 +129,8 @@ struct RawConfig {
     #[serde(default)]
     mlp_bias: bool,
     hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
 }
@@ -206,6 +210,9 @@ impl ModelConfig {
                 Some(TokenIds::Many(ids)) => ids,
                 None => Vec::new(),
             },
+            sliding_window: raw.sliding_window.filter(|&w| {
+                raw.use_sliding_window != Some(false) && w < raw.max_position_embeddings
+            }),
         })
     }
 
@@ -281,6 +288,23 @@ mod tests {
         assert!(c.qk_norm && !c.qkv_bias);
         assert_eq!(c.head_dim, 16);
         assert_eq!(c.eos_token_ids, vec![3, 4]);
+    }
+
+    #[test]
+    fn sliding_window_counts_only_when_used() {
+        let with = |extra: &str| {
+            let text = LLAMA_3_2_1B.replace(
+                "\"model_type\": \"llama\"",
+                &format!("\"model_type\": \"mistral\", {extra}"),
+            );
+            ModelConfig::from_json(&text).unwrap().sliding_window
+        };
+        assert_eq!(with("\"sliding_window\": 4096"), Some(4096));
+        assert_eq!(
+            with("\"sliding_window\": 4096, \"use_sliding_window\": false"),
+            None
+        );
+        assert_eq!(with("\"sliding_window\": null"), None);
     }
 
     #[test]

@@ -37,7 +37,17 @@ pub struct ModelFiles {
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
     if path.is_dir() {
-        return resolve_dir(model, path);
+        if revision.is_some() {
+            return Err(Error::MissingModelFile(format!(
+                "--revision applies to Hub ids, and `{model}` is a local directory"
+            )));
+        }
+        // The id goes into .sack headers: an absolute path still names the
+        // model when `ask` runs from another directory.
+        let id = path
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve model directory", path, e))?;
+        return resolve_dir(&id.to_string_lossy(), path);
     }
     if looks_like_hub_id(model) && !path.exists() {
         return resolve_hub(model, revision.unwrap_or("main"));

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sac::model::{self, Decoder, ModelConfig};
 
-/// The fixture models made by `scripts/make_fixtures.py`.
 /// The block of positions that the `bidir` reference case makes bidirectional.
 pub const BIDIRECTIONAL_BLOCK: std::ops::Range<usize> = 3..11;
 
+/// The fixture models made by `scripts/make_fixtures.py`.
 pub const PARITY_MODELS: [&str; 4] = ["llama3", "qwen2", "qwen3", "mistral"];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
