@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::cli::{CompressArgs, CompressorChoice};
@@ -226,9 +226,15 @@ fn progress_bar(tokens: u64, quiet: bool) -> ProgressBar {
     let bar = ProgressBar::new(tokens);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} compressing [{bar:30}] {pos}/{len} tokens, {per_sec}, {eta} left",
+            "{spinner} compressing [{bar:30}] {pos}/{len} tokens, {rate}, {eta} left",
         )
         .expect("static progress template")
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} tokens/s", state.per_sec());
+            },
+        )
         .progress_chars("=> "),
     );
     bar
