@@ -122,13 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<6} {:<5} {:>10} {:>13} {:>13} {:>11} {:>20}",
         "enc", "zstd", "file bytes", "file B/pos", "K+V B/pos", "bits/elem", "layer-0 key rms err"
     );
-    for encoding in [
-        KvEncoding::F32,
-        KvEncoding::Bf16,
-        KvEncoding::F16,
-        KvEncoding::Q8,
-        KvEncoding::Q4,
-    ] {
+    for encoding in KvEncoding::ALL {
         for zstd_level in [None, Some(3), Some(19)] {
             let (bytes, originals) = write(WriteOptions {
                 encoding,

@@ -144,13 +144,7 @@ pub fn all_variants() -> Vec<(String, Vec<u8>)> {
         KeptLayout::PerLayer,
         KeptLayout::PerHead,
     ] {
-        for encoding in [
-            KvEncoding::F32,
-            KvEncoding::Bf16,
-            KvEncoding::F16,
-            KvEncoding::Q8,
-            KvEncoding::Q4,
-        ] {
+        for encoding in KvEncoding::ALL {
             for level in [None, Some(3)] {
                 let name = format!(
                     "{layout:?}-{encoding:?}-{}",

@@ -180,6 +180,9 @@ pub enum KvEncoding {
 }
 
 impl KvEncoding {
+    /// Every storage precision, lossless first.
+    pub const ALL: [KvEncoding; 5] = [Self::F32, Self::Bf16, Self::F16, Self::Q8, Self::Q4];
+
     /// The file encoding for keys.
     pub fn for_keys(self) -> Encoding {
         match self {
