@@ -111,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             embeds: &embeds,
             positions: &positions,
             mask: AttentionMask::Causal,
+            shared: None,
             past: None,
             lora: None,
             path: Path::Inference,

@@ -266,6 +266,11 @@ pub struct AskArgs {
     #[arg(long, value_name = "FILE|-", conflicts_with = "questions")]
     pub batch: Option<PathBuf>,
 
+    /// With --batch or --json, how many questions are decoded together (one
+    /// forward pass per step for all of them).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch_size: u32,
+
     /// Answer even if the model's fingerprint differs from the one in the .sack.
     #[arg(long)]
     pub force: bool,

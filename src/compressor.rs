@@ -229,6 +229,7 @@ impl<'a> Compressor<'a> {
                 Method::Sac => AttentionMask::Full,
                 Method::Uniform | Method::Full => AttentionMask::Causal,
             },
+            shared: None,
             past: past.as_deref(),
             lora: self.adapter.map(|a| &a.lora),
             path: Path::Inference,

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{Error, Result};
-use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path};
+use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path, SharedKv, mask};
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,26 +77,34 @@ impl Generation {
     }
 }
 
-/// Answers questions from one context; the context's K/V are loaded once and
-/// shared by every question.
+/// Answers questions from one context. The context's K/V are loaded once and
+/// read by every question; questions answered together share each forward
+/// pass, which costs about what one question costs while the weights, not
+/// the arithmetic, bound a decoding step.
 #[derive(Debug)]
 pub struct Answerer<'a> {
     decoder: &'a Decoder,
+    shared: Vec<SharedKv>,
     question_position: u32,
     prefix: Option<Tensor>,
-    /// Positions of the context in `cache`; each question starts from them.
-    context_len: usize,
     eos: Vec<u32>,
-    cache: KvCache,
+}
+
+/// One question's progress inside [`Answerer::answer_batch`].
+struct Row {
+    processor: LogitsProcessor,
+    tokens: Vec<u32>,
+    stop: Option<Stop>,
+    /// Position id of the next token fed for this row.
+    next_position: u64,
+    /// Padding positions in front of this row's tokens in the batch cache.
+    pad: usize,
+    time_to_first_token: Option<Duration>,
+    elapsed: Duration,
 }
 
 impl<'a> Answerer<'a> {
-    pub fn new(
-        decoder: &'a Decoder,
-        context: DecoderContext,
-        eos: &[u32],
-        max_tokens: usize,
-    ) -> Result<Self> {
+    pub fn new(decoder: &'a Decoder, context: DecoderContext, eos: &[u32]) -> Result<Self> {
         let c = decoder.config();
         if context.past.len() != c.num_layers {
             return Err(Error::InvalidInput(format!(
@@ -105,95 +113,209 @@ impl<'a> Answerer<'a> {
                 c.num_layers
             )));
         }
-        let context_len = context.past.first().map_or(0, LayerKv::len);
-        let cache = KvCache::new(context.past, max_tokens + 64)?;
         Ok(Answerer {
             decoder,
+            shared: context.past.into_iter().map(SharedKv::from).collect(),
             question_position: context.question_position,
             prefix: context.prefix,
-            context_len,
             eos: eos.to_vec(),
-            cache,
         })
     }
 
     /// Generates an answer to `question_ids`, calling `on_token` with each new
     /// id; `on_token` returning `false` stops generation.
     pub fn answer(
-        &mut self,
+        &self,
         question_ids: &[u32],
         sampling: &SamplingSettings,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<Generation> {
+        self.answer_batch(&[question_ids], sampling, |_, token| on_token(token))?
+            .pop()
+            .ok_or_else(|| Error::InvalidInput("no answer generated".into()))
+    }
+
+    /// Answers several questions in one batch: the questions are left-padded
+    /// to one length and decoded step by step together, each with its own
+    /// sampler seeded as a lone question's would be; rows that finish leave
+    /// the batch. `on_token(row, id)` sees each new id; `false` stops every
+    /// row. Returns one [`Generation`] per question, in order.
+    pub fn answer_batch(
+        &self,
+        questions: &[&[u32]],
+        sampling: &SamplingSettings,
+        mut on_token: impl FnMut(usize, u32) -> Result<bool>,
+    ) -> Result<Vec<Generation>> {
         let start = Instant::now();
         let device = self.decoder.device().clone();
-        self.cache.truncate(self.context_len);
-
-        let question = Tensor::new(question_ids, &device)?.unsqueeze(0)?;
-        let mut embeds = self.decoder.embed(&question)?;
-        let mut next_position = u64::from(self.question_position);
-        if let Some(prefix) = &self.prefix {
-            let prefix = prefix.to_dtype(embeds.dtype())?.unsqueeze(0)?;
-            next_position = next_position.saturating_sub(prefix.dim(1)? as u64);
-            embeds = Tensor::cat(&[&prefix, &embeds], 1)?;
-        }
+        let prefix_len = self.prefix.as_ref().map_or(Ok(0), |p| p.dim(0))?;
+        let first_position = u64::from(self.question_position).saturating_sub(prefix_len as u64);
         let limit = self.decoder.config().max_position_embeddings as u64;
-        let needed = next_position + embeds.dim(1)? as u64;
-        if needed > limit {
+        let lengths: Vec<usize> = questions.iter().map(|q| prefix_len + q.len()).collect();
+        let width = lengths.iter().copied().max().unwrap_or(0);
+        if lengths.contains(&0) {
+            return Err(Error::InvalidInput("an empty question".into()));
+        }
+        if first_position + width as u64 > limit {
             return Err(Error::InvalidInput(format!(
-                "the question needs positions up to {needed}, but the model stops at {limit}; \
-                 ask a shorter question or use a model with a longer context"
+                "the question needs positions up to {}, but the model stops at {limit}; \
+                 ask a shorter question or use a model with a longer context",
+                first_position + width as u64
             )));
         }
-        let mut processor = sampling.processor();
-        let mut tokens = Vec::new();
-        let mut time_to_first_token = None;
-        let stop = loop {
-            let seq = embeds.dim(1)? as u64;
-            if next_position + seq > limit {
-                break Stop::MaxTokens;
-            }
-            // Below `limit` (checked above), so it fits u32 for any real model.
-            let first = u32::try_from(next_position).map_err(|_| {
-                Error::InvalidInput(format!("position {next_position} exceeds u32"))
-            })?;
-            let positions = Tensor::arange(first, first + seq as u32, &device)?.unsqueeze(0)?;
-            let past = self.cache.past()?;
+        let mut rows: Vec<Row> = lengths
+            .iter()
+            .map(|&len| Row {
+                processor: sampling.processor(),
+                tokens: Vec::new(),
+                stop: None,
+                next_position: first_position + len as u64,
+                pad: width - len,
+                time_to_first_token: None,
+                elapsed: Duration::ZERO,
+            })
+            .collect();
+        let mut embeds = self.padded_embeds(questions, width)?;
+        let mut positions = position_ids(
+            rows.iter().flat_map(|r| {
+                (0..width).map(move |j| (first_position + j as u64).saturating_sub(r.pad as u64))
+            }),
+            (rows.len(), width),
+            &device,
+        )?;
+        let mut cache = KvCache::default();
+        let mut active: Vec<usize> = (0..rows.len()).collect();
+        loop {
+            let seq = embeds.dim(1)?;
+            let pads: Vec<usize> = active.iter().map(|&r| rows[r].pad).collect();
+            let mask = match pads.iter().any(|&p| p > 0) {
+                true => Some(mask::left_padded_causal(&pads, seq, cache.len(), &device)?),
+                false => None,
+            };
+            let past = cache.past()?;
             let out = self.decoder.forward(ForwardInput {
                 embeds: &embeds,
                 positions: &positions,
-                mask: AttentionMask::Causal,
+                mask: mask
+                    .as_ref()
+                    .map_or(AttentionMask::Causal, AttentionMask::Additive),
+                shared: Some(&self.shared),
                 past: past.as_deref(),
                 lora: None,
                 path: Path::Inference,
             })?;
-            self.cache.append(&out.kv)?;
-            next_position += seq;
-            let last = out.hidden.narrow(1, seq as usize - 1, 1)?;
+            cache.append(&out.kv)?;
             let logits = self
                 .decoder
-                .logits(&last)?
-                .flatten_all()?
+                .logits(&out.hidden.narrow(1, seq - 1, 1)?)?
+                .squeeze(1)?
                 .to_dtype(DType::F32)?;
-            let token = processor.sample(&logits)?;
-            time_to_first_token.get_or_insert_with(|| start.elapsed());
-            if self.eos.contains(&token) {
-                break Stop::Eos;
+            let mut interrupted = false;
+            let mut going_on = Vec::with_capacity(active.len());
+            for (slot, &r) in active.iter().enumerate() {
+                let row = &mut rows[r];
+                let token = row.processor.sample(&logits.get(slot)?)?;
+                row.time_to_first_token
+                    .get_or_insert_with(|| start.elapsed());
+                row.stop = if self.eos.contains(&token) {
+                    Some(Stop::Eos)
+                } else {
+                    row.tokens.push(token);
+                    if !on_token(r, token)? {
+                        interrupted = true;
+                    }
+                    let full =
+                        row.tokens.len() >= sampling.max_tokens || row.next_position >= limit;
+                    full.then_some(Stop::MaxTokens)
+                };
+                row.elapsed = start.elapsed();
+                if row.stop.is_none() {
+                    going_on.push(slot);
+                }
             }
-            tokens.push(token);
-            if !on_token(token)? {
-                break Stop::Interrupted;
+            if interrupted {
+                for &slot in &going_on {
+                    rows[active[slot]].stop = Some(Stop::Interrupted);
+                }
+                break;
             }
-            if tokens.len() >= sampling.max_tokens {
-                break Stop::MaxTokens;
+            if going_on.is_empty() {
+                break;
             }
-            embeds = self.decoder.embed(&Tensor::new(&[[token]], &device)?)?;
-        };
-        Ok(Generation {
-            tokens,
-            stop,
-            time_to_first_token: time_to_first_token.unwrap_or_default(),
-            elapsed: start.elapsed(),
-        })
+            if going_on.len() < active.len() {
+                let kept: Vec<u32> = going_on.iter().map(|&s| s as u32).collect();
+                cache.select_rows(&Tensor::new(kept.as_slice(), &device)?)?;
+            }
+            active = going_on.iter().map(|&s| active[s]).collect();
+            let next: Vec<u32> = active
+                .iter()
+                .filter_map(|&r| rows[r].tokens.last().copied())
+                .collect();
+            embeds = self
+                .decoder
+                .embed(&Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?)?;
+            positions = position_ids(
+                active.iter().map(|&r| rows[r].next_position),
+                (active.len(), 1),
+                &device,
+            )?;
+            for &r in &active {
+                rows[r].next_position += 1;
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(|row| Generation {
+                tokens: row.tokens,
+                stop: row.stop.unwrap_or(Stop::MaxTokens),
+                time_to_first_token: row.time_to_first_token.unwrap_or_default(),
+                elapsed: row.elapsed,
+            })
+            .collect())
     }
+
+    /// `[rows, width, hidden]`: each question's embeddings after `[LM]` (if
+    /// any), left-padded with zeros to `width`.
+    fn padded_embeds(&self, questions: &[&[u32]], width: usize) -> Result<Tensor> {
+        let device = self.decoder.device();
+        let rows = questions
+            .iter()
+            .map(|q| {
+                let mut parts = Vec::with_capacity(3);
+                let tokens = self
+                    .decoder
+                    .embed(&Tensor::new(*q, device)?.unsqueeze(0)?)?;
+                if let Some(prefix) = &self.prefix {
+                    parts.push(prefix.to_dtype(tokens.dtype())?.unsqueeze(0)?);
+                }
+                parts.push(tokens);
+                let len: usize = parts
+                    .iter()
+                    .map(|p| p.dim(1))
+                    .sum::<candle_core::Result<_>>()?;
+                if len < width {
+                    let hidden = parts[0].dim(2)?;
+                    let pad = Tensor::zeros((1, width - len, hidden), parts[0].dtype(), device)?;
+                    parts.insert(0, pad);
+                }
+                Ok(Tensor::cat(&parts, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+}
+
+/// A u32 `[rows, cols]` tensor of position ids, which the model's limit keeps
+/// well inside u32.
+fn position_ids(
+    ids: impl Iterator<Item = u64>,
+    shape: (usize, usize),
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let ids = ids
+        .map(|p| {
+            u32::try_from(p).map_err(|_| Error::InvalidInput(format!("position {p} exceeds u32")))
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    Ok(Tensor::from_vec(ids, shape, device)?)
 }

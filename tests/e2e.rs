@@ -64,6 +64,7 @@ fn uncompressed_greedy(
             embeds: &m.decoder.embed(&prompt.narrow(1, 0, n).unwrap()).unwrap(),
             positions: &positions.narrow(1, 0, n).unwrap(),
             mask: AttentionMask::Causal,
+            shared: None,
             past: None,
             lora: None,
             path: ForwardPath::Inference,
@@ -81,7 +82,7 @@ fn uncompressed_greedy(
         seed: 0,
         max_tokens,
     };
-    let mut answerer = Answerer::new(&m.decoder, context, m.tokenizer.eos(), max_tokens).unwrap();
+    let answerer = Answerer::new(&m.decoder, context, m.tokenizer.eos()).unwrap();
     answerer
         .answer(&ids[n..], &sampling, |_| Ok(true))
         .unwrap()

@@ -108,6 +108,7 @@ fn forward(fx: &Fixture, t: &Trainables, path: Path) -> (Tensor, Vec<Tensor>) {
             embeds: &embeds,
             positions: &positions,
             mask: AttentionMask::Additive(&mask),
+            shared: None,
             past: None,
             lora: Some(&lora),
             path,

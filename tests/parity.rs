@@ -24,6 +24,7 @@ fn run(
             embeds: &embeds,
             positions,
             mask,
+            shared: None,
             past,
             lora: None,
             path: Path::Inference,

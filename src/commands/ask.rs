@@ -96,12 +96,7 @@ fn ask<R: Read + Seek>(
         seed: args.seed,
         max_tokens: args.max_tokens as usize,
     };
-    let answerer = Answerer::new(
-        &model.decoder,
-        context,
-        model.tokenizer.eos(),
-        sampling.max_tokens,
-    )?;
+    let answerer = Answerer::new(&model.decoder, context, model.tokenizer.eos())?;
     let mut session = Session {
         model: &model,
         answerer,
@@ -109,8 +104,9 @@ fn ask<R: Read + Seek>(
         info: String::from_utf8_lossy(&info).into_owned(),
     };
     let mut out = std::io::stdout().lock();
+    let batch_size = args.batch_size as usize;
     if let Some(batch) = &args.batch {
-        return run_batch(&mut session, batch, &mut out);
+        return run_batch(&mut session, batch, batch_size, &mut out);
     }
     if repl {
         let info = session.info.clone();
@@ -119,12 +115,18 @@ fn ask<R: Read + Seek>(
         };
         return super::repl::run(&mut answer, &info);
     }
-    for (i, question) in args.questions.iter().enumerate() {
-        if args.json {
-            session.json_answer(&Value::from(i + 1), question, &mut out)?;
-        } else {
-            session.stream_answer(question, &mut out, &AtomicBool::new(false))?;
+    if args.json {
+        let numbered: Vec<(Value, String)> = (1..)
+            .map(Value::from)
+            .zip(args.questions.iter().cloned())
+            .collect();
+        for group in numbered.chunks(batch_size) {
+            session.json_answers(group, &mut out)?;
         }
+        return Ok(());
+    }
+    for question in &args.questions {
+        session.stream_answer(question, &mut out, &AtomicBool::new(false))?;
     }
     Ok(())
 }
@@ -179,24 +181,33 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Prints one JSON line for the answer.
-    fn json_answer(
+    /// Answers `questions` (id, text) together and prints one JSON line each.
+    fn json_answers(
         &mut self,
-        id: &Value,
-        question: &str,
+        questions: &[(Value, String)],
         out: &mut impl Write,
     ) -> anyhow::Result<()> {
-        let generation = self.generate(question, |_| Ok(true))?;
-        let record = AnswerRecord {
-            id,
-            question,
-            answer: self.model.tokenizer.decode(&generation.tokens)?,
-            tokens: &generation.tokens,
-            ttft_ms: generation.time_to_first_token.as_secs_f64() * 1e3,
-            tokens_per_s: generation.tokens_per_second(),
-        };
-        serde_json::to_writer(&mut *out, &record)?;
-        writeln!(out)?;
+        let tokenizer = &self.model.tokenizer;
+        let ids = questions
+            .iter()
+            .map(|(_, q)| tokenizer.question_ids(q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let generations = self
+            .answerer
+            .answer_batch(&ids, &self.sampling, |_, _| Ok(true))?;
+        for ((id, question), generation) in questions.iter().zip(&generations) {
+            let record = AnswerRecord {
+                id,
+                question,
+                answer: tokenizer.decode(&generation.tokens)?,
+                tokens: &generation.tokens,
+                ttft_ms: generation.time_to_first_token.as_secs_f64() * 1e3,
+                tokens_per_s: generation.tokens_per_second(),
+            };
+            serde_json::to_writer(&mut *out, &record)?;
+            writeln!(out)?;
+        }
         out.flush()?;
         Ok(())
     }
@@ -224,7 +235,14 @@ fn parse_batch_line(line: &str, number: usize) -> anyhow::Result<Option<(Value, 
     Ok(Some((Value::from(number), trimmed.to_string())))
 }
 
-fn run_batch(session: &mut Session, batch: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+/// Answers the questions of `batch` in groups of `batch_size`, printing each
+/// group's JSON lines as soon as it is done.
+fn run_batch(
+    session: &mut Session,
+    batch: &Path,
+    batch_size: usize,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let input: Box<dyn BufRead> = if batch.as_os_str() == "-" {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
@@ -232,11 +250,19 @@ fn run_batch(session: &mut Session, batch: &Path, out: &mut impl Write) -> anyho
             .with_context(|| format!("cannot open batch file {}", batch.display()))?;
         Box::new(BufReader::new(file))
     };
+    let mut group = Vec::with_capacity(batch_size);
     for (i, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("cannot read batch line {}", i + 1))?;
-        if let Some((id, question)) = parse_batch_line(&line, i + 1)? {
-            session.json_answer(&id, &question, out)?;
+        if let Some(question) = parse_batch_line(&line, i + 1)? {
+            group.push(question);
         }
+        if group.len() == batch_size {
+            session.json_answers(&group, out)?;
+            group.clear();
+        }
+    }
+    if !group.is_empty() {
+        session.json_answers(&group, out)?;
     }
     Ok(())
 }

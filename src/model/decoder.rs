@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::ModelConfig;
-use super::kv::LayerKv;
+use super::kv::{LayerKv, SharedKv};
 use super::lora::{LayerLora, LowRank, QvLora};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Path};
@@ -28,7 +28,12 @@ pub struct ForwardInput<'a> {
     /// Position ids `[batch, seq]` (u32), any values: SAC uses 1-based global ids.
     pub positions: &'a Tensor,
     pub mask: AttentionMask<'a>,
-    /// Every layer's K/V from earlier passes, `[batch, kv_heads, past, head_dim]`.
+    /// Every layer's K/V that all rows of the batch read in full, unmasked
+    /// (a loaded document): one copy however many rows ask about it.
+    pub shared: Option<&'a [SharedKv]>,
+    /// Every layer's K/V from earlier passes of each row,
+    /// `[batch, kv_heads, past, head_dim]`; the mask covers these and the new
+    /// positions.
     pub past: Option<&'a [LayerKv]>,
     /// LoRA on q/v (the SAC compressor); `None` for the frozen decoder.
     pub lora: Option<&'a QvLora>,
@@ -200,11 +205,13 @@ impl Decoder {
                 input.positions.dims()
             )));
         }
-        if let Some(past) = input.past {
-            if past.len() != self.blocks.len() {
+        for (what, layers) in [
+            ("shared", input.shared.map(<[SharedKv]>::len)),
+            ("past", input.past.map(<[LayerKv]>::len)),
+        ] {
+            if let Some(layers) = layers.filter(|&n| n != self.blocks.len()) {
                 return Err(Error::InvalidInput(format!(
-                    "past K/V has {} layers, the model {}",
-                    past.len(),
+                    "{what} K/V has {layers} layers, the model {}",
                     self.blocks.len()
                 )));
             }
@@ -229,11 +236,11 @@ impl Decoder {
         let mut kv = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let lora = input.lora.map_or(&no_lora, |l| &l.layers[i]);
-            let past = input.past.map(|p| &p[i]);
             let step = BlockStep {
                 tables: &tables,
                 mask: mask.as_ref(),
-                past,
+                shared: input.shared.map(|s| &s[i]),
+                past: input.past.map(|p| &p[i]),
                 lora,
                 path: input.path,
             };
@@ -284,6 +291,7 @@ impl Decoder {
 struct BlockStep<'a> {
     tables: &'a RopeTables,
     mask: Option<&'a Tensor>,
+    shared: Option<&'a SharedKv>,
     past: Option<&'a LayerKv>,
     lora: &'a LayerLora,
     path: Path,
@@ -342,44 +350,84 @@ impl Attention {
         let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.path)?;
         // Grouped-query attention without copying K/V per query head: the
         // `group` query heads that share a KV head are stacked along the
-        // sequence axis, [b, kv_heads, group * seq, hd]. The past and the new
-        // positions are attended separately and never concatenated, so a
-        // decoding step does not copy the past.
+        // sequence axis, [b, kv_heads, group * seq, hd]. The shared K/V, the
+        // past and the new positions are attended as separate segments whose
+        // scores share one softmax; K/V are never concatenated, so a decoding
+        // step copies neither the document nor the past.
         let q = q.reshape((batch, kv_heads, group * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let shared_len = step.shared.map_or(0, |s| s.kv.len());
         let past_len = step.past.map_or(0, LayerKv::len);
-        let new_scores = q.matmul(&k.t()?)?;
-        let scores = match step.past {
-            Some(past) => Tensor::cat(&[&q.matmul(&past.k.t()?)?, &new_scores], 3)?,
-            None => new_scores,
-        };
-        let keys = past_len + seq;
+        let mut segments = Vec::with_capacity(3);
+        if let Some(shared) = step.shared {
+            let scores = shared_matmul(&q, &shared.kv.k.t()?)?;
+            segments.push(match &shared.bias {
+                Some(bias) => scores.broadcast_add(
+                    &bias
+                        .to_dtype(scores.dtype())?
+                        .reshape((1, kv_heads, 1, shared_len))?,
+                )?,
+                None => scores,
+            });
+        }
+        if let Some(past) = step.past {
+            segments.push(q.matmul(&past.k.t()?)?);
+        }
+        segments.push(q.matmul(&k.t()?)?);
+        let scores = Tensor::cat(&segments, 3)?;
+        let keys = shared_len + past_len + seq;
         let acc = ops::accumulation_dtype(scores.dtype());
         let scores = (scores * scale)?
             .to_dtype(acc)?
             .reshape((batch, kv_heads, group, seq, keys))?;
-        let scores = match step.mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
+        let scores = match (step.mask, shared_len) {
+            (Some(mask), 0) => scores.broadcast_add(mask)?,
+            (Some(mask), n) => {
+                let visible = Tensor::zeros((mask.dim(0)?, 1, 1, seq, n), acc, mask.device())?;
+                scores.broadcast_add(&Tensor::cat(&[&visible, mask], 4)?)?
+            }
+            (None, _) => scores,
         };
         let probs = ops::softmax_last_dim(&scores, step.path)?
             .to_dtype(x.dtype())?
             .reshape((batch, kv_heads, group * seq, keys))?;
-        let out = match step.past {
-            Some(past) => {
-                let from_past = probs
-                    .narrow(3, 0, past_len)?
-                    .contiguous()?
-                    .matmul(&past.v)?;
-                let from_new = probs.narrow(3, past_len, seq)?.contiguous()?.matmul(&v)?;
-                (from_past + from_new)?
-            }
-            None => probs.matmul(&v)?,
-        };
+        let mut out = probs
+            .narrow(3, shared_len + past_len, seq)?
+            .contiguous()?
+            .matmul(&v)?;
+        if let Some(past) = step.past {
+            let weights = probs.narrow(3, shared_len, past_len)?.contiguous()?;
+            out = (out + weights.matmul(&past.v)?)?;
+        }
+        if let Some(shared) = step.shared {
+            let weights = probs.narrow(3, 0, shared_len)?;
+            out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
+        }
         let out = out
             .reshape((batch, heads, seq, hd))?
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
         Ok((self.o_proj.forward(&out)?, LayerKv { k, v }))
     }
+}
+
+/// `x @ m` for `x` of shape `[batch, kv_heads, rows, inner]` and a single-row
+/// `m` of shape `[1, kv_heads, inner, cols]` that every row of the batch
+/// shares: the batch is folded into the rows, so `m` is read once and never
+/// copied per row.
+fn shared_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let (batch, kv_heads, rows, inner) = x.dims4()?;
+    if batch == 1 {
+        return Ok(x.contiguous()?.matmul(m)?);
+    }
+    let cols = m.dim(3)?;
+    let folded = x
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((1, kv_heads, batch * rows, inner))?;
+    Ok(folded
+        .matmul(m)?
+        .reshape((kv_heads, batch, rows, cols))?
+        .transpose(0, 1)?
+        .contiguous()?)
 }

@@ -33,6 +33,22 @@ impl LayerKv {
     }
 }
 
+/// One layer's K/V that every row of a batch reads (a loaded document),
+/// `[1, kv_heads, len, head_dim]`, visible to every query.
+#[derive(Debug, Clone)]
+pub struct SharedKv {
+    pub kv: LayerKv,
+    /// An additive `[kv_heads, len]` term on the attention scores: `-inf`
+    /// hides a slot, so heads that keep fewer positions than others can pad.
+    pub bias: Option<Tensor>,
+}
+
+impl From<LayerKv> for SharedKv {
+    fn from(kv: LayerKv) -> Self {
+        SharedKv { kv, bias: None }
+    }
+}
+
 /// A cache for incremental decoding. Each layer's K/V live in a buffer with
 /// room to grow; appending writes in place, and the past handed to a forward
 /// pass is a view, so a decoding step costs no copy of the (possibly long)
@@ -128,6 +144,15 @@ impl KvCache {
         Ok(())
     }
 
+    /// Keeps only the batch rows at `rows` (a u32 tensor), in that order.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for b in &mut self.buffers {
+            b.k = b.k.index_select(rows, 0)?;
+            b.v = b.v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -176,6 +201,21 @@ mod tests {
         assert_eq!(keys(&cache), [1.0, 2.0, 9.0]);
         let v: Vec<f32> = cache.past()?.unwrap()[0].v.flatten_all()?.to_vec1()?;
         assert_eq!(v, [10.0, 20.0, 90.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn select_rows_keeps_rows_in_order() -> Result<()> {
+        let rows = Tensor::from_slice(&[1f32, 2.0, 3.0], (3, 1, 1, 1), &Device::Cpu)?;
+        let mut cache = KvCache::new(
+            vec![LayerKv {
+                k: rows.clone(),
+                v: rows,
+            }],
+            1,
+        )?;
+        cache.select_rows(&Tensor::new(&[2u32, 0], &Device::Cpu)?)?;
+        assert_eq!(keys(&cache), [3.0, 1.0]);
         Ok(())
     }
 

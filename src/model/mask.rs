@@ -26,6 +26,27 @@ pub fn causal(seq: usize, past: usize, device: &Device) -> Result<Tensor> {
     additive_from_fn(seq, past + seq, device, |i, j| j <= past + i)
 }
 
+/// The additive causal mask `[rows, seq, past + seq]` for a batch whose rows
+/// are left-padded: row r's first `pads[r]` positions (counted over past and
+/// new together) are padding that no later token sees. A padding token sees
+/// itself, so no row of scores is all `-inf`.
+pub fn left_padded_causal(
+    pads: &[usize],
+    seq: usize,
+    past: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let rows = pads
+        .iter()
+        .map(|&pad| {
+            additive_from_fn(seq, past + seq, device, |i, j| {
+                j == past + i || (pad <= j && j < past + i)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
 /// A causal mask over `seq` tokens (no past) in which every token of each block
 /// in `blocks` also sees every other token of that block.
 pub fn causal_with_bidirectional_blocks(
@@ -73,6 +94,23 @@ mod tests {
         assert_eq!(m[0][..4], [0.0; 4]);
         assert_eq!(m[0][4], f32::NEG_INFINITY);
         assert_eq!(m[1], [0.0; 5]);
+        Ok(())
+    }
+
+    #[test]
+    fn left_padding_is_hidden_from_later_tokens() -> Result<()> {
+        let m = left_padded_causal(&[0, 2], 3, 0, &Device::Cpu)?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m.get(0)?.to_vec2::<f32>()?,
+            causal(3, 0, &Device::Cpu)?.to_vec2::<f32>()?
+        );
+        assert_eq!(
+            m.get(1)?.to_vec2::<f32>()?,
+            [[0.0, inf, inf], [inf, 0.0, inf], [inf, inf, 0.0]]
+        );
+        let step = left_padded_causal(&[1], 1, 3, &Device::Cpu)?.to_vec3::<f32>()?;
+        assert_eq!(step, [[[inf, 0.0, 0.0, 0.0]]]);
         Ok(())
     }
 

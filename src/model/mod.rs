@@ -12,7 +12,7 @@ pub mod source;
 
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{Decoder, ForwardInput, ForwardOutput};
-pub use kv::{KvCache, LayerKv};
+pub use kv::{KvCache, LayerKv, SharedKv};
 pub use lora::{LayerLora, LowRank, QvLora};
 pub use mask::AttentionMask;
 pub use ops::Path;
