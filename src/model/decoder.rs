@@ -358,36 +358,37 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let shared_len = step.shared.map_or(0, |s| s.kv.len());
         let past_len = step.past.map_or(0, LayerKv::len);
-        let mut segments = Vec::with_capacity(3);
-        if let Some(shared) = step.shared {
-            let scores = shared_matmul(&q, &shared.kv.k.t()?)?;
-            segments.push(match &shared.bias {
-                Some(bias) => scores.broadcast_add(
-                    &bias
-                        .to_dtype(scores.dtype())?
-                        .reshape((1, kv_heads, 1, shared_len))?,
-                )?,
-                None => scores,
-            });
-        }
-        if let Some(past) = step.past {
-            segments.push(q.matmul(&past.k.t()?)?);
-        }
-        segments.push(q.matmul(&k.t()?)?);
-        let scores = Tensor::cat(&segments, 3)?;
-        let keys = shared_len + past_len + seq;
-        let acc = ops::accumulation_dtype(scores.dtype());
-        let scores = (scores * scale)?
-            .to_dtype(acc)?
-            .reshape((batch, kv_heads, group, seq, keys))?;
-        let scores = match (step.mask, shared_len) {
-            (Some(mask), 0) => scores.broadcast_add(mask)?,
-            (Some(mask), n) => {
-                let visible = Tensor::zeros((mask.dim(0)?, 1, 1, seq, n), acc, mask.device())?;
-                scores.broadcast_add(&Tensor::cat(&[&visible, mask], 4)?)?
-            }
-            (None, _) => scores,
+        let acc = ops::accumulation_dtype(q.dtype());
+        let scaled = |scores: Tensor, keys: usize| -> Result<Tensor> {
+            Ok((scores * scale)?
+                .to_dtype(acc)?
+                .reshape((batch, kv_heads, group, seq, keys))?)
         };
+        // The mask covers the row's own past and the new positions only; the
+        // shared K/V, usually the longest segment, is visible to every query.
+        let own = match step.past {
+            Some(past) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
+            None => q.matmul(&k.t()?)?,
+        };
+        let own = scaled(own, past_len + seq)?;
+        let own = match step.mask {
+            Some(mask) => own.broadcast_add(mask)?,
+            None => own,
+        };
+        let scores = match step.shared {
+            Some(shared) => {
+                let mut scores = scaled(shared_matmul(&q, &shared.kv.k.t()?)?, shared_len)?;
+                if let Some(bias) = &shared.bias {
+                    let bias = bias
+                        .to_dtype(acc)?
+                        .reshape((1, kv_heads, 1, 1, shared_len))?;
+                    scores = scores.broadcast_add(&bias)?;
+                }
+                Tensor::cat(&[scores, own], 4)?
+            }
+            None => own,
+        };
+        let keys = shared_len + past_len + seq;
         let probs = ops::softmax_last_dim(&scores, step.path)?
             .to_dtype(x.dtype())?
             .reshape((batch, kv_heads, group * seq, keys))?;
