@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use candle_core::{Device, Tensor};
 use common::{fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
-use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath};
+use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath, SharedKv};
 
 fn model(name: &str) -> String {
     fixture_dir(name).to_string_lossy().into_owned()
@@ -71,7 +71,7 @@ fn uncompressed_greedy(
         })
         .unwrap();
     let context = DecoderContext {
-        past: out.kv,
+        past: out.kv.into_iter().map(SharedKv::from).collect(),
         question_position: ids.len() as u32,
         prefix: None,
     };
@@ -165,7 +165,8 @@ fn default_output_replaces_the_extension() {
     );
     let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
     assert_eq!(info["header"]["document"]["name"], "notes.txt");
-    assert_eq!(info["header"]["compressor"]["method"], "uniform");
+    // Without an adapter, `auto` is kvzip.
+    assert_eq!(info["header"]["compressor"]["method"], "kvzip");
 }
 
 #[test]
