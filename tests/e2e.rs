@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use candle_core::{Device, Tensor};
-use common::{fixture_dir, run_ok, sac, sac_fixture};
+use common::{failing, fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
 use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath, SharedKv};
 
@@ -222,14 +222,6 @@ fn batch_answers_every_question_as_json_lines() {
             assert_eq!(a[key], b[key], "{key}");
         }
     }
-}
-
-fn failing(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    err
 }
 
 #[test]
