@@ -18,10 +18,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use common::{LLAMA_3_2_1B, random_weights};
+use common::{LLAMA_3_2_1B, Placement, random_weights};
 use sac::compressor::{Compressor, Method};
-use sac::device::{DTypeSpec, DeviceSpec};
-use sac::model::{AttentionMask, Decoder, ForwardInput, ModelConfig, Path};
+use sac::model::{Decoder, ForwardInput, ModelConfig};
 use sac::select::RepeatPrompt;
 
 #[derive(Parser)]
@@ -36,13 +35,8 @@ struct Args {
     chunk_size: usize,
     #[arg(long, default_value_t = 5)]
     ratio: usize,
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
-    #[arg(long, default_value = "auto")]
-    dtype: DTypeSpec,
-    /// Passed by `cargo bench`.
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    placement: Placement,
 }
 
 /// Token ids of about the lengths Llama 3's tokenizer gives KVzip's prompts.
@@ -59,23 +53,15 @@ fn plain_prefill(decoder: &Decoder, ids: &Tensor) -> anyhow::Result<f64> {
     let n = ids.dim(1)?;
     let started = Instant::now();
     let positions = Tensor::arange(1u32, n as u32 + 1, decoder.device())?.unsqueeze(0)?;
-    let out = decoder.forward(ForwardInput {
-        embeds: &decoder.embed(ids)?,
-        positions: &positions,
-        mask: AttentionMask::Causal,
-        shared: None,
-        past: None,
-        lora: None,
-        path: Path::Inference,
-    })?;
+    let embeds = decoder.embed(ids)?;
+    let out = decoder.forward(ForwardInput::causal(&embeds, &positions))?;
     out.hidden.narrow(1, n - 1, 1)?.to_device(&Device::Cpu)?;
     Ok(started.elapsed().as_secs_f64())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let device = args.device.open()?;
-    let dtype = args.dtype.resolve(&device);
+    let (device, dtype) = args.placement.open()?;
     let mut config = ModelConfig::from_json(LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
     config.num_layers = args.layers;
     let decoder = Decoder::load(config.clone(), random_weights(&config, dtype, &device)?)?;
@@ -93,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             "tokens": args.tokens,
             "layers": args.layers,
             "dtype": format!("{dtype:?}").to_lowercase(),
-            "device": args.device.to_string(),
+            "device": args.placement.device.to_string(),
             "threads": candle_core::utils::get_num_threads(),
             "seconds": prefill_s,
         })

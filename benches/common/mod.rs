@@ -4,7 +4,28 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use sac::device::{DTypeSpec, DeviceSpec};
 use sac::model::ModelConfig;
+
+/// Where a bench runs.
+#[derive(clap::Args)]
+pub struct Placement {
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeSpec,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Placement {
+    pub fn open(&self) -> anyhow::Result<(Device, DType)> {
+        let device = self.device.open()?;
+        let dtype = self.dtype.resolve(&device);
+        Ok((device, dtype))
+    }
+}
 
 /// Llama-3.2-1B's `config.json`: 16 layers, hidden 2048, 32 heads, 8 KV
 /// heads, MLP 8192, vocab 128256, tied embeddings.

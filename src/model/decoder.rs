@@ -41,6 +41,22 @@ pub struct ForwardInput<'a> {
     pub path: Path,
 }
 
+impl<'a> ForwardInput<'a> {
+    /// A causal inference pass over `embeds` at `positions`: no shared K/V,
+    /// no past, no LoRA; set the fields a pass needs beyond that.
+    pub fn causal(embeds: &'a Tensor, positions: &'a Tensor) -> Self {
+        ForwardInput {
+            embeds,
+            positions,
+            mask: AttentionMask::Causal,
+            shared: None,
+            past: None,
+            lora: None,
+            path: Path::Inference,
+        }
+    }
+}
+
 /// One forward pass's results, owned by the caller.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {

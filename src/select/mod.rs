@@ -24,9 +24,7 @@ pub use kvzip::RepeatPrompt;
 use crate::chunk;
 use crate::compressor::{ChunkKv, Compressor, Cost, Kept, Method};
 use crate::error::{Error, Result};
-use crate::model::{
-    AttentionMask, AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv, Path,
-};
+use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv};
 
 /// Tokens at the start of the context that every head keeps (attention
 /// sinks): kvpress's `n_sink` for `KVzipPress` and `StreamingLLMPress`. Here
@@ -110,14 +108,10 @@ fn forward(
     let first = u32::try_from(first_position)
         .map_err(|_| Error::InvalidInput(format!("position {first_position} exceeds u32")))?;
     let positions = Tensor::arange(first, first + ids.len() as u32, device)?.unsqueeze(0)?;
+    let embeds = decoder.embed(&ids_t)?;
     let input = ForwardInput {
-        embeds: &decoder.embed(&ids_t)?,
-        positions: &positions,
-        mask: AttentionMask::Causal,
-        shared: None,
         past,
-        lora: None,
-        path: Path::Inference,
+        ..ForwardInput::causal(&embeds, &positions)
     };
     match probe {
         Some(probe) => decoder.forward_probed(input, probe),

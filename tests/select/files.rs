@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use sac::compressor::{Compressor, Kept, Method};
 use sac::generate::DecoderContext;
-use sac::model::{AttentionMask, ForwardInput, LayerKv, Path, SharedKv};
+use sac::model::{ForwardInput, ForwardOutput, LayerKv, SharedKv};
 use sac::pack::{self, DocumentFacts};
 use sac::runtime::LoadedModel;
 use sac::sack::{KeptLayout, KvEncoding, SackReader, SackWriter, WriteOptions};
@@ -83,34 +83,30 @@ fn per_head_positions_survive_the_sack_round_trip() {
     );
 }
 
+/// One causal pass of `ids` at positions `first..`, reading `shared` first.
+fn pass(m: &LoadedModel, ids: &[u32], first: u32, shared: Option<&[SharedKv]>) -> ForwardOutput {
+    let ids_t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = m.decoder.embed(&ids_t).unwrap();
+    let n = ids.len() as u32;
+    let positions = Tensor::arange(first, first + n, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.decoder
+        .forward(ForwardInput {
+            shared,
+            ..ForwardInput::causal(&embeds, &positions)
+        })
+        .unwrap()
+}
+
 /// Logits of a question read after `context` at L + 1.
 fn logits(m: &LoadedModel, context: &[SharedKv], len: usize) -> Tensor {
     let ids = m.tokenizer.question_ids("Who opened it?").unwrap();
-    let n = ids.len() as u32;
-    let first = len as u32 + 1;
-    let out = m
-        .decoder
-        .forward(ForwardInput {
-            embeds: &m
-                .decoder
-                .embed(
-                    &Tensor::new(ids.as_slice(), &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
-                )
-                .unwrap(),
-            positions: &Tensor::arange(first, first + n, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            mask: AttentionMask::Causal,
-            shared: Some(context),
-            past: None,
-            lora: None,
-            path: Path::Inference,
-        })
-        .unwrap();
+    let out = pass(m, &ids, len as u32 + 1, Some(context));
     m.decoder.logits(&out.hidden).unwrap()
 }
 
@@ -135,30 +131,7 @@ fn a_per_head_sack_reads_as_each_heads_kept_kv() {
 
         // Brute force: the whole context's K/V at their own positions, each
         // head seeing only the positions it kept.
-        let full: Vec<LayerKv> = m
-            .decoder
-            .forward(ForwardInput {
-                embeds: &m
-                    .decoder
-                    .embed(
-                        &Tensor::new(ids.as_slice(), &Device::Cpu)
-                            .unwrap()
-                            .unsqueeze(0)
-                            .unwrap(),
-                    )
-                    .unwrap(),
-                positions: &Tensor::arange(1u32, len as u32 + 1, &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                mask: AttentionMask::Causal,
-                shared: None,
-                past: None,
-                lora: None,
-                path: Path::Inference,
-            })
-            .unwrap()
-            .kv;
+        let full: Vec<LayerKv> = pass(&m, &ids, 1, None).kv;
         let kept_only: Vec<SharedKv> = full
             .iter()
             .zip(&emitted)
