@@ -22,7 +22,6 @@ use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::chunk::{self, Chunk};
 use crate::error::{Error, Result};
 use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path};
-use crate::select::{self, RepeatPrompt};
 
 /// Which compressor `sac compress` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +163,7 @@ pub struct Compressor<'a> {
     adapter: Option<&'a SacAdapter>,
     ratio: usize,
     chunk_size: usize,
-    repeat_prompt: Option<RepeatPrompt>,
+    repeat_prompt: Option<crate::select::RepeatPrompt>,
 }
 
 impl<'a> Compressor<'a> {
@@ -186,20 +185,6 @@ impl<'a> Compressor<'a> {
             chunk_size,
             repeat_prompt: None,
         })
-    }
-
-    /// The prompt `kvzip` asks the model to reconstruct the context with;
-    /// `kvzip` refuses to run without one.
-    pub fn with_repeat_prompt(mut self, prompt: RepeatPrompt) -> Self {
-        self.repeat_prompt = Some(prompt);
-        self
-    }
-
-    /// [`Compressor::check_fits`], plus what a compressor needs beyond the
-    /// question's room (`kvzip` places its repeat prompt after the context).
-    pub fn check_document(&self, len: usize) -> Result<()> {
-        self.check_fits(len)?;
-        select::check_fits(self, len)
     }
 
     /// Refuses a context of `len` tokens that leaves the question no room
@@ -246,8 +231,22 @@ impl<'a> Compressor<'a> {
         self.decoder
     }
 
-    pub fn repeat_prompt(&self) -> Option<&RepeatPrompt> {
+    pub fn repeat_prompt(&self) -> Option<&crate::select::RepeatPrompt> {
         self.repeat_prompt.as_ref()
+    }
+
+    /// The prompt `kvzip` asks the model to reconstruct the context with;
+    /// `kvzip` refuses to run without one.
+    pub fn with_repeat_prompt(mut self, prompt: crate::select::RepeatPrompt) -> Self {
+        self.repeat_prompt = Some(prompt);
+        self
+    }
+
+    /// [`Compressor::check_fits`], plus what a compressor needs beyond the
+    /// question's room (`kvzip` places its repeat prompt after the context).
+    pub fn check_document(&self, len: usize) -> Result<()> {
+        self.check_fits(len)?;
+        crate::select::check_fits(self, len)
     }
 
     /// Compresses the context `ids` (positions 1..=L), handing each chunk's
@@ -260,11 +259,8 @@ impl<'a> Compressor<'a> {
         mut emit: impl FnMut(ChunkKv) -> Result<()>,
     ) -> Result<Cost> {
         self.check_document(ids.len())?;
-        if matches!(
-            self.method,
-            Method::Kvzip | Method::Snapkv | Method::Streaming
-        ) {
-            return select::compress(self, ids, emit);
+        if let Some(select) = crate::select::selector(self.method) {
+            return crate::select::compress(self, select, ids, emit);
         }
         let started = Instant::now();
         let mut cache = KvCache::default();

@@ -220,12 +220,6 @@ fn layer_kv(
         .map(|h| h.positions.len())
         .max()
         .unwrap_or(0);
-    if longest == 0 {
-        return Err(Error::InvalidInput(format!(
-            "{file}: layer {} keeps no positions",
-            layer.layer
-        )));
-    }
     let ragged = layer
         .heads
         .iter()

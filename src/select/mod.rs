@@ -32,24 +32,29 @@ use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache
 /// prompt KVzip never evicts.
 pub const SINKS: usize = 4;
 
-/// Runs a selecting compressor (`kvzip`, `snapkv` or `streaming`) over the
-/// context `ids`.
+/// How a selecting compressor chooses from the prefilled context.
+pub(crate) type Select = fn(&Compressor, &[u32]) -> Result<Selection>;
+
+/// The selector behind `method`, if it is one of `kvzip`, `snapkv` and
+/// `streaming`.
+pub(crate) fn selector(method: Method) -> Option<Select> {
+    match method {
+        Method::Kvzip => Some(kvzip::select),
+        Method::Snapkv => Some(snapkv::select),
+        Method::Streaming => Some(streaming::select),
+        Method::Sac | Method::Uniform | Method::Full => None,
+    }
+}
+
+/// Runs `select` over the context `ids` and emits what it keeps.
 pub(crate) fn compress(
     compressor: &Compressor,
+    select: Select,
     ids: &[u32],
     emit: impl FnMut(ChunkKv) -> Result<()>,
 ) -> Result<Cost> {
     let started = Instant::now();
-    let selection = match compressor.method() {
-        Method::Kvzip => kvzip::select(compressor, ids)?,
-        Method::Snapkv => snapkv::select(compressor, ids)?,
-        Method::Streaming => streaming::select(compressor, ids)?,
-        other => {
-            return Err(Error::InvalidInput(format!(
-                "the {other} compressor does not select from a prefill"
-            )));
-        }
-    };
+    let selection = select(compressor, ids)?;
     let past = selection.cache.past()?.unwrap_or_default();
     emit_chunks(&past, &selection.kept, compressor.chunk_size(), emit)?;
     Ok(Cost {
