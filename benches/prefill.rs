@@ -5,15 +5,14 @@
 //!
 //! `cargo bench --bench prefill -- [--tokens 512] [--repeats 3] [--dtype f32]`
 
-use std::time::Instant;
-
 mod common;
 
+use std::time::Instant;
+
 use candle_core::{Device, Tensor};
-use candle_nn::VarBuilder;
 use clap::Parser;
-use sac::device::{DTypeSpec, DeviceSpec};
-use sac::model::{AttentionMask, Decoder, ForwardInput, ModelConfig, Path};
+use common::{LLAMA_3_2_1B, Placement, random_weights};
+use sac::model::{Decoder, ForwardInput, ModelConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -23,26 +22,16 @@ struct Args {
     /// Timed runs after one warm-up.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
-    #[arg(long, default_value = "auto")]
-    dtype: DTypeSpec,
-    /// Passed by `cargo bench`.
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    placement: Placement,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let device = args.device.open()?;
-    let dtype = args.dtype.resolve(&device);
-    let config = ModelConfig::from_json(common::LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
+    let (device, dtype) = args.placement.open()?;
+    let config = ModelConfig::from_json(LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let weights = common::random_tensors(&config, dtype, &device)?;
-    let decoder = Decoder::load(
-        config.clone(),
-        VarBuilder::from_tensors(weights, dtype, &device),
-    )?;
+    let decoder = Decoder::load(config.clone(), random_weights(&config, dtype, &device)?)?;
     let init_s = t0.elapsed().as_secs_f64();
 
     let n = args.tokens;
@@ -54,15 +43,7 @@ fn main() -> anyhow::Result<()> {
     let prefill = || -> anyhow::Result<f64> {
         let start = Instant::now();
         let embeds = decoder.embed(&ids)?;
-        let out = decoder.forward(ForwardInput {
-            embeds: &embeds,
-            positions: &positions,
-            mask: AttentionMask::Causal,
-            shared: None,
-            past: None,
-            lora: None,
-            path: Path::Inference,
-        })?;
+        let out = decoder.forward(ForwardInput::causal(&embeds, &positions))?;
         // Only the last position's logits, as generation needs.
         let logits = decoder.logits(&out.hidden.narrow(1, n - 1, 1)?)?;
         logits.to_device(&Device::Cpu)?;
@@ -81,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             "threads": candle_core::utils::get_num_threads(),
             "tokens": n,
             "dtype": format!("{dtype:?}").to_lowercase(),
-            "device": args.device.to_string(),
+            "device": args.placement.device.to_string(),
             "init_s": init_s,
             "warmup_s": warmup_s,
             "best_s": times[0],

@@ -138,7 +138,7 @@ pub struct InfoArgs {
 /// `--compressor` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompressorChoice {
-    /// `sac` when an adapter is given, else `uniform`.
+    /// `sac` when an adapter is given, else `kvzip`.
     Auto,
     /// The paper's compressor (needs --adapter).
     Sac,
@@ -146,6 +146,14 @@ pub enum CompressorChoice {
     Uniform,
     /// Every token kept: a prompt cache (lossless with --kv-encoding f32).
     Full,
+    /// Training-free: the K/V the model attends to when asked to repeat the
+    /// document, chosen per layer and KV head (KVzip); about 2-3x a prefill.
+    Kvzip,
+    /// Training-free: the K/V the document's last 64 tokens attend to,
+    /// chosen per layer and KV head (SnapKV); about one prefill.
+    Snapkv,
+    /// The first 4 tokens and the most recent ones (StreamingLLM): a baseline.
+    Streaming,
 }
 
 /// `--kv-encoding` values.

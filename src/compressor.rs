@@ -8,9 +8,13 @@
 //! - `full`: every position's K/V from one causal prefill of the whole
 //!   context (chunk by chunk, each chunk seeing all before it): a lossless
 //!   prompt cache, the ceiling the others are measured against.
+//! - `kvzip`, `snapkv`, `streaming`: training-free selection from a full
+//!   causal prefill ([`crate::select`]); KVzip and SnapKV keep different
+//!   positions per layer and KV head.
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use candle_core::{D, Device, Tensor};
 
@@ -25,6 +29,9 @@ pub enum Method {
     Sac,
     Uniform,
     Full,
+    Kvzip,
+    Snapkv,
+    Streaming,
 }
 
 impl Method {
@@ -33,7 +40,15 @@ impl Method {
             Method::Sac => "sac",
             Method::Uniform => "uniform",
             Method::Full => "full",
+            Method::Kvzip => "kvzip",
+            Method::Snapkv => "snapkv",
+            Method::Streaming => "streaming",
         }
+    }
+
+    /// Whether each layer and KV head keeps its own positions.
+    pub fn keeps_per_head(self) -> bool {
+        matches!(self, Method::Kvzip | Method::Snapkv)
     }
 }
 
@@ -51,8 +66,11 @@ impl FromStr for Method {
             "sac" => Ok(Method::Sac),
             "uniform" => Ok(Method::Uniform),
             "full" => Ok(Method::Full),
+            "kvzip" => Ok(Method::Kvzip),
+            "snapkv" => Ok(Method::Snapkv),
+            "streaming" => Ok(Method::Streaming),
             other => Err(format!(
-                "`{other}` is not a compressor; use sac, uniform or full"
+                "`{other}` is not a compressor; use sac, uniform, full, kvzip, snapkv or streaming"
             )),
         }
     }
@@ -62,8 +80,8 @@ impl FromStr for Method {
 pub const QUESTION_ROOM: usize = 64;
 
 /// Checks that the compressor settings fit together: `sac` needs an adapter
-/// and runs at the adapter's ratio and chunk size; `uniform` and `full` take no
-/// adapter, and `full` keeps every token (ratio 1).
+/// and runs at the adapter's ratio and chunk size; the others take no adapter,
+/// and `full` keeps every token (ratio 1).
 pub fn check_settings(
     method: Method,
     adapter: Option<&AdapterConfig>,
@@ -86,7 +104,7 @@ pub fn check_settings(
                 a.ratio, a.chunk_size
             )))
         }
-        (Method::Uniform | Method::Full, Some(_)) => Err(Error::InvalidInput(format!(
+        (_, Some(_)) if method != Method::Sac => Err(Error::InvalidInput(format!(
             "the {method} compressor takes no adapter"
         ))),
         (Method::Full, None) if ratio != 1 => Err(Error::InvalidInput(
@@ -100,10 +118,41 @@ pub fn check_settings(
 #[derive(Debug, Clone)]
 pub struct ChunkKv {
     pub chunk: Chunk,
-    /// 1-based position ids of the kept tokens, ascending.
-    pub positions: Vec<u32>,
+    pub kept: Kept,
     /// Per layer, `[1, kv_heads, kept, head_dim]`; keys carry RoPE.
     pub layers: Vec<LayerKv>,
+}
+
+/// Which tokens of a chunk are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// 1-based position ids every layer and KV head keeps, ascending.
+    Shared(Vec<u32>),
+    /// Per layer, per KV head, its own 1-based position ids, ascending. A
+    /// layer's K/V hold head h's tokens in its first slots, zero-padded to
+    /// the layer's longest set.
+    PerHead(Vec<Vec<Vec<u32>>>),
+}
+
+impl Kept {
+    /// K/V pairs kept: tokens times layers times KV heads.
+    pub fn pairs(&self, layers: usize, kv_heads: usize) -> usize {
+        match self {
+            Kept::Shared(positions) => positions.len() * layers * kv_heads,
+            Kept::PerHead(sets) => sets.iter().flatten().map(Vec::len).sum(),
+        }
+    }
+}
+
+/// Where a compression's time went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    /// The whole compression, `emit` included.
+    pub total: Duration,
+    /// The plain causal prefill of the context inside it, for the compressors
+    /// that run one (`full`, `kvzip`, `snapkv`, `streaming`): the baseline
+    /// their overhead is measured against.
+    pub prefill: Option<Duration>,
 }
 
 /// A configured compressor over one model.
@@ -114,6 +163,7 @@ pub struct Compressor<'a> {
     adapter: Option<&'a SacAdapter>,
     ratio: usize,
     chunk_size: usize,
+    repeat_prompt: Option<crate::select::RepeatPrompt>,
 }
 
 impl<'a> Compressor<'a> {
@@ -133,6 +183,7 @@ impl<'a> Compressor<'a> {
             adapter,
             ratio,
             chunk_size,
+            repeat_prompt: None,
         })
     }
 
@@ -176,11 +227,42 @@ impl<'a> Compressor<'a> {
         self.chunk_size
     }
 
+    pub fn decoder(&self) -> &'a Decoder {
+        self.decoder
+    }
+
+    pub fn repeat_prompt(&self) -> Option<&crate::select::RepeatPrompt> {
+        self.repeat_prompt.as_ref()
+    }
+
+    /// The prompt `kvzip` asks the model to reconstruct the context with;
+    /// `kvzip` refuses to run without one.
+    pub fn with_repeat_prompt(mut self, prompt: crate::select::RepeatPrompt) -> Self {
+        self.repeat_prompt = Some(prompt);
+        self
+    }
+
+    /// [`Compressor::check_fits`], plus what a compressor needs beyond the
+    /// question's room (`kvzip` places its repeat prompt after the context).
+    pub fn check_document(&self, len: usize) -> Result<()> {
+        self.check_fits(len)?;
+        crate::select::check_fits(self, len)
+    }
+
     /// Compresses the context `ids` (positions 1..=L), handing each chunk's
     /// kept K/V to `emit` as soon as it is computed, so nothing but the kept
-    /// K/V (and, for `full`, the cache it attends to) stays in memory.
-    pub fn compress(&self, ids: &[u32], mut emit: impl FnMut(ChunkKv) -> Result<()>) -> Result<()> {
-        self.check_fits(ids.len())?;
+    /// K/V (and, for `full` and the selectors, the cache they attend to)
+    /// stays in memory.
+    pub fn compress(
+        &self,
+        ids: &[u32],
+        mut emit: impl FnMut(ChunkKv) -> Result<()>,
+    ) -> Result<Cost> {
+        self.check_document(ids.len())?;
+        if let Some(select) = crate::select::selector(self.method) {
+            return crate::select::compress(self, select, ids, emit);
+        }
+        let started = Instant::now();
         let mut cache = KvCache::default();
         for chunk in chunk::chunks(ids.len(), self.chunk_size) {
             let chunk_ids = &ids[chunk.start..chunk.start + chunk.len];
@@ -195,11 +277,15 @@ impl<'a> Compressor<'a> {
                 .collect();
             emit(ChunkKv {
                 chunk,
-                positions,
+                kept: Kept::Shared(positions),
                 layers,
             })?;
         }
-        Ok(())
+        let total = started.elapsed();
+        Ok(Cost {
+            total,
+            prefill: (self.method == Method::Full).then_some(total),
+        })
     }
 
     fn run_chunk(
@@ -227,7 +313,7 @@ impl<'a> Compressor<'a> {
             positions: &positions,
             mask: match self.method {
                 Method::Sac => AttentionMask::Full,
-                Method::Uniform | Method::Full => AttentionMask::Causal,
+                _ => AttentionMask::Causal,
             },
             shared: None,
             past: past.as_deref(),

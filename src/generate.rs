@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{Error, Result};
-use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path, SharedKv, mask};
+use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, Path, SharedKv, mask};
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,8 +33,9 @@ impl SamplingSettings {
 /// What the decoder reads before the question.
 #[derive(Debug, Clone)]
 pub struct DecoderContext {
-    /// The kept K/V, one entry per layer.
-    pub past: Vec<LayerKv>,
+    /// The kept K/V, one entry per layer; a layer whose KV heads keep
+    /// different positions carries a bias hiding each head's padding.
+    pub past: Vec<SharedKv>,
     /// Position id of the question's first token (L + 1 for a context at 1..=L).
     pub question_position: u32,
     /// Learned embeddings `[n, hidden]` read at the `n` positions just before
@@ -115,7 +116,7 @@ impl<'a> Answerer<'a> {
         }
         Ok(Answerer {
             decoder,
-            shared: context.past.into_iter().map(SharedKv::from).collect(),
+            shared: context.past,
             question_position: context.question_position,
             prefix: context.prefix,
             eos: eos.to_vec(),

@@ -17,6 +17,7 @@ pub mod model;
 pub mod pack;
 pub mod runtime;
 pub mod sack;
+pub mod select;
 pub mod tokens;
 
 pub use error::{Error, Result};

@@ -1,18 +1,19 @@
-//! Anchor K/V to a .sack and back: the header that describes a compressed
+//! Kept K/V to a .sack and back: the header that describes a compressed
 //! document, one segment per compressor chunk on the way out, decoder-ready
-//! tensors on the way in.
+//! tensors on the way in. Per-head kept sets (KVzip, SnapKV) load padded to
+//! each layer's longest set, the padding hidden by a `-inf` score bias.
 
 use std::io::{Read, Seek};
 
 use candle_core::{DType, Tensor};
 
-use crate::compressor::{ChunkKv, Compressor};
+use crate::compressor::{ChunkKv, Compressor, Kept};
 use crate::error::{Error, Result};
 use crate::generate::DecoderContext;
-use crate::model::{Decoder, LayerKv};
+use crate::model::{Decoder, LayerKv, SharedKv};
 use crate::runtime::LoadedModel;
 use crate::sack::{
-    CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
+    self, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
     KvSlot, ModelInfo, SackHeader, SackReader, SackWriter, Sink, TokenizerInfo, now_rfc3339,
 };
 
@@ -69,7 +70,10 @@ pub fn header(
             document.name.clone(),
         ),
         kv: KvInfo {
-            layout: KeptLayout::Shared,
+            layout: match compressor.method().keeps_per_head() {
+                true => KeptLayout::PerHead,
+                false => KeptLayout::Shared,
+            },
             key_rope: KeyRope::Kept,
         },
         decoder: DecoderInfo {
@@ -79,20 +83,52 @@ pub fn header(
     })
 }
 
-/// Writes one chunk's kept K/V as segment `chunk.index` of a shared layout.
+/// Writes one chunk's kept K/V as segment `chunk.index`, in the layout its
+/// kept sets have (the header's, see [`header`]).
 pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
     let segment = chunk.chunk.index as u32;
-    let indices: Vec<u32> = chunk.positions.iter().map(|p| p - FIRST_POSITION).collect();
-    writer.add_positions(segment, KeptSet::Shared, &indices)?;
-    for (layer, kv) in chunk.layers.iter().enumerate() {
-        let keys = floats(&kv.k)?;
-        let values = floats(&kv.v)?;
-        let slot = KvSlot {
-            layer: layer as u32,
-            head: None,
-        };
-        writer.add_kv(segment, slot, Floats::F32(&keys), Floats::F32(&values))?;
+    let indices =
+        |positions: &[u32]| -> Vec<u32> { positions.iter().map(|p| p - FIRST_POSITION).collect() };
+    match &chunk.kept {
+        Kept::Shared(positions) => {
+            writer.add_positions(segment, KeptSet::Shared, &indices(positions))?;
+            for (layer, kv) in chunk.layers.iter().enumerate() {
+                let slot = KvSlot {
+                    layer: layer as u32,
+                    head: None,
+                };
+                write_kv(writer, segment, slot, &kv.k, &kv.v)?;
+            }
+        }
+        Kept::PerHead(sets) => {
+            for ((layer, kv), heads) in chunk.layers.iter().enumerate().zip(sets) {
+                for (head, positions) in heads.iter().enumerate() {
+                    let (layer, head) = (layer as u32, head as u32);
+                    let set = KeptSet::Head { layer, head };
+                    writer.add_positions(segment, set, &indices(positions))?;
+                    let own =
+                        |t: &Tensor| t.narrow(1, head as usize, 1)?.narrow(2, 0, positions.len());
+                    let slot = KvSlot {
+                        layer,
+                        head: Some(head),
+                    };
+                    write_kv(writer, segment, slot, &own(&kv.k)?, &own(&kv.v)?)?;
+                }
+            }
+        }
     }
+    Ok(())
+}
+
+fn write_kv<S: Sink>(
+    writer: &mut SackWriter<S>,
+    segment: u32,
+    slot: KvSlot,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    let (keys, values) = (floats(k)?, floats(v)?);
+    writer.add_kv(segment, slot, Floats::F32(&keys), Floats::F32(&values))?;
     Ok(())
 }
 
@@ -124,40 +160,10 @@ pub fn load_context<R: Read + Seek>(
         )));
     }
     let first = header.decoder.first_position;
-    let device = decoder.device();
     let mut past = Vec::with_capacity(c.num_layers);
     for layer in 0..m.layers {
-        let stacked = reader.read_layer(layer)?.into_stacked().map_err(|_| {
-            Error::InvalidInput(format!(
-                "{} keeps different positions per KV head, which this decoder cannot read yet",
-                reader.file_name()
-            ))
-        })?;
-        let shape = (1, c.num_kv_heads, stacked.positions.len(), c.head_dim);
-        let load = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(decoder.dtype())?)
-        };
-        let mut k = load(stacked.keys)?;
-        let v = load(stacked.values)?;
-        match header.kv.key_rope {
-            KeyRope::Kept => {}
-            KeyRope::None => {
-                let positions: Vec<i64> = stacked
-                    .positions
-                    .iter()
-                    .map(|&p| i64::from(first) + i64::from(p))
-                    .collect();
-                let positions = Tensor::new(positions.as_slice(), device)?.unsqueeze(0)?;
-                k = decoder.rotate(&k, &positions)?;
-            }
-            KeyRope::Sequential => {
-                return Err(Error::InvalidInput(format!(
-                    "{} stores keys rotated as a contiguous prefix, which sac does not read",
-                    reader.file_name()
-                )));
-            }
-        }
-        past.push(LayerKv { k, v });
+        let read = reader.read_layer(layer)?;
+        past.push(layer_kv(read, decoder, &header, reader.file_name())?);
     }
     let question_position = u64::from(first) + header.document.tokens;
     if question_position >= c.max_position_embeddings as u64 {
@@ -184,11 +190,94 @@ pub fn load_context<R: Read + Seek>(
         }
         let rows = prefix.len();
         let flat: Vec<f32> = prefix.into_iter().flatten().collect();
-        Some(Tensor::from_vec(flat, (rows, c.hidden_size), device)?.to_dtype(decoder.dtype())?)
+        Some(
+            Tensor::from_vec(flat, (rows, c.hidden_size), decoder.device())?
+                .to_dtype(decoder.dtype())?,
+        )
     };
     Ok(DecoderContext {
         past,
         question_position,
         prefix,
+    })
+}
+
+/// One layer of a .sack as the decoder reads it: heads that keep different
+/// positions are zero-padded to the longest and the padding hidden by a
+/// `-inf` bias; keys stored before RoPE are rotated to their positions.
+fn layer_kv(
+    layer: sack::LayerKv,
+    decoder: &Decoder,
+    header: &SackHeader,
+    file: &str,
+) -> Result<SharedKv> {
+    let first = header.decoder.first_position;
+    let c = decoder.config();
+    let device = decoder.device();
+    let longest = layer
+        .heads
+        .iter()
+        .map(|h| h.positions.len())
+        .max()
+        .unwrap_or(0);
+    let ragged = layer
+        .heads
+        .iter()
+        .any(|h| h.positions != layer.heads[0].positions);
+    let dim = c.head_dim;
+    let mut keys = Vec::with_capacity(c.num_kv_heads * longest * dim);
+    let mut values = Vec::with_capacity(keys.capacity());
+    let mut bias = Vec::with_capacity(c.num_kv_heads * longest);
+    let mut positions = Vec::with_capacity(bias.capacity());
+    for head in layer.heads {
+        let pad = longest - head.positions.len();
+        keys.extend(
+            head.keys
+                .into_iter()
+                .chain(std::iter::repeat_n(0.0, pad * dim)),
+        );
+        values.extend(
+            head.values
+                .into_iter()
+                .chain(std::iter::repeat_n(0.0, pad * dim)),
+        );
+        bias.extend(
+            std::iter::repeat_n(0.0, longest - pad)
+                .chain(std::iter::repeat_n(f32::NEG_INFINITY, pad)),
+        );
+        positions.extend(
+            head.positions
+                .iter()
+                .chain(std::iter::repeat_n(&0, pad))
+                .map(|&p| i64::from(first) + i64::from(p)),
+        );
+    }
+    let shape = (1, c.num_kv_heads, longest, dim);
+    let load = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, shape, device)?.to_dtype(decoder.dtype())?)
+    };
+    let mut k = load(keys)?;
+    let v = load(values)?;
+    match header.kv.key_rope {
+        KeyRope::Kept => {}
+        KeyRope::None => {
+            let positions = Tensor::from_vec(positions, (c.num_kv_heads, longest), device)?;
+            let heads = (0..c.num_kv_heads)
+                .map(|h| decoder.rotate(&k.narrow(1, h, 1)?, &positions.narrow(0, h, 1)?))
+                .collect::<Result<Vec<_>>>()?;
+            k = Tensor::cat(&heads, 1)?;
+        }
+        KeyRope::Sequential => {
+            return Err(Error::InvalidInput(format!(
+                "{file} stores keys rotated as a contiguous prefix, which sac does not read"
+            )));
+        }
+    }
+    let bias = ragged
+        .then(|| Tensor::from_vec(bias, (c.num_kv_heads, longest), device))
+        .transpose()?;
+    Ok(SharedKv {
+        kv: LayerKv { k, v },
+        bias,
     })
 }

@@ -10,9 +10,15 @@ use crate::model::{ModelConfig, ModelFiles};
 /// What precedes the document in the compressor's input (after BOS).
 pub const CONTEXT_PREFIX: &str = "### Context:\n";
 
-/// The question prompt of the reference implementation; `{}` is the question.
+/// What precedes a question in the decoder's input.
+pub const QUESTION_HEAD: &str = "\n### Question:\n";
+
+/// What follows a question; the answer comes after it.
+pub const ANSWER_HEAD: &str = "\n### Answer:\n";
+
+/// The question prompt of the reference implementation.
 pub fn question_prompt(question: &str) -> String {
-    format!("\n### Question:\n{question}\n### Answer:\n")
+    format!("{QUESTION_HEAD}{question}{ANSWER_HEAD}")
 }
 
 /// A model's tokenizer plus the special ids that frame a prompt.

@@ -44,6 +44,10 @@ fn context_kv(m: &LoadedModel, text: &str) -> (Vec<LayerKv>, u32) {
     (out.kv, n)
 }
 
+fn shared(past: &[LayerKv]) -> Vec<SharedKv> {
+    past.iter().cloned().map(SharedKv::from).collect()
+}
+
 fn document() -> String {
     std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap()
 }
@@ -66,7 +70,7 @@ fn a_batch_answers_as_each_question_alone() {
             let answerer = Answerer::new(
                 &m.decoder,
                 DecoderContext {
-                    past: past.clone(),
+                    past: shared(&past),
                     question_position: len + 1,
                     prefix,
                 },
@@ -110,7 +114,7 @@ fn stopping_one_row_stops_the_batch() {
     let answerer = Answerer::new(
         &m.decoder,
         DecoderContext {
-            past,
+            past: shared(&past),
             question_position: len + 1,
             prefix: None,
         },

@@ -107,8 +107,8 @@ fn answer_logits(sack_path: &Path, question_ids: &[u32], answer_ids: &[u32]) -> 
             embeds: &embeds,
             positions: &positions,
             mask: AttentionMask::Causal,
-            shared: None,
-            past: Some(&context.past),
+            shared: Some(&context.past),
+            past: None,
             lora: None,
             path: ForwardPath::Inference,
         })

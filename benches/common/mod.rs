@@ -1,6 +1,6 @@
-//! Random-weight models for the benches: the tensors of any Llama-shaped
-//! config, and a whole model directory (config, weights, a BPE tokenizer
-//! trained on the bench's own text) that the `sac` binary can load.
+//! What the benches share: where they run, random-weight decoders of real
+//! models' shapes, and whole model directories (config, weights, a BPE
+//! tokenizer trained on the bench's own text) that the `sac` binary loads.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -8,6 +8,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sac::device::{DTypeSpec, DeviceSpec};
 use sac::model::ModelConfig;
 use serde_json::{Value, json};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -16,6 +18,26 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
+
+/// Where a bench runs.
+#[derive(clap::Args)]
+pub struct Placement {
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeSpec,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Placement {
+    pub fn open(&self) -> anyhow::Result<(Device, DType)> {
+        let device = self.device.open()?;
+        let dtype = self.dtype.resolve(&device);
+        Ok((device, dtype))
+    }
+}
 
 /// Llama-3.2-1B's `config.json` (vocabulary included).
 pub const LLAMA_3_2_1B: &str = r#"{
@@ -37,6 +59,16 @@ pub fn qwen_0_5b_shape() -> Value {
         "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "max_position_embeddings": 32768, "tie_word_embeddings": true
     })
+}
+
+/// A decoder's weights for `c`, from [`random_tensors`].
+pub fn random_weights(
+    c: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
+    let tensors = random_tensors(c, dtype, device)?;
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 /// Random tensors for every weight of `c`, named as in transformers

@@ -2,18 +2,18 @@
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::cli::{CompressArgs, CompressorChoice};
-use crate::compressor::{Compressor, Method, check_settings};
+use crate::compressor::{Compressor, Cost, Method, check_settings};
 use crate::fingerprint::DigestCache;
 use crate::pack::{self, DocumentFacts};
 use crate::runtime::LoadedModel;
 use crate::sack::{SackWriter, Sink, WriteOptions};
+use crate::select::RepeatPrompt;
 
 const DEFAULT_RATIO: usize = 5;
 const DEFAULT_CHUNK_SIZE: usize = 510;
@@ -41,8 +41,11 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     };
     let method = match (args.compressor, args.adapter.is_some()) {
         (CompressorChoice::Auto, true) | (CompressorChoice::Sac, _) => Method::Sac,
-        (CompressorChoice::Auto, false) | (CompressorChoice::Uniform, _) => Method::Uniform,
+        (CompressorChoice::Auto, false) | (CompressorChoice::Kvzip, _) => Method::Kvzip,
+        (CompressorChoice::Uniform, _) => Method::Uniform,
         (CompressorChoice::Full, _) => Method::Full,
+        (CompressorChoice::Snapkv, _) => Method::Snapkv,
+        (CompressorChoice::Streaming, _) => Method::Streaming,
     };
     let default_ratio = if method == Method::Full {
         1
@@ -97,10 +100,11 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         adapter.as_ref().map(|(a, _)| a),
         ratio,
         chunk_size,
-    )?;
+    )?
+    .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer)?);
 
     let ids = model.tokenizer.context_ids(&text)?;
-    compressor.check_fits(ids.len())?;
+    compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,
         tokens: ids.len(),
@@ -117,8 +121,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
     };
     let progress = progress_bar(ids.len() as u64, args.quiet);
-    let started = Instant::now();
-    let (kept, written) = match &output {
+    let (summary, written) = match &output {
         Output::File(path) => {
             let writer = SackWriter::create(path, &header, options)?;
             (
@@ -137,10 +140,20 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     };
     progress.finish_and_clear();
     if !args.quiet {
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = summary.cost.total.as_secs_f64();
+        let versus_prefill = summary.cost.prefill.map_or(String::new(), |p| {
+            format!(" ({:.1}x its prefill)", seconds / p.as_secs_f64().max(1e-9))
+        });
+        let slots = model.config.num_layers * model.config.num_kv_heads;
         eprintln!(
-            "sac: wrote {written}: {} tokens, {kept} kept ({method}, ratio {}), {:.0} tokens/s",
+            "sac: wrote {written}: {} tokens, {:.0} kept{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s{versus_prefill}",
             ids.len(),
+            summary.pairs as f64 / slots as f64,
+            if method.keeps_per_head() {
+                " per head on average"
+            } else {
+                ""
+            },
             compressor.ratio(),
             ids.len() as f64 / seconds.max(1e-9),
         );
@@ -148,22 +161,30 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Compresses `ids` chunk by chunk into `writer`; returns how many positions were kept.
+/// What a compression kept and cost.
+struct Summary {
+    /// K/V pairs kept (tokens x layers x KV heads).
+    pairs: usize,
+    cost: Cost,
+}
+
+/// Compresses `ids` chunk by chunk into `writer`.
 fn write_sack<S: Sink>(
     mut writer: SackWriter<S>,
     compressor: &Compressor,
     ids: &[u32],
     progress: &ProgressBar,
-) -> anyhow::Result<usize> {
-    let mut kept = 0;
-    compressor.compress(ids, |chunk| {
-        kept += chunk.positions.len();
+) -> anyhow::Result<Summary> {
+    let c = compressor.decoder().config();
+    let mut pairs = 0;
+    let cost = compressor.compress(ids, |chunk| {
+        pairs += chunk.kept.pairs(c.num_layers, c.num_kv_heads);
         pack::write_chunk(&mut writer, &chunk)?;
         progress.inc(chunk.chunk.len as u64);
         Ok(())
     })?;
     writer.finish()?;
-    Ok(kept)
+    Ok(Summary { pairs, cost })
 }
 
 /// Reads the document: UTF-8, not empty, from a file or standard input.

@@ -15,6 +15,7 @@ use super::kv::{LayerKv, SharedKv};
 use super::lora::{LayerLora, LowRank, QvLora};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Path};
+use super::probe::AttentionProbe;
 use super::rope::{Rope, RopeTables};
 use crate::error::{Error, Result};
 
@@ -40,6 +41,22 @@ pub struct ForwardInput<'a> {
     pub path: Path,
 }
 
+impl<'a> ForwardInput<'a> {
+    /// A causal inference pass over `embeds` at `positions`: no shared K/V,
+    /// no past, no LoRA; set the fields a pass needs beyond that.
+    pub fn causal(embeds: &'a Tensor, positions: &'a Tensor) -> Self {
+        ForwardInput {
+            embeds,
+            positions,
+            mask: AttentionMask::Causal,
+            shared: None,
+            past: None,
+            lora: None,
+            path: Path::Inference,
+        }
+    }
+}
+
 /// One forward pass's results, owned by the caller.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
@@ -47,6 +64,10 @@ pub struct ForwardOutput {
     pub hidden: Tensor,
     /// The K/V this pass computed (not including the past), one per layer.
     pub kv: Vec<LayerKv>,
+    /// Per layer, what the probe measured, `[kv_heads, keys]` in the
+    /// accumulation dtype; empty unless the pass ran with a probe
+    /// ([`Decoder::forward_probed`]).
+    pub attention: Vec<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +213,20 @@ impl Decoder {
 
     /// Runs the blocks over `input`; see [`ForwardInput`].
     pub fn forward(&self, input: ForwardInput) -> Result<ForwardOutput> {
+        self.run(input, None)
+    }
+
+    /// [`Decoder::forward`], also reporting in [`ForwardOutput::attention`]
+    /// the attention every layer pays to the past keys `probe` names.
+    pub fn forward_probed(
+        &self,
+        input: ForwardInput,
+        probe: &AttentionProbe,
+    ) -> Result<ForwardOutput> {
+        self.run(input, Some(probe))
+    }
+
+    fn run(&self, input: ForwardInput, probe: Option<&AttentionProbe>) -> Result<ForwardOutput> {
         let (batch, seq, hidden_size) = input.embeds.dims3()?;
         if hidden_size != self.config.hidden_size {
             return Err(Error::InvalidInput(format!(
@@ -226,6 +261,9 @@ impl Decoder {
             }
         }
         let past_len = input.past.and_then(|p| p.first()).map_or(0, LayerKv::len);
+        if let Some(probe) = probe {
+            probe.check(past_len)?;
+        }
         let mask = self.additive_mask(input.mask, batch, seq, past_len)?;
         let tables = self
             .rope
@@ -234,6 +272,7 @@ impl Decoder {
 
         let mut x = input.embeds.to_dtype(self.dtype)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
+        let mut attention = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let lora = input.lora.map_or(&no_lora, |l| &l.layers[i]);
             let step = BlockStep {
@@ -242,14 +281,20 @@ impl Decoder {
                 shared: input.shared.map(|s| &s[i]),
                 past: input.past.map(|p| &p[i]),
                 lora,
+                probe,
                 path: input.path,
             };
-            let (y, layer_kv) = block.forward(&x, &self.config, &step)?;
+            let (y, layer_kv, measured) = block.forward(&x, &self.config, &step)?;
             x = y;
             kv.push(layer_kv);
+            attention.extend(measured);
         }
         let hidden = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, input.path)?;
-        Ok(ForwardOutput { hidden, kv })
+        Ok(ForwardOutput {
+            hidden,
+            kv,
+            attention,
+        })
     }
 
     /// The mask as a `[batch|1, 1, 1, seq, past+seq]` tensor in the
@@ -294,13 +339,17 @@ struct BlockStep<'a> {
     shared: Option<&'a SharedKv>,
     past: Option<&'a LayerKv>,
     lora: &'a LayerLora,
+    probe: Option<&'a AttentionProbe>,
     path: Path,
 }
 
+/// A block's output, the K/V it computed, and what the probe measured.
+type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
+
 impl Block {
-    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<(Tensor, LayerKv)> {
+    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
         let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.path)?;
-        let (attn, kv) = self.attention.forward(&normed, c, step)?;
+        let (attn, kv, measured) = self.attention.forward(&normed, c, step)?;
         let x = (x + attn)?;
         let normed = ops::rms_norm(
             &x,
@@ -312,7 +361,7 @@ impl Block {
         let gate = mlp.gate_proj.forward(&normed)?.silu()?;
         let up = mlp.up_proj.forward(&normed)?;
         let y = mlp.down_proj.forward(&(gate * up)?)?;
-        Ok(((x + y)?, kv))
+        Ok(((x + y)?, kv, measured))
     }
 }
 
@@ -325,7 +374,7 @@ fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor) -> Result<Tensor> 
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<(Tensor, LayerKv)> {
+    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let group = c.group_size();
@@ -389,6 +438,10 @@ impl Attention {
             None => own,
         };
         let keys = shared_len + past_len + seq;
+        let measured = step
+            .probe
+            .map(|p| p.measure(&scores, shared_len, past_len))
+            .transpose()?;
         let probs = ops::softmax_last_dim(&scores, step.path)?
             .to_dtype(x.dtype())?
             .reshape((batch, kv_heads, group * seq, keys))?;
@@ -408,7 +461,7 @@ impl Attention {
             .reshape((batch, heads, seq, hd))?
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
-        Ok((self.o_proj.forward(&out)?, LayerKv { k, v }))
+        Ok((self.o_proj.forward(&out)?, LayerKv { k, v }, measured))
     }
 }
 

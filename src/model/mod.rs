@@ -7,6 +7,7 @@ pub mod kv;
 pub mod lora;
 pub mod mask;
 pub mod ops;
+pub mod probe;
 pub mod rope;
 pub mod source;
 
@@ -16,6 +17,7 @@ pub use kv::{KvCache, LayerKv, SharedKv};
 pub use lora::{LayerLora, LowRank, QvLora};
 pub use mask::AttentionMask;
 pub use ops::Path;
+pub use probe::{AttentionProbe, Reduce};
 pub use source::ModelFiles;
 
 use candle_core::{DType, Device};

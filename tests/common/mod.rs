@@ -89,6 +89,15 @@ pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Runs `cmd`, which must fail with one line on stderr; returns that line.
+pub fn failing(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    err
+}
+
 /// The directory of the SAC reference fixtures.
 pub fn sac_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

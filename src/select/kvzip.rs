@@ -1,0 +1,144 @@
+//! KVzip (Kim et al., "KVzip: Query-Agnostic KV Cache Compression with
+//! Context Reconstruction", NeurIPS 2025): after the context is prefilled,
+//! the model is asked to repeat it, chunk by chunk, with the chunk itself fed
+//! as the answer (teacher forcing). Each cached K/V pair is scored by the most
+//! attention any reconstruction query pays it, and the best pairs across all
+//! layers and heads are kept.
+//!
+//! Followed from snu-mllab/KVzip (`model/wrapper.py`: `self_task`, `scoring`;
+//! `attention/score.py`: `_get_score`) and kvpress's `KVzipPress`:
+//! - chunk i of the context is repeated after the prompt "Repeat the previous
+//!   context exactly." (i = 0) or "Repeat the part of the previous context
+//!   exactly, starting with" and the previous chunk's last 8 tokens (i > 0),
+//!   asked the way the decoder is asked a question (`### Question:` /
+//!   `### Answer:`, sac's analogue of KVzip's chat template);
+//! - every repeat pass reads the whole prefilled context as its past, at the
+//!   positions after it (L + 1, ...), and is then dropped: the repeat tokens
+//!   of one chunk are never seen by the next;
+//! - a chunk's scores are the softmax of every repeat query over the sinks,
+//!   that chunk's keys and the repeat tokens (causally), taken on the chunk's
+//!   keys, maxed over the queries and over the query heads of each GQA group;
+//! - the sinks ([`super::SINKS`]) are always kept and count against the
+//!   budget, as kvpress scores them 1.0; the budget is shared across layers
+//!   and heads ([`super::budget`]).
+//!
+//! KVzip repeats 2000-token chunks with FlashAttention; this decoder
+//! materializes each pass's attention, `[heads, q, L + q]` per layer for a
+//! repeat input of q tokens, so the chunk is `--chunk-size` (510 by default)
+//! and memory stays bounded by the chunk, not by L x L.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use super::budget::{self, Scores};
+use super::{KeptOffsets, SINKS, Selection};
+use crate::compressor::Compressor;
+use crate::error::{Error, Result};
+use crate::model::{AttentionProbe, KvCache, Reduce};
+use crate::tokens::{ANSWER_HEAD, QUESTION_HEAD, TextTokenizer, question_prompt};
+
+/// KVzip's instruction before the first chunk.
+pub const REPEAT_FIRST: &str = "Repeat the previous context exactly.";
+
+/// KVzip's instruction before later chunks, followed by the previous
+/// chunk's last [`PREVIOUS_TOKENS`] tokens.
+pub const REPEAT_NEXT: &str = "Repeat the part of the previous context exactly, starting with";
+
+/// How many of the previous chunk's tokens say where to resume (KVzip's
+/// `prev_postfix_size`).
+pub const PREVIOUS_TOKENS: usize = 8;
+
+/// The token ids the repeat inputs are built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepeatPrompt {
+    /// Before the first chunk: the question prompt of [`REPEAT_FIRST`].
+    pub first: Vec<u32>,
+    /// Before later chunks: `### Question:` and [`REPEAT_NEXT`].
+    pub next: Vec<u32>,
+    /// After the previous chunk's tokens: `### Answer:`.
+    pub answer: Vec<u32>,
+}
+
+impl RepeatPrompt {
+    pub fn new(tokenizer: &TextTokenizer) -> Result<Self> {
+        Ok(RepeatPrompt {
+            first: tokenizer.encode(&question_prompt(REPEAT_FIRST))?,
+            next: tokenizer.encode(&format!("{QUESTION_HEAD}{REPEAT_NEXT}"))?,
+            answer: tokenizer.encode(ANSWER_HEAD)?,
+        })
+    }
+
+    /// The repeat input for `chunk`: the prompt, then the chunk itself;
+    /// `previous` is the chunk before it, if any.
+    pub fn input(&self, chunk: &[u32], previous: Option<&[u32]>) -> Vec<u32> {
+        let mut input = match previous {
+            None => self.first.clone(),
+            Some(previous) => {
+                let tail = &previous[previous.len().saturating_sub(PREVIOUS_TOKENS)..];
+                [self.next.as_slice(), tail, &self.answer].concat()
+            }
+        };
+        input.extend_from_slice(chunk);
+        input
+    }
+
+    /// The most tokens a repeat input of a chunk of `chunk_size` holds.
+    pub fn longest_input(&self, chunk_size: usize) -> usize {
+        let next = self.next.len() + PREVIOUS_TOKENS + self.answer.len();
+        self.first.len().max(next) + chunk_size
+    }
+}
+
+/// The compressor's repeat prompt, which `kvzip` cannot run without.
+pub(crate) fn prompt<'c>(compressor: &'c Compressor) -> Result<&'c RepeatPrompt> {
+    compressor.repeat_prompt().ok_or_else(|| {
+        Error::InvalidInput(
+            "the kvzip compressor needs a repeat prompt (with_repeat_prompt)".into(),
+        )
+    })
+}
+
+/// The context ranges scored together: `sinks..len` in chunks of `chunk_size`.
+pub fn scored_chunks(len: usize, chunk_size: usize) -> Vec<Range<usize>> {
+    let sinks = SINKS.min(len);
+    (sinks..len)
+        .step_by(chunk_size)
+        .map(|start| start..(start + chunk_size).min(len))
+        .collect()
+}
+
+pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
+    let prompt = prompt(compressor)?;
+    let decoder = compressor.decoder();
+    let c = decoder.config();
+    let len = ids.len();
+    let started = Instant::now();
+    let mut cache = KvCache::default();
+    super::prefill(decoder, ids, compressor.chunk_size(), &mut cache)?;
+    let prefill = started.elapsed();
+
+    let past = cache.past()?;
+    let sinks = SINKS.min(len);
+    let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
+    let chunks = scored_chunks(len, compressor.chunk_size());
+    for (i, range) in chunks.iter().enumerate() {
+        let previous = i.checked_sub(1).map(|p| &ids[chunks[p].clone()]);
+        let input = prompt.input(&ids[range.clone()], previous);
+        let probe = AttentionProbe {
+            sinks,
+            keys: range.clone(),
+            reduce: Reduce::Max,
+        };
+        let out = super::forward(decoder, &input, len + 1, past.as_deref(), Some(&probe))?;
+        for (layer, measured) in out.attention.iter().enumerate() {
+            scores.set(layer, range.start, &super::rows(measured)?);
+        }
+    }
+    let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
+    let kept = budget::top_k(&scores, 0..sinks, budget)?;
+    Ok(Selection {
+        cache,
+        kept: KeptOffsets::PerHead(kept),
+        prefill,
+    })
+}

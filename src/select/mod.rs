@@ -1,0 +1,238 @@
+//! Training-free selection of cached K/V, for models without a SAC adapter:
+//! the whole context is prefilled causally (chunk by chunk, each chunk seeing
+//! all before it, as `full` does), then a selector decides which K/V pairs to
+//! keep, and they leave in chunks of positions like every compressor's.
+//!
+//! - [`kvzip`]: what the model attends to when asked to repeat the context.
+//! - [`snapkv`]: what the last tokens of the context attend to.
+//! - [`streaming`]: attention sinks and the most recent tokens.
+//!
+//! Kept keys keep RoPE at their original positions, so the decoder reads them
+//! where they were and the question still starts at L + 1.
+
+pub mod budget;
+pub mod kvzip;
+pub mod snapkv;
+pub mod streaming;
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+pub use kvzip::RepeatPrompt;
+
+use crate::chunk;
+use crate::compressor::{ChunkKv, Compressor, Cost, Kept, Method};
+use crate::error::{Error, Result};
+use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv};
+
+/// Tokens at the start of the context that every head keeps (attention
+/// sinks): kvpress's `n_sink` for `KVzipPress` and `StreamingLLMPress`. Here
+/// they are BOS and the start of `### Context:\n`, the analogue of the system
+/// prompt KVzip never evicts.
+pub const SINKS: usize = 4;
+
+/// How a selecting compressor chooses from the prefilled context.
+pub(crate) type Select = fn(&Compressor, &[u32]) -> Result<Selection>;
+
+/// The selector behind `method`, if it is one of `kvzip`, `snapkv` and
+/// `streaming`.
+pub(crate) fn selector(method: Method) -> Option<Select> {
+    match method {
+        Method::Kvzip => Some(kvzip::select),
+        Method::Snapkv => Some(snapkv::select),
+        Method::Streaming => Some(streaming::select),
+        Method::Sac | Method::Uniform | Method::Full => None,
+    }
+}
+
+/// Runs `select` over the context `ids` and emits what it keeps.
+pub(crate) fn compress(
+    compressor: &Compressor,
+    select: Select,
+    ids: &[u32],
+    emit: impl FnMut(ChunkKv) -> Result<()>,
+) -> Result<Cost> {
+    let started = Instant::now();
+    let selection = select(compressor, ids)?;
+    let past = selection.cache.past()?.unwrap_or_default();
+    emit_chunks(&past, &selection.kept, compressor.chunk_size(), emit)?;
+    Ok(Cost {
+        total: started.elapsed(),
+        prefill: Some(selection.prefill),
+    })
+}
+
+/// What [`compress`] needs checked before anything is written: `kvzip` reads
+/// its repeat prompt and a chunk of the context after the context.
+pub(crate) fn check_fits(compressor: &Compressor, len: usize) -> Result<()> {
+    if compressor.method() != Method::Kvzip {
+        return Ok(());
+    }
+    let room = kvzip::prompt(compressor)?.longest_input(compressor.chunk_size());
+    let c = compressor.decoder().config();
+    let limit = c
+        .max_position_embeddings
+        .min(c.sliding_window.unwrap_or(usize::MAX));
+    if len + room > limit {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long and kvzip reads up to {room} more after it to score it, \
+             but the model attends over at most {limit} positions; use a smaller --chunk-size, \
+             another compressor or a model with a longer context"
+        )));
+    }
+    Ok(())
+}
+
+/// A selector's decision, with the prefilled cache it selects from.
+pub(crate) struct Selection {
+    cache: KvCache,
+    kept: KeptOffsets,
+    /// Time spent on the plain causal prefill of the context.
+    prefill: Duration,
+}
+
+/// Kept 0-based offsets into the context, ascending.
+pub(crate) enum KeptOffsets {
+    /// The same for every layer and KV head.
+    Shared(Vec<usize>),
+    /// Per layer, per KV head.
+    PerHead(Vec<Vec<Vec<usize>>>),
+}
+
+/// One forward pass of `ids` at positions `first_position..`, after `past`.
+fn forward(
+    decoder: &Decoder,
+    ids: &[u32],
+    first_position: usize,
+    past: Option<&[LayerKv]>,
+    probe: Option<&AttentionProbe>,
+) -> Result<ForwardOutput> {
+    let device = decoder.device();
+    let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
+    let first = u32::try_from(first_position)
+        .map_err(|_| Error::InvalidInput(format!("position {first_position} exceeds u32")))?;
+    let positions = Tensor::arange(first, first + ids.len() as u32, device)?.unsqueeze(0)?;
+    let embeds = decoder.embed(&ids_t)?;
+    let input = ForwardInput {
+        past,
+        ..ForwardInput::causal(&embeds, &positions)
+    };
+    match probe {
+        Some(probe) => decoder.forward_probed(input, probe),
+        None => decoder.forward(input),
+    }
+}
+
+/// Prefills `ids` causally into `cache`, `chunk_size` tokens per pass, each
+/// at the positions after the cache's (position ids from 1).
+fn prefill(decoder: &Decoder, ids: &[u32], chunk_size: usize, cache: &mut KvCache) -> Result<()> {
+    for piece in ids.chunks(chunk_size) {
+        let out = forward(
+            decoder,
+            piece,
+            cache.len() + 1,
+            cache.past()?.as_deref(),
+            None,
+        )?;
+        cache.append(&out.kv)?;
+    }
+    Ok(())
+}
+
+/// A probe's `[kv_heads, n]` measure as rows of f32.
+fn rows(measured: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(measured.to_dtype(candle_core::DType::F32)?.to_vec2()?)
+}
+
+/// Hands the kept K/V to `emit` one chunk of `chunk_size` positions at a time
+/// (the .sack's segments).
+fn emit_chunks(
+    past: &[LayerKv],
+    kept: &KeptOffsets,
+    chunk_size: usize,
+    mut emit: impl FnMut(ChunkKv) -> Result<()>,
+) -> Result<()> {
+    let len = past.first().map_or(0, LayerKv::len);
+    for chunk in chunk::chunks(len, chunk_size) {
+        let range = chunk.start..chunk.start + chunk.len;
+        let inside = |set: &[usize]| -> Vec<u32> {
+            let from = set.partition_point(|&o| o < range.start);
+            let to = set.partition_point(|&o| o < range.end);
+            set[from..to].iter().map(|&o| o as u32 + 1).collect()
+        };
+        let (kept, layers) = match kept {
+            KeptOffsets::Shared(set) => {
+                let positions = inside(set);
+                let layers = past
+                    .iter()
+                    .map(|kv| gather_heads(kv, &vec![positions.clone(); kv.k.dim(1)?]))
+                    .collect::<Result<_>>()?;
+                (Kept::Shared(positions), layers)
+            }
+            KeptOffsets::PerHead(sets) => {
+                let positions: Vec<Vec<Vec<u32>>> = sets
+                    .iter()
+                    .map(|heads| heads.iter().map(|set| inside(set)).collect())
+                    .collect();
+                let layers = past
+                    .iter()
+                    .zip(&positions)
+                    .map(|(kv, heads)| gather_heads(kv, heads))
+                    .collect::<Result<_>>()?;
+                (Kept::PerHead(positions), layers)
+            }
+        };
+        emit(ChunkKv {
+            chunk,
+            kept,
+            layers,
+        })?;
+    }
+    Ok(())
+}
+
+/// 0-based indices of 1-based positions, as a u32 tensor.
+fn indices(positions: &[u32], device: &Device) -> Result<Tensor> {
+    let offsets: Vec<u32> = positions.iter().map(|p| p - 1).collect();
+    Ok(Tensor::new(offsets.as_slice(), device)?)
+}
+
+/// `t` (`[1, 1, len, dim]`, one head) at `positions` along the sequence,
+/// then `pad` zero slots. One head at a time: the cache's views are not
+/// contiguous across heads, which candle's index-select needs, and empty
+/// parts are never handed to its cat.
+fn take(t: &Tensor, positions: &[u32], pad: usize) -> Result<Tensor> {
+    let dim = t.dim(3)?;
+    let zeros = || Tensor::zeros((1, 1, pad, dim), t.dtype(), t.device());
+    if positions.is_empty() {
+        return Ok(zeros()?);
+    }
+    let own = t.index_select(&indices(positions, t.device())?, 2)?;
+    Ok(match pad {
+        0 => own,
+        _ => Tensor::cat(&[&own, &zeros()?], 2)?,
+    })
+}
+
+/// `[1, kv_heads, longest, head_dim]`: head h's K/V at its own positions in
+/// its first slots, zeros after.
+fn gather_heads(kv: &LayerKv, heads: &[Vec<u32>]) -> Result<LayerKv> {
+    let longest = heads.iter().map(Vec::len).max().unwrap_or(0);
+    let gather = |t: &Tensor| -> Result<Tensor> {
+        if longest == 0 {
+            let (_, kv_heads, _, dim) = t.dims4()?;
+            return Ok(Tensor::zeros((1, kv_heads, 0, dim), t.dtype(), t.device())?);
+        }
+        let parts = heads
+            .iter()
+            .enumerate()
+            .map(|(h, positions)| take(&t.narrow(1, h, 1)?, positions, longest - positions.len()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
+    };
+    Ok(LayerKv {
+        k: gather(&kv.k)?,
+        v: gather(&kv.v)?,
+    })
+}

@@ -1,0 +1,107 @@
+//! SnapKV (Li et al., 2024): the last tokens of the context, the observation
+//! window, already look where later questions will; each earlier K/V pair is
+//! scored by the attention the window pays it. No extra pass: the window is
+//! the last pass of the prefill, run with a probe.
+//!
+//! Followed from kvpress's `SnapKVPress`: a 64-token window, its weights
+//! averaged over the window's queries, smoothed by an average pool of width 5
+//! (zero padding counted, PyTorch's default) and averaged over the query
+//! heads of each GQA group; the window itself is always kept. Unlike
+//! `SnapKVPress`, which gives every head the same count, the budget is shared
+//! across layers and heads like KVzip's ([`super::budget`]), and the window
+//! shrinks to each head's share of the budget when that is smaller, so the
+//! window alone never exceeds the ratio.
+
+use std::time::Instant;
+
+use super::budget::{self, Scores};
+use super::{KeptOffsets, Selection};
+use crate::compressor::Compressor;
+use crate::error::Result;
+use crate::model::{AttentionProbe, KvCache, Reduce};
+
+/// Tokens in the observation window (kvpress's `window_size`).
+pub const WINDOW: usize = 64;
+
+/// Width of the average pool over the scores (kvpress's `kernel_size`).
+pub const KERNEL: usize = 5;
+
+/// The observation window for a context of `len` tokens when `budget` pairs
+/// are kept over `slots` (layers x KV heads): at most [`WINDOW`] and each
+/// head's share, at least one token.
+pub fn window(len: usize, budget: usize, slots: usize) -> usize {
+    (budget / slots).clamp(1, WINDOW).min(len)
+}
+
+/// PyTorch's `avg_pool1d(kernel_size=KERNEL, stride=1, padding=KERNEL / 2)`.
+pub fn pool(row: &[f32]) -> Vec<f32> {
+    let half = KERNEL / 2;
+    (0..row.len())
+        .map(|i| {
+            let window = &row[i.saturating_sub(half)..(i + half + 1).min(row.len())];
+            window.iter().sum::<f32>() / KERNEL as f32
+        })
+        .collect()
+}
+
+pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
+    let decoder = compressor.decoder();
+    let c = decoder.config();
+    let len = ids.len();
+    let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
+    let observed = len - window(len, budget, c.num_layers * c.num_kv_heads);
+    let started = Instant::now();
+    let mut cache = KvCache::default();
+    super::prefill(
+        decoder,
+        &ids[..observed],
+        compressor.chunk_size(),
+        &mut cache,
+    )?;
+    let probe = AttentionProbe {
+        sinks: 0,
+        keys: 0..observed,
+        reduce: Reduce::Mean,
+    };
+    let past = cache.past()?;
+    let out = super::forward(
+        decoder,
+        &ids[observed..],
+        observed + 1,
+        past.as_deref(),
+        (observed > 0).then_some(&probe),
+    )?;
+    cache.append(&out.kv)?;
+    let prefill = started.elapsed();
+
+    let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
+    for (layer, measured) in out.attention.iter().enumerate() {
+        let rows: Vec<Vec<f32>> = super::rows(measured)?.iter().map(|r| pool(r)).collect();
+        scores.set(layer, 0, &rows);
+    }
+    let kept = budget::top_k(&scores, observed..len, budget)?;
+    Ok(Selection {
+        cache,
+        kept: KeptOffsets::PerHead(kept),
+        prefill,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_counts_the_zero_padding() {
+        let pooled = pool(&[5.0, 0.0, 0.0, 0.0, 0.0, 10.0]);
+        assert_eq!(pooled, [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn window_fits_each_heads_share() {
+        assert_eq!(window(1000, 4 * 200, 4), WINDOW);
+        assert_eq!(window(1000, 4 * 20, 4), 20);
+        assert_eq!(window(3, 1, 4), 1);
+        assert_eq!(window(1, 100, 1), 1);
+    }
+}

@@ -1,0 +1,52 @@
+//! StreamingLLM (Xiao et al., 2024) as a compressor: the attention sinks and
+//! the most recent tokens, the same for every layer and head, from a full
+//! causal prefill (kvpress's `StreamingLLMPress`: `n_sink` = 4, sinks inside
+//! the kept count). Keys keep RoPE at their document positions; kvpress notes
+//! the paper's re-rotation to contiguous positions, which is not done here.
+
+use std::time::Instant;
+
+use super::{KeptOffsets, SINKS, Selection};
+use crate::compressor::Compressor;
+use crate::error::Result;
+use crate::model::KvCache;
+
+/// Kept 0-based offsets of a context of `len` tokens at `ratio`:
+/// ceil(len / ratio) of them (at least the sinks), the sinks first, the rest
+/// the last tokens.
+pub fn kept(len: usize, ratio: usize) -> Vec<usize> {
+    let sinks = SINKS.min(len);
+    let recent = len.div_ceil(ratio).saturating_sub(sinks);
+    (0..sinks)
+        .chain(len - recent.min(len - sinks)..len)
+        .collect()
+}
+
+pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
+    let started = Instant::now();
+    let mut cache = KvCache::default();
+    super::prefill(
+        compressor.decoder(),
+        ids,
+        compressor.chunk_size(),
+        &mut cache,
+    )?;
+    Ok(Selection {
+        cache,
+        kept: KeptOffsets::Shared(kept(ids.len(), compressor.ratio())),
+        prefill: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinks_then_recent() {
+        assert_eq!(kept(100, 10), [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]);
+        assert_eq!(kept(10, 5), [0, 1, 2, 3]);
+        assert_eq!(kept(3, 5), [0, 1, 2]);
+        assert_eq!(kept(6, 1), [0, 1, 2, 3, 4, 5]);
+    }
+}

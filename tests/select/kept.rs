@@ -1,0 +1,127 @@
+//! The positions each selector keeps are exactly the reference's choice.
+
+use sac::compressor::{Compressor, Kept, Method};
+use sac::runtime::LoadedModel;
+use sac::select::RepeatPrompt;
+
+use crate::common::{PARITY_MODELS, load_model, sac_fixture};
+use crate::reference::{Reference, Scores, kvzip_chunk, snapkv, top_k};
+
+/// Small enough for a brute-force pass, long enough for several chunks.
+pub const CHUNK: usize = 40;
+pub const RATIO: usize = 4;
+
+/// The start of the edge-case document: about 130 tokens.
+pub fn text() -> String {
+    std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap()[..190].to_string()
+}
+
+/// Offsets kept per layer and KV head, from every emitted chunk.
+pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
+    let c = &m.config;
+    let compressor = Compressor::new(&m.decoder, method, None, RATIO, CHUNK)
+        .unwrap()
+        .with_repeat_prompt(RepeatPrompt::new(&m.tokenizer).unwrap());
+    let mut kept = vec![vec![Vec::new(); c.num_kv_heads]; c.num_layers];
+    compressor
+        .compress(ids, |chunk| {
+            for (layer, heads) in kept.iter_mut().enumerate() {
+                for (head, set) in heads.iter_mut().enumerate() {
+                    let positions = match &chunk.kept {
+                        Kept::Shared(positions) => positions,
+                        Kept::PerHead(sets) => &sets[layer][head],
+                    };
+                    set.extend(positions.iter().map(|&p| p as usize - 1));
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    kept
+}
+
+fn zeros(m: &LoadedModel, len: usize) -> Scores {
+    vec![vec![vec![0.0; len]; m.config.num_kv_heads]; m.config.num_layers]
+}
+
+fn budget(m: &LoadedModel, len: usize) -> usize {
+    (m.config.num_layers * m.config.num_kv_heads * len).div_ceil(RATIO)
+}
+
+#[test]
+fn kvzip_keeps_the_top_reconstruction_scores() {
+    for name in PARITY_MODELS {
+        let m = load_model(name);
+        let reference = Reference::new(name, &m);
+        let ids = m.tokenizer.context_ids(&text()).unwrap();
+        let len = ids.len();
+        let sinks = 4;
+        let group = m.config.num_heads / m.config.num_kv_heads;
+        let encode = |s: &str| m.tokenizer.encode(s).unwrap();
+        let mut scores = zeros(&m, len);
+        let starts: Vec<usize> = (sinks..len).step_by(CHUNK).collect();
+        assert!(starts.len() >= 3, "{name}: too few chunks");
+        for (i, &start) in starts.iter().enumerate() {
+            let chunk = start..(start + CHUNK).min(len);
+            let mut input = ids.clone();
+            if i == 0 {
+                input.extend(encode(
+                    "\n### Question:\nRepeat the previous context exactly.\n### Answer:\n",
+                ));
+            } else {
+                input.extend(encode(
+                    "\n### Question:\nRepeat the part of the previous context exactly, starting with",
+                ));
+                input.extend(&ids[start - 8..start]);
+                input.extend(encode("\n### Answer:\n"));
+            }
+            input.extend(&ids[chunk.clone()]);
+            kvzip_chunk(
+                &reference.logits(&input),
+                &mut scores,
+                len,
+                sinks,
+                chunk,
+                group,
+            );
+        }
+        let (expected, gap) = top_k(&scores, 0..sinks, budget(&m, len));
+        assert!(gap > 1e-5, "{name}: near-tie at the budget's edge ({gap})");
+        assert_eq!(compressed(&m, Method::Kvzip, &ids), expected, "{name}");
+        let counts: Vec<usize> = expected.iter().flatten().map(Vec::len).collect();
+        assert!(
+            counts.iter().any(|&n| n != counts[0]),
+            "{name}: every head keeps {counts:?}; the budget should not be uniform"
+        );
+    }
+}
+
+#[test]
+fn snapkv_keeps_the_top_window_scores() {
+    for name in PARITY_MODELS {
+        let m = load_model(name);
+        let ids = m.tokenizer.context_ids(&text()).unwrap();
+        let len = ids.len();
+        let slots = m.config.num_layers * m.config.num_kv_heads;
+        // Each head's share of the budget is below 64 here, so it sets the window.
+        let window = budget(&m, len) / slots;
+        assert!(window < 64 && window > 1);
+        let logits = Reference::new(name, &m).logits(&ids);
+        let scores = snapkv(&logits, m.config.num_kv_heads, window);
+        let (expected, gap) = top_k(&scores, len - window..len, budget(&m, len));
+        assert!(gap > 1e-5, "{name}: near-tie at the budget's edge ({gap})");
+        assert_eq!(compressed(&m, Method::Snapkv, &ids), expected, "{name}");
+    }
+}
+
+#[test]
+fn streaming_keeps_the_sinks_and_the_last_tokens() {
+    let m = load_model("qwen2");
+    let ids = m.tokenizer.context_ids(&text()).unwrap();
+    let len = ids.len();
+    let recent = len.div_ceil(RATIO) - 4;
+    let expected: Vec<usize> = (0..4).chain(len - recent..len).collect();
+    for set in compressed(&m, Method::Streaming, &ids).iter().flatten() {
+        assert_eq!(set, &expected);
+    }
+}
