@@ -18,5 +18,6 @@ pub mod pack;
 pub mod runtime;
 pub mod sack;
 pub mod tokens;
+pub mod train;
 
 pub use error::{Error, Result};

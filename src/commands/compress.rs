@@ -8,15 +8,13 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
+use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 use crate::cli::{CompressArgs, CompressorChoice};
 use crate::compressor::{Compressor, Method, check_settings};
 use crate::fingerprint::DigestCache;
 use crate::pack::{self, DocumentFacts};
 use crate::runtime::LoadedModel;
 use crate::sack::{SackWriter, Sink, WriteOptions};
-
-const DEFAULT_RATIO: usize = 5;
-const DEFAULT_CHUNK_SIZE: usize = 510;
 
 /// Where the .sack goes.
 enum Output {
