@@ -92,7 +92,7 @@ pub fn sample_loss(
     let scored = out
         .hidden
         .narrow(1, sample.prompt.len(), sample.target.len())?;
-    let logits = decoder.logits(&scored)?.squeeze(0)?;
+    let logits = decoder.logits_on(&scored, path)?.squeeze(0)?;
     let targets = Tensor::new(sample.target.as_slice(), device)?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
