@@ -29,6 +29,11 @@ pub enum Command {
     /// Show what sac sees of a model: architecture, sizes, fingerprints.
     ModelInfo(ModelInfoArgs),
     /// Train a SAC adapter (role embeddings, [LM], LoRA) with the base model frozen.
+    ///
+    /// The loss is next-token cross-entropy through the frozen decoder reading
+    /// the anchors' K/V as `sac ask` does. Checkpoints, the adapter
+    /// (adapter.safetensors, adapter_config.json) and log.jsonl go to --out;
+    /// --resume continues an interrupted run exactly.
     Train(Box<TrainArgs>),
     /// Work with SAC adapters.
     #[command(subcommand)]
@@ -283,14 +288,14 @@ pub enum StageChoice {
     Qa,
 }
 
-/// Checkpoints, the adapter and the log go to --out; a checkpoint holds all a
-/// run needs to continue exactly with --resume.
+/// The flags of `sac train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Training rows, as JSON lines.
+    /// Training rows, as JSON lines: {"text"} to pretrain, {"context",
+    /// "question", "answer"} for qa.
     #[arg(long, value_name = "FILE.jsonl")]
     pub data: PathBuf,
 

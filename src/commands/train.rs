@@ -71,5 +71,6 @@ fn progress_bar(steps: u64, done: u64, quiet: bool) -> ProgressBar {
         .expect("static progress template")
         .progress_chars("=> "),
     );
+    bar.set_message("first step");
     bar
 }

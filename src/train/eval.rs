@@ -3,8 +3,6 @@
 //! anchors' K/V as the decoder's past, then `[LM]` and the question, greedy
 //! decoding until EOS or the token budget.
 
-use serde::Serialize;
-
 use crate::adapter::SacAdapter;
 use crate::compressor::{Compressor, Method};
 use crate::error::{Error, Result};
@@ -16,7 +14,7 @@ use super::data::EvalExample;
 use super::metrics::{best_of, exact_match, f1};
 
 /// Mean scores over an evaluation set, in [0, 1].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalScores {
     pub em: f64,
     pub f1: f64,

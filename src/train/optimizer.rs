@@ -142,7 +142,7 @@ mod tests {
         let p = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
         let mut opt = AdamW::new(&[&p], 0.1)?;
         let g = Tensor::new(&[0.5f32, 0.0], &Device::Cpu)?;
-        opt.step(&[&p], &[g.clone()], 0.01)?;
+        opt.step(&[&p], std::slice::from_ref(&g), 0.01)?;
         // Step 1: m_hat = g, v_hat = g^2, so the update is lr * sign(g).
         let got = p.as_tensor().to_vec1::<f32>()?;
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001)];
@@ -157,7 +157,7 @@ mod tests {
             opt.second_moments().to_vec(),
             1,
         )?;
-        opt.step(&[&p], &[g.clone()], 0.01)?;
+        opt.step(&[&p], std::slice::from_ref(&g), 0.01)?;
         copy.step(&[&q], &[g], 0.01)?;
         assert_eq!(
             p.as_tensor().to_vec1::<f32>()?,
