@@ -80,8 +80,9 @@ impl SacAdapter {
             .map_err(|e| adapter_error(&weights_path, e))
     }
 
-    /// Builds an adapter from tensors named as in `adapter.safetensors`.
-    fn from_tensors(
+    /// Builds an adapter from tensors named as in `adapter.safetensors`, cast
+    /// to `dtype` (a cast `sac train` backpropagates through).
+    pub(crate) fn from_tensors(
         config: AdapterConfig,
         mut tensors: HashMap<String, Tensor>,
         model: &ModelConfig,

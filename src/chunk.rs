@@ -1,6 +1,11 @@
 //! Tokens to chunks, and the anchor positions inside each chunk (SAC.md steps
 //! 2–4). Chunks are compressed independently; positions are global and 1-based.
 
+/// The reference's chunk length.
+pub const DEFAULT_CHUNK_SIZE: usize = 510;
+/// The reference's main compression ratio (102 anchors per full chunk).
+pub const DEFAULT_RATIO: usize = 5;
+
 /// One chunk of the context: ids `start..start + len` (0-based indices), at
 /// position ids `start + 1 ..= start + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::runtime::ModelSpec;
 use crate::sack::KvEncoding;
+use crate::train::{Length, PretrainWindow, Stage, TrainSettings};
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
 /// KV files (.sack) and answer questions from them with the same base model.
@@ -27,6 +28,13 @@ pub enum Command {
     Info(InfoArgs),
     /// Show what sac sees of a model: architecture, sizes, fingerprints.
     ModelInfo(ModelInfoArgs),
+    /// Train a SAC adapter (role embeddings, [LM], LoRA) with the base model frozen.
+    ///
+    /// The loss is next-token cross-entropy through the frozen decoder reading
+    /// the anchors' K/V as `sac ask` does. Checkpoints, the adapter
+    /// (adapter.safetensors, adapter_config.json) and log.jsonl go to --out;
+    /// --resume continues an interrupted run exactly.
+    Train(Box<TrainArgs>),
     /// Work with SAC adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
@@ -282,6 +290,185 @@ pub struct AskArgs {
     /// Answer even if the model's fingerprint differs from the one in the .sack.
     #[arg(long)]
     pub force: bool,
+}
+
+/// `--stage` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StageChoice {
+    /// {"text"} rows: continue the text after its compressed context.
+    Pretrain,
+    /// {"context", "question", "answer"} rows: answer; only the answer is scored.
+    Qa,
+}
+
+/// The flags of `sac train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Training rows, as JSON lines: {"text"} to pretrain, {"context",
+    /// "question", "answer"} for qa.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+
+    /// Questions scored (exact match, F1) at every checkpoint: JSON lines
+    /// {"context", "question", "answer"}, the answer a string or a list.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub eval: Option<PathBuf>,
+
+    /// The adapter directory to write: adapter.safetensors and
+    /// adapter_config.json (for compress --adapter), checkpoint.safetensors, log.jsonl.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// What the decoder learns.
+    #[arg(long, value_enum, default_value_t = StageChoice::Pretrain)]
+    pub stage: StageChoice,
+
+    /// Start from this adapter (e.g. qa after pretrain) instead of a fresh one.
+    #[arg(long, value_name = "ADAPTER_DIR")]
+    pub init: Option<PathBuf>,
+
+    /// Document tokens per anchor. Default: the --init adapter's, else 5.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ratio: Option<u32>,
+
+    /// Tokens per chunk. Default: the --init adapter's, else 510.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_size: Option<u32>,
+
+    /// LoRA rank on q and v. Default: the --init adapter's, else 128.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub lora_rank: Option<u32>,
+
+    /// Peak learning rate. Default: 1e-4 for pretrain, 5e-5 for qa (the paper's).
+    #[arg(long, value_parser = positive)]
+    pub lr: Option<f64>,
+
+    /// Steps of linear warmup before the cosine decay. Default: 3% of the steps.
+    #[arg(long, value_name = "N")]
+    pub warmup_steps: Option<u32>,
+
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub weight_decay: f64,
+
+    /// Clip the gradients to this global L2 norm.
+    #[arg(long, default_value_t = 2.0, value_parser = positive)]
+    pub max_grad_norm: f64,
+
+    /// Samples per backward pass (run one after another, summed into one loss).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+
+    /// Backward passes per optimizer step; a step sees --batch x --grad-accum samples.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grad_accum: u32,
+
+    /// Optimizer steps in the run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: Option<u32>,
+
+    /// Passes over the data (default 1 unless --steps is given).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: Option<u32>,
+
+    /// Write a checkpoint and the adapter (and evaluate) every N steps, and at the end.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub save_every: u32,
+
+    /// End this run after step N, keeping the schedule of --steps/--epochs;
+    /// continue later with --resume.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub stop_after: Option<u32>,
+
+    /// Continue the run whose checkpoint is in --out (same data and settings).
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Seed for the initialisation, the data order and the pretraining context lengths.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Pretrain: fewest context tokens before the continuation.
+    #[arg(long, value_name = "N", default_value_t = 510, value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_context: u32,
+
+    /// Pretrain: most context tokens before the continuation.
+    #[arg(long, value_name = "N", default_value_t = 2040, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_context: u32,
+
+    /// Pretrain: most continuation tokens the decoder predicts.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub continuation: u32,
+
+    /// Most tokens generated per evaluation answer.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_max_tokens: u32,
+
+    /// No progress bar or summary on standard error.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The run's settings; errors name the flags at fault, in one line.
+    pub fn settings(&self) -> Result<TrainSettings, String> {
+        let length = match (self.steps, self.epochs) {
+            (Some(_), Some(_)) => return Err("give --steps or --epochs, not both".into()),
+            (Some(n), None) => Length::Steps(n as usize),
+            (None, n) => Length::Epochs(n.unwrap_or(1) as usize),
+        };
+        if self.min_context > self.max_context {
+            return Err(format!(
+                "--min-context {} exceeds --max-context {}",
+                self.min_context, self.max_context
+            ));
+        }
+        let stage = match self.stage {
+            StageChoice::Pretrain => Stage::Pretrain,
+            StageChoice::Qa => Stage::Qa,
+        };
+        let size = |v: Option<u32>| v.map(|n| n as usize);
+        Ok(TrainSettings {
+            stage,
+            data: self.data.clone(),
+            eval: self.eval.clone(),
+            out: self.out.clone(),
+            init: self.init.clone(),
+            ratio: size(self.ratio),
+            chunk_size: size(self.chunk_size),
+            lora_rank: size(self.lora_rank),
+            lr: self.lr.unwrap_or(match stage {
+                Stage::Pretrain => 1e-4,
+                Stage::Qa => 5e-5,
+            }),
+            warmup_steps: size(self.warmup_steps),
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            batch: self.batch as usize,
+            grad_accum: self.grad_accum as usize,
+            length,
+            save_every: self.save_every as usize,
+            stop_after: size(self.stop_after),
+            resume: self.resume,
+            seed: self.seed,
+            window: PretrainWindow {
+                min_context: self.min_context as usize,
+                max_context: self.max_context as usize,
+                continuation: self.continuation as usize,
+            },
+            eval_max_tokens: self.eval_max_tokens as usize,
+        })
+    }
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a number > 0")),
+    }
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {

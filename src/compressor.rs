@@ -21,7 +21,7 @@ use candle_core::{D, Device, Tensor};
 use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::chunk::{self, Chunk};
 use crate::error::{Error, Result};
-use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, Path};
+use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, ModelConfig, Path};
 
 /// Which compressor `sac compress` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +164,7 @@ pub struct Compressor<'a> {
     ratio: usize,
     chunk_size: usize,
     repeat_prompt: Option<crate::select::RepeatPrompt>,
+    path: Path,
 }
 
 impl<'a> Compressor<'a> {
@@ -184,31 +185,22 @@ impl<'a> Compressor<'a> {
             ratio,
             chunk_size,
             repeat_prompt: None,
+            path: Path::Inference,
         })
+    }
+
+    /// Runs the chunks on `path`: `Path::Training` keeps the graph from the
+    /// adapter's tensors to the kept K/V, so `sac train` can backpropagate a
+    /// decoder loss into the compressor.
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.path = path;
+        self
     }
 
     /// Refuses a context of `len` tokens that leaves the question no room
     /// inside the model's positions.
     pub fn check_fits(&self, len: usize) -> Result<()> {
-        let limit = self.decoder.config().max_position_embeddings;
-        if len + QUESTION_ROOM > limit {
-            return Err(Error::InvalidInput(format!(
-                "the document is {len} tokens long, but the model reads at most {limit} positions \
-                 and the question needs at least {QUESTION_ROOM}; use a model with a longer context"
-            )));
-        }
-        if let Some(window) = self
-            .decoder
-            .config()
-            .sliding_window
-            .filter(|&w| len + QUESTION_ROOM > w)
-        {
-            return Err(Error::InvalidInput(format!(
-                "the document is {len} tokens long, but the model attends within a {window}-token \
-                 sliding window, which sac does not implement; use a shorter document or another model"
-            )));
-        }
-        Ok(())
+        check_fits(self.decoder.config(), len, QUESTION_ROOM)
     }
 
     pub fn method(&self) -> Method {
@@ -288,6 +280,27 @@ impl<'a> Compressor<'a> {
         })
     }
 
+    /// The kept K/V of the whole context `ids`, every layer's chunks
+    /// concatenated along the sequence axis: the past the decoder reads.
+    pub fn anchor_past(&self, ids: &[u32]) -> Result<Vec<LayerKv>> {
+        let mut chunks: Vec<Vec<LayerKv>> = Vec::new();
+        self.compress(ids, |chunk| {
+            chunks.push(chunk.layers);
+            Ok(())
+        })?;
+        let layers = chunks.first().map_or(0, Vec::len);
+        (0..layers)
+            .map(|layer| {
+                let keys: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].k).collect();
+                let values: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].v).collect();
+                Ok(LayerKv {
+                    k: Tensor::cat(&keys, 2)?,
+                    v: Tensor::cat(&values, 2)?,
+                })
+            })
+            .collect()
+    }
+
     fn run_chunk(
         &self,
         chunk: &Chunk,
@@ -318,7 +331,7 @@ impl<'a> Compressor<'a> {
             shared: None,
             past: past.as_deref(),
             lora: self.adapter.map(|a| &a.lora),
-            path: Path::Inference,
+            path: self.path,
         })?;
         if self.method == Method::Full {
             cache.append(&out.kv)?;
@@ -326,6 +339,26 @@ impl<'a> Compressor<'a> {
         }
         out.kv.iter().map(|l| l.select(&kept_t)).collect()
     }
+}
+
+/// Refuses a context of `len` tokens (positions 1..=len) when the `room`
+/// positions the decoder reads after it do not fit the model's positions or
+/// its sliding window.
+pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
+    let limit = config.max_position_embeddings;
+    if len + room > limit {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model reads at most {limit} positions \
+             and the decoder needs {room} after it; use a model with a longer context"
+        )));
+    }
+    if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model attends within a {window}-token \
+             sliding window, which sac does not implement; use a shorter document or another model"
+        )));
+    }
+    Ok(())
 }
 
 fn offsets_tensor(offsets: &[usize], device: &Device) -> Result<Tensor> {

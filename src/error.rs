@@ -43,6 +43,16 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// Training or evaluation data is unreadable or malformed; the message
+    /// names the file and, for a bad row, its line.
+    #[error("{0}")]
+    Data(String),
+
+    /// A training run cannot start or continue: its output directory, its
+    /// checkpoint, or settings that differ from the checkpoint's.
+    #[error("{0}")]
+    Training(String),
+
     /// A caller passed tensors that do not fit together (shapes, positions, masks).
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -19,5 +19,6 @@ pub mod runtime;
 pub mod sack;
 pub mod select;
 pub mod tokens;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -41,6 +41,7 @@ fn the_manual_covers_every_subcommand() {
         "SAC ASK",
         "SAC INFO",
         "SAC MODEL-INFO",
+        "SAC TRAIN",
         "SAC ADAPTER",
         "SAC ADAPTER IMPORT",
         "SAC COMPLETIONS",
@@ -67,7 +68,14 @@ fn bash_completions_know_the_subcommands() {
     let script = String::from_utf8(out.stdout).expect("completions are UTF-8");
     assert!(script.contains("_sac()"), "not a bash function:\n{script}");
     assert!(script.contains("complete -F _sac"), "{script}");
-    for word in ["compress", "ask", "info", "model-info", "completions"] {
+    for word in [
+        "compress",
+        "ask",
+        "info",
+        "model-info",
+        "train",
+        "completions",
+    ] {
         assert!(script.contains(word), "no `{word}` in:\n{script}");
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
+use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 use crate::cli::{CompressArgs, CompressorChoice};
 use crate::compressor::{Compressor, Cost, Method, check_settings};
 use crate::fingerprint::DigestCache;
@@ -14,9 +15,6 @@ use crate::pack::{self, DocumentFacts};
 use crate::runtime::LoadedModel;
 use crate::sack::{SackWriter, Sink, WriteOptions};
 use crate::select::RepeatPrompt;
-
-const DEFAULT_RATIO: usize = 5;
-const DEFAULT_CHUNK_SIZE: usize = 510;
 
 /// Where the .sack goes.
 enum Output {

@@ -7,6 +7,7 @@ mod compress;
 mod info;
 mod model_info;
 mod repl;
+mod train;
 
 use crate::cli::{AdapterCommand, Cli, Command};
 
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(&args),
         Command::Info(args) => info::run(&args),
         Command::ModelInfo(args) => model_info::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Adapter(AdapterCommand::Import(args)) => adapter_import::run(&args),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

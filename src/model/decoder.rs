@@ -199,7 +199,12 @@ impl Decoder {
 
     /// Logits for hidden states `[..., hidden]`, in f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(hidden)?;
+        self.logits_on(hidden, Path::Inference)
+    }
+
+    /// [`Self::logits`] on the given path (training needs no gradient for the head).
+    pub fn logits_on(&self, hidden: &Tensor, path: Path) -> Result<Tensor> {
+        let logits = ops::linear(&self.lm_head, hidden, path)?;
         Ok(logits.to_dtype(ops::accumulation_dtype(self.dtype))?)
     }
 
@@ -358,15 +363,15 @@ impl Block {
             step.path,
         )?;
         let mlp = &self.mlp;
-        let gate = mlp.gate_proj.forward(&normed)?.silu()?;
-        let up = mlp.up_proj.forward(&normed)?;
-        let y = mlp.down_proj.forward(&(gate * up)?)?;
+        let gate = ops::linear(&mlp.gate_proj, &normed, step.path)?.silu()?;
+        let up = ops::linear(&mlp.up_proj, &normed, step.path)?;
+        let y = ops::linear(&mlp.down_proj, &(gate * up)?, step.path)?;
         Ok(((x + y)?, kv, measured))
     }
 }
 
-fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor) -> Result<Tensor> {
-    let base = proj.forward(x)?;
+fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, path: Path) -> Result<Tensor> {
+    let base = ops::linear(proj, x, path)?;
     match lora {
         Some(lora) => Ok((base + lora.delta(x)?)?),
         None => Ok(base),
@@ -379,12 +384,10 @@ impl Attention {
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let group = c.group_size();
 
-        let q = project(&self.q_proj, step.lora.q.as_ref(), x)?.reshape((batch, seq, heads, hd))?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((batch, seq, kv_heads, hd))?;
-        let v = project(&self.v_proj, step.lora.v.as_ref(), x)?
+        let q = project(&self.q_proj, step.lora.q.as_ref(), x, step.path)?
+            .reshape((batch, seq, heads, hd))?;
+        let k = ops::linear(&self.k_proj, x, step.path)?.reshape((batch, seq, kv_heads, hd))?;
+        let v = project(&self.v_proj, step.lora.v.as_ref(), x, step.path)?
             .reshape((batch, seq, kv_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -461,7 +464,11 @@ impl Attention {
             .reshape((batch, heads, seq, hd))?
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
-        Ok((self.o_proj.forward(&out)?, LayerKv { k, v }, measured))
+        Ok((
+            ops::linear(&self.o_proj, &out, step.path)?,
+            LayerKv { k, v },
+            measured,
+        ))
     }
 }
 

@@ -1,11 +1,14 @@
-//! The few numerical ops whose fast candle kernels have no backward pass.
+//! The few numerical ops whose fast candle kernels have no backward pass,
+//! and the frozen linear layer training needs.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rope` silently drop
 //! gradients (candle issues 3568 and 3569). Training therefore runs the same
 //! maths through plain tensor ops, selected by [`Path`]; tests check that both
 //! paths give the same numbers.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
+use candle_nn::{Linear, Module};
 
 use crate::error::Result;
 
@@ -53,6 +56,94 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
     })
 }
 
+/// `x @ w^T + b` for a layer whose weights stay frozen. On `Path::Training`
+/// the product is [`FrozenMatmul`], whose backward pass gives the gradient
+/// of `x` only: candle's matmul backward also computes a gradient for the
+/// weight, which nothing trains, and keeps it to the end of the pass (for a
+/// Llama-3.2-1B-shaped model, gigabytes and a third of the backward's work).
+pub fn linear(layer: &Linear, x: &Tensor, path: Path) -> Result<Tensor> {
+    if path == Path::Inference {
+        return Ok(layer.forward(x)?);
+    }
+    let weight = layer.weight();
+    let dims = x.dims();
+    let (lead, inner) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let y = x
+        .reshape((rows, inner[0]))?
+        .contiguous()?
+        .apply_op1(FrozenMatmul {
+            weight: weight.clone(),
+        })?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(weight.dim(0)?);
+    let y = y.reshape(out_dims)?;
+    Ok(match layer.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// `x @ w^T` for a 2-D `x` and a constant weight `w` (`[out, in]`), with a
+/// backward pass for `x` alone.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    fn product<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (rows, inner) = x_layout.shape().dims2()?;
+        let (out, w_inner) = w_layout.shape().dims2()?;
+        if inner != w_inner {
+            candle_core::bail!("frozen matmul: input width {inner}, weight {out}x{w_inner}");
+        }
+        let w_t = w_layout.transpose(0, 1)?;
+        let y = x.matmul(w, (1, rows, out, inner), x_layout, &w_t)?;
+        Ok((y, Shape::from((rows, out))))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(w) => self.product(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen matmul: the weight is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(w) => self.product(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen matmul: the weight is not on the GPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.weight)?))
+    }
+}
+
 /// `x @ w` for `x` of shape `[..., in]` and a 2-D `w` of shape `[in, out]`,
 /// flattening the leading dimensions so the CPU and CUDA backends use a plain
 /// (not broadcast) matmul.
@@ -93,6 +184,25 @@ mod tests {
         let a = rms_norm(&x, &w, 1e-6, Path::Inference)?;
         let b = rms_norm(&x, &w, 1e-6, Path::Training)?;
         assert!(max_diff(&a, &b) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_matches_linear_and_leaves_the_weight_without_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (5, 4), &dev)?;
+        let b = Tensor::randn(0f64, 1.0, 5, &dev)?;
+        let layer = Linear::new(w.clone(), Some(b));
+        let x = candle_core::Var::new(&[[[1.0f64, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, -1.0]]], &dev)?;
+        let fast = linear(&layer, x.as_tensor(), Path::Inference)?;
+        let slow = linear(&layer, x.as_tensor(), Path::Training)?;
+        assert!(max_diff(&fast.to_dtype(DType::F32)?, &slow.to_dtype(DType::F32)?) < 1e-6);
+        let weights = Tensor::randn(0f64, 1.0, (1, 2, 5), &dev)?;
+        let grads = (slow * &weights)?.sum_all()?.backward()?;
+        let expected = weights.broadcast_matmul(&w)?;
+        let got = grads.get(x.as_tensor()).expect("input gradient");
+        assert!(max_diff(&got.to_dtype(DType::F32)?, &expected.to_dtype(DType::F32)?) < 1e-6);
+        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
         Ok(())
     }
 

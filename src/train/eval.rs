@@ -1,0 +1,64 @@
+//! Exact match and F1 of greedy answers to held-out questions, made the way
+//! `sac ask` makes them: the context compressed by the current adapter, the
+//! anchors' K/V as the decoder's past, then `[LM]` and the question, greedy
+//! decoding until EOS or the token budget.
+
+use crate::adapter::SacAdapter;
+use crate::compressor::{Compressor, Method};
+use crate::error::{Error, Result};
+use crate::generate::{Answerer, DecoderContext, SamplingSettings};
+use crate::model::{Decoder, SharedKv};
+use crate::tokens::TextTokenizer;
+
+use super::data::EvalExample;
+use super::metrics::{best_of, exact_match, f1};
+
+/// Mean scores over an evaluation set, in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalScores {
+    pub em: f64,
+    pub f1: f64,
+    pub examples: usize,
+}
+
+pub fn evaluate(
+    decoder: &Decoder,
+    tokenizer: &TextTokenizer,
+    adapter: &SacAdapter,
+    examples: &[EvalExample],
+    max_tokens: usize,
+) -> Result<EvalScores> {
+    let c = &adapter.config;
+    let compressor = Compressor::new(decoder, Method::Sac, Some(adapter), c.ratio, c.chunk_size)?;
+    let sampling = SamplingSettings {
+        temperature: 0.0,
+        top_p: None,
+        seed: 0,
+        max_tokens,
+    };
+    let (mut em, mut f) = (0.0, 0.0);
+    for example in examples {
+        let question_position = u32::try_from(example.context.len() + 1)
+            .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))?;
+        let context = DecoderContext {
+            past: compressor
+                .anchor_past(&example.context)?
+                .into_iter()
+                .map(SharedKv::from)
+                .collect(),
+            question_position,
+            prefix: Some(adapter.lm_embedding()?.unsqueeze(0)?),
+        };
+        let answerer = Answerer::new(decoder, context, tokenizer.eos())?;
+        let generation = answerer.answer(&example.question, &sampling, |_| Ok(true))?;
+        let answer = tokenizer.decode(&generation.tokens)?;
+        em += best_of(exact_match, &answer, &example.answers);
+        f += best_of(f1, &answer, &example.answers);
+    }
+    let n = examples.len().max(1) as f64;
+    Ok(EvalScores {
+        em: em / n,
+        f1: f / n,
+        examples: examples.len(),
+    })
+}

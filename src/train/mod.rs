@@ -1,0 +1,572 @@
+//! `sac train`: learns a SAC adapter (role embeddings, `[AE]`/`[LM]`, LoRA
+//! on q/v) with the base model frozen, by next-token cross-entropy through
+//! the frozen decoder reading the anchors' K/V (SAC.md, "Training").
+//!
+//! One optimizer step: `grad_accum` backward passes over `batch` samples
+//! each; per sample, the compressor runs the context chunk by chunk on the
+//! differentiable path ([`step::sample_loss`]), the decoder reads `[LM]`,
+//! the prompt and the target after the anchors, and the loss flows back
+//! through the anchors' K/V into the adapter. Gradients are summed in f32,
+//! clipped by global norm, and applied by AdamW under a warmup + cosine
+//! schedule. Everything random derives from the seed, and the data order
+//! from the seed and the sample's index, so a checkpoint (variables,
+//! moments, step) is all a resumed run needs to continue exactly.
+
+pub mod checkpoint;
+pub mod data;
+pub mod eval;
+pub mod log;
+pub mod metrics;
+pub mod optimizer;
+pub mod params;
+pub mod schedule;
+pub mod step;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::adapter::{self, AdapterConfig, SacAdapter};
+use crate::chunk;
+use crate::compressor;
+use crate::error::{Error, Result};
+use crate::fingerprint::DigestCache;
+use crate::runtime::LoadedModel;
+
+pub use data::{PretrainWindow, Stage};
+pub use eval::EvalScores;
+
+use data::{EvalExample, TrainSet};
+use optimizer::{AdamW, clip_global_norm};
+use params::Trainables;
+use schedule::Schedule;
+
+/// LoRA rank of a fresh adapter (the reference's).
+pub const DEFAULT_LORA_RANK: usize = 128;
+/// LoRA scale of a fresh adapter (fixed in the reference).
+pub const LORA_SCALE: f64 = 2.0;
+
+/// How long a run lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    Steps(usize),
+    Epochs(usize),
+}
+
+/// A run's settings, validated from the flags.
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    pub stage: Stage,
+    pub data: PathBuf,
+    pub eval: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Adapter to start from instead of a fresh one.
+    pub init: Option<PathBuf>,
+    /// `None`: the `--init` adapter's, else the default.
+    pub ratio: Option<usize>,
+    pub chunk_size: Option<usize>,
+    pub lora_rank: Option<usize>,
+    pub lr: f64,
+    /// `None`: [`Schedule::default_warmup`].
+    pub warmup_steps: Option<usize>,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Samples per backward pass.
+    pub batch: usize,
+    /// Backward passes per optimizer step.
+    pub grad_accum: usize,
+    pub length: Length,
+    pub save_every: usize,
+    /// End this run after this many steps (of the whole schedule).
+    pub stop_after: Option<usize>,
+    pub resume: bool,
+    pub seed: u64,
+    pub window: PretrainWindow,
+    pub eval_max_tokens: usize,
+}
+
+/// The independent random streams of a run, each keyed by the seed.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Init = 1,
+    Order = 2,
+    Window = 3,
+}
+
+/// The `index`-th generator of `stream`: ChaCha8, whose output is fixed
+/// by its key and stream number on every platform and version.
+fn rng(seed: u64, stream: Stream, index: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8] = stream as u8;
+    let mut rng = ChaCha8Rng::from_seed(key);
+    rng.set_stream(index);
+    rng
+}
+
+/// The settings that decide what a run computes; a resumed run must match
+/// them (what only affects reporting, such as `--eval`, may change).
+#[derive(Debug, Serialize)]
+struct RunIdentity<'a> {
+    model: &'a str,
+    data: String,
+    stage: &'static str,
+    init: Option<String>,
+    ratio: usize,
+    chunk_size: usize,
+    lora_rank: usize,
+    lr: f64,
+    warmup_steps: usize,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    total_steps: usize,
+    batch: usize,
+    grad_accum: usize,
+    seed: u64,
+    min_context: Option<usize>,
+    max_context: Option<usize>,
+    continuation: Option<usize>,
+}
+
+/// The run's size, fixed before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub total_steps: usize,
+    pub warmup_steps: usize,
+    pub samples_per_step: usize,
+    /// The step this run stops at (`--stop-after`, else `total_steps`).
+    pub stop: usize,
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Steps done, this one included.
+    pub step: usize,
+    /// Mean cross-entropy of the step's samples.
+    pub loss: f64,
+    pub lr: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    /// Context and decoder tokens read.
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+/// What a run reports while it goes.
+#[derive(Debug)]
+pub enum Event<'e> {
+    Step(&'e StepReport),
+    /// A checkpoint and the adapter were written after this many steps.
+    Saved(usize),
+    Eval(usize, &'e EvalScores),
+}
+
+/// A run ready to go: model, data, variables and optimizer state.
+#[derive(Debug)]
+pub struct Trainer<'a> {
+    model: &'a LoadedModel,
+    settings: TrainSettings,
+    plan: Plan,
+    identity: Value,
+    train: TrainSet,
+    eval: Vec<EvalExample>,
+    params: Trainables,
+    optimizer: AdamW,
+    step: usize,
+    skipped: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Checks the output directory, reads the data and sets up the variables
+    /// (fresh, from `--init`, or from the checkpoint with `--resume`).
+    /// Writes nothing.
+    pub fn new(model: &'a LoadedModel, settings: TrainSettings) -> Result<Self> {
+        check_output(&settings.out, settings.resume)?;
+        let init = settings
+            .init
+            .as_deref()
+            .map(|dir| load_init(dir, model))
+            .transpose()?;
+        let config = adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
+        let decoder = &model.decoder;
+        let (train, skipped) = match settings.stage {
+            Stage::Pretrain => {
+                let w = settings.window;
+                compressor::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
+                    |e| {
+                        Error::InvalidInput(format!(
+                            "--max-context {} with --continuation {}: {e}",
+                            w.max_context, w.continuation
+                        ))
+                    },
+                )?;
+                let loaded =
+                    TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
+                (loaded.data, loaded.skipped)
+            }
+            Stage::Qa => {
+                let eos = *model.tokenizer.eos().first().ok_or_else(|| {
+                    Error::Tokenizer("the model names no EOS token to end answers with".into())
+                })?;
+                let set = TrainSet::qa(
+                    &settings.data,
+                    &model.tokenizer,
+                    &model.config,
+                    eos,
+                    settings.seed,
+                )?;
+                (set, 0)
+            }
+        };
+        let eval = match &settings.eval {
+            Some(path) => data::eval_examples(path, &model.tokenizer, &model.config)?,
+            None => Vec::new(),
+        };
+        let plan = plan(&settings, train.len());
+        let identity = identity(&settings, &config, &plan, model)?;
+        let (params, optimizer, step) = if settings.resume {
+            let saved = checkpoint::load(&settings.out, decoder.device())?;
+            if let Some((name, was, now)) = checkpoint::first_difference(&saved.run, &identity) {
+                return Err(Error::Training(format!(
+                    "{} was written by a run with {name} {was}, not {now}; resume with the same settings",
+                    checkpoint::path(&settings.out).display()
+                )));
+            }
+            let params = Trainables::from_tensors(
+                saved.adapter,
+                saved.params,
+                &model.config,
+                decoder.device(),
+            )?;
+            let optimizer = AdamW::restore(
+                &params.vars(),
+                settings.weight_decay,
+                saved.first_moments,
+                saved.second_moments,
+                saved.step,
+            )?;
+            if saved.step >= plan.stop {
+                return Err(Error::Training(format!(
+                    "{} is at step {} of {}: nothing left to do",
+                    settings.out.display(),
+                    saved.step,
+                    plan.stop
+                )));
+            }
+            (params, optimizer, saved.step)
+        } else {
+            let params = match init {
+                Some(adapter) => Trainables::from_tensors(
+                    config,
+                    adapter.tensors()?,
+                    &model.config,
+                    decoder.device(),
+                )?,
+                None => Trainables::init(config, decoder, settings.seed)?,
+            };
+            let optimizer = AdamW::new(&params.vars(), settings.weight_decay)?;
+            (params, optimizer, 0)
+        };
+        Ok(Trainer {
+            model,
+            settings,
+            plan,
+            identity,
+            train,
+            eval,
+            params,
+            optimizer,
+            step,
+            skipped,
+        })
+    }
+
+    pub fn plan(&self) -> Plan {
+        self.plan
+    }
+
+    /// Steps done so far (the checkpoint's, for a resumed run).
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Pretraining texts too short to use.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// Trains up to the plan's stop, writing `log.jsonl` as it goes and a
+    /// checkpoint, the adapter and (with `--eval`) scores every
+    /// `save_every` steps and at the end.
+    pub fn run(&mut self, mut observe: impl FnMut(Event)) -> Result<()> {
+        let out = self.settings.out.clone();
+        std::fs::create_dir_all(&out)
+            .map_err(|e| Error::io("cannot create output directory", &out, e))?;
+        let mut log = if self.settings.resume {
+            log::RunLog::resume(&out, self.step)?
+        } else {
+            log::RunLog::create(&out)?
+        };
+        while self.step < self.plan.stop {
+            let report = self.train_step()?;
+            log.write(&json!(report))?;
+            observe(Event::Step(&report));
+            if self.step % self.settings.save_every == 0 || self.step == self.plan.stop {
+                self.save()?;
+                observe(Event::Saved(self.step));
+                if !self.eval.is_empty() {
+                    let scores = self.evaluate()?;
+                    log.write(&json!({
+                        "step": self.step,
+                        "eval_em": scores.em,
+                        "eval_f1": scores.f1,
+                        "eval_examples": scores.examples,
+                    }))?;
+                    observe(Event::Eval(self.step, &scores));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over the next `samples_per_step` samples.
+    fn train_step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let (batch, per_step) = (self.settings.batch, self.plan.samples_per_step);
+        let mut grads: Vec<Tensor> = Vec::new();
+        let (mut loss, mut tokens) = (0.0, 0);
+        for micro in 0..self.settings.grad_accum {
+            let first = self.step * per_step + micro * batch;
+            let samples: Vec<_> = (first..first + batch)
+                .map(|index| self.train.sample(index as u64))
+                .collect();
+            tokens += samples.iter().map(|s| s.tokens()).sum::<usize>();
+            let (part, part_grads) = step::backward(
+                &self.model.decoder,
+                &self.params,
+                &samples,
+                1.0 / per_step as f64,
+            )?;
+            loss += part;
+            if grads.is_empty() {
+                grads = part_grads;
+            } else {
+                for (sum, g) in grads.iter_mut().zip(part_grads) {
+                    *sum = (&*sum + g)?;
+                }
+            }
+        }
+        let grad_norm = clip_global_norm(&mut grads, self.settings.max_grad_norm)?;
+        let lr = Schedule {
+            peak: self.settings.lr,
+            warmup_steps: self.plan.warmup_steps,
+            total_steps: self.plan.total_steps,
+        }
+        .lr(self.step);
+        self.optimizer.step(&self.params.vars(), &grads, lr)?;
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// Writes the checkpoint, then the adapter directory.
+    fn save(&self) -> Result<()> {
+        let out = &self.settings.out;
+        checkpoint::save(
+            out,
+            self.step,
+            &self.identity,
+            &self.params,
+            &self.optimizer,
+        )?;
+        self.params
+            .snapshot(&self.model.config, DType::F32)?
+            .save(out)
+    }
+
+    fn evaluate(&self) -> Result<EvalScores> {
+        let decoder = &self.model.decoder;
+        let adapter = self.params.snapshot(&self.model.config, decoder.dtype())?;
+        eval::evaluate(
+            decoder,
+            &self.model.tokenizer,
+            &adapter,
+            &self.eval,
+            self.settings.eval_max_tokens,
+        )
+    }
+}
+
+/// Refuses to start over a run (without `--resume`) or to resume nothing.
+fn check_output(out: &Path, resume: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Training(format!(
+            "--out {} is a file, not a directory",
+            out.display()
+        )));
+    }
+    let has_checkpoint = checkpoint::path(out).is_file();
+    if resume && !has_checkpoint {
+        return Err(Error::Training(format!(
+            "--resume: {} holds no {} to continue from",
+            out.display(),
+            checkpoint::FILE
+        )));
+    }
+    let taken = [
+        checkpoint::FILE,
+        adapter::CONFIG_FILE,
+        adapter::WEIGHTS_FILE,
+        log::FILE,
+    ]
+    .iter()
+    .any(|f| out.join(f).exists());
+    if !resume && taken {
+        return Err(Error::Training(format!(
+            "{} already holds a training run or an adapter; pass --resume to continue it, \
+             or choose another --out",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The `--init` adapter in f32, checked against the model.
+fn load_init(dir: &Path, model: &LoadedModel) -> Result<SacAdapter> {
+    let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
+    if let Some(fp) = adapter
+        .config
+        .base_model_fingerprint
+        .as_deref()
+        .filter(|fp| *fp != model.fingerprint.model)
+    {
+        return Err(Error::Adapter(format!(
+            "{} was trained on model {fp}, but {} is {}",
+            dir.display(),
+            model.files.id,
+            model.fingerprint.model
+        )));
+    }
+    Ok(adapter)
+}
+
+/// The trained adapter's config: shape flags, else the `--init` adapter's,
+/// else the defaults; a flag that contradicts `--init` is an error.
+fn adapter_config(
+    settings: &TrainSettings,
+    init: Option<&AdapterConfig>,
+    model: &LoadedModel,
+) -> Result<AdapterConfig> {
+    let pick = |flag: Option<usize>, theirs: Option<usize>, default: usize, name: &str| match (
+        flag, theirs,
+    ) {
+        (Some(f), Some(t)) if f != t => Err(Error::InvalidInput(format!(
+            "--{name} {f} differs from the --init adapter's {t}"
+        ))),
+        (Some(f), _) => Ok(f),
+        (None, Some(t)) => Ok(t),
+        (None, None) => Ok(default),
+    };
+    let ratio = pick(
+        settings.ratio,
+        init.map(|c| c.ratio),
+        chunk::DEFAULT_RATIO,
+        "ratio",
+    )?;
+    let chunk_size = pick(
+        settings.chunk_size,
+        init.map(|c| c.chunk_size),
+        chunk::DEFAULT_CHUNK_SIZE,
+        "chunk-size",
+    )?;
+    let lora_rank = pick(
+        settings.lora_rank,
+        init.map(|c| c.lora_rank),
+        DEFAULT_LORA_RANK,
+        "lora-rank",
+    )?;
+    Ok(AdapterConfig {
+        method: "sac".into(),
+        ratio,
+        chunk_size,
+        mem_size: init.map_or(chunk::mem_size(chunk_size, ratio), |c| c.mem_size),
+        lora_rank,
+        lora_scale: init.map_or(LORA_SCALE, |c| c.lora_scale),
+        lora_targets: init.map_or_else(
+            || vec!["q_proj".into(), "v_proj".into()],
+            |c| c.lora_targets.clone(),
+        ),
+        base_model: model.files.id.clone(),
+        base_model_fingerprint: Some(model.fingerprint.model.clone()),
+    })
+}
+
+fn plan(settings: &TrainSettings, rows: usize) -> Plan {
+    let samples_per_step = settings.batch * settings.grad_accum;
+    let total_steps = match settings.length {
+        Length::Steps(n) => n,
+        Length::Epochs(n) => (n * rows).div_ceil(samples_per_step),
+    };
+    Plan {
+        total_steps,
+        warmup_steps: settings
+            .warmup_steps
+            .unwrap_or_else(|| Schedule::default_warmup(total_steps)),
+        samples_per_step,
+        stop: settings
+            .stop_after
+            .map_or(total_steps, |s| s.min(total_steps)),
+    }
+}
+
+fn identity(
+    settings: &TrainSettings,
+    config: &AdapterConfig,
+    plan: &Plan,
+    model: &LoadedModel,
+) -> Result<Value> {
+    let mut cache = DigestCache::open_default();
+    let (_, data) = cache.file_digest(&settings.data)?;
+    let init = settings
+        .init
+        .as_deref()
+        .map(|dir| adapter::fingerprint(dir, &mut cache))
+        .transpose()?;
+    cache.save();
+    let pretrain = settings.stage == Stage::Pretrain;
+    let w = settings.window;
+    let id = RunIdentity {
+        model: &model.fingerprint.model,
+        data: format!("sha256:{data}"),
+        stage: settings.stage.name(),
+        init,
+        ratio: config.ratio,
+        chunk_size: config.chunk_size,
+        lora_rank: config.lora_rank,
+        lr: settings.lr,
+        warmup_steps: plan.warmup_steps,
+        weight_decay: settings.weight_decay,
+        max_grad_norm: settings.max_grad_norm,
+        total_steps: plan.total_steps,
+        batch: settings.batch,
+        grad_accum: settings.grad_accum,
+        seed: settings.seed,
+        min_context: pretrain.then_some(w.min_context),
+        max_context: pretrain.then_some(w.max_context),
+        continuation: pretrain.then_some(w.continuation),
+    };
+    serde_json::to_value(id).map_err(|e| Error::Training(e.to_string()))
+}

@@ -1,0 +1,99 @@
+//! The training objective of one sample: the compressor (the base model with
+//! the adapter) turns the context into anchor K/V, and the frozen decoder,
+//! reading them as its past, predicts the target after `[LM]` and the prompt,
+//! laid out exactly as `sac ask` lays out a question.
+
+use candle_core::{DType, Tensor};
+
+use crate::adapter::SacAdapter;
+use crate::compressor::{Compressor, Method};
+use crate::error::{Error, Result};
+use crate::model::{AttentionMask, Decoder, ForwardInput, Path};
+
+use super::data::Sample;
+use super::params::Trainables;
+
+/// One backward pass: the losses of `samples` summed and multiplied by
+/// `scale`; returns that value and each variable's gradient (in the order of
+/// [`Trainables::named`], zero for a variable the loss does not reach).
+pub fn backward(
+    decoder: &Decoder,
+    params: &Trainables,
+    samples: &[Sample],
+    scale: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let adapter = params.adapter(decoder.config(), decoder.dtype())?;
+    let mut total: Option<Tensor> = None;
+    for sample in samples {
+        let loss = sample_loss(decoder, &adapter, sample, Path::Training)?;
+        total = Some(match total {
+            Some(t) => (t + loss)?,
+            None => loss,
+        });
+    }
+    let Some(total) = total else {
+        return Err(Error::InvalidInput("a backward pass needs a sample".into()));
+    };
+    let scaled = (total * scale)?;
+    let store = scaled.backward()?;
+    let grads = params
+        .named()
+        .map(|(_, var)| match store.get(var.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(var.as_tensor().zeros_like()?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+}
+
+/// Mean next-token cross-entropy over `sample.target` (a scalar tensor in
+/// f32, or f64 for an f64 model). On `Path::Training` the graph reaches back
+/// through the decoder, the anchors' K/V and the compressor to the adapter's
+/// tensors.
+pub fn sample_loss(
+    decoder: &Decoder,
+    adapter: &SacAdapter,
+    sample: &Sample,
+    path: Path,
+) -> Result<Tensor> {
+    let Some((_, read_targets)) = sample.target.split_last() else {
+        return Err(Error::InvalidInput(
+            "a training sample has no target".into(),
+        ));
+    };
+    let c = &adapter.config;
+    let past = Compressor::new(decoder, Method::Sac, Some(adapter), c.ratio, c.chunk_size)?
+        .with_path(path)
+        .anchor_past(&sample.context)?;
+    let device = decoder.device();
+    let hidden_size = decoder.config().hidden_size;
+    // [LM], then the prompt and every target but the last: each position
+    // predicts the next token, so the target is read shifted by one.
+    let read: Vec<u32> = sample.prompt.iter().chain(read_targets).copied().collect();
+    let lm = adapter.lm_embedding()?.reshape((1, 1, hidden_size))?;
+    let embeds = if read.is_empty() {
+        lm
+    } else {
+        let ids = Tensor::new(read.as_slice(), device)?.unsqueeze(0)?;
+        Tensor::cat(&[&lm, &decoder.embed(&ids)?], 1)?
+    };
+    // [LM] at L, the last context position; what follows at L + 1, ...
+    let first = u32::try_from(sample.context.len())
+        .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))?;
+    let positions = Tensor::arange(first, first + 1 + read.len() as u32, device)?.unsqueeze(0)?;
+    let out = decoder.forward(ForwardInput {
+        embeds: &embeds,
+        positions: &positions,
+        mask: AttentionMask::Causal,
+        shared: None,
+        past: Some(&past),
+        lora: None,
+        path,
+    })?;
+    let scored = out
+        .hidden
+        .narrow(1, sample.prompt.len(), sample.target.len())?;
+    let logits = decoder.logits_on(&scored, path)?.squeeze(0)?;
+    let targets = Tensor::new(sample.target.as_slice(), device)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
