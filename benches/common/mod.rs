@@ -156,15 +156,14 @@ fn train_tokenizer(corpus: &[String], vocab_size: usize) -> anyhow::Result<Token
     Ok(tokenizer)
 }
 
-/// Writes a loadable model directory to `dir`: `config` (a Llama config
-/// without vocabulary) with random bf16 weights, and a tokenizer trained on
-/// `corpus`.
-pub fn write_model_dir(
+/// Writes `config` (a Llama config without vocabulary) and a tokenizer
+/// trained on `corpus` to `dir`; returns the config with its vocabulary.
+pub fn write_config_and_tokenizer(
     dir: &Path,
     mut config: Value,
     corpus: &[String],
     vocab_size: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ModelConfig> {
     let tokenizer = train_tokenizer(corpus, vocab_size)?;
     let vocab = tokenizer.get_vocab_size(true);
     let (bos, eos) = (tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS));
@@ -181,7 +180,18 @@ pub fn write_model_dir(
         tokenizer_config.to_string(),
     )?;
     std::fs::write(dir.join("config.json"), config.to_string())?;
-    let c = ModelConfig::from_json(&config.to_string()).map_err(anyhow::Error::msg)?;
+    ModelConfig::from_json(&config.to_string()).map_err(anyhow::Error::msg)
+}
+
+/// Writes a loadable model directory to `dir`: `config` with random bf16
+/// weights and a tokenizer trained on `corpus`.
+pub fn write_model_dir(
+    dir: &Path,
+    config: Value,
+    corpus: &[String],
+    vocab_size: usize,
+) -> anyhow::Result<()> {
+    let c = write_config_and_tokenizer(dir, config, corpus, vocab_size)?;
     let tensors = random_tensors(&c, DType::BF16, &Device::Cpu)?;
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     Ok(())

@@ -1,0 +1,161 @@
+//! Step 4 of the quality benchmark: every compressor on the test documents,
+//! through the real `sac` binary (`compress`, then `ask --batch`), scored
+//! with SQuAD's exact match and F1.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use sac::train::metrics;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::data::Example;
+
+/// One compressor at one ratio.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// A `--compressor` value, or `none` for no context at all.
+    pub method: &'static str,
+    pub ratio: Option<usize>,
+    pub adapter: Option<PathBuf>,
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub method: &'static str,
+    pub ratio: Option<usize>,
+    pub em: f64,
+    pub f1: f64,
+    /// .sack bytes per document token.
+    pub bytes_per_token: f64,
+    /// Document tokens per second of `sac compress`'s own timing.
+    pub compress_tokens_per_s: f64,
+    pub ttft_ms: f64,
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
+/// The tokens/s figure of `sac compress`'s summary line.
+fn tokens_per_second(stderr: &[u8]) -> Option<f64> {
+    let line = String::from_utf8_lossy(stderr);
+    let before = line.split(" tokens/s").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Evaluates `setting` with `model` on `test`, working in `work`.
+pub fn evaluate(
+    sac: &Path,
+    model: &Path,
+    test: &[Example],
+    setting: &Setting,
+    work: &Path,
+) -> anyhow::Result<Row> {
+    std::fs::create_dir_all(work)?;
+    let (mut em, mut f1, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bytes, mut tokens, mut speed) = (0u64, 0u64, Vec::new());
+    for (i, doc) in test.chunk_by(|a, b| a.context == b.context).enumerate() {
+        let text = work.join(format!("doc{i}.txt"));
+        let sack = work.join(format!("doc{i}.sack"));
+        // No context at all: the prompt layout around an empty document.
+        let context = if setting.method == "none" {
+            " "
+        } else {
+            doc[0].context.as_str()
+        };
+        std::fs::write(&text, context)?;
+        let mut compress = Command::new(sac);
+        compress
+            .arg("compress")
+            .arg(&text)
+            .arg("-o")
+            .arg(&sack)
+            .arg("-m")
+            .arg(model)
+            .args([
+                "--compressor",
+                if setting.method == "none" {
+                    "full"
+                } else {
+                    setting.method
+                },
+            ]);
+        if let Some(ratio) = setting.ratio {
+            compress.args(["--ratio", &ratio.to_string()]);
+        }
+        if let Some(adapter) = &setting.adapter {
+            compress.arg("--adapter").arg(adapter);
+        }
+        let out = run(&mut compress)?;
+        speed.extend(tokens_per_second(&out.stderr));
+        bytes += std::fs::metadata(&sack)?.len();
+        let info: Value = serde_json::from_slice(
+            &run(Command::new(sac).arg("info").arg("--json").arg(&sack))?.stdout,
+        )?;
+        tokens += info["header"]["document"]["tokens"].as_u64().unwrap_or(0);
+
+        let questions = work.join(format!("doc{i}.jsonl"));
+        let lines: Vec<String> = doc
+            .iter()
+            .enumerate()
+            .map(|(j, e)| json!({"id": j, "question": e.question}).to_string())
+            .collect();
+        std::fs::write(&questions, lines.join("\n"))?;
+        let out = run(Command::new(sac)
+            .arg("ask")
+            .arg(&sack)
+            .arg("--batch")
+            .arg(&questions)
+            .args(["--max-tokens", "8"]))?;
+        for (line, example) in String::from_utf8_lossy(&out.stdout).lines().zip(doc) {
+            let record: Value = serde_json::from_str(line)?;
+            let answer = record["answer"].as_str().unwrap_or_default();
+            em.push(metrics::exact_match(answer, &example.answer));
+            f1.push(metrics::f1(answer, &example.answer));
+            ttft.push(record["ttft_ms"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(Row {
+        method: setting.method,
+        ratio: setting.ratio,
+        em: 100.0 * mean(&em),
+        f1: 100.0 * mean(&f1),
+        bytes_per_token: bytes as f64 / tokens.max(1) as f64,
+        compress_tokens_per_s: mean(&speed),
+        ttft_ms: mean(&ttft),
+    })
+}
+
+/// The table as markdown.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| compressor | ratio | EM | F1 | .sack bytes / doc token | compress tokens/s | TTFT ms |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |\n",
+            r.method,
+            r.ratio.map_or("-".into(), |r| r.to_string()),
+            r.em,
+            r.f1,
+            r.bytes_per_token,
+            r.compress_tokens_per_s,
+            r.ttft_ms
+        ));
+    }
+    out
+}

@@ -1,0 +1,176 @@
+//! The quality benchmark (issue 5): a synthetic document-QA task, a tiny
+//! base model trained on it with the whole document in view, SAC adapters
+//! trained at several ratios with `sac train`, and every compressor evaluated
+//! through the `sac` binary on documents about people never seen in training.
+//!
+//! `cargo bench --bench quality -- [--out DIR] [--base-steps N] [--adapter-steps N]`
+//!
+//! Writes DIR/model (the base model), DIR/adapter-rN, and DIR/results.{md,json}.
+
+mod base;
+#[path = "../common/mod.rs"]
+mod common;
+mod data;
+mod eval;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// Where the model, adapters and results go.
+    #[arg(long, default_value = "target/quality")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 600)]
+    base_steps: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    base_lr: f64,
+    /// Reuse the base model already in OUT/model instead of training one.
+    #[arg(long)]
+    reuse_base: bool,
+    #[arg(long, default_value_t = 150)]
+    adapter_steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    adapter_lr: f64,
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
+    sac_ratios: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    baseline_ratios: Vec<usize>,
+    #[arg(long, default_value_t = 1500)]
+    train_documents: usize,
+    #[arg(long, default_value_t = 100)]
+    test_documents: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where the base model trains (its dtype is always f32).
+    #[command(flatten)]
+    placement: common::Placement,
+}
+
+fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
+    let lines: Vec<String> = examples
+        .iter()
+        .map(|e| {
+            json!({"context": e.context, "question": e.question, "answer": e.answer}).to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let sac = PathBuf::from(env!("CARGO_BIN_EXE_sac"));
+    let task = data::Task::new(args.seed, args.train_documents, args.test_documents);
+    std::fs::create_dir_all(&args.out)?;
+    let model = args.out.join("model");
+    if !args.reuse_base {
+        common::write_config_and_tokenizer(&model, base::config(), &task.corpus(), 1024)?;
+        base::train(
+            &model,
+            &task.train,
+            &base::BaseSettings {
+                steps: args.base_steps,
+                lr: args.base_lr,
+                seed: args.seed,
+                device: args.placement.open()?.0,
+            },
+        )?;
+    }
+    let base_done = started.elapsed().as_secs_f64();
+    eprintln!("base model ready after {base_done:.0} s");
+
+    let train_file = args.out.join("train.jsonl");
+    write_jsonl(&train_file, &task.train)?;
+    let mut settings = vec![
+        eval::Setting {
+            method: "full",
+            ratio: None,
+            adapter: None,
+        },
+        eval::Setting {
+            method: "none",
+            ratio: None,
+            adapter: None,
+        },
+    ];
+    for &ratio in &args.sac_ratios {
+        let adapter = args.out.join(format!("adapter-r{ratio}"));
+        let status = Command::new(&sac)
+            .arg("train")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&train_file)
+            .arg("--out")
+            .arg(&adapter)
+            .args(["--stage", "qa", "--ratio", &ratio.to_string()])
+            .args(["--lora-rank", "16", "--grad-accum", "1", "--batch", "2"])
+            .args(["--steps", &args.adapter_steps.to_string()])
+            .args(["--lr", &args.adapter_lr.to_string()])
+            .args(["--seed", &args.seed.to_string(), "--quiet"])
+            .status()?;
+        if !status.success() {
+            bail!("sac train at ratio {ratio} failed");
+        }
+        settings.push(eval::Setting {
+            method: "sac",
+            ratio: Some(ratio),
+            adapter: Some(adapter),
+        });
+    }
+    let adapters_done = started.elapsed().as_secs_f64();
+    for &ratio in &args.baseline_ratios {
+        for method in ["uniform", "kvzip", "snapkv", "streaming"] {
+            settings.push(eval::Setting {
+                method,
+                ratio: Some(ratio),
+                adapter: None,
+            });
+        }
+    }
+    for &ratio in &args.sac_ratios {
+        if !args.baseline_ratios.contains(&ratio) {
+            settings.push(eval::Setting {
+                method: "uniform",
+                ratio: Some(ratio),
+                adapter: None,
+            });
+        }
+    }
+    let mut rows = Vec::new();
+    for setting in &settings {
+        let work = args.out.join("eval").join(format!(
+            "{}-{}",
+            setting.method,
+            setting.ratio.unwrap_or(1)
+        ));
+        let row = eval::evaluate(&sac, &model, &task.test, setting, &work)?;
+        eprintln!("{row:?}");
+        rows.push(row);
+    }
+    let table = eval::markdown(&rows);
+    let total = started.elapsed().as_secs_f64();
+    println!("{table}");
+    println!(
+        "{} test questions on {} documents; base model {base_done:.0} s, adapters {:.0} s, total {total:.0} s",
+        task.test.len(),
+        args.test_documents,
+        adapters_done - base_done
+    );
+    std::fs::write(args.out.join("results.md"), &table)?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json!({
+            "rows": rows, "seconds": {"base": base_done, "adapters": adapters_done - base_done, "total": total},
+            "test_questions": task.test.len(), "train_documents": args.train_documents,
+        }))?,
+    )?;
+    Ok(())
+}
