@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{load_model, max_abs_diff, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
-use sac::model::{AttentionMask, ForwardInput, LayerKv, Path, SharedKv};
+use sac::model::{ForwardInput, LayerKv, SharedKv};
 use sac::runtime::LoadedModel;
 
 const QUESTIONS: [&str; 5] = [
@@ -29,17 +29,10 @@ fn context_kv(m: &LoadedModel, text: &str) -> (Vec<LayerKv>, u32) {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
+    let embeds = m.decoder.embed(&ids).unwrap();
     let out = m
         .decoder
-        .forward(ForwardInput {
-            embeds: &m.decoder.embed(&ids).unwrap(),
-            positions: &positions,
-            mask: AttentionMask::Causal,
-            shared: None,
-            past: None,
-            lora: None,
-            path: Path::Inference,
-        })
+        .forward(ForwardInput::causal(&embeds, &positions))
         .unwrap();
     (out.kv, n)
 }
@@ -150,16 +143,13 @@ fn stopping_one_row_stops_the_batch() {
 fn attend(m: &LoadedModel, shared: Option<&[SharedKv]>, past: Option<&[LayerKv]>) -> Tensor {
     let ids = Tensor::new(&[[5u32], [17], [42]], &Device::Cpu).unwrap();
     let positions = Tensor::new(&[[40u32], [40], [41]], &Device::Cpu).unwrap();
+    let embeds = m.decoder.embed(&ids).unwrap();
     let out = m
         .decoder
         .forward(ForwardInput {
-            embeds: &m.decoder.embed(&ids).unwrap(),
-            positions: &positions,
-            mask: AttentionMask::Causal,
             shared,
             past,
-            lora: None,
-            path: Path::Inference,
+            ..ForwardInput::causal(&embeds, &positions)
         })
         .unwrap();
     m.decoder.logits(&out.hidden).unwrap()

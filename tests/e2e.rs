@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use candle_core::{Device, Tensor};
 use common::{failing, fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
-use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath, SharedKv};
+use sac::model::{ForwardInput, SharedKv};
 
 fn model(name: &str) -> String {
     fixture_dir(name).to_string_lossy().into_owned()
@@ -58,17 +58,11 @@ fn uncompressed_greedy(
         .unwrap();
     // Prefill everything but the last prompt token; the answerer feeds that one.
     let n = ids.len() - 1;
+    let embeds = m.decoder.embed(&prompt.narrow(1, 0, n).unwrap()).unwrap();
+    let positions = positions.narrow(1, 0, n).unwrap();
     let out = m
         .decoder
-        .forward(ForwardInput {
-            embeds: &m.decoder.embed(&prompt.narrow(1, 0, n).unwrap()).unwrap(),
-            positions: &positions.narrow(1, 0, n).unwrap(),
-            mask: AttentionMask::Causal,
-            shared: None,
-            past: None,
-            lora: None,
-            path: ForwardPath::Inference,
-        })
+        .forward(ForwardInput::causal(&embeds, &positions))
         .unwrap();
     let context = DecoderContext {
         past: out.kv.into_iter().map(SharedKv::from).collect(),

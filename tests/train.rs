@@ -12,7 +12,7 @@ use std::process::Output;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
 use sac::adapter::{AdapterConfig, SacAdapter};
-use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath};
+use sac::model::{ForwardInput, Path as ForwardPath};
 use sac::train::data::Sample;
 use sac::train::params::Trainables;
 use sac::train::{Length, PretrainWindow, Stage, TrainSettings, Trainer, step};
@@ -178,17 +178,10 @@ fn base_weights_stay_bit_identical_in_memory() {
     let logits = || {
         let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
         let positions = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+        let embeds = model.decoder.embed(&ids).unwrap();
         let out = model
             .decoder
-            .forward(ForwardInput {
-                embeds: &model.decoder.embed(&ids).unwrap(),
-                positions: &positions,
-                mask: AttentionMask::Causal,
-                shared: None,
-                past: None,
-                lora: None,
-                path: ForwardPath::Inference,
-            })
+            .forward(ForwardInput::causal(&embeds, &positions))
             .unwrap();
         model.decoder.logits(&out.hidden).unwrap()
     };
