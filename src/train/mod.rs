@@ -20,9 +20,10 @@ pub mod metrics;
 pub mod optimizer;
 pub mod params;
 pub mod schedule;
+mod setup;
 pub mod step;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -31,11 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{self, AdapterConfig, SacAdapter};
-use crate::chunk;
-use crate::compressor;
 use crate::error::{Error, Result};
-use crate::fingerprint::DigestCache;
 use crate::runtime::LoadedModel;
 
 pub use data::{PretrainWindow, Stage};
@@ -109,30 +106,6 @@ fn rng(seed: u64, stream: Stream, index: u64) -> ChaCha8Rng {
     rng
 }
 
-/// The settings that decide what a run computes; a resumed run must match
-/// them (what only affects reporting, such as `--eval`, may change).
-#[derive(Debug, Serialize)]
-struct RunIdentity<'a> {
-    model: &'a str,
-    data: String,
-    stage: &'static str,
-    init: Option<String>,
-    ratio: usize,
-    chunk_size: usize,
-    lora_rank: usize,
-    lr: f64,
-    warmup_steps: usize,
-    weight_decay: f64,
-    max_grad_norm: f64,
-    total_steps: usize,
-    batch: usize,
-    grad_accum: usize,
-    seed: u64,
-    min_context: Option<usize>,
-    max_context: Option<usize>,
-    continuation: Option<usize>,
-}
-
 /// The run's size, fixed before it starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -187,70 +160,29 @@ impl<'a> Trainer<'a> {
     /// (fresh, from `--init`, or from the checkpoint with `--resume`).
     /// Writes nothing.
     pub fn new(model: &'a LoadedModel, settings: TrainSettings) -> Result<Self> {
-        check_output(&settings.out, settings.resume)?;
+        setup::check_output(&settings.out, settings.resume)?;
         let init = settings
             .init
             .as_deref()
-            .map(|dir| load_init(dir, model))
+            .map(|dir| setup::load_init(dir, model))
             .transpose()?;
-        let config = adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
-        let decoder = &model.decoder;
-        let (train, skipped) = match settings.stage {
-            Stage::Pretrain => {
-                let w = settings.window;
-                compressor::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
-                    |e| {
-                        Error::InvalidInput(format!(
-                            "--max-context {} with --continuation {}: {e}",
-                            w.max_context, w.continuation
-                        ))
-                    },
-                )?;
-                let loaded =
-                    TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
-                (loaded.data, loaded.skipped)
-            }
-            Stage::Qa => {
-                let eos = *model.tokenizer.eos().first().ok_or_else(|| {
-                    Error::Tokenizer("the model names no EOS token to end answers with".into())
-                })?;
-                let set = TrainSet::qa(
-                    &settings.data,
-                    &model.tokenizer,
-                    &model.config,
-                    eos,
-                    settings.seed,
-                )?;
-                (set, 0)
-            }
-        };
+        let config = setup::adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
+        let (train, skipped) = setup::train_set(&settings, model)?;
         let eval = match &settings.eval {
             Some(path) => data::eval_examples(path, &model.tokenizer, &model.config)?,
             None => Vec::new(),
         };
-        let plan = plan(&settings, train.len());
-        let identity = identity(&settings, &config, &plan, model)?;
+        let plan = setup::plan(&settings, train.len());
+        let identity = setup::identity(&settings, &config, &plan, model)?;
+        let device = model.decoder.device();
         let (params, optimizer, step) = if settings.resume {
-            let saved = checkpoint::load(&settings.out, decoder.device())?;
+            let saved = checkpoint::load(&settings.out, device)?;
             if let Some((name, was, now)) = checkpoint::first_difference(&saved.run, &identity) {
                 return Err(Error::Training(format!(
                     "{} was written by a run with {name} {was}, not {now}; resume with the same settings",
                     checkpoint::path(&settings.out).display()
                 )));
             }
-            let params = Trainables::from_tensors(
-                saved.adapter,
-                saved.params,
-                &model.config,
-                decoder.device(),
-            )?;
-            let optimizer = AdamW::restore(
-                &params.vars(),
-                settings.weight_decay,
-                saved.first_moments,
-                saved.second_moments,
-                saved.step,
-            )?;
             if saved.step >= plan.stop {
                 return Err(Error::Training(format!(
                     "{} is at step {} of {}: nothing left to do",
@@ -259,16 +191,22 @@ impl<'a> Trainer<'a> {
                     plan.stop
                 )));
             }
+            let params =
+                Trainables::from_tensors(saved.adapter, saved.params, &model.config, device)?;
+            let optimizer = AdamW::restore(
+                &params.vars(),
+                settings.weight_decay,
+                saved.first_moments,
+                saved.second_moments,
+                saved.step,
+            )?;
             (params, optimizer, saved.step)
         } else {
             let params = match init {
-                Some(adapter) => Trainables::from_tensors(
-                    config,
-                    adapter.tensors()?,
-                    &model.config,
-                    decoder.device(),
-                )?,
-                None => Trainables::init(config, decoder, settings.seed)?,
+                Some(adapter) => {
+                    Trainables::from_tensors(config, adapter.tensors()?, &model.config, device)?
+                }
+                None => Trainables::init(config, &model.decoder, settings.seed)?,
             };
             let optimizer = AdamW::new(&params.vars(), settings.weight_decay)?;
             (params, optimizer, 0)
@@ -408,165 +346,4 @@ impl<'a> Trainer<'a> {
             self.settings.eval_max_tokens,
         )
     }
-}
-
-/// Refuses to start over a run (without `--resume`) or to resume nothing.
-fn check_output(out: &Path, resume: bool) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        return Err(Error::Training(format!(
-            "--out {} is a file, not a directory",
-            out.display()
-        )));
-    }
-    let has_checkpoint = checkpoint::path(out).is_file();
-    if resume && !has_checkpoint {
-        return Err(Error::Training(format!(
-            "--resume: {} holds no {} to continue from",
-            out.display(),
-            checkpoint::FILE
-        )));
-    }
-    let taken = [
-        checkpoint::FILE,
-        adapter::CONFIG_FILE,
-        adapter::WEIGHTS_FILE,
-        log::FILE,
-    ]
-    .iter()
-    .any(|f| out.join(f).exists());
-    if !resume && taken {
-        return Err(Error::Training(format!(
-            "{} already holds a training run or an adapter; pass --resume to continue it, \
-             or choose another --out",
-            out.display()
-        )));
-    }
-    Ok(())
-}
-
-/// The `--init` adapter in f32, checked against the model.
-fn load_init(dir: &Path, model: &LoadedModel) -> Result<SacAdapter> {
-    let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
-    if let Some(fp) = adapter
-        .config
-        .base_model_fingerprint
-        .as_deref()
-        .filter(|fp| *fp != model.fingerprint.model)
-    {
-        return Err(Error::Adapter(format!(
-            "{} was trained on model {fp}, but {} is {}",
-            dir.display(),
-            model.files.id,
-            model.fingerprint.model
-        )));
-    }
-    Ok(adapter)
-}
-
-/// The trained adapter's config: shape flags, else the `--init` adapter's,
-/// else the defaults; a flag that contradicts `--init` is an error.
-fn adapter_config(
-    settings: &TrainSettings,
-    init: Option<&AdapterConfig>,
-    model: &LoadedModel,
-) -> Result<AdapterConfig> {
-    let pick = |flag: Option<usize>, theirs: Option<usize>, default: usize, name: &str| match (
-        flag, theirs,
-    ) {
-        (Some(f), Some(t)) if f != t => Err(Error::InvalidInput(format!(
-            "--{name} {f} differs from the --init adapter's {t}"
-        ))),
-        (Some(f), _) => Ok(f),
-        (None, Some(t)) => Ok(t),
-        (None, None) => Ok(default),
-    };
-    let ratio = pick(
-        settings.ratio,
-        init.map(|c| c.ratio),
-        chunk::DEFAULT_RATIO,
-        "ratio",
-    )?;
-    let chunk_size = pick(
-        settings.chunk_size,
-        init.map(|c| c.chunk_size),
-        chunk::DEFAULT_CHUNK_SIZE,
-        "chunk-size",
-    )?;
-    let lora_rank = pick(
-        settings.lora_rank,
-        init.map(|c| c.lora_rank),
-        DEFAULT_LORA_RANK,
-        "lora-rank",
-    )?;
-    Ok(AdapterConfig {
-        method: "sac".into(),
-        ratio,
-        chunk_size,
-        mem_size: init.map_or(chunk::mem_size(chunk_size, ratio), |c| c.mem_size),
-        lora_rank,
-        lora_scale: init.map_or(LORA_SCALE, |c| c.lora_scale),
-        lora_targets: init.map_or_else(
-            || vec!["q_proj".into(), "v_proj".into()],
-            |c| c.lora_targets.clone(),
-        ),
-        base_model: model.files.id.clone(),
-        base_model_fingerprint: Some(model.fingerprint.model.clone()),
-    })
-}
-
-fn plan(settings: &TrainSettings, rows: usize) -> Plan {
-    let samples_per_step = settings.batch * settings.grad_accum;
-    let total_steps = match settings.length {
-        Length::Steps(n) => n,
-        Length::Epochs(n) => (n * rows).div_ceil(samples_per_step),
-    };
-    Plan {
-        total_steps,
-        warmup_steps: settings
-            .warmup_steps
-            .unwrap_or_else(|| Schedule::default_warmup(total_steps)),
-        samples_per_step,
-        stop: settings
-            .stop_after
-            .map_or(total_steps, |s| s.min(total_steps)),
-    }
-}
-
-fn identity(
-    settings: &TrainSettings,
-    config: &AdapterConfig,
-    plan: &Plan,
-    model: &LoadedModel,
-) -> Result<Value> {
-    let mut cache = DigestCache::open_default();
-    let (_, data) = cache.file_digest(&settings.data)?;
-    let init = settings
-        .init
-        .as_deref()
-        .map(|dir| adapter::fingerprint(dir, &mut cache))
-        .transpose()?;
-    cache.save();
-    let pretrain = settings.stage == Stage::Pretrain;
-    let w = settings.window;
-    let id = RunIdentity {
-        model: &model.fingerprint.model,
-        data: format!("sha256:{data}"),
-        stage: settings.stage.name(),
-        init,
-        ratio: config.ratio,
-        chunk_size: config.chunk_size,
-        lora_rank: config.lora_rank,
-        lr: settings.lr,
-        warmup_steps: plan.warmup_steps,
-        weight_decay: settings.weight_decay,
-        max_grad_norm: settings.max_grad_norm,
-        total_steps: plan.total_steps,
-        batch: settings.batch,
-        grad_accum: settings.grad_accum,
-        seed: settings.seed,
-        min_context: pretrain.then_some(w.min_context),
-        max_context: pretrain.then_some(w.max_context),
-        continuation: pretrain.then_some(w.continuation),
-    };
-    serde_json::to_value(id).map_err(|e| Error::Training(e.to_string()))
 }

@@ -1,0 +1,238 @@
+//! What a run is before it starts: its output directory checked, its
+//! adapter's shape, its data, its size, and the settings a resumed run must
+//! share with its checkpoint.
+
+use std::path::Path;
+
+use candle_core::DType;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::adapter::{self, AdapterConfig, SacAdapter};
+use crate::chunk;
+use crate::compressor;
+use crate::error::{Error, Result};
+use crate::fingerprint::DigestCache;
+use crate::runtime::LoadedModel;
+
+use super::data::TrainSet;
+use super::schedule::Schedule;
+use super::{DEFAULT_LORA_RANK, LORA_SCALE, Length, Plan, Stage, TrainSettings, checkpoint, log};
+
+/// The settings that decide what a run computes; a resumed run must match
+/// them (what only affects reporting, such as `--eval`, may change).
+#[derive(Debug, Serialize)]
+struct RunIdentity<'a> {
+    model: &'a str,
+    data: String,
+    stage: &'static str,
+    init: Option<String>,
+    ratio: usize,
+    chunk_size: usize,
+    lora_rank: usize,
+    lr: f64,
+    warmup_steps: usize,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    total_steps: usize,
+    batch: usize,
+    grad_accum: usize,
+    seed: u64,
+    min_context: Option<usize>,
+    max_context: Option<usize>,
+    continuation: Option<usize>,
+}
+
+/// Refuses to start over a run (without `--resume`) or to resume nothing.
+pub fn check_output(out: &Path, resume: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Training(format!(
+            "--out {} is a file, not a directory",
+            out.display()
+        )));
+    }
+    let has_checkpoint = checkpoint::path(out).is_file();
+    if resume && !has_checkpoint {
+        return Err(Error::Training(format!(
+            "--resume: {} holds no {} to continue from",
+            out.display(),
+            checkpoint::FILE
+        )));
+    }
+    let taken = [
+        checkpoint::FILE,
+        adapter::CONFIG_FILE,
+        adapter::WEIGHTS_FILE,
+        log::FILE,
+    ]
+    .iter()
+    .any(|f| out.join(f).exists());
+    if !resume && taken {
+        return Err(Error::Training(format!(
+            "{} already holds a training run or an adapter; pass --resume to continue it, \
+             or choose another --out",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The `--init` adapter in f32, checked against the model.
+pub fn load_init(dir: &Path, model: &LoadedModel) -> Result<SacAdapter> {
+    let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
+    if let Some(fp) = adapter
+        .config
+        .base_model_fingerprint
+        .as_deref()
+        .filter(|fp| *fp != model.fingerprint.model)
+    {
+        return Err(Error::Adapter(format!(
+            "{} was trained on model {fp}, but {} is {}",
+            dir.display(),
+            model.files.id,
+            model.fingerprint.model
+        )));
+    }
+    Ok(adapter)
+}
+
+/// The trained adapter's config: shape flags, else the `--init` adapter's,
+/// else the defaults; a flag that contradicts `--init` is an error.
+pub fn adapter_config(
+    settings: &TrainSettings,
+    init: Option<&AdapterConfig>,
+    model: &LoadedModel,
+) -> Result<AdapterConfig> {
+    let pick = |flag: Option<usize>, theirs: Option<usize>, default: usize, name: &str| match (
+        flag, theirs,
+    ) {
+        (Some(f), Some(t)) if f != t => Err(Error::InvalidInput(format!(
+            "--{name} {f} differs from the --init adapter's {t}"
+        ))),
+        (Some(f), _) => Ok(f),
+        (None, Some(t)) => Ok(t),
+        (None, None) => Ok(default),
+    };
+    let ratio = pick(
+        settings.ratio,
+        init.map(|c| c.ratio),
+        chunk::DEFAULT_RATIO,
+        "ratio",
+    )?;
+    let chunk_size = pick(
+        settings.chunk_size,
+        init.map(|c| c.chunk_size),
+        chunk::DEFAULT_CHUNK_SIZE,
+        "chunk-size",
+    )?;
+    let lora_rank = pick(
+        settings.lora_rank,
+        init.map(|c| c.lora_rank),
+        DEFAULT_LORA_RANK,
+        "lora-rank",
+    )?;
+    Ok(AdapterConfig {
+        method: "sac".into(),
+        ratio,
+        chunk_size,
+        mem_size: init.map_or(chunk::mem_size(chunk_size, ratio), |c| c.mem_size),
+        lora_rank,
+        lora_scale: init.map_or(LORA_SCALE, |c| c.lora_scale),
+        lora_targets: init.map_or_else(
+            || vec!["q_proj".into(), "v_proj".into()],
+            |c| c.lora_targets.clone(),
+        ),
+        base_model: model.files.id.clone(),
+        base_model_fingerprint: Some(model.fingerprint.model.clone()),
+    })
+}
+
+pub fn plan(settings: &TrainSettings, rows: usize) -> Plan {
+    let samples_per_step = settings.batch * settings.grad_accum;
+    let total_steps = match settings.length {
+        Length::Steps(n) => n,
+        Length::Epochs(n) => (n * rows).div_ceil(samples_per_step),
+    };
+    Plan {
+        total_steps,
+        warmup_steps: settings
+            .warmup_steps
+            .unwrap_or_else(|| Schedule::default_warmup(total_steps)),
+        samples_per_step,
+        stop: settings
+            .stop_after
+            .map_or(total_steps, |s| s.min(total_steps)),
+    }
+}
+
+pub fn identity(
+    settings: &TrainSettings,
+    config: &AdapterConfig,
+    plan: &Plan,
+    model: &LoadedModel,
+) -> Result<Value> {
+    let mut cache = DigestCache::open_default();
+    let (_, data) = cache.file_digest(&settings.data)?;
+    let init = settings
+        .init
+        .as_deref()
+        .map(|dir| adapter::fingerprint(dir, &mut cache))
+        .transpose()?;
+    cache.save();
+    let pretrain = settings.stage == Stage::Pretrain;
+    let w = settings.window;
+    let id = RunIdentity {
+        model: &model.fingerprint.model,
+        data: format!("sha256:{data}"),
+        stage: settings.stage.name(),
+        init,
+        ratio: config.ratio,
+        chunk_size: config.chunk_size,
+        lora_rank: config.lora_rank,
+        lr: settings.lr,
+        warmup_steps: plan.warmup_steps,
+        weight_decay: settings.weight_decay,
+        max_grad_norm: settings.max_grad_norm,
+        total_steps: plan.total_steps,
+        batch: settings.batch,
+        grad_accum: settings.grad_accum,
+        seed: settings.seed,
+        min_context: pretrain.then_some(w.min_context),
+        max_context: pretrain.then_some(w.max_context),
+        continuation: pretrain.then_some(w.continuation),
+    };
+    serde_json::to_value(id).map_err(|e| Error::Training(e.to_string()))
+}
+
+/// The training examples of `settings.data`, with the number of pretraining
+/// texts too short to use.
+pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(TrainSet, usize)> {
+    match settings.stage {
+        Stage::Pretrain => {
+            let w = settings.window;
+            compressor::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
+                |e| {
+                    Error::InvalidInput(format!(
+                        "--max-context {} with --continuation {}: {e}",
+                        w.max_context, w.continuation
+                    ))
+                },
+            )?;
+            let loaded = TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
+            Ok((loaded.data, loaded.skipped))
+        }
+        Stage::Qa => {
+            let eos = *model.tokenizer.eos().first().ok_or_else(|| {
+                Error::Tokenizer("the model names no EOS token to end answers with".into())
+            })?;
+            let set = TrainSet::qa(
+                &settings.data,
+                &model.tokenizer,
+                &model.config,
+                eos,
+                settings.seed,
+            )?;
+            Ok((set, 0))
+        }
+    }
+}
