@@ -5,7 +5,7 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::compressor::{ChunkKv, Compressor, Kept};
 use crate::error::{Error, Result};
@@ -213,13 +213,19 @@ fn layer_kv(
 ) -> Result<SharedKv> {
     let first = header.decoder.first_position;
     let c = decoder.config();
-    let device = decoder.device();
     let longest = layer
         .heads
         .iter()
         .map(|h| h.positions.len())
         .max()
         .unwrap_or(0);
+    // CUDA refuses empty allocations; a layer that keeps nothing stays on
+    // the CPU, and attention skips it.
+    let device = if longest == 0 {
+        &Device::Cpu
+    } else {
+        decoder.device()
+    };
     let ragged = layer
         .heads
         .iter()

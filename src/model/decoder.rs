@@ -408,7 +408,9 @@ impl Attention {
         // step copies neither the document nor the past.
         let q = q.reshape((batch, kv_heads, group * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let shared_len = step.shared.map_or(0, |s| s.kv.len());
+        // A layer that keeps nothing of the document has no shared segment.
+        let shared = step.shared.filter(|s| !s.kv.is_empty());
+        let shared_len = shared.map_or(0, |s| s.kv.len());
         let past_len = step.past.map_or(0, LayerKv::len);
         let acc = ops::accumulation_dtype(q.dtype());
         let scaled = |scores: Tensor, keys: usize| -> Result<Tensor> {
@@ -427,7 +429,7 @@ impl Attention {
             Some(mask) => own.broadcast_add(mask)?,
             None => own,
         };
-        let scores = match step.shared {
+        let scores = match shared {
             Some(shared) => {
                 let mut scores = scaled(shared_matmul(&q, &shared.kv.k.t()?)?, shared_len)?;
                 if let Some(bias) = &shared.bias {
@@ -456,7 +458,7 @@ impl Attention {
             let weights = probs.narrow(3, shared_len, past_len)?.contiguous()?;
             out = (out + weights.matmul(&past.v)?)?;
         }
-        if let Some(shared) = step.shared {
+        if let Some(shared) = shared {
             let weights = probs.narrow(3, 0, shared_len)?;
             out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
         }

@@ -221,8 +221,10 @@ fn gather_heads(kv: &LayerKv, heads: &[Vec<u32>]) -> Result<LayerKv> {
     let longest = heads.iter().map(Vec::len).max().unwrap_or(0);
     let gather = |t: &Tensor| -> Result<Tensor> {
         if longest == 0 {
+            // A chunk with nothing kept: empty, and on the CPU, since CUDA
+            // refuses empty allocations (the .sack writer reads it there).
             let (_, kv_heads, _, dim) = t.dims4()?;
-            return Ok(Tensor::zeros((1, kv_heads, 0, dim), t.dtype(), t.device())?);
+            return Ok(Tensor::zeros((1, kv_heads, 0, dim), t.dtype(), &Device::Cpu)?);
         }
         let parts = heads
             .iter()
