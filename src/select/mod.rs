@@ -224,7 +224,11 @@ fn gather_heads(kv: &LayerKv, heads: &[Vec<u32>]) -> Result<LayerKv> {
             // A chunk with nothing kept: empty, and on the CPU, since CUDA
             // refuses empty allocations (the .sack writer reads it there).
             let (_, kv_heads, _, dim) = t.dims4()?;
-            return Ok(Tensor::zeros((1, kv_heads, 0, dim), t.dtype(), &Device::Cpu)?);
+            return Ok(Tensor::zeros(
+                (1, kv_heads, 0, dim),
+                t.dtype(),
+                &Device::Cpu,
+            )?);
         }
         let parts = heads
             .iter()
