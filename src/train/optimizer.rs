@@ -94,7 +94,10 @@ impl AdamW {
         let correct_m = 1.0 / (1.0 - BETA1.powi(t));
         let correct_v = 1.0 / (1.0 - BETA2.powi(t));
         for (i, (param, g)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * BETA1)? + (g * (1.0 - BETA1))?)?;
+            // Gradients can carry the graph that made them; the moments must
+            // not, or every step's graph would live as long as the optimizer.
+            let g = g.detach();
+            let m = ((&self.m[i] * BETA1)? + (&g * (1.0 - BETA1))?)?;
             let v = ((&self.v[i] * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
             let update = ((&m * correct_m)? / ((&v * correct_v)?.sqrt()? + EPS)?)?;
             let decayed = (param.as_tensor() * (1.0 - lr * self.weight_decay))?;
@@ -163,6 +166,19 @@ mod tests {
             p.as_tensor().to_vec1::<f32>()?,
             q.as_tensor().to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn moments_never_hold_the_graph_of_a_gradient() -> Result<()> {
+        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+        let mut opt = AdamW::new(&[&p], 0.0)?;
+        // A gradient that still carries the operations that made it.
+        let x = Var::new(&[0.5f32, 0.25], &Device::Cpu)?;
+        let g = (x.as_tensor() * 2.0)?;
+        assert!(g.track_op());
+        opt.step(&[&p], &[g], 0.1)?;
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
         Ok(())
     }
 
