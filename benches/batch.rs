@@ -16,8 +16,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, ValueEnum};
+use common::run;
 use serde_json::json;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,16 +66,6 @@ fn sac(cache: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sac"));
     cmd.env("SAC_CACHE_DIR", cache).env("HF_HUB_OFFLINE", "1");
     cmd
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         .args(["--max-tokens", &max_tokens])
         .args(["--batch-size", &args.batch_size.to_string()]))?;
     let batch = start.elapsed().as_secs_f64();
-    let answered = String::from_utf8_lossy(&out).lines().count();
+    let answered = String::from_utf8_lossy(&out.stdout).lines().count();
     if answered != questions.len() {
         bail!(
             "the batch answered {answered} of {} questions",

@@ -19,6 +19,17 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// Runs `cmd` to completion; its output, or an error with its stderr.
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<std::process::Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
 /// Where a bench runs.
 #[derive(clap::Args)]
 pub struct Placement {

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
 use sac::train::metrics;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::common::run;
 use crate::data::Example;
 
 /// One compressor at one ratio.
@@ -35,20 +35,11 @@ pub struct Row {
     pub ttft_ms: f64,
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out)
-}
-
-/// The tokens/s figure of `sac compress`'s summary line.
-fn tokens_per_second(stderr: &[u8]) -> Option<f64> {
+/// The number just before `unit` in `sac compress`'s summary line
+/// ("wrote F: N tokens, K kept (...), T tokens/s, ...").
+fn summary_number(stderr: &[u8], unit: &str) -> Option<f64> {
     let line = String::from_utf8_lossy(stderr);
-    let before = line.split(" tokens/s").next()?;
+    let before = line.split(unit).next()?;
     before.rsplit(' ').next()?.parse().ok()
 }
 
@@ -70,9 +61,10 @@ pub fn evaluate(
     for (i, doc) in test.chunk_by(|a, b| a.context == b.context).enumerate() {
         let text = work.join(format!("doc{i}.txt"));
         let sack = work.join(format!("doc{i}.sack"));
-        // No context at all: the prompt layout around an empty document.
+        // No context at all: the prompt layout around a document of one full
+        // stop (`sac compress` refuses an empty or blank one).
         let context = if setting.method == "none" {
-            " "
+            "."
         } else {
             doc[0].context.as_str()
         };
@@ -100,12 +92,9 @@ pub fn evaluate(
             compress.arg("--adapter").arg(adapter);
         }
         let out = run(&mut compress)?;
-        speed.extend(tokens_per_second(&out.stderr));
+        speed.extend(summary_number(&out.stderr, " tokens/s"));
+        tokens += summary_number(&out.stderr, " tokens,").unwrap_or(0.0) as u64;
         bytes += std::fs::metadata(&sack)?.len();
-        let info: Value = serde_json::from_slice(
-            &run(Command::new(sac).arg("info").arg("--json").arg(&sack))?.stdout,
-        )?;
-        tokens += info["header"]["document"]["tokens"].as_u64().unwrap_or(0);
 
         let questions = work.join(format!("doc{i}.jsonl"));
         let lines: Vec<String> = doc
