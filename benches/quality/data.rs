@@ -3,15 +3,21 @@
 //! in exactly one fact. Test documents are about people whose names never
 //! occur in training, so a model can only answer by reading the context.
 
+use std::ops::RangeInclusive;
+
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use sac::tokens::{CONTEXT_PREFIX, question_prompt};
 
 /// One question about one document.
 #[derive(Debug, Clone)]
 pub struct Example {
     pub context: String,
     pub question: String,
+    /// The value with the space before it, as inside a fact: its tokens are
+    /// then the fact's own, and answering is copying (the answer starts a
+    /// line, so a plain "paris" would be another token than " paris").
     pub answer: String,
 }
 
@@ -94,73 +100,87 @@ fn names() -> (Vec<String>, Vec<String>) {
     (pick(train), pick(test))
 }
 
-/// How many people a document is about: each brings five facts of about
-/// eight tokens, so 12..=45 people make documents of about 500..2000 tokens.
-const PEOPLE: std::ops::RangeInclusive<usize> = 12..=45;
+/// How many people a test document is about: each brings five facts of
+/// about eight tokens, so 12..=45 people make documents of about 500..2000
+/// tokens.
+pub const PEOPLE: RangeInclusive<usize> = 12..=45;
 
-/// `documents` documents about people drawn from `names`, with
-/// `questions_per_document` questions each (distinct facts).
-fn generate(
+/// One document about `people` people drawn from `names`, with
+/// `questions` questions about distinct facts of it (at most all of them).
+pub fn document(
     names: &[String],
-    documents: usize,
-    questions_per_document: usize,
+    people: RangeInclusive<usize>,
+    questions: usize,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Example> {
-    let mut out = Vec::with_capacity(documents * questions_per_document);
-    for _ in 0..documents {
-        let count = rng.random_range(PEOPLE);
-        let people: Vec<&String> = names.choose_multiple(rng, count).collect();
-        let mut facts = Vec::new();
-        for (p, name) in people.iter().enumerate() {
-            for (a, attribute) in ATTRIBUTES.iter().enumerate() {
-                let value = attribute.values[rng.random_range(0..attribute.values.len())];
-                facts.push((
-                    p,
-                    a,
-                    attribute.fact.replace("{n}", name).replace("{v}", value),
-                    value,
-                ));
-            }
-        }
-        facts.shuffle(rng);
-        let context = facts
-            .iter()
-            .map(|(_, _, text, _)| text.as_str())
-            .collect::<Vec<_>>()
-            .join(" ");
-        for (p, a, _, value) in facts.choose_multiple(rng, questions_per_document) {
-            out.push(Example {
-                context: context.clone(),
-                question: ATTRIBUTES[*a].question.replace("{n}", people[*p]),
-                answer: (*value).to_string(),
-            });
+    let count = rng.random_range(people);
+    let people: Vec<&String> = names.choose_multiple(rng, count).collect();
+    let mut facts = Vec::new();
+    for (p, name) in people.iter().enumerate() {
+        for (a, attribute) in ATTRIBUTES.iter().enumerate() {
+            let value = attribute.values[rng.random_range(0..attribute.values.len())];
+            facts.push((
+                p,
+                a,
+                attribute.fact.replace("{n}", name).replace("{v}", value),
+                value,
+            ));
         }
     }
-    out
+    facts.shuffle(rng);
+    let context = facts
+        .iter()
+        .map(|(_, _, text, _)| text.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    facts
+        .choose_multiple(rng, questions)
+        .map(|(p, a, _, value)| Example {
+            context: context.clone(),
+            question: ATTRIBUTES[*a].question.replace("{n}", people[*p]),
+            answer: format!(" {value}"),
+        })
+        .collect()
 }
 
 /// The task's training and test examples, the same for the same seed.
 pub struct Task {
     pub train: Vec<Example>,
     pub test: Vec<Example>,
+    /// The names training documents may use; the base model draws fresh
+    /// documents about them.
+    pub train_names: Vec<String>,
 }
 
 impl Task {
     pub fn new(seed: u64, train_documents: usize, test_documents: usize) -> Task {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (train_names, test_names) = names();
+        let mut documents = |names: &[String], count: usize, questions: usize| {
+            (0..count)
+                .flat_map(|_| document(names, PEOPLE, questions, &mut rng))
+                .collect()
+        };
         Task {
-            train: generate(&train_names, train_documents, 4, &mut rng),
-            test: generate(&test_names, test_documents, 2, &mut rng),
+            train: documents(&train_names, train_documents, 4),
+            test: documents(&test_names, test_documents, 2),
+            train_names,
         }
     }
 
-    /// Text to train the tokenizer on: every training context, question
-    /// and answer, plus the test names' syllables through the training names.
+    /// Text to train the tokenizer on: every training context and question
+    /// in the prompt layout `sac` reads them in (so that its headings are a
+    /// few tokens, not one a character), and every answer.
     pub fn corpus(&self) -> Vec<String> {
         self.train
             .iter()
-            .flat_map(|e| [e.context.clone(), e.question.clone(), e.answer.clone()])
+            .flat_map(|e| {
+                [
+                    format!("{CONTEXT_PREFIX}{}", e.context),
+                    question_prompt(&e.question),
+                    e.answer.clone(),
+                ]
+            })
             .collect()
     }
 }

@@ -30,6 +30,9 @@ struct Args {
     base_steps: usize,
     #[arg(long, default_value_t = 3e-3)]
     base_lr: f64,
+    /// Training tokens per base-model step (whole documents).
+    #[arg(long, default_value_t = 2048)]
+    base_tokens_per_step: usize,
     /// Reuse the base model already in OUT/model instead of training one.
     #[arg(long)]
     reuse_base: bool,
@@ -74,10 +77,11 @@ fn main() -> anyhow::Result<()> {
         common::write_config_and_tokenizer(&model, base::config(), &task.corpus(), 1024)?;
         base::train(
             &model,
-            &task.train,
+            &task.train_names,
             &base::BaseSettings {
                 steps: args.base_steps,
                 lr: args.base_lr,
+                tokens_per_step: args.base_tokens_per_step,
                 seed: args.seed,
                 device: args.placement.open()?.0,
             },

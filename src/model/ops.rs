@@ -56,13 +56,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
     })
 }
 
-/// `x @ w^T + b` for a layer whose weights stay frozen. On `Path::Training`
-/// the product is [`FrozenMatmul`], whose backward pass gives the gradient
-/// of `x` only: candle's matmul backward also computes a gradient for the
-/// weight, which nothing trains, and keeps it to the end of the pass (for a
-/// Llama-3.2-1B-shaped model, gigabytes and a third of the backward's work).
+/// `x @ w^T + b`. On `Path::Training` a weight that is not a `Var` is frozen
+/// and the product is [`FrozenMatmul`], whose backward pass gives the
+/// gradient of `x` only: candle's matmul backward also computes a gradient
+/// for the weight, which nothing trains, and keeps it to the end of the pass
+/// (for a Llama-3.2-1B-shaped model, gigabytes and a third of the backward's
+/// work). A `Var` weight (a model trained from scratch) gets its gradient.
 pub fn linear(layer: &Linear, x: &Tensor, path: Path) -> Result<Tensor> {
-    if path == Path::Inference {
+    if path == Path::Inference || layer.weight().is_variable() {
         return Ok(layer.forward(x)?);
     }
     let weight = layer.weight();
@@ -203,6 +204,19 @@ mod tests {
         let got = grads.get(x.as_tensor()).expect("input gradient");
         assert!(max_diff(&got.to_dtype(DType::F32)?, &expected.to_dtype(DType::F32)?) < 1e-6);
         assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn a_variable_weight_gets_its_gradient_on_the_training_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::randn(0f32, 1.0, (5, 4), &dev)?;
+        let layer = Linear::new(w.as_tensor().clone(), None);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?;
+        let grads = linear(&layer, &x, Path::Training)?.sum_all()?.backward()?;
+        let got = grads.get(w.as_tensor()).expect("weight gradient");
+        let expected = Tensor::ones((5, 6), DType::F32, &dev)?.matmul(&x.reshape((6, 4))?)?;
+        assert!(max_diff(got, &expected) < 1e-5);
         Ok(())
     }
 
