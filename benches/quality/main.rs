@@ -3,7 +3,8 @@
 //! trained at several ratios with `sac train`, and every compressor evaluated
 //! through the `sac` binary on documents about people never seen in training.
 //!
-//! `cargo bench --bench quality -- [--out DIR] [--base-steps N] [--adapter-steps N]`
+//! `cargo bench --bench quality -- [--out DIR] [--base-steps N]
+//! [--base-tokens-per-step N] [--reuse-base] [--adapter-steps N] [--device D]`
 //!
 //! Writes DIR/model (the base model), DIR/adapter-rN, and DIR/results.{md,json}.
 
@@ -26,12 +27,12 @@ struct Args {
     /// Where the model, adapters and results go.
     #[arg(long, default_value = "target/quality")]
     out: PathBuf,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 6000)]
     base_steps: usize,
     #[arg(long, default_value_t = 3e-3)]
     base_lr: f64,
     /// Training tokens per base-model step (whole documents).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 512)]
     base_tokens_per_step: usize,
     /// Reuse the base model already in OUT/model instead of training one.
     #[arg(long)]
