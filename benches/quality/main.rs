@@ -29,7 +29,7 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 6000)]
     base_steps: usize,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     base_lr: f64,
     /// Training tokens per base-model step (whole documents).
     #[arg(long, default_value_t = 512)]
