@@ -2,10 +2,11 @@
 //! every parameter, on the task with the whole document in view, so that the
 //! task is solvable before anything is compressed.
 //!
-//! Each step reads one training document followed by its questions and
-//! answers in the prompt layout `sac ask` uses. The loss is the mean
-//! next-token loss over the document (the names recur in it, which teaches
-//! the model to look back) plus the mean loss over the answers and their EOS.
+//! Each step reads fresh documents about training names, each followed by
+//! its questions and answers in the prompt layout `sac ask` uses (see
+//! [`Sequence`]), on a curriculum of growing documents. The loss weighs the
+//! document's next-token loss by [`DOCUMENT_WEIGHT`] beside the answers'
+//! (with their EOS).
 
 use std::ops::RangeInclusive;
 use std::path::Path;
@@ -49,8 +50,8 @@ pub struct BaseSettings {
 const TRAINING_QUESTIONS: usize = 16;
 
 /// How many people training documents are about, level by level: short
-/// documents first, where finding a fact by name is learnt in few steps,
-/// growing to the test documents' size.
+/// documents first, where the answer is among few facts and the attention
+/// has few places to look, growing to the test documents' size.
 const LEVELS: [RangeInclusive<usize>; 7] = [1..=2, 2..=4, 3..=8, 5..=14, 8..=24, 12..=36, PEOPLE];
 
 /// The answer accuracy (first tokens, over one logging window) at which
@@ -105,10 +106,9 @@ impl Sequence {
         for (k, (example, answer)) in doc.iter().zip(answers).enumerate() {
             let question = tokenizer.question_ids(&example.question)?;
             let block = question.len() + answer.len();
-            // The token before this block (the document's or the previous
-            // block's last) does not predict its first token.
-            weights.push(0.0);
-            weights.extend(std::iter::repeat_n(0.0, question.len() - 1));
+            // No loss on the question, nor on its first token from the token
+            // before the block (the document's or the previous block's last).
+            weights.extend(std::iter::repeat_n(0.0, question.len()));
             answer_starts.push(weights.len() as u32);
             weights.extend(std::iter::repeat_n(
                 1.0 / answer_tokens as f32,
@@ -141,11 +141,8 @@ impl Sequence {
 
 /// The loss of one sequence and how many of its answers' first tokens the
 /// model predicts (greedy).
-fn sequence_loss(
-    decoder: &Decoder,
-    sequence: &Sequence,
-    device: &Device,
-) -> anyhow::Result<(Tensor, usize)> {
+fn sequence_loss(decoder: &Decoder, sequence: &Sequence) -> anyhow::Result<(Tensor, usize)> {
+    let device = decoder.device();
     let ids = &sequence.ids;
     let n = ids.len() - 1;
     let inputs = Tensor::new(&ids[..n], device)?.unsqueeze(0)?;
@@ -241,7 +238,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         while step_tokens < settings.tokens_per_step {
             let doc = document(names, LEVELS[level].clone(), TRAINING_QUESTIONS, &mut rng);
             let sequence = Sequence::new(&tokenizer, &doc)?;
-            let (loss, right) = sequence_loss(&decoder, &sequence, device)?;
+            let (loss, right) = sequence_loss(&decoder, &sequence)?;
             step_loss.push(loss);
             step_tokens += sequence.ids.len();
             correct += right;

@@ -100,9 +100,9 @@ fn names() -> (Vec<String>, Vec<String>) {
     (pick(train), pick(test))
 }
 
-/// How many people a test document is about: each brings five facts of
-/// about eight tokens, so 12..=45 people make documents of about 500..2000
-/// tokens.
+/// How many people a document of the task's training and test sets is
+/// about: each brings five facts of about eight tokens, so 12..=45 people
+/// make documents of about 500..2000 tokens.
 pub const PEOPLE: RangeInclusive<usize> = 12..=45;
 
 /// One document about `people` people drawn from `names`, with
