@@ -24,20 +24,34 @@ use sac::model::{
 use sac::tokens::TextTokenizer;
 use serde_json::{Value, json};
 
-use crate::data::{Example, PEOPLE, document};
+use crate::data::{Example, PEOPLE, training_document};
 
-/// The tiny model's shape (its vocabulary comes from the tokenizer).
-pub fn config() -> Value {
+/// The tiny model's shape: `width` wide in heads of 32 (half as many K/V
+/// heads), `layers` deep; its vocabulary comes from the tokenizer.
+pub fn config(width: usize, layers: usize) -> Value {
+    let heads = (width / 32).max(1);
     json!({
-        "model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 4096, "tie_word_embeddings": true
+        "model_type": "llama", "hidden_size": width, "intermediate_size": 3 * width,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": (heads / 2).max(1), "head_dim": 32, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true
     })
 }
 
 pub struct BaseSettings {
     pub steps: usize,
+    /// A wall-clock budget: training ends when either the steps or this
+    /// run out, and the learning-rate schedule follows whichever is ahead.
+    pub seconds: Option<f64>,
+    /// Start from the weights already in the model directory instead of
+    /// random ones.
+    pub resume: bool,
+    /// How many people the first level's documents are about, instead of
+    /// the curriculum's first.
+    pub first_level: Option<RangeInclusive<usize>>,
+    /// Reverse questions ("Who lives in paris?") per training document,
+    /// beside the test's kind.
+    pub reverse_questions: usize,
     pub lr: f64,
     /// Training tokens per optimizer step (whole documents, at least one).
     pub tokens_per_step: usize,
@@ -63,6 +77,14 @@ const LEVEL_UP_ACCURACY: f64 = 0.9;
 /// has) cannot be predicted and would drown the answers.
 const DOCUMENT_WEIGHT: f32 = 0.25;
 
+/// The share of training over which the learning rate warms up, before its
+/// cosine decay.
+const WARMUP: f64 = 0.05;
+
+/// Steps between two saves of the weights, so that a run stopped early
+/// (or out of time) leaves a model behind.
+const CHECKPOINT_STEPS: usize = 500;
+
 /// One training sequence: a document, then its questions each followed by
 /// its answer and EOS. Every question sees the document and itself only, at
 /// the positions right after the document, as if asked alone: packing them
@@ -78,12 +100,18 @@ struct Sequence {
     /// the loss: the document's tokens share [`DOCUMENT_WEIGHT`], the answers
     /// one. The last token of a block predicts nothing.
     weights: Vec<f32>,
-    /// The predicted positions of each answer's first token.
+    /// The predicted positions of the first token of each answer asked
+    /// the test's way (not the reverse questions').
     answer_starts: Vec<u32>,
 }
 
 impl Sequence {
-    fn new(tokenizer: &TextTokenizer, doc: &[Example]) -> anyhow::Result<Sequence> {
+    /// `doc`'s questions, asked the test's way, then `reverse` ones.
+    fn new(
+        tokenizer: &TextTokenizer,
+        doc: &[Example],
+        reverse: &[Example],
+    ) -> anyhow::Result<Sequence> {
         let mut ids = tokenizer.context_ids(&doc[0].context)?;
         let context = ids.len();
         let mut positions: Vec<u32> = (1..=context as u32).collect();
@@ -95,6 +123,7 @@ impl Sequence {
             .context("the tokenizer has no EOS")?;
         let answers: Vec<Vec<u32>> = doc
             .iter()
+            .chain(reverse)
             .map(|e| {
                 let mut a = tokenizer.encode(&e.answer)?;
                 a.push(eos);
@@ -103,13 +132,15 @@ impl Sequence {
             .collect::<anyhow::Result<_>>()?;
         let answer_tokens: usize = answers.iter().map(Vec::len).sum();
         let mut answer_starts = Vec::with_capacity(doc.len());
-        for (k, (example, answer)) in doc.iter().zip(answers).enumerate() {
+        for (k, (example, answer)) in doc.iter().chain(reverse).zip(answers).enumerate() {
             let question = tokenizer.question_ids(&example.question)?;
             let block = question.len() + answer.len();
             // No loss on the question, nor on its first token from the token
             // before the block (the document's or the previous block's last).
             weights.extend(std::iter::repeat_n(0.0, question.len()));
-            answer_starts.push(weights.len() as u32);
+            if k < doc.len() {
+                answer_starts.push(weights.len() as u32);
+            }
             weights.extend(std::iter::repeat_n(
                 1.0 / answer_tokens as f32,
                 answer.len(),
@@ -128,40 +159,74 @@ impl Sequence {
         })
     }
 
-    /// Who sees whom: the document causally; each question block the
-    /// document and its own tokens causally.
-    fn mask(&self, device: &Device) -> anyhow::Result<Tensor> {
-        let n = self.ids.len() - 1;
-        let blocks = &self.blocks;
+    /// Who sees whom among the `n` input tokens of a batch padded to `n`:
+    /// the document causally; each question block the document and its own
+    /// tokens causally; the padding is a block of its own.
+    fn mask(&self, n: usize, device: &Device) -> anyhow::Result<Tensor> {
+        let block = |i: usize| self.blocks.get(i).copied().unwrap_or(u32::MAX);
         Ok(mask::additive_from_fn(n, n, device, |i, j| {
-            j <= i && (blocks[j] == 0 || blocks[j] == blocks[i])
+            j <= i && (block(j) == 0 || block(j) == block(i))
         })?)
     }
 }
 
-/// The loss of one sequence and how many of its answers' first tokens the
-/// model predicts (greedy).
-fn sequence_loss(decoder: &Decoder, sequence: &Sequence) -> anyhow::Result<(Tensor, usize)> {
+/// The mean loss of a batch of sequences, run as one forward pass with each
+/// padded to the longest (the padding weighs nothing and nothing sees it),
+/// and how many of their answers' first tokens the model predicts (greedy).
+fn batch_loss(decoder: &Decoder, batch: &[Sequence]) -> anyhow::Result<(Tensor, usize)> {
     let device = decoder.device();
-    let ids = &sequence.ids;
-    let n = ids.len() - 1;
-    let inputs = Tensor::new(&ids[..n], device)?.unsqueeze(0)?;
-    let targets = Tensor::new(&ids[1..], device)?;
-    let positions = Tensor::new(&sequence.positions[..n], device)?.unsqueeze(0)?;
+    let n = batch
+        .iter()
+        .map(|s| s.ids.len() - 1)
+        .max()
+        .context("an empty batch")?;
+    let (mut inputs, mut targets, mut positions, mut weights) = (vec![], vec![], vec![], vec![]);
+    let (mut starts, mut masks) = (vec![], vec![]);
+    for (row, sequence) in batch.iter().enumerate() {
+        let (ids, len) = (&sequence.ids, sequence.ids.len() - 1);
+        let pad = n - len;
+        inputs.extend(
+            ids[..len]
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+        targets.extend(ids[1..].iter().copied().chain(std::iter::repeat_n(0, pad)));
+        positions.extend(
+            sequence.positions[..len]
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+        weights.extend(
+            sequence
+                .weights
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0.0, pad)),
+        );
+        starts.extend(sequence.answer_starts.iter().map(|&i| (row * n) as u32 + i));
+        masks.push(sequence.mask(n, device)?);
+    }
+    let rows = batch.len();
+    let inputs = Tensor::from_vec(inputs, (rows, n), device)?;
+    let targets = Tensor::new(targets.as_slice(), device)?;
+    let positions = Tensor::from_vec(positions, (rows, n), device)?;
     let embeds = decoder.embed(&inputs)?;
-    let mask = sequence.mask(device)?;
+    let mask = Tensor::stack(&masks, 0)?;
     let out = decoder.forward(ForwardInput {
         mask: AttentionMask::Additive(&mask),
         path: ForwardPath::Training,
         ..ForwardInput::causal(&embeds, &positions)
     })?;
-    let logits = decoder.logits(&out.hidden)?.squeeze(0)?;
+    let logits = decoder.logits(&out.hidden)?.flatten_to(1)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let loss = (picked * Tensor::new(sequence.weights.as_slice(), device)?)?
+    let loss = ((picked * Tensor::new(weights.as_slice(), device)?)?
         .sum_all()?
-        .neg()?;
-    let starts = Tensor::new(sequence.answer_starts.as_slice(), device)?;
+        .neg()?
+        / rows as f64)?;
+    let starts = Tensor::new(starts.as_slice(), device)?;
     let guessed = logits.index_select(&starts, 0)?.argmax(D::Minus1)?;
     let correct = guessed
         .eq(&targets.index_select(&starts, 0)?)?
@@ -200,8 +265,30 @@ fn randomize(varmap: &VarMap, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The learning rate `progress` of the way through training: a linear
+/// warmup over [`WARMUP`], then a cosine decay to zero.
+fn learning_rate(peak: f64, progress: f64) -> f64 {
+    if progress < WARMUP {
+        peak * (progress / WARMUP).max(0.01)
+    } else {
+        let decay = (progress - WARMUP) / (1.0 - WARMUP);
+        peak * 0.5 * (1.0 + (std::f64::consts::PI * decay).cos())
+    }
+}
+
+/// Writes the weights under a temporary name and renames it over
+/// `dir/model.safetensors`, so a reader never sees half a file.
+fn save(varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
+    let target = dir.join("model.safetensors");
+    let temp = dir.join(".model.safetensors.tmp");
+    varmap.save(&temp)?;
+    std::fs::rename(&temp, &target)
+        .with_context(|| format!("cannot rename {} to {}", temp.display(), target.display()))
+}
+
 /// Trains the model in `dir` (config.json, tokenizer) on fresh documents
-/// about `names`, and writes its weights to `dir/model.safetensors`.
+/// about `names`, and writes its weights to `dir/model.safetensors` every
+/// [`CHECKPOINT_STEPS`] steps and at the end.
 pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::Result<()> {
     let files = ModelFiles {
         id: dir.display().to_string(),
@@ -215,9 +302,16 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
     let config = ModelConfig::from_file(&files.config)?;
     let tokenizer = TextTokenizer::load(&files, &config)?;
     let device = &settings.device;
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     let decoder = Decoder::load(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    randomize(&varmap, settings.seed)?;
+    if settings.resume {
+        let weights = dir.join("model.safetensors");
+        varmap
+            .load(&weights)
+            .with_context(|| format!("cannot resume from {}", weights.display()))?;
+    } else {
+        randomize(&varmap, settings.seed)?;
+    }
     let mut optimizer = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
@@ -227,51 +321,64 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         },
     )?;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed + 1);
-    let warmup = (settings.steps / 20).max(1);
     let started = Instant::now();
+    let progress = |step: usize| {
+        let by_steps = step as f64 / settings.steps as f64;
+        let by_time = settings
+            .seconds
+            .map_or(0.0, |s| started.elapsed().as_secs_f64() / s);
+        by_steps.max(by_time)
+    };
     let (mut losses, mut correct, mut asked, mut tokens) = (Vec::new(), 0, 0, 0);
+    let mut levels = LEVELS.to_vec();
+    if let Some(first) = &settings.first_level {
+        levels[0] = first.clone();
+    }
     let mut level = 0;
-    for step in 0..settings.steps {
-        let progress = step as f64 / settings.steps as f64;
-        let mut step_loss = Vec::new();
+    let mut step = 0;
+    while progress(step) < 1.0 {
+        let mut batch = Vec::new();
         let mut step_tokens = 0;
         while step_tokens < settings.tokens_per_step {
-            let doc = document(names, LEVELS[level].clone(), TRAINING_QUESTIONS, &mut rng);
-            let sequence = Sequence::new(&tokenizer, &doc)?;
-            let (loss, right) = sequence_loss(&decoder, &sequence)?;
-            step_loss.push(loss);
+            let (doc, reverse) = training_document(
+                names,
+                levels[level].clone(),
+                TRAINING_QUESTIONS,
+                settings.reverse_questions,
+                &mut rng,
+            );
+            let sequence = Sequence::new(&tokenizer, &doc, &reverse)?;
             step_tokens += sequence.ids.len();
-            correct += right;
             asked += doc.len();
+            batch.push(sequence);
         }
         tokens += step_tokens;
-        let loss = (Tensor::stack(&step_loss, 0)?.sum_all()? / step_loss.len() as f64)?;
-        let lr = if step < warmup {
-            settings.lr * (step + 1) as f64 / warmup as f64
-        } else {
-            settings.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-        };
-        optimizer.set_learning_rate(lr);
+        let (loss, right) = batch_loss(&decoder, &batch)?;
+        correct += right;
+        optimizer.set_learning_rate(learning_rate(settings.lr, progress(step)));
         optimizer.backward_step(&loss)?;
         losses.push(loss.to_scalar::<f32>()?);
-        if (step + 1) % 25 == 0 || step + 1 == settings.steps {
+        step += 1;
+        let last = progress(step) >= 1.0;
+        if step % 25 == 0 || last {
             let mean = losses.iter().sum::<f32>() / losses.len() as f32;
             let accuracy = correct as f64 / asked.max(1) as f64;
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "base model: step {} / {}, {:?} people, loss {mean:.3}, answers {:.1} %, {:.0} tokens/s, {seconds:.0} s",
-                step + 1,
+                "base model: step {step} / {}, {:?} people, loss {mean:.3}, answers {:.1} %, {:.0} tokens/s, {seconds:.0} s",
                 settings.steps,
-                LEVELS[level],
+                levels[level],
                 100.0 * accuracy,
                 tokens as f64 / seconds,
             );
-            if accuracy >= LEVEL_UP_ACCURACY && level + 1 < LEVELS.len() {
+            if accuracy >= LEVEL_UP_ACCURACY && level + 1 < levels.len() {
                 level += 1;
             }
             (losses, correct, asked) = (Vec::new(), 0, 0);
         }
+        if step % CHECKPOINT_STEPS == 0 || last {
+            save(&varmap, dir)?;
+        }
     }
-    varmap.save(dir.join("model.safetensors"))?;
     Ok(())
 }

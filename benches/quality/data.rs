@@ -25,6 +25,8 @@ pub struct Example {
 struct Attribute {
     fact: &'static str,
     question: &'static str,
+    /// The question asked the other way: who has this value.
+    reverse: &'static str,
     values: [&'static str; 12],
 }
 
@@ -32,6 +34,7 @@ const ATTRIBUTES: [Attribute; 5] = [
     Attribute {
         fact: "{n} lives in {v}.",
         question: "Where does {n} live?",
+        reverse: "Who lives in {v}?",
         values: [
             "paris", "london", "cairo", "lima", "oslo", "tokyo", "dublin", "madrid", "quito",
             "delhi", "perth", "rome",
@@ -40,6 +43,7 @@ const ATTRIBUTES: [Attribute; 5] = [
     Attribute {
         fact: "{n} works as a {v}.",
         question: "What is the job of {n}?",
+        reverse: "Who works as a {v}?",
         values: [
             "baker", "doctor", "farmer", "pilot", "sailor", "teacher", "painter", "singer",
             "writer", "driver", "nurse", "tailor",
@@ -48,6 +52,7 @@ const ATTRIBUTES: [Attribute; 5] = [
     Attribute {
         fact: "The favourite colour of {n} is {v}.",
         question: "What is the favourite colour of {n}?",
+        reverse: "Whose favourite colour is {v}?",
         values: [
             "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "grey", "pink",
             "brown", "gold",
@@ -56,6 +61,7 @@ const ATTRIBUTES: [Attribute; 5] = [
     Attribute {
         fact: "{n} has a pet {v}.",
         question: "What pet does {n} have?",
+        reverse: "Who has a pet {v}?",
         values: [
             "cat", "dog", "horse", "parrot", "rabbit", "goat", "fish", "mouse", "owl", "snake",
             "frog", "duck",
@@ -64,6 +70,7 @@ const ATTRIBUTES: [Attribute; 5] = [
     Attribute {
         fact: "{n} likes to eat {v}.",
         question: "What does {n} like to eat?",
+        reverse: "Who likes to eat {v}?",
         values: [
             "bread", "rice", "apples", "cheese", "soup", "beans", "cake", "pasta", "eggs", "plums",
             "nuts", "honey",
@@ -113,6 +120,21 @@ pub fn document(
     questions: usize,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Example> {
+    training_document(names, people, questions, 0, rng).0
+}
+
+/// [`document`], plus up to `reverse` questions asked the other way ("Who
+/// lives in paris?", answered with the name) about values no one else in the
+/// document shares. Only the base model trains on those: to answer them,
+/// a fact's value must carry whose it is, which is also what finding a fact
+/// by name needs.
+pub fn training_document(
+    names: &[String],
+    people: RangeInclusive<usize>,
+    questions: usize,
+    reverse: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<Example>, Vec<Example>) {
     let count = rng.random_range(people);
     let people: Vec<&String> = names.choose_multiple(rng, count).collect();
     let mut facts = Vec::new();
@@ -133,14 +155,27 @@ pub fn document(
         .map(|(_, _, text, _)| text.as_str())
         .collect::<Vec<_>>()
         .join(" ");
-    facts
+    let forward = facts
         .choose_multiple(rng, questions)
         .map(|(p, a, _, value)| Example {
             context: context.clone(),
             question: ATTRIBUTES[*a].question.replace("{n}", people[*p]),
             answer: format!(" {value}"),
         })
-        .collect()
+        .collect();
+    let unique: Vec<_> = facts
+        .iter()
+        .filter(|(_, a, _, v)| facts.iter().filter(|f| f.1 == *a && f.3 == *v).count() == 1)
+        .collect();
+    let backward = unique
+        .choose_multiple(rng, reverse)
+        .map(|(p, a, _, value)| Example {
+            context: context.clone(),
+            question: ATTRIBUTES[*a].reverse.replace("{v}", value),
+            answer: format!(" {}", people[*p]),
+        })
+        .collect();
+    (forward, backward)
 }
 
 /// The task's training and test examples, the same for the same seed.

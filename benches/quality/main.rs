@@ -4,7 +4,8 @@
 //! through the `sac` binary on documents about people never seen in training.
 //!
 //! `cargo bench --bench quality -- [--out DIR] [--base-steps N]
-//! [--base-tokens-per-step N] [--reuse-base] [--adapter-steps N] [--device D]`
+//! [--base-minutes M] [--base-tokens-per-step N] [--reuse-base | --resume-base]
+//! [--base-only] [--adapter-steps N] [--device D]`
 //!
 //! Writes DIR/model (the base model), DIR/adapter-rN, and DIR/results.{md,json}.
 
@@ -29,14 +30,37 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 6000)]
     base_steps: usize,
+    /// Stop the base model's training after this many minutes if its steps
+    /// have not run out first (the learning rate then decays over the time).
+    #[arg(long)]
+    base_minutes: Option<f64>,
     #[arg(long, default_value_t = 1e-3)]
     base_lr: f64,
+    /// The base model's width (heads of 32) and depth.
+    #[arg(long, default_value_t = 128)]
+    base_width: usize,
+    #[arg(long, default_value_t = 4)]
+    base_layers: usize,
+    /// How many people the curriculum's first documents are about, as MIN-MAX
+    /// (default 1-2).
+    #[arg(long, value_parser = parse_people)]
+    base_first_level: Option<std::ops::RangeInclusive<usize>>,
+    /// Reverse questions ("Who lives in paris?") per base-model training
+    /// document, beside the test's kind.
+    #[arg(long, default_value_t = 0)]
+    base_reverse_questions: usize,
     /// Training tokens per base-model step (whole documents).
     #[arg(long, default_value_t = 512)]
     base_tokens_per_step: usize,
     /// Reuse the base model already in OUT/model instead of training one.
     #[arg(long)]
     reuse_base: bool,
+    /// Train the base model in OUT/model further, from its saved weights.
+    #[arg(long, conflicts_with = "reuse_base")]
+    resume_base: bool,
+    /// Stop once the base model is trained.
+    #[arg(long, conflicts_with = "reuse_base")]
+    base_only: bool,
     #[arg(long, default_value_t = 150)]
     adapter_steps: usize,
     #[arg(long, default_value_t = 1e-3)]
@@ -54,6 +78,16 @@ struct Args {
     /// Where the base model trains (its dtype is always f32).
     #[command(flatten)]
     placement: common::Placement,
+}
+
+fn parse_people(s: &str) -> Result<std::ops::RangeInclusive<usize>, String> {
+    let (min, max) = s.split_once('-').ok_or("expected MIN-MAX, e.g. 2-3")?;
+    let parse = |n: &str| n.parse::<usize>().map_err(|e| format!("{n:?}: {e}"));
+    let (min, max) = (parse(min)?, parse(max)?);
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: expected 1 <= MIN <= MAX"));
+    }
+    Ok(min..=max)
 }
 
 fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
@@ -75,12 +109,23 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let model = args.out.join("model");
     if !args.reuse_base {
-        common::write_config_and_tokenizer(&model, base::config(), &task.corpus(), 1024)?;
+        if !args.resume_base {
+            common::write_config_and_tokenizer(
+                &model,
+                base::config(args.base_width, args.base_layers),
+                &task.corpus(),
+                1024,
+            )?;
+        }
         base::train(
             &model,
             &task.train_names,
             &base::BaseSettings {
                 steps: args.base_steps,
+                seconds: args.base_minutes.map(|m| m * 60.0),
+                resume: args.resume_base,
+                first_level: args.base_first_level.clone(),
+                reverse_questions: args.base_reverse_questions,
                 lr: args.base_lr,
                 tokens_per_step: args.base_tokens_per_step,
                 seed: args.seed,
@@ -90,6 +135,9 @@ fn main() -> anyhow::Result<()> {
     }
     let base_done = started.elapsed().as_secs_f64();
     eprintln!("base model ready after {base_done:.0} s");
+    if args.base_only {
+        return Ok(());
+    }
 
     let train_file = args.out.join("train.jsonl");
     write_jsonl(&train_file, &task.train)?;
