@@ -24,7 +24,7 @@ use sac::model::{
 use sac::tokens::TextTokenizer;
 use serde_json::{Value, json};
 
-use crate::data::{Example, PEOPLE, training_document};
+use crate::data::{AnswerForm, Example, PEOPLE, training_document};
 
 /// The tiny model's shape: `width` wide in heads of 32 (half as many K/V
 /// heads), `layers` deep; its vocabulary comes from the tokenizer.
@@ -52,6 +52,7 @@ pub struct BaseSettings {
     /// Reverse questions ("Who lives in paris?") per training document,
     /// beside the test's kind.
     pub reverse_questions: usize,
+    pub form: AnswerForm,
     pub lr: f64,
     /// Training tokens per optimizer step (whole documents, at least one).
     pub tokens_per_step: usize,
@@ -100,8 +101,8 @@ struct Sequence {
     /// the loss: the document's tokens share [`DOCUMENT_WEIGHT`], the answers
     /// one. The last token of a block predicts nothing.
     weights: Vec<f32>,
-    /// The predicted positions of the first token of each answer asked
-    /// the test's way (not the reverse questions').
+    /// The predicted positions of the first token of the value in each
+    /// answer asked the test's way (not the reverse questions').
     answer_starts: Vec<u32>,
 }
 
@@ -139,7 +140,8 @@ impl Sequence {
             // before the block (the document's or the previous block's last).
             weights.extend(std::iter::repeat_n(0.0, question.len()));
             if k < doc.len() {
-                answer_starts.push(weights.len() as u32);
+                let before = tokenizer.encode(&example.before_value)?.len();
+                answer_starts.push((weights.len() + before) as u32);
             }
             weights.extend(std::iter::repeat_n(
                 1.0 / answer_tokens as f32,
@@ -345,6 +347,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
                 levels[level].clone(),
                 TRAINING_QUESTIONS,
                 settings.reverse_questions,
+                settings.form,
                 &mut rng,
             );
             let sequence = Sequence::new(&tokenizer, &doc, &reverse)?;

@@ -18,7 +18,22 @@ pub struct Example {
     /// The value with the space before it, as inside a fact: its tokens are
     /// then the fact's own, and answering is copying (the answer starts a
     /// line, so a plain "paris" would be another token than " paris").
+    /// In [`AnswerForm::Fact`], the fact's words before the value come first.
     pub answer: String,
+    /// The part of `answer` before the value (empty for a bare value).
+    pub before_value: String,
+}
+
+/// How the task's answers are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AnswerForm {
+    /// The value alone: " paris".
+    Value,
+    /// The whole fact: " Kalomi lives in paris". Its words up to the value
+    /// repeat the question's, and then the value follows the same words as
+    /// in the document: an induction (find the words, copy what came next)
+    /// rather than finding the fact by a name inside the question.
+    Fact,
 }
 
 /// What a fact says about a person, how it is asked, and its possible values.
@@ -118,9 +133,10 @@ pub fn document(
     names: &[String],
     people: RangeInclusive<usize>,
     questions: usize,
+    form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Example> {
-    training_document(names, people, questions, 0, rng).0
+    training_document(names, people, questions, 0, form, rng).0
 }
 
 /// [`document`], plus up to `reverse` questions asked the other way ("Who
@@ -133,6 +149,7 @@ pub fn training_document(
     people: RangeInclusive<usize>,
     questions: usize,
     reverse: usize,
+    form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> (Vec<Example>, Vec<Example>) {
     let count = rng.random_range(people);
@@ -157,10 +174,21 @@ pub fn training_document(
         .join(" ");
     let forward = facts
         .choose_multiple(rng, questions)
-        .map(|(p, a, _, value)| Example {
-            context: context.clone(),
-            question: ATTRIBUTES[*a].question.replace("{n}", people[*p]),
-            answer: format!(" {value}"),
+        .map(|(p, a, _, value)| {
+            let before_value = match form {
+                AnswerForm::Value => String::new(),
+                AnswerForm::Fact => {
+                    let fact = ATTRIBUTES[*a].fact.replace("{n}", people[*p]);
+                    let words = fact.split("{v}").next().unwrap_or_default();
+                    format!(" {}", words.trim_end())
+                }
+            };
+            Example {
+                context: context.clone(),
+                question: ATTRIBUTES[*a].question.replace("{n}", people[*p]),
+                answer: format!("{before_value} {value}"),
+                before_value,
+            }
         })
         .collect();
     let unique: Vec<_> = facts
@@ -173,6 +201,7 @@ pub fn training_document(
             context: context.clone(),
             question: ATTRIBUTES[*a].reverse.replace("{v}", value),
             answer: format!(" {}", people[*p]),
+            before_value: String::new(),
         })
         .collect();
     (forward, backward)
@@ -180,6 +209,7 @@ pub fn training_document(
 
 /// The task's training and test examples, the same for the same seed.
 pub struct Task {
+    pub form: AnswerForm,
     pub train: Vec<Example>,
     pub test: Vec<Example>,
     /// The names training documents may use; the base model draws fresh
@@ -188,15 +218,16 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(seed: u64, train_documents: usize, test_documents: usize) -> Task {
+    pub fn new(seed: u64, train_documents: usize, test_documents: usize, form: AnswerForm) -> Task {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (train_names, test_names) = names();
         let mut documents = |names: &[String], count: usize, questions: usize| {
             (0..count)
-                .flat_map(|_| document(names, PEOPLE, questions, &mut rng))
+                .flat_map(|_| document(names, PEOPLE, questions, form, &mut rng))
                 .collect()
         };
         Task {
+            form,
             train: documents(&train_names, train_documents, 4),
             test: documents(&test_names, test_documents, 2),
             train_names,

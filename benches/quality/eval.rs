@@ -28,10 +28,10 @@ pub struct Row {
     pub ratio: Option<usize>,
     pub em: f64,
     pub f1: f64,
-    /// .sack bytes per document token.
-    pub bytes_per_token: f64,
+    /// .sack bytes per document token (none without a document).
+    pub bytes_per_token: Option<f64>,
     /// Document tokens per second of `sac compress`'s own timing.
-    pub compress_tokens_per_s: f64,
+    pub compress_tokens_per_s: Option<f64>,
     pub ttft_ms: f64,
 }
 
@@ -47,13 +47,15 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
-/// Evaluates `setting` with `model` on `test`, working in `work`.
+/// Evaluates `setting` with `model` on `test`, working in `work`; answers
+/// stop after `max_tokens`.
 pub fn evaluate(
     sac: &Path,
     model: &Path,
     test: &[Example],
     setting: &Setting,
     work: &Path,
+    max_tokens: usize,
 ) -> anyhow::Result<Row> {
     std::fs::create_dir_all(work)?;
     let (mut em, mut f1, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
@@ -108,7 +110,7 @@ pub fn evaluate(
             .arg(&sack)
             .arg("--batch")
             .arg(&questions)
-            .args(["--max-tokens", "8"]))?;
+            .args(["--max-tokens", &max_tokens.to_string()]))?;
         for (line, example) in String::from_utf8_lossy(&out.stdout).lines().zip(doc) {
             let record: Value = serde_json::from_str(line)?;
             let answer = record["answer"].as_str().unwrap_or_default();
@@ -117,13 +119,14 @@ pub fn evaluate(
             ttft.push(record["ttft_ms"].as_f64().unwrap_or(0.0));
         }
     }
+    let document = setting.method != "none";
     Ok(Row {
         method: setting.method,
         ratio: setting.ratio,
         em: 100.0 * mean(&em),
         f1: 100.0 * mean(&f1),
-        bytes_per_token: bytes as f64 / tokens.max(1) as f64,
-        compress_tokens_per_s: mean(&speed),
+        bytes_per_token: document.then(|| bytes as f64 / tokens.max(1) as f64),
+        compress_tokens_per_s: document.then(|| mean(&speed)),
         ttft_ms: mean(&ttft),
     })
 }
@@ -134,15 +137,16 @@ pub fn markdown(rows: &[Row]) -> String {
         "| compressor | ratio | EM | F1 | .sack bytes / doc token | compress tokens/s | TTFT ms |\n\
          |---|---|---|---|---|---|---|\n",
     );
+    let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.1} |\n",
             r.method,
             r.ratio.map_or("-".into(), |r| r.to_string()),
             r.em,
             r.f1,
-            r.bytes_per_token,
-            r.compress_tokens_per_s,
+            cell(r.bytes_per_token),
+            cell(r.compress_tokens_per_s),
             r.ttft_ms
         ));
     }

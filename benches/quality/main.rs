@@ -7,7 +7,8 @@
 //! [--base-minutes M] [--base-tokens-per-step N] [--reuse-base | --resume-base]
 //! [--base-only] [--adapter-steps N] [--device D]`
 //!
-//! Writes DIR/model (the base model), DIR/adapter-rN, and DIR/results.{md,json}.
+//! Writes DIR/model (the base model), DIR/adapter-rN, DIR/{train,test}.jsonl
+//! and DIR/results.{md,json}.
 
 mod base;
 #[path = "../common/mod.rs"]
@@ -28,7 +29,7 @@ struct Args {
     /// Where the model, adapters and results go.
     #[arg(long, default_value = "target/quality")]
     out: PathBuf,
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 4000)]
     base_steps: usize,
     /// Stop the base model's training after this many minutes if its steps
     /// have not run out first (the learning rate then decays over the time).
@@ -75,6 +76,9 @@ struct Args {
     test_documents: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// How answers are written: the value alone, or the whole fact.
+    #[arg(long, value_enum, default_value = "value")]
+    answer_form: data::AnswerForm,
     /// Where the base model trains (its dtype is always f32).
     #[command(flatten)]
     placement: common::Placement,
@@ -105,8 +109,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let sac = PathBuf::from(env!("CARGO_BIN_EXE_sac"));
-    let task = data::Task::new(args.seed, args.train_documents, args.test_documents);
+    let task = data::Task::new(
+        args.seed,
+        args.train_documents,
+        args.test_documents,
+        args.answer_form,
+    );
     std::fs::create_dir_all(&args.out)?;
+    write_jsonl(&args.out.join("test.jsonl"), &task.test)?;
     let model = args.out.join("model");
     if !args.reuse_base {
         if !args.resume_base {
@@ -126,6 +136,7 @@ fn main() -> anyhow::Result<()> {
                 resume: args.resume_base,
                 first_level: args.base_first_level.clone(),
                 reverse_questions: args.base_reverse_questions,
+                form: task.form,
                 lr: args.base_lr,
                 tokens_per_step: args.base_tokens_per_step,
                 seed: args.seed,
@@ -155,6 +166,12 @@ fn main() -> anyhow::Result<()> {
     ];
     for &ratio in &args.sac_ratios {
         let adapter = args.out.join(format!("adapter-r{ratio}"));
+        // A new base model or new flags make an earlier run's adapter stale,
+        // and `sac train` refuses to overwrite one.
+        if adapter.exists() {
+            std::fs::remove_dir_all(&adapter)
+                .with_context(|| format!("cannot remove {}", adapter.display()))?;
+        }
         let status = Command::new(&sac)
             .arg("train")
             .arg("--model")
@@ -204,7 +221,11 @@ fn main() -> anyhow::Result<()> {
             setting.method,
             setting.ratio.unwrap_or(1)
         ));
-        let row = eval::evaluate(&sac, &model, &task.test, setting, &work)?;
+        let max_tokens = match task.form {
+            data::AnswerForm::Value => 8,
+            data::AnswerForm::Fact => 24,
+        };
+        let row = eval::evaluate(&sac, &model, &task.test, setting, &work, max_tokens)?;
         eprintln!("{row:?}");
         rows.push(row);
     }
