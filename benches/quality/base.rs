@@ -165,16 +165,26 @@ impl Sequence {
     /// the document causally; each question block the document and its own
     /// tokens causally; the padding is a block of its own.
     fn mask(&self, n: usize, device: &Device) -> anyhow::Result<Tensor> {
-        let block = |i: usize| self.blocks.get(i).copied().unwrap_or(u32::MAX);
+        let inputs = self.ids.len() - 1;
+        let block = |i: usize| if i < inputs { self.blocks[i] } else { u32::MAX };
         Ok(mask::additive_from_fn(n, n, device, |i, j| {
             j <= i && (block(j) == 0 || block(j) == block(i))
         })?)
     }
 }
 
+/// `values` then `fill` up to `n` items.
+fn padded<T: Copy>(values: &[T], n: usize, fill: T) -> impl Iterator<Item = T> + '_ {
+    values
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(fill, n - values.len()))
+}
+
 /// The mean loss of a batch of sequences, run as one forward pass with each
 /// padded to the longest (the padding weighs nothing and nothing sees it),
-/// and how many of their answers' first tokens the model predicts (greedy).
+/// and how many of their answers' values the model predicts (greedy, first
+/// token).
 fn batch_loss(decoder: &Decoder, batch: &[Sequence]) -> anyhow::Result<(Tensor, usize)> {
     let device = decoder.device();
     let n = batch
@@ -186,27 +196,10 @@ fn batch_loss(decoder: &Decoder, batch: &[Sequence]) -> anyhow::Result<(Tensor, 
     let (mut starts, mut masks) = (vec![], vec![]);
     for (row, sequence) in batch.iter().enumerate() {
         let (ids, len) = (&sequence.ids, sequence.ids.len() - 1);
-        let pad = n - len;
-        inputs.extend(
-            ids[..len]
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, pad)),
-        );
-        targets.extend(ids[1..].iter().copied().chain(std::iter::repeat_n(0, pad)));
-        positions.extend(
-            sequence.positions[..len]
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, pad)),
-        );
-        weights.extend(
-            sequence
-                .weights
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0.0, pad)),
-        );
+        inputs.extend(padded(&ids[..len], n, 0));
+        targets.extend(padded(&ids[1..], n, 0));
+        positions.extend(padded(&sequence.positions[..len], n, 0));
+        weights.extend(padded(&sequence.weights, n, 0.0));
         starts.extend(sequence.answer_starts.iter().map(|&i| (row * n) as u32 + i));
         masks.push(sequence.mask(n, device)?);
     }
@@ -338,7 +331,8 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
     }
     let mut level = 0;
     let mut step = 0;
-    while progress(step) < 1.0 {
+    let mut done = false;
+    while !done {
         let mut batch = Vec::new();
         let mut step_tokens = 0;
         while step_tokens < settings.tokens_per_step {
@@ -358,12 +352,14 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         tokens += step_tokens;
         let (loss, right) = batch_loss(&decoder, &batch)?;
         correct += right;
-        optimizer.set_learning_rate(learning_rate(settings.lr, progress(step)));
+        optimizer.set_learning_rate(learning_rate(settings.lr, progress(step).min(1.0)));
         optimizer.backward_step(&loss)?;
         losses.push(loss.to_scalar::<f32>()?);
         step += 1;
-        let last = progress(step) >= 1.0;
-        if step % 25 == 0 || last {
+        // Decided once, so that the last step is the one logged and saved
+        // even when the wall clock ends training.
+        done = progress(step) >= 1.0;
+        if step % 25 == 0 || done {
             let mean = losses.iter().sum::<f32>() / losses.len() as f32;
             let accuracy = correct as f64 / asked.max(1) as f64;
             let seconds = started.elapsed().as_secs_f64();
@@ -379,7 +375,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
             }
             (losses, correct, asked) = (Vec::new(), 0, 0);
         }
-        if step % CHECKPOINT_STEPS == 0 || last {
+        if step % CHECKPOINT_STEPS == 0 || done {
             save(&varmap, dir)?;
         }
     }

@@ -193,7 +193,9 @@ pub fn training_document(
         .collect();
     let unique: Vec<_> = facts
         .iter()
-        .filter(|(_, a, _, v)| facts.iter().filter(|f| f.1 == *a && f.3 == *v).count() == 1)
+        .filter(|(_, a, _, v)| {
+            reverse > 0 && facts.iter().filter(|f| f.1 == *a && f.3 == *v).count() == 1
+        })
         .collect();
     let backward = unique
         .choose_multiple(rng, reverse)

@@ -37,10 +37,10 @@ struct Args {
     base_minutes: Option<f64>,
     #[arg(long, default_value_t = 1e-3)]
     base_lr: f64,
-    /// The base model's width (heads of 32) and depth.
-    #[arg(long, default_value_t = 128)]
+    /// The base model's width (heads of 32) and depth, for a new one.
+    #[arg(long, default_value_t = 128, conflicts_with_all = ["reuse_base", "resume_base"])]
     base_width: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, conflicts_with_all = ["reuse_base", "resume_base"])]
     base_layers: usize,
     /// How many people the curriculum's first documents are about, as MIN-MAX
     /// (default 1-2).
@@ -56,7 +56,9 @@ struct Args {
     /// Reuse the base model already in OUT/model instead of training one.
     #[arg(long)]
     reuse_base: bool,
-    /// Train the base model in OUT/model further, from its saved weights.
+    /// Train the base model in OUT/model further, from its saved weights
+    /// (with its config and tokenizer; the optimizer, the schedule and the
+    /// curriculum start again).
     #[arg(long, conflicts_with = "reuse_base")]
     resume_base: bool,
     /// Stop once the base model is trained.
@@ -214,6 +216,10 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
+    let max_tokens = match task.form {
+        data::AnswerForm::Value => 8,
+        data::AnswerForm::Fact => 24,
+    };
     let mut rows = Vec::new();
     for setting in &settings {
         let work = args.out.join("eval").join(format!(
@@ -221,10 +227,6 @@ fn main() -> anyhow::Result<()> {
             setting.method,
             setting.ratio.unwrap_or(1)
         ));
-        let max_tokens = match task.form {
-            data::AnswerForm::Value => 8,
-            data::AnswerForm::Fact => 24,
-        };
         let row = eval::evaluate(&sac, &model, &task.test, setting, &work, max_tokens)?;
         eprintln!("{row:?}");
         rows.push(row);
