@@ -271,14 +271,21 @@ fn learning_rate(peak: f64, progress: f64) -> f64 {
     }
 }
 
-/// Writes the weights under a temporary name and renames it over
-/// `dir/model.safetensors`, so a reader never sees half a file.
+/// Writes the weights to `dir/model.safetensors` atomically, so a reader
+/// (or a run stopped mid-write) never sees half a file.
 fn save(varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
-    let target = dir.join("model.safetensors");
-    let temp = dir.join(".model.safetensors.tmp");
-    varmap.save(&temp)?;
-    std::fs::rename(&temp, &target)
-        .with_context(|| format!("cannot rename {} to {}", temp.display(), target.display()))
+    let tensors: Vec<(String, Tensor)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    let bytes = safetensors::serialize(tensors, None)?;
+    Ok(sac::atomic::write_bytes(
+        &dir.join("model.safetensors"),
+        &bytes,
+    )?)
 }
 
 /// Trains the model in `dir` (config.json, tokenizer) on fresh documents

@@ -211,7 +211,6 @@ pub fn training_document(
 
 /// The task's training and test examples, the same for the same seed.
 pub struct Task {
-    pub form: AnswerForm,
     pub train: Vec<Example>,
     pub test: Vec<Example>,
     /// The names training documents may use; the base model draws fresh
@@ -229,7 +228,6 @@ impl Task {
                 .collect()
         };
         Task {
-            form,
             train: documents(&train_names, train_documents, 4),
             test: documents(&test_names, test_documents, 2),
             train_names,

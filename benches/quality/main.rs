@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
                 resume: args.resume_base,
                 first_level: args.base_first_level.clone(),
                 reverse_questions: args.base_reverse_questions,
-                form: task.form,
+                form: args.answer_form,
                 lr: args.base_lr,
                 tokens_per_step: args.base_tokens_per_step,
                 seed: args.seed,
@@ -216,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
-    let max_tokens = match task.form {
+    let max_tokens = match args.answer_form {
         data::AnswerForm::Value => 8,
         data::AnswerForm::Fact => 24,
     };
