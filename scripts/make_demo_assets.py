@@ -32,7 +32,7 @@ def main(run: Path, demo: Path) -> None:
         shutil.copyfile(run / "model" / name, model / name)
     shutil.copyfile(run / "adapter-r4" / "adapter.safetensors", adapter / "adapter.safetensors")
     config = json.loads((run / "adapter-r4" / "adapter_config.json").read_text())
-    config["base_model"] = "assets/demo/model"
+    config["base_model"] = "../model"  # relative to the adapter directory
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     contexts = {json.loads(line)["context"] for line in (run / "test.jsonl").open()}

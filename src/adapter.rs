@@ -33,7 +33,9 @@ pub struct AdapterConfig {
     pub lora_rank: usize,
     pub lora_scale: f64,
     pub lora_targets: Vec<String>,
-    /// The base model the adapter was trained on, as given to `--model`.
+    /// The base model the adapter was trained on: a Hub id, or a model
+    /// directory, absolute or relative to the adapter's own directory (so an
+    /// adapter shipped beside its model works from anywhere).
     pub base_model: String,
     pub base_model_fingerprint: Option<String>,
 }
@@ -48,6 +50,19 @@ impl AdapterConfig {
             .map_err(|e| adapter_error(&path, format!("not an adapter config: {e}")))?;
         validate_config(&config).map_err(|e| adapter_error(&path, e))?;
         Ok(config)
+    }
+
+    /// [`AdapterConfig::base_model`] for `--model`, with a relative model
+    /// directory taken from `dir`, the adapter's directory. Anything else
+    /// (a Hub id, an absolute path) is returned as it is.
+    pub fn base_model_from(&self, dir: &Path) -> String {
+        let path = Path::new(&self.base_model);
+        let beside = dir.join(path);
+        if path.is_relative() && beside.is_dir() {
+            beside.to_string_lossy().into_owned()
+        } else {
+            self.base_model.clone()
+        }
     }
 }
 
@@ -334,9 +349,8 @@ mod tests {
         assert_eq!(reference_lora_name("role_tokens"), None);
     }
 
-    #[test]
-    fn config_must_cover_a_full_chunk() {
-        let mut c = AdapterConfig {
+    fn config(base_model: &str) -> AdapterConfig {
+        AdapterConfig {
             method: "sac".into(),
             ratio: 5,
             chunk_size: 510,
@@ -344,9 +358,30 @@ mod tests {
             lora_rank: 128,
             lora_scale: 2.0,
             lora_targets: vec!["q_proj".into(), "v_proj".into()],
-            base_model: "m".into(),
+            base_model: base_model.into(),
             base_model_fingerprint: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_relative_base_model_is_found_beside_the_adapter() {
+        let root = tempfile::tempdir().unwrap();
+        let adapter = root.path().join("adapter");
+        std::fs::create_dir_all(root.path().join("model")).unwrap();
+        std::fs::create_dir_all(&adapter).unwrap();
+        let beside = config("../model").base_model_from(&adapter);
+        assert!(Path::new(&beside).is_dir(), "{beside}");
+        assert!(beside.starts_with(&*adapter.to_string_lossy()));
+        // Not a directory beside the adapter: a Hub id (or a path relative
+        // to where sac runs), kept as written.
+        assert_eq!(config("owner/name").base_model_from(&adapter), "owner/name");
+        let absolute = root.path().join("model").to_string_lossy().into_owned();
+        assert_eq!(config(&absolute).base_model_from(&adapter), absolute);
+    }
+
+    #[test]
+    fn config_must_cover_a_full_chunk() {
+        let mut c = config("m");
         assert!(validate_config(&c).is_ok());
         c.mem_size = 101;
         assert!(validate_config(&c).unwrap_err().contains("fewer"));

@@ -20,12 +20,16 @@ fn the_readme_demo_compresses_and_answers_offline() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sack = dir.path().join("demo.sack");
+    // Run from elsewhere, as a user with the adapter in another place does:
+    // the adapter finds its model beside it, not under the working directory.
     run_ok(
         sac()
-            .current_dir(root)
-            .args(["compress", "assets/demo/doc.txt"])
-            .args(["--adapter", "assets/demo/adapter", "-q", "-o"])
-            .arg(&sack),
+            .current_dir(dir.path())
+            .arg("compress")
+            .arg(root.join("assets/demo/doc.txt"))
+            .arg("--adapter")
+            .arg(root.join("assets/demo/adapter"))
+            .args(["-q", "-o", "demo.sack"]),
     );
     let info = String::from_utf8(run_ok(sac().arg("info").arg(&sack))).unwrap();
     assert!(info.contains("compressor  sac, ratio 4"), "{info}");

@@ -30,10 +30,10 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(AdapterConfig::load)
         .transpose()?;
-    let model_id = match (&args.model, &adapter_config) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.base_model.clone(),
-        (None, None) => {
+    let model_id = match (&args.model, &args.adapter, &adapter_config) {
+        (Some(m), _, _) => m.clone(),
+        (None, Some(dir), Some(c)) => c.base_model_from(dir),
+        _ => {
             bail!("no model given: pass --model DIR|HUB_ID (or --adapter, or set SAC_MODEL)")
         }
     };
