@@ -43,6 +43,7 @@ fn header() -> SackHeader {
         created: "2026-01-01T00:00:00Z".into(),
         model: ModelInfo {
             id: "meta-llama/Llama-3.2-1B".into(),
+            revision: None,
             fingerprint: "random".into(),
             layers: LAYERS,
             kv_heads: KV_HEADS,

@@ -250,7 +250,8 @@ pub struct AskArgs {
     #[arg(value_name = "QUESTION")]
     pub questions: Vec<String>,
 
-    /// Base model. Default: the one named in the .sack header.
+    /// Base model. Default: the one named in the .sack header (a Hub model at
+    /// the revision it was compressed with).
     #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
     pub model: Option<String>,
 

@@ -50,6 +50,7 @@ pub fn header(
         created: now_rfc3339(),
         model: ModelInfo {
             id: model.files.id.clone(),
+            revision: model.files.revision.clone(),
             fingerprint: model.fingerprint.model.clone(),
             layers: c.num_layers as u32,
             kv_heads: c.num_kv_heads as u32,

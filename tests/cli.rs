@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn sac(args: &[&str]) -> Output {
@@ -69,11 +70,8 @@ fn missing_model_file_is_one_clear_line() {
 #[test]
 fn offline_hub_id_not_in_cache_says_how_to_fetch() {
     let home = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sac"))
+    let out = sac_offline(home.path())
         .args(["model-info", "--model", "acme/not-cached"])
-        .env("HF_HOME", home.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HUB_CACHE")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -83,18 +81,17 @@ fn offline_hub_id_not_in_cache_says_how_to_fetch() {
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
-#[test]
-fn cached_hub_model_loads_offline() {
-    // Lay out a Hub cache as huggingface_hub does: blobs named by content,
-    // snapshot entries that link to them, a ref naming the snapshot.
-    let home = tempfile::tempdir().unwrap();
-    let repo = home.path().join("hub/models--acme--tiny");
+/// Lays out the fixture model `mistral` as Hub model `acme/tiny` in a Hub
+/// cache under `home`, as huggingface_hub does: blobs named by content,
+/// snapshot entries that link to them, a ref `reference` naming the snapshot.
+fn hub_cache(home: &Path, reference: &str) {
+    let repo = home.join("hub/models--acme--tiny");
     let commit = "a".repeat(40);
     let snapshot = repo.join("snapshots").join(&commit);
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), &commit).unwrap();
+    std::fs::write(repo.join("refs").join(reference), &commit).unwrap();
     let src = common::fixture_dir("mistral");
     for name in [
         "config.json",
@@ -106,18 +103,101 @@ fn cached_hub_model_loads_offline() {
         std::fs::copy(src.join(name), &blob).unwrap();
         std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_sac"))
-        .args(["model-info", "--model", "acme/tiny", "--json"])
-        .env("HF_HOME", home.path())
+}
+
+/// `sac ARGS` offline against the Hub cache under `home`.
+fn sac_offline(home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sac"));
+    command
+        .env("HF_HOME", home)
         .env("HF_HUB_OFFLINE", "1")
-        .env("SAC_CACHE_DIR", home.path().join("sac"))
+        .env("SAC_CACHE_DIR", home.join("sac"))
         .env_remove("HF_HUB_CACHE")
+        .env_remove("SAC_MODEL");
+    command
+}
+
+#[test]
+fn cached_hub_model_loads_offline() {
+    let home = tempfile::tempdir().unwrap();
+    hub_cache(home.path(), "main");
+    let out = sac_offline(home.path())
+        .args(["model-info", "--model", "acme/tiny", "--json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["architecture"], "mistral");
     assert_eq!(info["revision"], "main");
+}
+
+#[test]
+fn ask_fetches_the_hub_revision_the_sack_was_made_at() {
+    // Only revision v1 is in the cache: asking at `main` would fail offline.
+    let home = tempfile::tempdir().unwrap();
+    hub_cache(home.path(), "v1");
+    let sack = home.path().join("d.sack");
+    common::run_ok(
+        sac_offline(home.path())
+            .arg("compress")
+            .arg(common::sac_fixture("doc_edge.txt"))
+            .args([
+                "-m",
+                "acme/tiny",
+                "--revision",
+                "v1",
+                "--compressor",
+                "uniform",
+            ])
+            .args(["-q", "-o"])
+            .arg(&sack),
+    );
+    let info = common::run_ok(sac_offline(home.path()).arg("info").arg(&sack));
+    let info = String::from_utf8_lossy(&info);
+    assert!(info.contains("acme/tiny at revision v1"), "{info}");
+    assert!(info.contains(".sack 1.1"), "{info}");
+    common::run_ok(sac_offline(home.path()).arg("ask").arg(&sack).args([
+        "Q?",
+        "--max-tokens",
+        "2",
+    ]));
+}
+
+#[test]
+fn a_sack_whose_model_moved_says_to_pass_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, after) = (dir.path().join("model"), dir.path().join("moved"));
+    std::fs::create_dir(&before).unwrap();
+    let src = common::fixture_dir("qwen2");
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(src.join(name), before.join(name)).unwrap();
+    }
+    let sack = dir.path().join("d.sack");
+    common::run_ok(
+        common::sac()
+            .arg("compress")
+            .arg(common::sac_fixture("doc_edge.txt"))
+            .arg("-m")
+            .arg(&before)
+            .args(["--compressor", "uniform", "-q", "-o"])
+            .arg(&sack),
+    );
+    std::fs::rename(&before, &after).unwrap();
+    let err = common::failing(common::sac().arg("ask").arg(&sack).arg("Q?"));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("pass --model"), "{err}");
+    common::run_ok(
+        common::sac()
+            .arg("ask")
+            .arg(&sack)
+            .args(["Q?", "--max-tokens", "2", "-m"])
+            .arg(&after),
+    );
 }
 
 #[test]

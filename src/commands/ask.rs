@@ -63,11 +63,22 @@ fn ask<R: Read + Seek>(
     repl: bool,
 ) -> anyhow::Result<()> {
     let header = reader.header().clone();
-    let model_id = args
-        .model
-        .clone()
-        .unwrap_or_else(|| header.model.id.clone());
-    let model = LoadedModel::load(&args.placement.spec(&model_id))?;
+    let model = match &args.model {
+        Some(model) => LoadedModel::load(&args.placement.spec(model))?,
+        None => {
+            // The model the .sack was made with, at the Hub revision it was
+            // fetched at unless --revision says otherwise.
+            let mut spec = args.placement.spec(&header.model.id);
+            spec.revision = spec.revision.or_else(|| header.model.revision.clone());
+            LoadedModel::load(&spec).with_context(|| {
+                format!(
+                    "cannot load the model {} was made with (pass --model DIR|HUB_ID \
+                     for a copy of it elsewhere)",
+                    reader.file_name()
+                )
+            })?
+        }
+    };
     for (what, theirs, ours) in [
         ("model", &header.model.fingerprint, &model.fingerprint.model),
         (

@@ -196,9 +196,14 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         clean(&h.producer),
         clean(&h.created)
     )?;
+    let revision = m
+        .revision
+        .as_deref()
+        .map(|r| format!(" at revision {}", clean(r)))
+        .unwrap_or_default();
     writeln!(
         out,
-        "model       {} ({})",
+        "model       {}{revision} ({})",
         clean(&m.id),
         clean(&m.fingerprint)
     )?;

@@ -14,7 +14,7 @@ use crate::sack::encoding::{self as enc, Compression, Encoding, Floats, KvEncodi
 use crate::sack::error::{Result, SackError, io_err};
 use crate::sack::format::directory::{self, Directory, KeptSet, KvSlot, TensorEntry, TensorName};
 use crate::sack::format::header::{KeptLayout, SackHeader};
-use crate::sack::format::{FORMAT_MAJOR, FORMAT_MINOR, Footer, MAX_HEADER_LEN, Preamble, crc32};
+use crate::sack::format::{FORMAT_MAJOR, Footer, MAX_HEADER_LEN, Preamble, crc32};
 
 /// Choices that affect size and speed but not meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +144,7 @@ impl<S: Sink> SackWriter<S> {
             .ok_or_else(|| invalid(format!("header JSON is {} bytes, too large", json.len())))?;
         let preamble = Preamble {
             major: FORMAT_MAJOR,
-            minor: FORMAT_MINOR,
+            minor: header.minor_version(),
             header_len,
         }
         .to_bytes();

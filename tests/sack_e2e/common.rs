@@ -37,6 +37,7 @@ pub fn header(layout: KeptLayout, layers: u32, kv_heads: u32, head_dim: u32) -> 
         created: "2026-05-01T12:00:00Z".into(),
         model: ModelInfo {
             id: "test/tiny".into(),
+            revision: None,
             fingerprint: "blake3:0123".into(),
             layers,
             kv_heads,

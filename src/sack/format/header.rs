@@ -60,6 +60,11 @@ pub const MAX_HIDDEN: usize = 65536;
 pub struct ModelInfo {
     /// Hub id or local name, e.g. `meta-llama/Llama-3.2-1B-Instruct`.
     pub id: String,
+    /// The Hub revision (branch, tag or commit) the model was fetched at,
+    /// so that `ask` fetches the same one; absent for a local directory.
+    /// Since minor version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Fingerprint of the weights, e.g. `blake3:…`; opaque to this module.
     pub fingerprint: String,
     /// Number of transformer layers that have a KV cache.
@@ -171,6 +176,11 @@ pub const MAX_HEAD_DIM: u32 = 16384;
 pub const MAX_TOKENS: u64 = 1 << 32;
 
 impl SackHeader {
+    /// The lowest format minor version whose members this header uses.
+    pub fn minor_version(&self) -> u16 {
+        if self.model.revision.is_some() { 1 } else { 0 }
+    }
+
     /// Checks the rules the JSON schema alone cannot express.
     pub fn validate(&self) -> Result<(), String> {
         let m = &self.model;
@@ -270,6 +280,7 @@ pub(crate) mod tests {
             created: "2026-05-01T12:00:00Z".into(),
             model: ModelInfo {
                 id: "meta-llama/Llama-3.2-1B".into(),
+                revision: None,
                 fingerprint: "blake3:00".into(),
                 layers: 16,
                 kv_heads: 8,
@@ -300,6 +311,18 @@ pub(crate) mod tests {
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains(r#""layout":"per_head""#), "{json}");
         assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
+    }
+
+    #[test]
+    fn a_hub_revision_round_trips_and_needs_minor_version_1() {
+        let mut h = sample(KeptLayout::Shared);
+        assert!(!serde_json::to_string(&h).unwrap().contains("revision"));
+        assert_eq!(h.minor_version(), 0);
+        h.model.revision = Some("v1.2".into());
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(json.contains(r#""revision":"v1.2""#), "{json}");
+        assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
+        assert_eq!(h.minor_version(), crate::sack::format::FORMAT_MINOR);
     }
 
     #[test]

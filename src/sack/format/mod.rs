@@ -22,9 +22,11 @@ pub const MAGIC: [u8; 8] = *b"\x89SAC\r\n\x1a\n";
 pub const FOOTER_MAGIC: [u8; 8] = *b"SACK-END";
 /// Major format version this build writes and reads. A reader refuses other majors.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Minor format version this build writes. Minor versions only add optional
-/// header fields, which older readers ignore.
-pub const FORMAT_MINOR: u16 = 0;
+/// Newest minor format version this build writes. Minor versions only add
+/// optional header fields, which older readers ignore; a file gets the lowest
+/// minor that has the fields it uses ([`SackHeader::minor_version`]).
+/// 1 added `model.revision`.
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Size of the preamble: magic, major, minor, header length.
 pub const PREAMBLE_LEN: u64 = 16;
