@@ -155,8 +155,10 @@ pub struct Cost {
     pub prefill: Option<Duration>,
 }
 
+/// Told of each piece of work as it is done: tokens run through the model.
+pub type Progress<'a> = &'a (dyn Fn(u64) + 'a);
+
 /// A configured compressor over one model.
-#[derive(Debug)]
 pub struct Compressor<'a> {
     decoder: &'a Decoder,
     method: Method,
@@ -165,6 +167,18 @@ pub struct Compressor<'a> {
     chunk_size: usize,
     repeat_prompt: Option<crate::select::RepeatPrompt>,
     path: Path,
+    progress: Option<Progress<'a>>,
+}
+
+impl std::fmt::Debug for Compressor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("method", &self.method)
+            .field("ratio", &self.ratio)
+            .field("chunk_size", &self.chunk_size)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> Compressor<'a> {
@@ -186,7 +200,34 @@ impl<'a> Compressor<'a> {
             chunk_size,
             repeat_prompt: None,
             path: Path::Inference,
+            progress: None,
         })
+    }
+
+    /// Reports the work as it is done, [`Compressor::work`] in all, so that
+    /// a progress bar moves during a selector's prefill and `kvzip`'s
+    /// repeat passes too, not only as chunks are emitted.
+    pub fn with_progress(mut self, progress: Progress<'a>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// The tokens compressing a context of `len` tokens runs through the
+    /// model: each once, and for `kvzip` once more to repeat it (all but the
+    /// sinks, which it never scores).
+    pub fn work(&self, len: usize) -> u64 {
+        let repeated = match self.method {
+            Method::Kvzip => len - crate::select::SINKS.min(len),
+            _ => 0,
+        };
+        (len + repeated) as u64
+    }
+
+    /// Reports `tokens` more of [`Compressor::work`] done.
+    pub(crate) fn report(&self, tokens: usize) {
+        if let Some(progress) = self.progress {
+            progress(tokens as u64);
+        }
     }
 
     /// Runs the chunks on `path`: `Path::Training` keeps the graph from the
@@ -263,6 +304,7 @@ impl<'a> Compressor<'a> {
                 _ => chunk::anchor_offsets(chunk.len, self.ratio),
             };
             let layers = self.run_chunk(&chunk, chunk_ids, &kept, &mut cache)?;
+            self.report(chunk.len);
             let positions = kept
                 .iter()
                 .map(|&o| chunk.first_position() + o as u32)

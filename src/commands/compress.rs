@@ -118,12 +118,14 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         encoding: args.kv_encoding.encoding(),
         zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
     };
-    let progress = progress_bar(ids.len() as u64, args.quiet);
+    let progress = progress_bar(compressor.work(ids.len()), method, args.quiet);
+    let report = |tokens| progress.inc(tokens);
+    let compressor = compressor.with_progress(&report);
     let (summary, written) = match &output {
         Output::File(path) => {
             let writer = SackWriter::create(path, &header, options)?;
             (
-                write_sack(writer, &compressor, &ids, &progress)?,
+                write_sack(writer, &compressor, &ids)?,
                 path.display().to_string(),
             )
         }
@@ -131,7 +133,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             let stdout = std::io::stdout().lock();
             let writer = SackWriter::to_stream(stdout, "<stdout>", &header, options)?;
             (
-                write_sack(writer, &compressor, &ids, &progress)?,
+                write_sack(writer, &compressor, &ids)?,
                 "standard output".into(),
             )
         }
@@ -171,15 +173,12 @@ fn write_sack<S: Sink>(
     mut writer: SackWriter<S>,
     compressor: &Compressor,
     ids: &[u32],
-    progress: &ProgressBar,
 ) -> anyhow::Result<Summary> {
     let c = compressor.decoder().config();
     let mut pairs = 0;
     let cost = compressor.compress(ids, |chunk| {
         pairs += chunk.kept.pairs(c.num_layers, c.num_kv_heads);
-        pack::write_chunk(&mut writer, &chunk)?;
-        progress.inc(chunk.chunk.len as u64);
-        Ok(())
+        pack::write_chunk(&mut writer, &chunk)
     })?;
     writer.finish()?;
     Ok(Summary { pairs, cost })
@@ -238,14 +237,19 @@ fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
     Ok(output)
 }
 
-fn progress_bar(tokens: u64, quiet: bool) -> ProgressBar {
+/// A bar over the `work` tokens that `method` runs through the model.
+fn progress_bar(work: u64, method: Method, quiet: bool) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(tokens);
+    let bar = ProgressBar::new(work).with_message(if method == Method::Kvzip {
+        "tokens (prefill, then repeat)"
+    } else {
+        "tokens"
+    });
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} compressing [{bar:30}] {pos}/{len} tokens, {rate}, {eta} left",
+            "{spinner} compressing [{bar:30}] {pos}/{len} {msg}, {rate}, {eta} left",
         )
         .expect("static progress template")
         .with_key(

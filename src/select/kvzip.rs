@@ -114,7 +114,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
     let len = ids.len();
     let started = Instant::now();
     let mut cache = KvCache::default();
-    super::prefill(decoder, ids, compressor.chunk_size(), &mut cache)?;
+    super::prefill(compressor, ids, &mut cache)?;
     let prefill = started.elapsed();
 
     let past = cache.past()?;
@@ -133,6 +133,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
         for (layer, measured) in out.attention.iter().enumerate() {
             scores.set(layer, range.start, &super::rows(measured)?);
         }
+        compressor.report(range.len());
     }
     let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
     let kept = budget::top_k(&scores, 0..sinks, budget)?;

@@ -124,18 +124,19 @@ fn forward(
     }
 }
 
-/// Prefills `ids` causally into `cache`, `chunk_size` tokens per pass, each
-/// at the positions after the cache's (position ids from 1).
-fn prefill(decoder: &Decoder, ids: &[u32], chunk_size: usize, cache: &mut KvCache) -> Result<()> {
-    for piece in ids.chunks(chunk_size) {
+/// Prefills `ids` causally into `cache`, the compressor's chunk size per
+/// pass, each at the positions after the cache's (position ids from 1).
+fn prefill(compressor: &Compressor, ids: &[u32], cache: &mut KvCache) -> Result<()> {
+    for piece in ids.chunks(compressor.chunk_size()) {
         let out = forward(
-            decoder,
+            compressor.decoder(),
             piece,
             cache.len() + 1,
             cache.past()?.as_deref(),
             None,
         )?;
         cache.append(&out.kv)?;
+        compressor.report(piece.len());
     }
     Ok(())
 }

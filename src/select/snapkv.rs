@@ -52,12 +52,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
     let observed = len - window(len, budget, c.num_layers * c.num_kv_heads);
     let started = Instant::now();
     let mut cache = KvCache::default();
-    super::prefill(
-        decoder,
-        &ids[..observed],
-        compressor.chunk_size(),
-        &mut cache,
-    )?;
+    super::prefill(compressor, &ids[..observed], &mut cache)?;
     let probe = AttentionProbe {
         sinks: 0,
         keys: 0..observed,
@@ -72,6 +67,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
         (observed > 0).then_some(&probe),
     )?;
     cache.append(&out.kv)?;
+    compressor.report(len - observed);
     let prefill = started.elapsed();
 
     let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);

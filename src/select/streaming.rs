@@ -25,12 +25,7 @@ pub fn kept(len: usize, ratio: usize) -> Vec<usize> {
 pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
     let started = Instant::now();
     let mut cache = KvCache::default();
-    super::prefill(
-        compressor.decoder(),
-        ids,
-        compressor.chunk_size(),
-        &mut cache,
-    )?;
+    super::prefill(compressor, ids, &mut cache)?;
     Ok(Selection {
         cache,
         kept: KeptOffsets::Shared(kept(ids.len(), compressor.ratio())),

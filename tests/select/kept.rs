@@ -125,3 +125,36 @@ fn streaming_keeps_the_sinks_and_the_last_tokens() {
         assert_eq!(set, &expected);
     }
 }
+
+#[test]
+fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
+    let m = load_model("llama3");
+    let ids = m.tokenizer.context_ids(&text()).unwrap();
+    for method in [
+        Method::Full,
+        Method::Uniform,
+        Method::Kvzip,
+        Method::Snapkv,
+        Method::Streaming,
+    ] {
+        let done = std::cell::Cell::new(0u64);
+        let report = |tokens| done.set(done.get() + tokens);
+        let ratio = if method == Method::Full { 1 } else { RATIO };
+        let compressor = Compressor::new(&m.decoder, method, None, ratio, CHUNK)
+            .unwrap()
+            .with_repeat_prompt(RepeatPrompt::new(&m.tokenizer).unwrap())
+            .with_progress(&report);
+        let mut at_first_chunk = None;
+        compressor
+            .compress(&ids, |_| {
+                at_first_chunk.get_or_insert(done.get());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(done.get(), compressor.work(ids.len()), "{method:?}");
+        // A selector prefills the whole context before it emits anything.
+        assert!(at_first_chunk.unwrap() > 0, "{method:?}");
+    }
+    let kvzip = Compressor::new(&m.decoder, Method::Kvzip, None, RATIO, CHUNK).unwrap();
+    assert_eq!(kvzip.work(ids.len()), 2 * ids.len() as u64 - 4);
+}
