@@ -5,8 +5,8 @@
 //! Each step reads fresh documents about training names, each followed by
 //! its questions and answers in the prompt layout `sac ask` uses (see
 //! [`Sequence`]), on a curriculum of growing documents. The loss weighs the
-//! document's next-token loss by [`DOCUMENT_WEIGHT`] beside the answers'
-//! (with their EOS).
+//! document's next-token loss by [`BaseSettings::document_weight`] beside
+//! the answers' (with their EOS).
 
 use std::ops::RangeInclusive;
 use std::path::Path;
@@ -52,6 +52,11 @@ pub struct BaseSettings {
     /// Reverse questions ("Who lives in paris?") per training document,
     /// beside the test's kind.
     pub reverse_questions: usize,
+    /// Training documents tell their facts twice (see
+    /// [`training_document`]).
+    pub repeat_facts: bool,
+    /// The document's share of the loss beside the answers' one.
+    pub document_weight: f32,
     pub form: AnswerForm,
     pub lr: f64,
     /// Training tokens per optimizer step (whole documents, at least one).
@@ -73,11 +78,6 @@ const LEVELS: [RangeInclusive<usize>; 7] = [1..=2, 2..=4, 3..=8, 5..=14, 8..=24,
 /// training moves on to the next level.
 const LEVEL_UP_ACCURACY: f64 = 0.9;
 
-/// The document's share of the loss beside the answers' one: its repeated
-/// names teach the model to look back, but most of it (which value a fact
-/// has) cannot be predicted and would drown the answers.
-const DOCUMENT_WEIGHT: f32 = 0.25;
-
 /// The share of training over which the learning rate warms up, before its
 /// cosine decay.
 const WARMUP: f64 = 0.05;
@@ -98,7 +98,7 @@ struct Sequence {
     /// Per token, 0 in the document and k for the k-th question's block.
     blocks: Vec<u32>,
     /// Per predicted position (`ids[i + 1]` from `ids[..=i]`), its weight in
-    /// the loss: the document's tokens share [`DOCUMENT_WEIGHT`], the answers
+    /// the loss: the document's tokens share `document_weight`, the answers
     /// one. The last token of a block predicts nothing.
     weights: Vec<f32>,
     /// The predicted positions of the first token of the value in each
@@ -112,12 +112,13 @@ impl Sequence {
         tokenizer: &TextTokenizer,
         doc: &[Example],
         reverse: &[Example],
+        document_weight: f32,
     ) -> anyhow::Result<Sequence> {
         let mut ids = tokenizer.context_ids(&doc[0].context)?;
         let context = ids.len();
         let mut positions: Vec<u32> = (1..=context as u32).collect();
         let mut blocks = vec![0; context];
-        let mut weights = vec![DOCUMENT_WEIGHT / (context - 1) as f32; context - 1];
+        let mut weights = vec![document_weight / (context - 1) as f32; context - 1];
         let eos = *tokenizer
             .eos()
             .first()
@@ -348,10 +349,11 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
                 levels[level].clone(),
                 TRAINING_QUESTIONS,
                 settings.reverse_questions,
+                settings.repeat_facts,
                 settings.form,
                 &mut rng,
             );
-            let sequence = Sequence::new(&tokenizer, &doc, &reverse)?;
+            let sequence = Sequence::new(&tokenizer, &doc, &reverse, settings.document_weight)?;
             step_tokens += sequence.ids.len();
             asked += doc.len();
             batch.push(sequence);

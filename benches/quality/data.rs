@@ -136,19 +136,22 @@ pub fn document(
     form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Example> {
-    training_document(names, people, questions, 0, form, rng).0
+    training_document(names, people, questions, 0, false, form, rng).0
 }
 
 /// [`document`], plus up to `reverse` questions asked the other way ("Who
 /// lives in paris?", answered with the name) about values no one else in the
 /// document shares. Only the base model trains on those: to answer them,
 /// a fact's value must carry whose it is, which is also what finding a fact
-/// by name needs.
+/// by name needs. With `repeat`, the document tells its facts twice, the
+/// second time in another order: its own next-token loss then rewards
+/// finding a fact by name (an induction) on every repeated value.
 pub fn training_document(
     names: &[String],
     people: RangeInclusive<usize>,
     questions: usize,
     reverse: usize,
+    repeat: bool,
     form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> (Vec<Example>, Vec<Example>) {
@@ -167,11 +170,13 @@ pub fn training_document(
         }
     }
     facts.shuffle(rng);
-    let context = facts
-        .iter()
-        .map(|(_, _, text, _)| text.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let mut told: Vec<&str> = facts.iter().map(|(_, _, text, _)| text.as_str()).collect();
+    if repeat {
+        let mut again = told.clone();
+        again.shuffle(rng);
+        told.extend(again);
+    }
+    let context = told.join(" ");
     let forward = facts
         .choose_multiple(rng, questions)
         .map(|(p, a, _, value)| {

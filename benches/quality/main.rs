@@ -50,6 +50,16 @@ struct Args {
     /// document, beside the test's kind.
     #[arg(long, default_value_t = 0)]
     base_reverse_questions: usize,
+    /// Base-model training documents tell their facts twice, the second
+    /// time in another order, so that their own next-token loss rewards
+    /// finding a fact by name.
+    #[arg(long)]
+    base_repeat_facts: bool,
+    /// The training document's next-token loss beside the answers' (1): its
+    /// repeated names teach the model to look back, but most of it (which
+    /// value a fact has, the first time) cannot be predicted.
+    #[arg(long, default_value_t = 0.25)]
+    base_document_weight: f32,
     /// Training tokens per base-model step (whole documents).
     #[arg(long, default_value_t = 512)]
     base_tokens_per_step: usize,
@@ -138,6 +148,8 @@ fn main() -> anyhow::Result<()> {
                 resume: args.resume_base,
                 first_level: args.base_first_level.clone(),
                 reverse_questions: args.base_reverse_questions,
+                repeat_facts: args.base_repeat_facts,
+                document_weight: args.base_document_weight,
                 form: args.answer_form,
                 lr: args.base_lr,
                 tokens_per_step: args.base_tokens_per_step,
