@@ -5,9 +5,10 @@
     python3 scripts/make_demo_assets.py target/quality
 
 Copies the base model and the ratio-4 SAC adapter (its base model pointed at
-assets/demo/model, so that `sac compress --adapter assets/demo/adapter` finds
-it from the repository root), and takes the shortest test document with one
-question per attribute about it (answers beside them).
+../model, relative to the adapter, so that `sac compress --adapter
+assets/demo/adapter` finds it from any working directory), and takes the
+shortest test document with one question per attribute about it (answers
+beside them).
 """
 import json
 import re

@@ -213,11 +213,13 @@ impl<'a> Compressor<'a> {
     }
 
     /// The tokens compressing a context of `len` tokens runs through the
-    /// model: each once, and for `kvzip` once more to repeat it (all but the
-    /// sinks, which it never scores).
+    /// model: each once, and for `kvzip` once more, the chunks it repeats.
     pub fn work(&self, len: usize) -> u64 {
-        let repeated = match self.method {
-            Method::Kvzip => len - crate::select::SINKS.min(len),
+        let repeated: usize = match self.method {
+            Method::Kvzip => crate::select::kvzip::scored_chunks(len, self.chunk_size)
+                .iter()
+                .map(|range| range.len())
+                .sum(),
             _ => 0,
         };
         (len + repeated) as u64

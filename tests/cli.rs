@@ -5,6 +5,14 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The files of a model directory.
+const MODEL_FILES: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+];
+
 fn sac(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sac"))
         .args(args)
@@ -93,12 +101,7 @@ fn hub_cache(home: &Path, reference: &str) {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs").join(reference), &commit).unwrap();
     let src = common::fixture_dir("mistral");
-    for name in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ] {
+    for name in MODEL_FILES {
         let blob = repo.join("blobs").join(format!("{:0>64}", name.len()));
         std::fs::copy(src.join(name), &blob).unwrap();
         std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
@@ -169,12 +172,7 @@ fn a_sack_whose_model_moved_says_to_pass_model() {
     let (before, after) = (dir.path().join("model"), dir.path().join("moved"));
     std::fs::create_dir(&before).unwrap();
     let src = common::fixture_dir("qwen2");
-    for name in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ] {
+    for name in MODEL_FILES {
         std::fs::copy(src.join(name), before.join(name)).unwrap();
     }
     let sack = dir.path().join("d.sack");
