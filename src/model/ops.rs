@@ -2,12 +2,16 @@
 //! and the frozen linear layer training needs.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rope` silently drop
-//! gradients (candle issues 3568 and 3569). Training therefore runs the same
-//! maths through plain tensor ops, selected by [`Path`]; tests check that both
-//! paths give the same numbers.
+//! gradients (candle issues 3568 and 3569). Training, selected by [`Path`],
+//! runs the softmax and norm kernels with a backward pass of our own
+//! ([`Backward`]), and RoPE as plain tensor ops (its fused kernel with our
+//! backward made the quality bench's training a fifth slower); tests check
+//! both against candle's plain ops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Storage, Tensor,
+};
 use candle_nn::{Linear, Module};
 
 use crate::error::Result;
@@ -34,10 +38,11 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 /// in the input's dtype.
 pub fn softmax_last_dim(x: &Tensor, path: Path) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(accumulation_dtype(dtype))?;
+    let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
+    let probs = candle_nn::ops::softmax_last_dim(&x)?;
     let y = match path {
-        Path::Inference => candle_nn::ops::softmax_last_dim(&x)?,
-        Path::Training => candle_nn::ops::softmax(&x, D::Minus1)?,
+        Path::Inference => probs,
+        Path::Training => with_backward(&x, &probs, Backward::Softmax)?,
     };
     Ok(y.to_dtype(dtype)?)
 }
@@ -47,13 +52,94 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
     Ok(match path {
         Path::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?,
         Path::Training => {
+            // The fused kernel normalises; the weight is applied outside it,
+            // so that candle's own multiply carries its gradient.
             let dtype = x.dtype();
-            let x = x.to_dtype(accumulation_dtype(dtype))?;
-            let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = x.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+            let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
+            let ones = Tensor::ones(x.dim(D::Minus1)?, x.dtype(), x.device())?;
+            let normed = candle_nn::ops::rms_norm(&x, &ones, eps as f32)?;
+            let normed = with_backward(&x, &normed, Backward::RmsNorm { eps })?;
             normed.to_dtype(dtype)?.broadcast_mul(weight)?
         }
     })
+}
+
+/// How a gradient goes back through one of candle's fused kernels, which
+/// have none of their own. Built from plain ops instead, a softmax of
+/// attention scores (the largest tensor of a training step) costs five
+/// passes forward and five backward, each of those also zero-filling and
+/// adding a gradient of its size; a norm costs as many.
+#[derive(Debug, Clone, Copy)]
+enum Backward {
+    /// `y = softmax(x)` over the last dimension: `y * (g - sum(g * y))`.
+    Softmax,
+    /// `y = x / rms(x)` over the last dimension, with no weight:
+    /// `(g - y * mean(g * y)) / rms(x)`.
+    RmsNorm { eps: f64 },
+}
+
+/// `y`, the fresh output of a fused kernel run on `x`, as a function of `x`
+/// for autograd through `backward`. The forward pass copies `y`.
+fn with_backward(x: &Tensor, y: &Tensor, backward: Backward) -> Result<Tensor> {
+    Ok(x.apply_op2(y, FusedKernel(backward))?)
+}
+
+struct FusedKernel(Backward);
+
+impl FusedKernel {
+    fn copy<S: BackendStorage>(y: &S, layout: &Layout) -> candle_core::Result<(S, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("fused kernel backward: the output is not a fresh tensor");
+        }
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp2 for FusedKernel {
+    fn name(&self) -> &'static str {
+        "fused-kernel-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _x_layout: &Layout,
+        y: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::copy(y, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &CudaStorage,
+        _x_layout: &Layout,
+        y: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Self::copy(y, layout)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_x = match &self.0 {
+            Backward::Softmax => {
+                let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
+                (y * grad.broadcast_sub(&dot)?)?
+            }
+            Backward::RmsNorm { eps } => {
+                let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + *eps)?.sqrt()?;
+                let dot = (grad * y)?.mean_keepdim(D::Minus1)?;
+                (grad - y.broadcast_mul(&dot)?)?.broadcast_div(&rms)?
+            }
+        };
+        Ok((Some(grad_x), None))
+    }
 }
 
 /// `x @ w^T + b`. On `Path::Training` a weight that is not a `Var` is frozen
@@ -185,6 +271,43 @@ mod tests {
         let a = rms_norm(&x, &w, 1e-6, Path::Inference)?;
         let b = rms_norm(&x, &w, 1e-6, Path::Training)?;
         assert!(max_diff(&a, &b) < 1e-5);
+        Ok(())
+    }
+
+    /// The gradient of `sum(f(x) * weights)` with respect to `x`.
+    fn gradient(x: &candle_core::Var, y: Tensor, weights: &Tensor) -> Result<Tensor> {
+        let grads = (y * weights)?.sum_all()?.backward()?;
+        Ok(grads.get(x.as_tensor()).expect("gradient").clone())
+    }
+
+    #[test]
+    fn the_training_path_has_the_plain_ops_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f32, 2.0, (2, 3, 8), &dev)?;
+        let w = candle_core::Var::randn(1f32, 0.1, 8, &dev)?;
+        let weights = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let x_ = x.as_tensor();
+        let fused = softmax_last_dim(x_, Path::Training)?;
+        let plain = candle_nn::ops::softmax(x_, D::Minus1)?;
+        assert!(max_diff(&fused, &plain) < 1e-6);
+        let (got, expected) = (
+            gradient(&x, fused, &weights)?,
+            gradient(&x, plain, &weights)?,
+        );
+        assert!(max_diff(&got, &expected) < 1e-5);
+
+        let fused = rms_norm(x_, w.as_tensor(), 1e-6, Path::Training)?;
+        let plain = candle_nn::ops::rms_norm_slow(x_, w.as_tensor(), 1e-6)?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let grads = (fused * &weights)?.sum_all()?.backward()?;
+        let expected = (plain * &weights)?.sum_all()?.backward()?;
+        for v in [x_, w.as_tensor()] {
+            let (got, expected) = (
+                grads.get(v).expect("got"),
+                expected.get(v).expect("expected"),
+            );
+            assert!(max_diff(got, expected) < 1e-4);
+        }
         Ok(())
     }
 
