@@ -7,10 +7,12 @@ paris.", names made like benches/quality/data.rs's training names), one
 question about one of them in sac's prompt layout, and the whole fact as the
 answer; the loss is the answer's tokens plus --doc-weight of the document's
 next-token loss, as in benches/quality/base.rs. It prints the greedy accuracy
-on the value's token every 100 steps.
+on the value's token every 100 steps (--easy documents, whose facts are a
+name and a value alone, are not counted).
 
     python3 scripts/reference_drill.py target/quality/model --steps 3000
     python3 scripts/reference_drill.py target/quality/model --fact "{n} {v}." --repeat
+    python3 scripts/reference_drill.py target/quality/model --repeat --easy 0.5
 
 MODEL_DIR gives the config and tokenizer (a bench run's `model`); the weights
 start random. Needs torch, transformers, tokenizers (pip; CPU is enough).
@@ -37,6 +39,8 @@ def main():
     ap.add_argument("--fact", default="{n} visits {v}.", help="a fact, {n} name, {v} value")
     ap.add_argument("--repeat", action="store_true",
                     help="the document's facts again, shuffled, after them")
+    ap.add_argument("--easy", type=float, default=0.0,
+                    help="share of documents whose facts are just '{n} {v}.'")
     ap.add_argument("--doc-weight", type=float, default=0.25)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
@@ -64,17 +68,19 @@ def main():
     def example():
         people = rng.sample(names, 2)
         values = [rng.choice(CITIES) for _ in people]
-        facts = [args.fact.format(n=n, v=v) for n, v in zip(people, values)]
+        easy = args.easy > 0 and rng.random() < args.easy  # keeps other runs' stream
+        form = "{n} {v}." if easy else args.fact
+        facts = [form.format(n=n, v=v) for n, v in zip(people, values)]
         if args.repeat:
             facts += rng.sample(facts, len(facts))
         k = rng.randrange(2)
         doc = [bos] + enc("### Context:\n" + " ".join(facts))
         question = enc(f"\n### Question:\nWhich city does {people[k]} visit?\n### Answer:\n")
-        before = enc(" " + args.fact.format(n=people[k], v="\0").split(" \0")[0])
+        before = enc(" " + form.format(n=people[k], v="\0").split(" \0")[0])
         answer = before + enc(f" {values[k]}") + [eos]
         weights = ([args.doc_weight / (len(doc) - 1)] * (len(doc) - 1) + [0.0] * len(question)
                    + [1.0 / len(answer)] * len(answer))
-        return doc + question + answer, weights, len(doc) + len(question) + len(before) - 1
+        return doc + question + answer, weights, len(doc) + len(question) + len(before) - 1, easy
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     right = asked = 0
@@ -85,20 +91,21 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [example() for _ in range(args.batch)]
-        n = max(len(ids) for ids, _, _ in batch)
-        ids = torch.tensor([ids + [0] * (n - len(ids)) for ids, _, _ in batch])
-        weights = torch.tensor([w + [0.0] * (n - 1 - len(w)) for _, w, _ in batch])
+        n = max(len(ids) for ids, _, _, _ in batch)
+        ids = torch.tensor([ids + [0] * (n - len(ids)) for ids, _, _, _ in batch])
+        weights = torch.tensor([w + [0.0] * (n - 1 - len(w)) for _, w, _, _ in batch])
         logits = model(input_ids=ids).logits[:, :-1]
         picked = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
         loss = -(picked * weights).sum() / len(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        for row, (_, _, at) in enumerate(batch):
-            right += int(logits[row, at].argmax() == ids[row, at + 1])
-            asked += 1
+        for row, (_, _, at, easy) in enumerate(batch):
+            if not easy:
+                right += int(logits[row, at].argmax() == ids[row, at + 1])
+                asked += 1
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f} answers {100 * right / asked:.1f} %",
+            print(f"step {step} loss {loss.item():.3f} answers {100 * right / max(asked, 1):.1f} %",
                   flush=True)
             right = asked = 0
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use sac::model::{
@@ -24,7 +24,7 @@ use sac::model::{
 use sac::tokens::TextTokenizer;
 use serde_json::{Value, json};
 
-use crate::data::{AnswerForm, Example, PEOPLE, training_document};
+use crate::data::{AnswerForm, Example, PEOPLE, Telling, training_document};
 
 /// The tiny model's shape: `width` wide in heads of 32 (half as many K/V
 /// heads), `layers` deep; its vocabulary comes from the tokenizer.
@@ -52,9 +52,16 @@ pub struct BaseSettings {
     /// Reverse questions ("Who lives in paris?") per training document,
     /// beside the test's kind.
     pub reverse_questions: usize,
-    /// Training documents tell their facts twice (see
-    /// [`training_document`]).
+    /// Training documents tell their facts twice (see [`Telling`]).
     pub repeat_facts: bool,
+    /// The share of training documents whose facts are a name and a value
+    /// alone (see [`Telling`]); their answers do not count towards the
+    /// accuracy that moves the curriculum on.
+    pub short_facts: f64,
+    /// Questions asked after each training document: many make most of a
+    /// sequence's loss looking facts up; few leave room for more documents
+    /// in a step (each question block attends to the whole document).
+    pub questions: usize,
     /// The document's share of the loss beside the answers' one.
     pub document_weight: f32,
     pub form: AnswerForm,
@@ -64,10 +71,6 @@ pub struct BaseSettings {
     pub seed: u64,
     pub device: Device,
 }
-
-/// Questions asked after each training document: many per document, so
-/// that most of a sequence's loss is on looking facts up.
-const TRAINING_QUESTIONS: usize = 16;
 
 /// How many people training documents are about, level by level: short
 /// documents first, where the answer is among few facts and the attention
@@ -102,16 +105,18 @@ struct Sequence {
     /// one. The last token of a block predicts nothing.
     weights: Vec<f32>,
     /// The predicted positions of the first token of the value in each
-    /// answer asked the test's way (not the reverse questions').
+    /// scored answer (asked the test's way, about a test-like document).
     answer_starts: Vec<u32>,
 }
 
 impl Sequence {
-    /// `doc`'s questions, asked the test's way, then `reverse` ones.
+    /// `doc`'s questions, asked the test's way, then `reverse` ones; the
+    /// first `scored` of `doc`'s answers count towards the accuracy.
     fn new(
         tokenizer: &TextTokenizer,
         doc: &[Example],
         reverse: &[Example],
+        scored: usize,
         document_weight: f32,
     ) -> anyhow::Result<Sequence> {
         let mut ids = tokenizer.context_ids(&doc[0].context)?;
@@ -140,7 +145,7 @@ impl Sequence {
             // No loss on the question, nor on its first token from the token
             // before the block (the document's or the previous block's last).
             weights.extend(std::iter::repeat_n(0.0, question.len()));
-            if k < doc.len() {
+            if k < scored {
                 let before = tokenizer.encode(&example.before_value)?.len();
                 answer_starts.push((weights.len() + before) as u32);
             }
@@ -222,6 +227,10 @@ fn batch_loss(decoder: &Decoder, batch: &[Sequence]) -> anyhow::Result<(Tensor, 
         .sum_all()?
         .neg()?
         / rows as f64)?;
+    if starts.is_empty() {
+        // Every document of the batch had short facts.
+        return Ok((loss, 0));
+    }
     let starts = Tensor::new(starts.as_slice(), device)?;
     let guessed = logits.index_select(&starts, 0)?.argmax(D::Minus1)?;
     let correct = guessed
@@ -344,18 +353,26 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         let mut batch = Vec::new();
         let mut step_tokens = 0;
         while step_tokens < settings.tokens_per_step {
+            // Drawn only when asked for, so that other runs keep their documents.
+            let short = settings.short_facts > 0.0 && rng.random_bool(settings.short_facts);
+            let telling = Telling {
+                repeat: settings.repeat_facts,
+                short,
+            };
             let (doc, reverse) = training_document(
                 names,
                 levels[level].clone(),
-                TRAINING_QUESTIONS,
+                settings.questions,
                 settings.reverse_questions,
-                settings.repeat_facts,
+                telling,
                 settings.form,
                 &mut rng,
             );
-            let sequence = Sequence::new(&tokenizer, &doc, &reverse, settings.document_weight)?;
+            let scored = if short { 0 } else { doc.len() };
+            let sequence =
+                Sequence::new(&tokenizer, &doc, &reverse, scored, settings.document_weight)?;
             step_tokens += sequence.ids.len();
-            asked += doc.len();
+            asked += sequence.answer_starts.len();
             batch.push(sequence);
         }
         tokens += step_tokens;

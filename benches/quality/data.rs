@@ -136,27 +136,48 @@ pub fn document(
     form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Example> {
-    training_document(names, people, questions, 0, false, form, rng).0
+    training_document(names, people, questions, 0, Telling::default(), form, rng).0
+}
+
+/// How a base-model training document tells its facts; the default is the
+/// test documents' way.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Telling {
+    /// Tell the facts twice, the second time in another order: the
+    /// document's own next-token loss then rewards finding a fact by name
+    /// (an induction) on every repeated value.
+    pub repeat: bool,
+    /// Each fact is a name and a value alone ("Kalomi paris."), answered
+    /// the same way. Finding such a fact by name needs only the token
+    /// before the value; a model that does that finds the same lookup
+    /// across a fact's words sooner (in the PyTorch drill of
+    /// docs/benchmarks.md, in half the steps).
+    pub short: bool,
 }
 
 /// [`document`], plus up to `reverse` questions asked the other way ("Who
 /// lives in paris?", answered with the name) about values no one else in the
 /// document shares. Only the base model trains on those: to answer them,
 /// a fact's value must carry whose it is, which is also what finding a fact
-/// by name needs. With `repeat`, the document tells its facts twice, the
-/// second time in another order: its own next-token loss then rewards
-/// finding a fact by name (an induction) on every repeated value.
+/// by name needs.
 pub fn training_document(
     names: &[String],
     people: RangeInclusive<usize>,
     questions: usize,
     reverse: usize,
-    repeat: bool,
+    telling: Telling,
     form: AnswerForm,
     rng: &mut ChaCha8Rng,
 ) -> (Vec<Example>, Vec<Example>) {
     let count = rng.random_range(people);
     let people: Vec<&String> = names.choose_multiple(rng, count).collect();
+    let template = |a: usize| {
+        if telling.short {
+            "{n} {v}."
+        } else {
+            ATTRIBUTES[a].fact
+        }
+    };
     let mut facts = Vec::new();
     for (p, name) in people.iter().enumerate() {
         for (a, attribute) in ATTRIBUTES.iter().enumerate() {
@@ -164,14 +185,14 @@ pub fn training_document(
             facts.push((
                 p,
                 a,
-                attribute.fact.replace("{n}", name).replace("{v}", value),
+                template(a).replace("{n}", name).replace("{v}", value),
                 value,
             ));
         }
     }
     facts.shuffle(rng);
     let mut told: Vec<&str> = facts.iter().map(|(_, _, text, _)| text.as_str()).collect();
-    if repeat {
+    if telling.repeat {
         let mut again = told.clone();
         again.shuffle(rng);
         told.extend(again);
@@ -183,7 +204,7 @@ pub fn training_document(
             let before_value = match form {
                 AnswerForm::Value => String::new(),
                 AnswerForm::Fact => {
-                    let fact = ATTRIBUTES[*a].fact.replace("{n}", people[*p]);
+                    let fact = template(*a).replace("{n}", people[*p]);
                     let words = fact.split("{v}").next().unwrap_or_default();
                     format!(" {}", words.trim_end())
                 }

@@ -55,6 +55,13 @@ struct Args {
     /// finding a fact by name.
     #[arg(long)]
     base_repeat_facts: bool,
+    /// The share of base-model training documents whose facts are a name
+    /// and a value alone ("Kalomi paris."), from 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    base_short_facts: f64,
+    /// Questions asked after each base-model training document.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    base_questions: u16,
     /// The training document's next-token loss beside the answers' (1): its
     /// repeated names teach the model to look back, but most of it (which
     /// value a fact has, the first time) cannot be predicted.
@@ -106,6 +113,13 @@ fn parse_people(s: &str) -> Result<std::ops::RangeInclusive<usize>, String> {
     Ok(min..=max)
 }
 
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{s:?}: expected a number from 0 to 1")),
+    }
+}
+
 fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
     let lines: Vec<String> = examples
         .iter()
@@ -149,6 +163,8 @@ fn main() -> anyhow::Result<()> {
                 first_level: args.base_first_level.clone(),
                 reverse_questions: args.base_reverse_questions,
                 repeat_facts: args.base_repeat_facts,
+                short_facts: args.base_short_facts,
+                questions: args.base_questions.into(),
                 document_weight: args.base_document_weight,
                 form: args.answer_form,
                 lr: args.base_lr,
