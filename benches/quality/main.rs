@@ -56,7 +56,8 @@ struct Args {
     #[arg(long)]
     base_repeat_facts: bool,
     /// The share of base-model training documents whose facts are a name
-    /// and a value alone ("Kalomi paris."), from 0 to 1.
+    /// and a value alone ("Kalomi paris."), at least 0 and below 1: their
+    /// answers are not scored, and the curriculum moves on by the others'.
     #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     base_short_facts: f64,
     /// Questions asked after each base-model training document.
@@ -115,8 +116,10 @@ fn parse_people(s: &str) -> Result<std::ops::RangeInclusive<usize>, String> {
 
 fn parse_share(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
-        _ => Err(format!("{s:?}: expected a number from 0 to 1")),
+        Ok(share) if (0.0..1.0).contains(&share) => Ok(share),
+        _ => Err(format!(
+            "{s:?}: expected a number from 0 up to, not including, 1"
+        )),
     }
 }
 

@@ -4,7 +4,7 @@
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rope` silently drop
 //! gradients (candle issues 3568 and 3569). Training, selected by [`Path`],
 //! runs the softmax and norm kernels with a backward pass of our own
-//! ([`Backward`]), and RoPE as plain tensor ops (its fused kernel with our
+//! (`Backward`), and RoPE as plain tensor ops (its fused kernel with our
 //! backward made the quality bench's training a fifth slower); tests check
 //! both against candle's plain ops.
 
@@ -56,9 +56,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
             // so that candle's own multiply carries its gradient.
             let dtype = x.dtype();
             let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
-            let ones = Tensor::ones(x.dim(D::Minus1)?, x.dtype(), x.device())?;
-            let normed = candle_nn::ops::rms_norm(&x, &ones, eps as f32)?;
-            let normed = with_backward(&x, &normed, Backward::RmsNorm { eps })?;
+            let normed = if x.dtype() == DType::F64 {
+                // The kernel takes no f64 (and sums in f32); f64 is for
+                // checking gradients against finite differences.
+                let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
+            } else {
+                let ones = Tensor::ones(x.dim(D::Minus1)?, x.dtype(), x.device())?;
+                let normed = candle_nn::ops::rms_norm(&x, &ones, eps as f32)?;
+                with_backward(&x, &normed, Backward::RmsNorm { eps })?
+            };
             normed.to_dtype(dtype)?.broadcast_mul(weight)?
         }
     })
@@ -79,8 +86,12 @@ enum Backward {
 }
 
 /// `y`, the fresh output of a fused kernel run on `x`, as a function of `x`
-/// for autograd through `backward`. The forward pass copies `y`.
+/// for autograd through `backward`. The forward pass copies `y`, unless no
+/// gradient reaches `x`.
 fn with_backward(x: &Tensor, y: &Tensor, backward: Backward) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y.clone());
+    }
     Ok(x.apply_op2(y, FusedKernel(backward))?)
 }
 
@@ -123,7 +134,7 @@ impl CustomOp2 for FusedKernel {
     fn bwd(
         &self,
         x: &Tensor,
-        _y: &Tensor,
+        _fused: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -274,39 +285,40 @@ mod tests {
         Ok(())
     }
 
-    /// The gradient of `sum(f(x) * weights)` with respect to `x`.
-    fn gradient(x: &candle_core::Var, y: Tensor, weights: &Tensor) -> Result<Tensor> {
+    /// The gradients of `sum(y * weights)` with respect to `vars`, as f32.
+    fn gradients(y: Tensor, weights: &Tensor, vars: &[&Tensor]) -> Result<Vec<Tensor>> {
         let grads = (y * weights)?.sum_all()?.backward()?;
-        Ok(grads.get(x.as_tensor()).expect("gradient").clone())
+        vars.iter()
+            .map(|v| Ok(grads.get(v).expect("a gradient").to_dtype(DType::F32)?))
+            .collect()
     }
 
     #[test]
     fn the_training_path_has_the_plain_ops_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let x = candle_core::Var::randn(0f32, 2.0, (2, 3, 8), &dev)?;
-        let w = candle_core::Var::randn(1f32, 0.1, 8, &dev)?;
-        let weights = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
-        let x_ = x.as_tensor();
-        let fused = softmax_last_dim(x_, Path::Training)?;
-        let plain = candle_nn::ops::softmax(x_, D::Minus1)?;
-        assert!(max_diff(&fused, &plain) < 1e-6);
-        let (got, expected) = (
-            gradient(&x, fused, &weights)?,
-            gradient(&x, plain, &weights)?,
-        );
-        assert!(max_diff(&got, &expected) < 1e-5);
+        for dtype in [DType::F32, DType::F64] {
+            let var = |t: Tensor| candle_core::Var::from_tensor(&t.to_dtype(dtype)?);
+            let x = var(Tensor::randn(0f32, 2.0, (2, 3, 8), &dev)?)?;
+            let w = var(Tensor::randn(1f32, 0.1, 8, &dev)?)?;
+            let weights = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?.to_dtype(dtype)?;
+            let (x, w) = (x.as_tensor(), w.as_tensor());
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
 
-        let fused = rms_norm(x_, w.as_tensor(), 1e-6, Path::Training)?;
-        let plain = candle_nn::ops::rms_norm_slow(x_, w.as_tensor(), 1e-6)?;
-        assert!(max_diff(&fused, &plain) < 1e-5);
-        let grads = (fused * &weights)?.sum_all()?.backward()?;
-        let expected = (plain * &weights)?.sum_all()?.backward()?;
-        for v in [x_, w.as_tensor()] {
-            let (got, expected) = (
-                grads.get(v).expect("got"),
-                expected.get(v).expect("expected"),
-            );
-            assert!(max_diff(got, expected) < 1e-4);
+            let fused = softmax_last_dim(x, Path::Training)?;
+            let plain = candle_nn::ops::softmax(x, D::Minus1)?;
+            assert!(max_diff(&f32(&fused)?, &f32(&plain)?) < 1e-6);
+            let got = gradients(fused, &weights, &[x])?;
+            let expected = gradients(plain, &weights, &[x])?;
+            assert!(max_diff(&got[0], &expected[0]) < 1e-5);
+
+            let fused = rms_norm(x, w, 1e-6, Path::Training)?;
+            let plain = candle_nn::ops::rms_norm_slow(x, w, 1e-6)?;
+            assert!(max_diff(&f32(&fused)?, &f32(&plain)?) < 1e-5);
+            let got = gradients(fused, &weights, &[x, w])?;
+            let expected = gradients(plain, &weights, &[x, w])?;
+            for (got, expected) in got.iter().zip(&expected) {
+                assert!(max_diff(got, expected) < 1e-4);
+            }
         }
         Ok(())
     }
