@@ -41,6 +41,8 @@ def main():
                     help="the document's facts again, shuffled, after them")
     ap.add_argument("--easy", type=float, default=0.0,
                     help="share of documents whose facts are just '{n} {v}.'")
+    ap.add_argument("--easy-steps", type=int, default=0,
+                    help="steps at the start whose documents are all --easy ones")
     ap.add_argument("--doc-weight", type=float, default=0.25)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
@@ -65,10 +67,11 @@ def main():
     def enc(text):
         return tok.encode(text, add_special_tokens=False).ids
 
-    def example():
+    def example(step):
         people = rng.sample(names, 2)
         values = [rng.choice(CITIES) for _ in people]
         easy = args.easy > 0 and rng.random() < args.easy  # keeps other runs' stream
+        easy = easy or step <= args.easy_steps
         form = "{n} {v}." if easy else args.fact
         facts = [form.format(n=n, v=v) for n, v in zip(people, values)]
         if args.repeat:
@@ -83,14 +86,14 @@ def main():
         return doc + question + answer, weights, len(doc) + len(question) + len(before) - 1, easy
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    right = asked = 0
+    right, asked = [0, 0], [0, 0]  # hard documents, easy ones
     for step in range(1, args.steps + 1):
         progress = step / args.steps  # 5 % warmup, then cosine to zero
         lr = args.lr * (max(progress / 0.05, 0.01) if progress < 0.05
                         else 0.5 * (1 + math.cos(math.pi * (progress - 0.05) / 0.95)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [example() for _ in range(args.batch)]
+        batch = [example(step) for _ in range(args.batch)]
         n = max(len(ids) for ids, _, _, _ in batch)
         ids = torch.tensor([ids + [0] * (n - len(ids)) for ids, _, _, _ in batch])
         weights = torch.tensor([w + [0.0] * (n - 1 - len(w)) for _, w, _, _ in batch])
@@ -101,13 +104,13 @@ def main():
         loss.backward()
         optimizer.step()
         for row, (_, _, at, easy) in enumerate(batch):
-            if not easy:
-                right += int(logits[row, at].argmax() == ids[row, at + 1])
-                asked += 1
+            right[easy] += int(logits[row, at].argmax() == ids[row, at + 1])
+            asked[easy] += 1
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f} answers {100 * right / max(asked, 1):.1f} %",
+            hard, short = (f"{100 * r / a:.1f} %" if a else "-" for r, a in zip(right, asked))
+            print(f"step {step} loss {loss.item():.3f} answers {hard} (short facts {short})",
                   flush=True)
-            right = asked = 0
+            right, asked = [0, 0], [0, 0]
 
 
 if __name__ == "__main__":
