@@ -153,6 +153,9 @@ pub struct Telling {
     /// across a fact's words sooner (in the PyTorch drill of
     /// docs/benchmarks.md, in half the steps).
     pub short: bool,
+    /// Every person has one fact, all of one attribute: the fact is then
+    /// found by name alone, since no other attribute's value can stand in.
+    pub one_attribute: bool,
 }
 
 /// [`document`], plus up to `reverse` questions asked the other way ("Who
@@ -178,9 +181,16 @@ pub fn training_document(
             ATTRIBUTES[a].fact
         }
     };
+    let told_attributes = if telling.one_attribute {
+        let a = rng.random_range(0..ATTRIBUTES.len());
+        a..a + 1
+    } else {
+        0..ATTRIBUTES.len()
+    };
     let mut facts = Vec::new();
     for (p, name) in people.iter().enumerate() {
-        for (a, attribute) in ATTRIBUTES.iter().enumerate() {
+        for a in told_attributes.clone() {
+            let attribute = &ATTRIBUTES[a];
             let value = attribute.values[rng.random_range(0..attribute.values.len())];
             facts.push((
                 p,

@@ -60,6 +60,11 @@ struct Args {
     /// answers are not scored, and the curriculum moves on by the others'.
     #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     base_short_facts: f64,
+    /// The base model's curriculum starts with two levels about the first
+    /// level's people, one fact each: first a name and a value alone
+    /// ("Kalomi paris."), then in the task's words. Each moves on at 90 %.
+    #[arg(long)]
+    base_short_first: bool,
     /// Questions asked after each base-model training document.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     base_questions: u16,
@@ -167,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 reverse_questions: args.base_reverse_questions,
                 repeat_facts: args.base_repeat_facts,
                 short_facts: args.base_short_facts,
+                short_first: args.base_short_first,
                 questions: args.base_questions.into(),
                 document_weight: args.base_document_weight,
                 form: args.answer_form,
