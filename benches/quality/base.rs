@@ -22,6 +22,7 @@ use sac::model::{
     AttentionMask, Decoder, ForwardInput, ModelConfig, ModelFiles, Path as ForwardPath, mask,
 };
 use sac::tokens::TextTokenizer;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::data::{AnswerForm, Example, PEOPLE, Telling, training_document};
@@ -44,7 +45,7 @@ pub struct BaseSettings {
     /// run out, and the learning-rate schedule follows whichever is ahead.
     pub seconds: Option<f64>,
     /// Start from the weights already in the model directory instead of
-    /// random ones.
+    /// random ones, at the curriculum level they had reached.
     pub resume: bool,
     /// How many people the first level's documents are about, instead of
     /// the curriculum's first.
@@ -81,7 +82,7 @@ pub struct BaseSettings {
 const LEVELS: [RangeInclusive<usize>; 7] = [1..=2, 2..=4, 3..=8, 5..=14, 8..=24, 12..=36, PEOPLE];
 
 /// One level of the curriculum.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Level {
     people: RangeInclusive<usize>,
     /// Every fact is a name and a value alone (see [`Telling`]). Finding
@@ -117,6 +118,11 @@ const WARMUP: f64 = 0.05;
 /// Steps between two saves of the weights, so that a run stopped early
 /// (or out of time) leaves a model behind.
 const CHECKPOINT_STEPS: usize = 500;
+
+/// The curriculum's level at the last save, beside the weights, so that a
+/// resumed run carries on there instead of relearning the levels before it
+/// (a few hundred steps, during which the short facts fade).
+const CURRICULUM_FILE: &str = "curriculum.json";
 
 /// One training sequence: a document, then its questions each followed by
 /// its answer and EOS. Every question sees the document and itself only, at
@@ -310,9 +316,10 @@ fn learning_rate(peak: f64, progress: f64) -> f64 {
     }
 }
 
-/// Writes the weights to `dir/model.safetensors` atomically, so a reader
-/// (or a run stopped mid-write) never sees half a file.
-fn save(varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
+/// Writes the weights to `dir/model.safetensors` and the level reached to
+/// [`CURRICULUM_FILE`], each atomically, so a reader (or a run stopped
+/// mid-write) never sees half a file.
+fn save(varmap: &VarMap, dir: &Path, level: &Level) -> anyhow::Result<()> {
     let tensors: Vec<(String, Tensor)> = varmap
         .data()
         .lock()
@@ -321,10 +328,28 @@ fn save(varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
         .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
         .collect();
     let bytes = safetensors::serialize(tensors, None)?;
+    sac::atomic::write_bytes(&dir.join("model.safetensors"), &bytes)?;
     Ok(sac::atomic::write_bytes(
-        &dir.join("model.safetensors"),
-        &bytes,
+        &dir.join(CURRICULUM_FILE),
+        &serde_json::to_vec(level)?,
     )?)
+}
+
+/// Where a resumed run's curriculum starts: at the saved level when this
+/// run's curriculum has it (the same flags), else at the first.
+fn resumed_level(dir: &Path, levels: &[Level]) -> anyhow::Result<usize> {
+    let path = dir.join(CURRICULUM_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let saved: Level = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a curriculum level", path.display()))?;
+    Ok(levels.iter().position(|l| *l == saved).unwrap_or_else(|| {
+        eprintln!("base model: this curriculum has no level {saved:?}; starting at its first");
+        0
+    }))
 }
 
 /// Trains the model in `dir` (config.json, tokenizer) on fresh documents
@@ -383,7 +408,11 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         };
         levels.splice(0..0, [one_attribute(true), one_attribute(false)]);
     }
-    let mut level = 0;
+    let mut level = if settings.resume {
+        resumed_level(dir, &levels)?
+    } else {
+        0
+    };
     let mut step = 0;
     let mut done = false;
     while !done {
@@ -453,7 +482,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
             (losses, correct, asked) = (Vec::new(), 0, 0);
         }
         if step % CHECKPOINT_STEPS == 0 || done {
-            save(&varmap, dir)?;
+            save(&varmap, dir, &levels[level])?;
         }
     }
     Ok(())

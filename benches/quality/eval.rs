@@ -1,6 +1,7 @@
 //! Step 4 of the quality benchmark: every compressor on the test documents,
 //! through the real `sac` binary (`compress`, then `ask --batch`), scored
-//! with SQuAD's exact match and F1.
+//! with SQuAD's exact match and F1, and by whether the answer ends in the
+//! asked value.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,11 @@ pub struct Row {
     pub ratio: Option<usize>,
     pub em: f64,
     pub f1: f64,
+    /// Answers whose last word is the value's (the values are one word).
+    /// In the fact form the answer starts with the name, copied from the
+    /// question, and a garbled copy of an unseen name fails EM while the
+    /// value, what the question asks for, is right.
+    pub value: f64,
     /// .sack bytes per document token (none without a document).
     pub bytes_per_token: Option<f64>,
     /// Document tokens per second of `sac compress`'s own timing.
@@ -41,6 +47,12 @@ fn summary_number(stderr: &[u8], unit: &str) -> Option<f64> {
     let line = String::from_utf8_lossy(stderr);
     let before = line.split(unit).next()?;
     before.rsplit(' ').next()?.parse().ok()
+}
+
+/// 1 when the normalised answers end in the same word, else 0.
+fn same_last_word(prediction: &str, answer: &str) -> f64 {
+    let last = |text| metrics::normalize(text).pop();
+    f64::from(u8::from(last(prediction) == last(answer)))
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -58,7 +70,7 @@ pub fn evaluate(
     max_tokens: usize,
 ) -> anyhow::Result<Row> {
     std::fs::create_dir_all(work)?;
-    let (mut em, mut f1, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut em, mut f1, mut value, mut ttft) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bytes, mut tokens, mut speed) = (0u64, 0u64, Vec::new());
     for (i, doc) in test.chunk_by(|a, b| a.context == b.context).enumerate() {
         let text = work.join(format!("doc{i}.txt"));
@@ -116,6 +128,7 @@ pub fn evaluate(
             let answer = record["answer"].as_str().unwrap_or_default();
             em.push(metrics::exact_match(answer, &example.answer));
             f1.push(metrics::f1(answer, &example.answer));
+            value.push(same_last_word(answer, &example.answer));
             ttft.push(record["ttft_ms"].as_f64().unwrap_or(0.0));
         }
     }
@@ -125,6 +138,7 @@ pub fn evaluate(
         ratio: setting.ratio,
         em: 100.0 * mean(&em),
         f1: 100.0 * mean(&f1),
+        value: 100.0 * mean(&value),
         bytes_per_token: document.then(|| bytes as f64 / tokens.max(1) as f64),
         compress_tokens_per_s: document.then(|| mean(&speed)),
         ttft_ms: mean(&ttft),
@@ -134,17 +148,18 @@ pub fn evaluate(
 /// The table as markdown.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| compressor | ratio | EM | F1 | .sack bytes / doc token | compress tokens/s | TTFT ms |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| compressor | ratio | EM | F1 | value | .sack bytes / doc token | compress tokens/s | TTFT ms |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} |\n",
             r.method,
             r.ratio.map_or("-".into(), |r| r.to_string()),
             r.em,
             r.f1,
+            r.value,
             cell(r.bytes_per_token),
             cell(r.compress_tokens_per_s),
             r.ttft_ms

@@ -80,8 +80,8 @@ struct Args {
     #[arg(long)]
     reuse_base: bool,
     /// Train the base model in OUT/model further, from its saved weights
-    /// (with its config and tokenizer; the optimizer, the schedule and the
-    /// curriculum start again).
+    /// (with its config and tokenizer) at the curriculum level it had
+    /// reached; the optimizer and the schedule start again.
     #[arg(long, conflicts_with = "reuse_base")]
     resume_base: bool,
     /// Stop once the base model is trained.
