@@ -62,6 +62,13 @@ pub struct BaseSettings {
     /// The curriculum starts with two levels about the first level's people
     /// and one attribute each: short facts, then the task's own.
     pub short_first: bool,
+    /// Levels of two and then three attributes (the first level's people)
+    /// come before the task's five, after those of `short_first`.
+    pub grow_attributes: bool,
+    /// Steps a level may run without passing before the curriculum goes
+    /// back one level, until that one passes again: a way to test whether
+    /// replaying the earlier levels is what breaks a plateau.
+    pub replay_after: Option<usize>,
     /// Questions asked after each training document: many make most of a
     /// sequence's loss looking facts up; few leave room for more documents
     /// in a step (each question block attends to the whole document).
@@ -91,10 +98,10 @@ struct Level {
     /// PyTorch drill of docs/benchmarks.md, 3,600 steps in all against
     /// 18,000 without this level).
     short: bool,
-    /// One fact per person (see [`Telling`]): with all five, a model
-    /// finds the asked attribute's values first and sits at a coin toss
-    /// between the people.
-    one_attribute: bool,
+    /// How many attributes a document tells (see [`Telling`]), all when
+    /// `None`: with all five from the start, a model finds the asked
+    /// attribute's values first and sits at a coin toss between the people.
+    attributes: Option<usize>,
 }
 
 impl Level {
@@ -102,7 +109,7 @@ impl Level {
         Level {
             people,
             short: false,
-            one_attribute: false,
+            attributes: None,
         }
     }
 }
@@ -400,20 +407,26 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
     if let Some(first) = &settings.first_level {
         levels[0].people = first.clone();
     }
+    let first_people = levels[0].people.clone();
+    let telling_few = |count, short| Level {
+        people: first_people.clone(),
+        short,
+        attributes: Some(count),
+    };
+    let mut start = Vec::new();
     if settings.short_first {
-        let one_attribute = |short| Level {
-            short,
-            one_attribute: true,
-            ..Level::new(levels[0].people.clone())
-        };
-        levels.splice(0..0, [one_attribute(true), one_attribute(false)]);
+        start.extend([telling_few(1, true), telling_few(1, false)]);
     }
+    if settings.grow_attributes {
+        start.extend([telling_few(2, false), telling_few(3, false)]);
+    }
+    levels.splice(0..0, start);
     let mut level = if settings.resume {
         resumed_level(dir, &levels)?
     } else {
         0
     };
-    let mut step = 0;
+    let (mut step, mut level_steps) = (0, 0);
     let mut done = false;
     while !done {
         let mut batch = Vec::new();
@@ -427,7 +440,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
             let telling = Telling {
                 repeat: settings.repeat_facts,
                 short,
-                one_attribute: levels[level].one_attribute,
+                attributes: levels[level].attributes,
             };
             let (doc, reverse) = training_document(
                 names,
@@ -452,6 +465,7 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
         optimizer.backward_step(&loss)?;
         losses.push(loss.to_scalar::<f32>()?);
         step += 1;
+        level_steps += 1;
         // Decided once, so that the last step is the one logged and saved
         // even when the wall clock ends training.
         done = progress(step) >= 1.0;
@@ -463,10 +477,10 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
                 "base model: step {step} / {}, {:?} people{}{}, loss {mean:.3}, answers {:.1} %, {:.0} tokens/s, {seconds:.0} s",
                 settings.steps,
                 levels[level].people,
-                if levels[level].one_attribute {
-                    ", one attribute"
-                } else {
-                    ""
+                match levels[level].attributes {
+                    Some(1) => ", one attribute".to_string(),
+                    Some(count) => format!(", {count} attributes"),
+                    None => String::new(),
                 },
                 if levels[level].short {
                     ", short facts"
@@ -478,6 +492,11 @@ pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::R
             );
             if accuracy >= LEVEL_UP_ACCURACY && level + 1 < levels.len() {
                 level += 1;
+                level_steps = 0;
+            } else if level > 0 && settings.replay_after.is_some_and(|n| level_steps >= n) {
+                eprintln!("base model: no pass in {level_steps} steps, back one level");
+                level -= 1;
+                level_steps = 0;
             }
             (losses, correct, asked) = (Vec::new(), 0, 0);
         }

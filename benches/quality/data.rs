@@ -153,9 +153,11 @@ pub struct Telling {
     /// across a fact's words sooner (in the PyTorch drill of
     /// docs/benchmarks.md, in half the steps).
     pub short: bool,
-    /// Every person has one fact, all of one attribute: the fact is then
-    /// found by name alone, since no other attribute's value can stand in.
-    pub one_attribute: bool,
+    /// How many attributes the document tells (drawn at random for the
+    /// whole document, each person one fact of each); all when `None`. With
+    /// one, a fact is found by name alone, since no other attribute's value
+    /// can stand in; with two or more, by name and attribute together.
+    pub attributes: Option<usize>,
 }
 
 /// [`document`], plus up to `reverse` questions asked the other way ("Who
@@ -181,15 +183,13 @@ pub fn training_document(
             ATTRIBUTES[a].fact
         }
     };
-    let told_attributes = if telling.one_attribute {
-        let a = rng.random_range(0..ATTRIBUTES.len());
-        a..a + 1
-    } else {
-        0..ATTRIBUTES.len()
+    let told_attributes: Vec<usize> = match telling.attributes {
+        Some(count) => rand::seq::index::sample(rng, ATTRIBUTES.len(), count).into_vec(),
+        None => (0..ATTRIBUTES.len()).collect(),
     };
     let mut facts = Vec::new();
     for (p, name) in people.iter().enumerate() {
-        for a in told_attributes.clone() {
+        for &a in &told_attributes {
             let attribute = &ATTRIBUTES[a];
             let value = attribute.values[rng.random_range(0..attribute.values.len())];
             facts.push((

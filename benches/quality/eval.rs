@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::Context;
 use sac::train::metrics;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -60,7 +61,9 @@ fn mean(values: &[f64]) -> f64 {
 }
 
 /// Evaluates `setting` with `model` on `test`, working in `work`; answers
-/// stop after `max_tokens`.
+/// stop after `max_tokens`. Every answer goes to `work/answers.jsonl` beside
+/// its question and the expected answer, so that a table can be read back
+/// answer by answer.
 pub fn evaluate(
     sac: &Path,
     model: &Path,
@@ -72,6 +75,7 @@ pub fn evaluate(
     std::fs::create_dir_all(work)?;
     let (mut em, mut f1, mut value, mut ttft) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bytes, mut tokens, mut speed) = (0u64, 0u64, Vec::new());
+    let mut answers = Vec::new();
     for (i, doc) in test.chunk_by(|a, b| a.context == b.context).enumerate() {
         let text = work.join(format!("doc{i}.txt"));
         let sack = work.join(format!("doc{i}.sack"));
@@ -130,8 +134,16 @@ pub fn evaluate(
             f1.push(metrics::f1(answer, &example.answer));
             value.push(same_last_word(answer, &example.answer));
             ttft.push(record["ttft_ms"].as_f64().unwrap_or(0.0));
+            answers.push(
+                json!({"document": i, "question": example.question,
+                       "expected": example.answer, "answer": answer})
+                .to_string(),
+            );
         }
     }
+    let answers_file = work.join("answers.jsonl");
+    std::fs::write(&answers_file, answers.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", answers_file.display()))?;
     let document = setting.method != "none";
     Ok(Row {
         method: setting.method,

@@ -5,10 +5,11 @@
 //!
 //! `cargo bench --bench quality -- [--out DIR] [--base-steps N]
 //! [--base-minutes M] [--base-tokens-per-step N] [--reuse-base | --resume-base]
-//! [--base-only] [--adapter-steps N] [--device D]`
+//! [--base-only] [--adapter-steps N] [--device D]`; `--help` lists the rest.
 //!
-//! Writes DIR/model (the base model), DIR/adapter-rN, DIR/{train,test}.jsonl
-//! and DIR/results.{md,json}.
+//! Writes DIR/model (the base model), DIR/adapter-rN, DIR/{train,test}.jsonl,
+//! DIR/results.{md,json} and each row's answers in
+//! DIR/eval/METHOD-RATIO/answers.jsonl.
 
 mod base;
 #[path = "../common/mod.rs"]
@@ -65,6 +66,15 @@ struct Args {
     /// ("Kalomi paris."), then in the task's words. Each moves on at 90 %.
     #[arg(long)]
     base_short_first: bool,
+    /// Two more levels about the first level's people, after those of
+    /// --base-short-first: two attributes a document, then three, before the
+    /// task's five. Each moves on at 90 %.
+    #[arg(long)]
+    base_grow_attributes: bool,
+    /// When a level of the base model's curriculum has gone this many steps
+    /// without passing, go back one level until that one passes again.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    base_replay_after: Option<u32>,
     /// Questions asked after each base-model training document.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     base_questions: u16,
@@ -173,6 +183,8 @@ fn main() -> anyhow::Result<()> {
                 repeat_facts: args.base_repeat_facts,
                 short_facts: args.base_short_facts,
                 short_first: args.base_short_first,
+                grow_attributes: args.base_grow_attributes,
+                replay_after: args.base_replay_after.map(|n| n as usize),
                 questions: args.base_questions.into(),
                 document_weight: args.base_document_weight,
                 form: args.answer_form,
