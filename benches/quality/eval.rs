@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::Context;
 use sac::train::metrics;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -141,9 +140,10 @@ pub fn evaluate(
             );
         }
     }
-    let answers_file = work.join("answers.jsonl");
-    std::fs::write(&answers_file, answers.join("\n") + "\n")
-        .with_context(|| format!("cannot write {}", answers_file.display()))?;
+    sac::atomic::write_bytes(
+        &work.join("answers.jsonl"),
+        (answers.join("\n") + "\n").as_bytes(),
+    )?;
     let document = setting.method != "none";
     Ok(Row {
         method: setting.method,
