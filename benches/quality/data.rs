@@ -245,6 +245,24 @@ pub fn training_document(
     (forward, backward)
 }
 
+/// A text for the SAC adapters' `pretrain` stage: a document about `people`
+/// people of `names` that tells its facts twice, the second time in another
+/// order. Cut after the first telling, its continuation can be predicted
+/// only by finding each fact in the compressed context: a signal on every
+/// value and name, where a question gives one.
+pub fn pretraining_text(
+    names: &[String],
+    people: RangeInclusive<usize>,
+    rng: &mut ChaCha8Rng,
+) -> String {
+    let telling = Telling {
+        repeat: true,
+        ..Telling::default()
+    };
+    let (mut examples, _) = training_document(names, people, 1, 0, telling, AnswerForm::Value, rng);
+    examples.swap_remove(0).context
+}
+
 /// The task's training and test examples, the same for the same seed.
 pub struct Task {
     pub train: Vec<Example>,

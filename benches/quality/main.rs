@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench quality -- [--out DIR] [--base-steps N]
 //! [--base-minutes M] [--base-tokens-per-step N] [--reuse-base | --resume-base]
-//! [--base-only] [--adapter-steps N] [--device D]`; `--help` lists the rest.
+//! [--base-only] [--adapter-steps N] [--adapter-pretrain-steps N] [--device D]`;
+//! `--help` lists the rest.
 //!
 //! Writes DIR/model (the base model), DIR/adapter-rN, DIR/{train,test}.jsonl,
 //! DIR/results.{md,json} and each row's answers in
@@ -23,6 +24,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -99,6 +102,11 @@ struct Args {
     base_only: bool,
     #[arg(long, default_value_t = 150)]
     adapter_steps: usize,
+    /// Steps of `sac train --stage pretrain` before each adapter's qa steps
+    /// (SAC.md's two stages), on texts that tell 7-9 people's facts twice
+    /// and are cut inside the second telling; 0 trains on qa alone.
+    #[arg(long, default_value_t = 0)]
+    adapter_pretrain_steps: usize,
     #[arg(long, default_value_t = 1e-3)]
     adapter_lr: f64,
     #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
@@ -138,6 +146,26 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `sac train --stage pretrain`'s `--min-context` for the texts of
+/// `--adapter-pretrain-steps`: the first telling of 7-9 people is 253-346
+/// tokens with seed 7's tokenizer and a whole text at least 505, so every
+/// cut falls inside the second telling.
+const PRETRAIN_MIN_CONTEXT: &str = "400";
+
+/// Removes what an earlier run left in `dir`: a new base model or new flags
+/// make it stale, and `sac train` refuses to overwrite an adapter.
+fn remove_stale(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
 fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
     let lines: Vec<String> = examples
         .iter()
@@ -145,8 +173,7 @@ fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
             json!({"context": e.context, "question": e.question, "answer": e.answer}).to_string()
         })
         .collect();
-    std::fs::write(path, lines.join("\n"))
-        .with_context(|| format!("cannot write {}", path.display()))
+    Ok(sac::atomic::write_bytes(path, lines.join("\n").as_bytes())?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -203,6 +230,18 @@ fn main() -> anyhow::Result<()> {
 
     let train_file = args.out.join("train.jsonl");
     write_jsonl(&train_file, &task.train)?;
+    let pretrain_file = args.out.join("pretrain.jsonl");
+    if args.adapter_pretrain_steps > 0 {
+        // Batches of two, each text seen once.
+        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+        let texts: Vec<String> = (0..2 * args.adapter_pretrain_steps)
+            .map(|_| {
+                let text = data::pretraining_text(&task.train_names, 7..=9, &mut rng);
+                json!({ "text": text }).to_string()
+            })
+            .collect();
+        sac::atomic::write_bytes(&pretrain_file, texts.join("\n").as_bytes())?;
+    }
     let mut settings = vec![
         eval::Setting {
             method: "full",
@@ -217,28 +256,38 @@ fn main() -> anyhow::Result<()> {
     ];
     for &ratio in &args.sac_ratios {
         let adapter = args.out.join(format!("adapter-r{ratio}"));
-        // A new base model or new flags make an earlier run's adapter stale,
-        // and `sac train` refuses to overwrite one.
-        if adapter.exists() {
-            std::fs::remove_dir_all(&adapter)
-                .with_context(|| format!("cannot remove {}", adapter.display()))?;
-        }
-        let status = Command::new(&sac)
-            .arg("train")
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(&train_file)
-            .arg("--out")
-            .arg(&adapter)
-            .args(["--stage", "qa", "--ratio", &ratio.to_string()])
-            .args(["--lora-rank", "16", "--grad-accum", "1", "--batch", "2"])
-            .args(["--steps", &args.adapter_steps.to_string()])
-            .args(["--lr", &args.adapter_lr.to_string()])
-            .args(["--seed", &args.seed.to_string(), "--quiet"])
-            .status()?;
-        if !status.success() {
-            bail!("sac train at ratio {ratio} failed");
+        remove_stale(&adapter)?;
+        let train = |stage: &str, data: &Path, out: &Path, steps: usize, extra: &[&str]| {
+            let status = Command::new(&sac)
+                .arg("train")
+                .arg("--model")
+                .arg(&model)
+                .arg("--data")
+                .arg(data)
+                .arg("--out")
+                .arg(out)
+                .args(["--stage", stage, "--ratio", &ratio.to_string()])
+                .args(["--lora-rank", "16", "--grad-accum", "1", "--batch", "2"])
+                .args(["--steps", &steps.to_string()])
+                .args(["--lr", &args.adapter_lr.to_string()])
+                .args(["--seed", &args.seed.to_string(), "--quiet"])
+                .args(extra)
+                .status()?;
+            if !status.success() {
+                bail!("sac train --stage {stage} at ratio {ratio} failed");
+            }
+            anyhow::Ok(())
+        };
+        if args.adapter_pretrain_steps == 0 {
+            train("qa", &train_file, &adapter, args.adapter_steps, &[])?;
+        } else {
+            let pretrained = args.out.join(format!("adapter-r{ratio}-pretrain"));
+            remove_stale(&pretrained)?;
+            let window = ["--min-context", PRETRAIN_MIN_CONTEXT];
+            let steps = args.adapter_pretrain_steps;
+            train("pretrain", &pretrain_file, &pretrained, steps, &window)?;
+            let init = ["--init", path_str(&pretrained)?];
+            train("qa", &train_file, &adapter, args.adapter_steps, &init)?;
         }
         settings.push(eval::Setting {
             method: "sac",
@@ -289,13 +338,14 @@ fn main() -> anyhow::Result<()> {
         args.test_documents,
         adapters_done - base_done
     );
-    std::fs::write(args.out.join("results.md"), &table)?;
-    std::fs::write(
-        args.out.join("results.json"),
-        serde_json::to_string_pretty(&json!({
-            "rows": rows, "seconds": {"base": base_done, "adapters": adapters_done - base_done, "total": total},
-            "test_questions": task.test.len(), "train_documents": args.train_documents,
-        }))?,
+    sac::atomic::write_bytes(&args.out.join("results.md"), table.as_bytes())?;
+    let results = json!({
+        "rows": rows, "seconds": {"base": base_done, "adapters": adapters_done - base_done, "total": total},
+        "test_questions": task.test.len(), "train_documents": args.train_documents,
+    });
+    sac::atomic::write_bytes(
+        &args.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     Ok(())
 }
