@@ -88,8 +88,10 @@ pub struct BaseSettings {
 /// has few places to look, growing to the test documents' size.
 const LEVELS: [RangeInclusive<usize>; 7] = [1..=2, 2..=4, 3..=8, 5..=14, 8..=24, 12..=36, PEOPLE];
 
-/// One level of the curriculum.
+/// One level of the curriculum. Unknown fields are refused, so that a file
+/// of an older curriculum (its `one_attribute`) is not read as another level.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Level {
     people: RangeInclusive<usize>,
     /// Every fact is a name and a value alone (see [`Telling`]). Finding
