@@ -18,6 +18,7 @@ mod common;
 mod data;
 mod eval;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -161,11 +162,6 @@ fn remove_stale(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn path_str(path: &Path) -> anyhow::Result<&str> {
-    path.to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))
-}
-
 fn write_jsonl(path: &Path, examples: &[data::Example]) -> anyhow::Result<()> {
     let lines: Vec<String> = examples
         .iter()
@@ -257,7 +253,7 @@ fn main() -> anyhow::Result<()> {
     for &ratio in &args.sac_ratios {
         let adapter = args.out.join(format!("adapter-r{ratio}"));
         remove_stale(&adapter)?;
-        let train = |stage: &str, data: &Path, out: &Path, steps: usize, extra: &[&str]| {
+        let train = |stage: &str, data: &Path, out: &Path, steps: usize, extra: &[&OsStr]| {
             let status = Command::new(&sac)
                 .arg("train")
                 .arg("--model")
@@ -283,10 +279,10 @@ fn main() -> anyhow::Result<()> {
         } else {
             let pretrained = args.out.join(format!("adapter-r{ratio}-pretrain"));
             remove_stale(&pretrained)?;
-            let window = ["--min-context", PRETRAIN_MIN_CONTEXT];
+            let window = ["--min-context".as_ref(), PRETRAIN_MIN_CONTEXT.as_ref()];
             let steps = args.adapter_pretrain_steps;
             train("pretrain", &pretrain_file, &pretrained, steps, &window)?;
-            let init = ["--init", path_str(&pretrained)?];
+            let init = ["--init".as_ref(), pretrained.as_os_str()];
             train("qa", &train_file, &adapter, args.adapter_steps, &init)?;
         }
         settings.push(eval::Setting {
