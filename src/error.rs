@@ -6,8 +6,10 @@ use std::path::PathBuf;
 /// Errors raised by the `sac` library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O operation on a named file failed.
-    #[error("{action} {path}: {source}")]
+    /// An I/O operation on a named file failed. The cause is the error's
+    /// source, not part of this message, so that a chain printed whole
+    /// (`{:#}`) names it once.
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
