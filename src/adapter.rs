@@ -1,5 +1,6 @@
 //! SAC adapters: the trained parts of a compressor (anchor role embeddings,
-//! the `[AE]`/`[LM]` special embeddings, LoRA on q/v), stored as a directory
+//! the `[AE]`/`[LM]` special embeddings, LoRA on the attention projections),
+//! stored as a directory
 //! with `adapter.safetensors` and `adapter_config.json`.
 //!
 //! `import_reference_pt` converts the reference implementation's PyTorch state
@@ -15,11 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::chunk;
 use crate::error::{Error, Result};
 use crate::fingerprint::{DigestCache, manifest_digest};
-use crate::model::{LayerLora, LowRank, ModelConfig, QvLora};
+use crate::model::{AttentionLora, LayerLora, LoraTarget, LowRank, ModelConfig};
 
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
-const TARGETS: [&str; 2] = ["q_proj", "v_proj"];
 
 /// `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +32,8 @@ pub struct AdapterConfig {
     pub mem_size: usize,
     pub lora_rank: usize,
     pub lora_scale: f64,
+    /// The adapted projections by name (`q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`); SAC.md's are `q_proj` and `v_proj`.
     pub lora_targets: Vec<String>,
     /// The base model the adapter was trained on: a Hub id, or a model
     /// directory, absolute or relative to the adapter's own directory (so an
@@ -50,6 +52,12 @@ impl AdapterConfig {
             .map_err(|e| adapter_error(&path, format!("not an adapter config: {e}")))?;
         validate_config(&config).map_err(|e| adapter_error(&path, e))?;
         Ok(config)
+    }
+
+    /// The adapted projections, in a fixed order; names that are none are
+    /// refused by [`AdapterConfig::load`].
+    pub fn targets(&self) -> Vec<LoraTarget> {
+        LoraTarget::from_names(&self.lora_targets)
     }
 
     /// [`AdapterConfig::base_model`] for `--model`, with a relative model
@@ -74,7 +82,7 @@ pub struct SacAdapter {
     pub role_tokens: Tensor,
     /// `[2, hidden]`: row 0 `[AE]`, row 1 `[LM]`.
     pub special_tokens: Tensor,
-    pub lora: QvLora,
+    pub lora: AttentionLora,
 }
 
 fn adapter_error(path: &Path, message: impl std::fmt::Display) -> Error {
@@ -120,23 +128,20 @@ impl SacAdapter {
         };
         let role_tokens = take("role_tokens", &[config.mem_size, h])?;
         let special_tokens = take("special_tokens", &[2, h])?;
-        let targets = &config.lora_targets;
+        let targets = config.targets();
         let layers = (0..model.num_layers)
             .map(|i| {
-                let mut low_rank = |proj: &str, out: usize| -> std::result::Result<_, String> {
-                    if !targets.iter().any(|t| t == proj) {
+                LayerLora::try_from_fn(|target| {
+                    if !targets.contains(&target) {
                         return Ok(None);
                     }
-                    let p = format!("layers.{i}.self_attn.{proj}");
+                    let (inputs, outputs) = target.features(model);
+                    let p = format!("layers.{i}.self_attn.{}", target.name());
                     Ok(Some(LowRank {
-                        a: take(&format!("{p}.lora_a"), &[h, rank])?,
-                        b: take(&format!("{p}.lora_b"), &[rank, out])?,
+                        a: take(&format!("{p}.lora_a"), &[inputs, rank])?,
+                        b: take(&format!("{p}.lora_b"), &[rank, outputs])?,
                         scale: config.lora_scale,
                     }))
-                };
-                Ok(LayerLora {
-                    q: low_rank("q_proj", model.num_heads * model.head_dim)?,
-                    v: low_rank("v_proj", model.num_kv_heads * model.head_dim)?,
                 })
             })
             .collect::<std::result::Result<_, String>>()?;
@@ -149,7 +154,7 @@ impl SacAdapter {
             config,
             role_tokens,
             special_tokens,
-            lora: QvLora { layers },
+            lora: AttentionLora { layers },
         })
     }
 
@@ -167,9 +172,9 @@ impl SacAdapter {
             self.special_tokens.to_dtype(DType::F32)?,
         );
         for (i, layer) in self.lora.layers.iter().enumerate() {
-            for (proj, lr) in [("q_proj", &layer.q), ("v_proj", &layer.v)] {
-                if let Some(lr) = lr {
-                    let p = format!("layers.{i}.self_attn.{proj}");
+            for target in LoraTarget::ALL {
+                if let Some(lr) = layer.get(target) {
+                    let p = format!("layers.{i}.self_attn.{}", target.name());
                     out.insert(format!("{p}.lora_a"), lr.a.to_dtype(DType::F32)?);
                     out.insert(format!("{p}.lora_b"), lr.b.to_dtype(DType::F32)?);
                 }
@@ -193,7 +198,8 @@ impl SacAdapter {
 
     /// Converts the reference implementation's `adapter.pt` (a state dict with
     /// `role_tokens`, `special_tokens` and
-    /// `model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}`).
+    /// `model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}`; LoRA on
+    /// `k_proj` or `o_proj` is read too, the targets being those layer 0 has).
     pub fn import_reference_pt(
         pt: &Path,
         settings: ImportSettings,
@@ -223,9 +229,14 @@ impl SacAdapter {
             .get("role_tokens")
             .ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
         let mem_size = role.dim(0)?;
-        let lora_rank = match tensors.get("layers.0.self_attn.q_proj.lora_a") {
-            Some(a) => a.dim(1)?,
-            None => return Err(adapter_error(pt, "no LoRA on layer 0's q_proj")),
+        let first_a = |t: &LoraTarget| format!("layers.0.self_attn.{}.lora_a", t.name());
+        let targets: Vec<LoraTarget> = LoraTarget::ALL
+            .into_iter()
+            .filter(|t| tensors.contains_key(&first_a(t)))
+            .collect();
+        let lora_rank = match targets.first() {
+            Some(t) => tensors[&first_a(t)].dim(1)?,
+            None => return Err(adapter_error(pt, "no LoRA on layer 0")),
         };
         let ratio = match settings.ratio {
             Some(r) => r,
@@ -248,7 +259,7 @@ impl SacAdapter {
             mem_size,
             lora_rank,
             lora_scale: settings.lora_scale,
-            lora_targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            lora_targets: targets.iter().map(|t| t.name().to_string()).collect(),
             base_model: settings.base_model,
             base_model_fingerprint: settings.base_model_fingerprint,
         };
@@ -280,7 +291,9 @@ fn reference_lora_name(name: &str) -> Option<String> {
     let ok = parts.next() == Some("layers")
         && parts.next().is_some_and(|i| i.parse::<usize>().is_ok())
         && parts.next() == Some("self_attn")
-        && parts.next().is_some_and(|p| TARGETS.contains(&p))
+        && parts
+            .next()
+            .is_some_and(|p| LoraTarget::from_name(p).is_some())
         && parts.next().is_none();
     ok.then(|| format!("{stem}.{which}"))
 }
@@ -302,10 +315,10 @@ fn validate_config(c: &AdapterConfig) -> std::result::Result<(), String> {
     if let Some(t) = c
         .lora_targets
         .iter()
-        .find(|t| !TARGETS.contains(&t.as_str()))
+        .find(|t| LoraTarget::from_name(t).is_none())
     {
         return Err(format!(
-            "LoRA target `{t}` is not supported (only q_proj and v_proj)"
+            "LoRA target `{t}` is not supported (only q_proj, k_proj, v_proj and o_proj)"
         ));
     }
     Ok(())
@@ -339,7 +352,11 @@ mod tests {
             Some("layers.0.self_attn.v_proj.lora_b")
         );
         assert_eq!(
-            reference_lora_name("model.model.layers.0.self_attn.k_proj.lora_A"),
+            reference_lora_name("model.model.layers.0.self_attn.k_proj.lora_A").as_deref(),
+            Some("layers.0.self_attn.k_proj.lora_a")
+        );
+        assert_eq!(
+            reference_lora_name("model.model.layers.0.self_attn.rotary_emb.lora_A"),
             None
         );
         assert_eq!(
@@ -387,6 +404,8 @@ mod tests {
         assert!(validate_config(&c).unwrap_err().contains("fewer"));
         c.mem_size = 102;
         c.lora_targets.push("k_proj".into());
-        assert!(validate_config(&c).unwrap_err().contains("k_proj"));
+        assert!(validate_config(&c).is_ok());
+        c.lora_targets.push("up_proj".into());
+        assert!(validate_config(&c).unwrap_err().contains("up_proj"));
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device::{DTypeSpec, DeviceSpec};
+use crate::model::LoraTarget;
 use crate::runtime::ModelSpec;
 use crate::sack::KvEncoding;
 use crate::train::{Length, PretrainWindow, Stage, TrainSettings};
@@ -54,7 +55,7 @@ pub enum AdapterCommand {
 
 #[derive(Debug, Args)]
 pub struct AdapterImportArgs {
-    /// The PyTorch state dict (role_tokens, special_tokens, LoRA A/B of q/v).
+    /// The PyTorch state dict (role_tokens, special_tokens, LoRA A/B of q/v, or also k/o).
     #[arg(value_name = "ADAPTER.pt")]
     pub pt: PathBuf,
 
@@ -339,9 +340,19 @@ pub struct TrainArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: Option<u32>,
 
-    /// LoRA rank on q and v. Default: the --init adapter's, else 128.
+    /// LoRA rank. Default: the --init adapter's, else 128.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub lora_rank: Option<u32>,
+
+    /// Attention projections LoRA adapts, comma-separated. Default: the
+    /// --init adapter's, else q_proj,v_proj (SAC.md's).
+    #[arg(
+        long,
+        value_name = "PROJ,...",
+        value_delimiter = ',',
+        value_parser = ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )]
+    pub lora_targets: Option<Vec<String>>,
 
     /// Peak learning rate. Default: 1e-4 for pretrain, 5e-5 for qa (the paper's).
     #[arg(long, value_parser = positive)]
@@ -441,6 +452,7 @@ impl TrainArgs {
             ratio: size(self.ratio),
             chunk_size: size(self.chunk_size),
             lora_rank: size(self.lora_rank),
+            lora_targets: self.lora_targets.as_deref().map(LoraTarget::from_names),
             lr: self.lr.unwrap_or(match stage {
                 Stage::Pretrain => 1e-4,
                 Stage::Qa => 5e-5,

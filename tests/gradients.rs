@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{Fixture, max_abs_diff};
-use sac::model::{AttentionMask, ForwardInput, LayerLora, LowRank, Path, QvLora, mask};
+use sac::model::{AttentionLora, AttentionMask, ForwardInput, LayerLora, LowRank, Path, mask};
 
 const RANK: usize = 3;
 
@@ -61,19 +61,20 @@ impl Trainables {
         }
     }
 
-    fn qv_lora(&self) -> QvLora {
+    fn qv_lora(&self) -> AttentionLora {
         let low_rank = |a: &Var, b: &Var| LowRank {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),
             scale: 2.0,
         };
-        QvLora {
+        AttentionLora {
             layers: self
                 .lora
                 .iter()
                 .map(|[qa, qb, va, vb]| LayerLora {
                     q: Some(low_rank(qa, qb)),
                     v: Some(low_rank(va, vb)),
+                    ..LayerLora::default()
                 })
                 .collect(),
         }

@@ -153,23 +153,91 @@ fn training_lowers_the_loss_and_moves_every_trainable() {
     );
 
     // The result is an adapter `compress` takes as it is.
-    let doc_path = dir.path().join("doc.txt");
+    let record = compress_and_ask(dir.path(), &out);
+    assert!(record["tokens"].is_array());
+}
+
+/// Compresses the fixture document with `adapter` into `dir` and asks it a
+/// question: the answer's JSON record.
+fn compress_and_ask(dir: &Path, adapter: &Path) -> Value {
+    let doc_path = dir.join("doc.txt");
     std::fs::write(&doc_path, doc()).unwrap();
-    let sack = dir.path().join("doc.sack");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(&doc_path)
-            .args(["-o", s(&sack), "--adapter", s(&out), "-q"]),
-    );
+    let sack = dir.join("doc.sack");
+    run_ok(sac().arg("compress").arg(&doc_path).args([
+        "-o",
+        s(&sack),
+        "--adapter",
+        s(adapter),
+        "-q",
+    ]));
     let answer = run_ok(sac().arg("ask").arg(&sack).args([
         "What is the first word?",
         "--json",
         "--max-tokens",
         "4",
     ]));
-    let record: Value = serde_json::from_slice(&answer).unwrap();
-    assert!(record["tokens"].is_array());
+    serde_json::from_slice(&answer).unwrap()
+}
+
+/// LoRA on k and o too, on a model whose attention is wider than its
+/// hidden size (o_proj reads 4 x 16 = 64 features into 32).
+#[test]
+fn lora_on_every_attention_projection_trains_and_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("qa.jsonl");
+    write_rows(&data, &qa_rows(1));
+    let out = dir.path().join("adapter");
+    let flags =
+        "--stage qa --steps 3 --grad-accum 1 --lr 1e-2 --lora-targets o_proj,q_proj,k_proj,v_proj";
+    let args: Vec<&str> = ["--data", s(&data), "--out", s(&out)]
+        .into_iter()
+        .chain(flags.split(' '))
+        .collect();
+    train_ok("qwen3", &args);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let all = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    assert_eq!(config["lora_targets"], serde_json::json!(all));
+    let tensors = adapter_tensors(&out);
+    assert_eq!(
+        tensors.len(),
+        2 + 2 * 4 * 2,
+        "roles, specials, 2 layers x 4 x A/B"
+    );
+    let dims = |name: &str| {
+        tensors[&format!("layers.0.self_attn.{name}")]
+            .dims()
+            .to_vec()
+    };
+    assert_eq!(dims("k_proj.lora_b"), [4, 2 * 16]);
+    assert_eq!(dims("o_proj.lora_a"), [4 * 16, 4]);
+    assert_eq!(dims("o_proj.lora_b"), [4, 32]);
+    // B starts at zero. The last layer's queries and output projection come
+    // after its K/V, the last thing the compressor hands on: no gradient.
+    for (name, b) in tensors.iter().filter(|(n, _)| n.ends_with("lora_b")) {
+        let moved = max_abs_diff(b, &b.zeros_like().unwrap());
+        let untouched = name.starts_with("layers.1.self_attn.q_proj")
+            || name.starts_with("layers.1.self_attn.o_proj");
+        assert_eq!(moved == 0.0, untouched, "{name} moved {moved}");
+    }
+
+    assert!(compress_and_ask(dir.path(), &out)["tokens"].is_array());
+
+    // Going on from it with other targets is refused.
+    let more_out = dir.path().join("more");
+    let flags = "--stage qa --lora-targets q_proj,v_proj";
+    let args: Vec<&str> = ["--data", s(&data), "--out", s(&more_out), "--init", s(&out)]
+        .into_iter()
+        .chain(flags.split(' '))
+        .collect();
+    let more = train("qwen3", &args);
+    assert!(!more.status.success());
+    let err = String::from_utf8_lossy(&more.stderr);
+    assert!(
+        err.contains("--lora-targets q_proj,v_proj differs"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -198,6 +266,7 @@ fn base_weights_stay_bit_identical_in_memory() {
         ratio: Some(4),
         chunk_size: Some(16),
         lora_rank: Some(4),
+        lora_targets: None,
         lr: 1e-2,
         warmup_steps: None,
         weight_decay: 0.1,

@@ -18,12 +18,13 @@ pub fn run(args: &AdapterImportArgs) -> anyhow::Result<()> {
     adapter.save(&args.output)?;
     let c = &adapter.config;
     eprintln!(
-        "sac: wrote adapter {}: ratio {}, chunk {}, {} role embeddings, LoRA rank {} on q/v",
+        "sac: wrote adapter {}: ratio {}, chunk {}, {} role embeddings, LoRA rank {} on {}",
         args.output.display(),
         c.ratio,
         c.chunk_size,
         c.mem_size,
-        c.lora_rank
+        c.lora_rank,
+        c.lora_targets.join(", ")
     );
     Ok(())
 }

@@ -12,7 +12,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::ModelConfig;
 use super::kv::{LayerKv, SharedKv};
-use super::lora::{LayerLora, LowRank, QvLora};
+use super::lora::{AttentionLora, LayerLora, LowRank};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Path};
 use super::probe::AttentionProbe;
@@ -36,8 +36,9 @@ pub struct ForwardInput<'a> {
     /// `[batch, kv_heads, past, head_dim]`; the mask covers these and the new
     /// positions.
     pub past: Option<&'a [LayerKv]>,
-    /// LoRA on q/v (the SAC compressor); `None` for the frozen decoder.
-    pub lora: Option<&'a QvLora>,
+    /// LoRA on the attention projections (the SAC compressor); `None` for
+    /// the frozen decoder.
+    pub lora: Option<&'a AttentionLora>,
     pub path: Path,
 }
 
@@ -386,7 +387,8 @@ impl Attention {
 
         let q = project(&self.q_proj, step.lora.q.as_ref(), x, step.path)?
             .reshape((batch, seq, heads, hd))?;
-        let k = ops::linear(&self.k_proj, x, step.path)?.reshape((batch, seq, kv_heads, hd))?;
+        let k = project(&self.k_proj, step.lora.k.as_ref(), x, step.path)?
+            .reshape((batch, seq, kv_heads, hd))?;
         let v = project(&self.v_proj, step.lora.v.as_ref(), x, step.path)?
             .reshape((batch, seq, kv_heads, hd))?
             .transpose(1, 2)?
@@ -467,7 +469,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
         Ok((
-            ops::linear(&self.o_proj, &out, step.path)?,
+            project(&self.o_proj, step.lora.o.as_ref(), &out, step.path)?,
             LayerKv { k, v },
             measured,
         ))

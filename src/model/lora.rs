@@ -1,10 +1,11 @@
-//! Low-rank extra weights on the q and v projections (LoRA), passed to a
+//! Low-rank extra weights on the attention projections (LoRA), passed to a
 //! forward pass rather than merged into the base weights, so one copy of the
 //! base model serves as both the SAC compressor (with LoRA) and the frozen
 //! decoder (without).
 
 use candle_core::Tensor;
 
+use super::config::ModelConfig;
 use super::ops::matmul_last;
 use crate::error::Result;
 
@@ -25,15 +26,88 @@ impl LowRank {
     }
 }
 
+/// An attention projection LoRA can adapt. SAC.md adapts q and v; k lets an
+/// anchor change the key it is found by directly, o what it writes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraTarget {
+    Q,
+    K,
+    V,
+    O,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 4] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O];
+
+    /// The module's name, as in `adapter_config.json` and PEFT.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::Q => "q_proj",
+            LoraTarget::K => "k_proj",
+            LoraTarget::V => "v_proj",
+            LoraTarget::O => "o_proj",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<LoraTarget> {
+        LoraTarget::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The targets `names` name, in [`LoraTarget::ALL`]'s order, each once;
+    /// other names are skipped (check them with [`LoraTarget::from_name`]).
+    pub fn from_names(names: &[String]) -> Vec<LoraTarget> {
+        LoraTarget::ALL
+            .into_iter()
+            .filter(|t| names.iter().any(|n| n == t.name()))
+            .collect()
+    }
+
+    /// `(in, out)` features of the projection in `model`.
+    pub fn features(self, model: &ModelConfig) -> (usize, usize) {
+        let q = model.num_heads * model.head_dim;
+        let kv = model.num_kv_heads * model.head_dim;
+        match self {
+            LoraTarget::Q => (model.hidden_size, q),
+            LoraTarget::K | LoraTarget::V => (model.hidden_size, kv),
+            LoraTarget::O => (q, model.hidden_size),
+        }
+    }
+}
+
 /// The extra weights of one layer's attention.
 #[derive(Debug, Clone, Default)]
 pub struct LayerLora {
     pub q: Option<LowRank>,
+    pub k: Option<LowRank>,
     pub v: Option<LowRank>,
+    pub o: Option<LowRank>,
+}
+
+impl LayerLora {
+    /// One layer's LoRA, each projection's made by `make` (`None`: not adapted).
+    pub fn try_from_fn<E>(
+        mut make: impl FnMut(LoraTarget) -> std::result::Result<Option<LowRank>, E>,
+    ) -> std::result::Result<Self, E> {
+        Ok(LayerLora {
+            q: make(LoraTarget::Q)?,
+            k: make(LoraTarget::K)?,
+            v: make(LoraTarget::V)?,
+            o: make(LoraTarget::O)?,
+        })
+    }
+
+    pub fn get(&self, target: LoraTarget) -> Option<&LowRank> {
+        match target {
+            LoraTarget::Q => self.q.as_ref(),
+            LoraTarget::K => self.k.as_ref(),
+            LoraTarget::V => self.v.as_ref(),
+            LoraTarget::O => self.o.as_ref(),
+        }
+    }
 }
 
 /// LoRA for every layer of a model, indexed by layer.
 #[derive(Debug, Clone, Default)]
-pub struct QvLora {
+pub struct AttentionLora {
     pub layers: Vec<LayerLora>,
 }

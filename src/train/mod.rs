@@ -1,5 +1,5 @@
 //! `sac train`: learns a SAC adapter (role embeddings, `[AE]`/`[LM]`, LoRA
-//! on q/v) with the base model frozen, by next-token cross-entropy through
+//! on attention projections) with the base model frozen, by next-token cross-entropy through
 //! the frozen decoder reading the anchors' K/V (SAC.md, "Training").
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
@@ -33,6 +33,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
+use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
 
 pub use data::{PretrainWindow, Stage};
@@ -45,6 +46,8 @@ use schedule::Schedule;
 
 /// LoRA rank of a fresh adapter (the reference's).
 pub const DEFAULT_LORA_RANK: usize = 128;
+/// SAC.md's: LoRA on the query and value projections.
+pub const DEFAULT_LORA_TARGETS: [LoraTarget; 2] = [LoraTarget::Q, LoraTarget::V];
 /// LoRA scale of a fresh adapter (fixed in the reference).
 pub const LORA_SCALE: f64 = 2.0;
 
@@ -68,6 +71,9 @@ pub struct TrainSettings {
     pub ratio: Option<usize>,
     pub chunk_size: Option<usize>,
     pub lora_rank: Option<usize>,
+    /// `None`: the `--init` adapter's, else [`DEFAULT_LORA_TARGETS`]; in
+    /// [`LoraTarget::ALL`]'s order, each once.
+    pub lora_targets: Option<Vec<LoraTarget>>,
     pub lr: f64,
     /// `None`: [`Schedule::default_warmup`].
     pub warmup_steps: Option<usize>,

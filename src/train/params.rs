@@ -1,5 +1,5 @@
 //! The trainable tensors of a SAC adapter (role embeddings, `[AE]`/`[LM]`,
-//! LoRA A/B on q/v) as f32 `Var`s, whatever dtype the frozen base model runs
+//! LoRA A/B) as f32 `Var`s, whatever dtype the frozen base model runs
 //! in; the forward pass sees them through a cast to the model's dtype, which
 //! gradients flow back through.
 
@@ -45,18 +45,17 @@ impl Trainables {
             ),
             ("special_tokens".into(), vec![2, h], Init::Normal(mean, std)),
         ];
-        let bound = 1.0 / (h as f64).sqrt();
         for i in 0..model.num_layers {
-            for (proj, out) in [
-                ("q_proj", model.num_heads * model.head_dim),
-                ("v_proj", model.num_kv_heads * model.head_dim),
-            ] {
-                if !config.lora_targets.iter().any(|t| t == proj) {
-                    continue;
-                }
-                let p = format!("layers.{i}.self_attn.{proj}");
-                shapes.push((format!("{p}.lora_a"), vec![h, rank], Init::Uniform(bound)));
-                shapes.push((format!("{p}.lora_b"), vec![rank, out], Init::Zeros));
+            for target in config.targets() {
+                let (inputs, outputs) = target.features(model);
+                let bound = 1.0 / (inputs as f64).sqrt();
+                let p = format!("layers.{i}.self_attn.{}", target.name());
+                shapes.push((
+                    format!("{p}.lora_a"),
+                    vec![inputs, rank],
+                    Init::Uniform(bound),
+                ));
+                shapes.push((format!("{p}.lora_b"), vec![rank, outputs], Init::Zeros));
             }
         }
         shapes.sort_by(|a, b| a.0.cmp(&b.0));

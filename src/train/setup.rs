@@ -13,11 +13,15 @@ use crate::chunk;
 use crate::compressor;
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
+use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
 
 use super::data::TrainSet;
 use super::schedule::Schedule;
-use super::{DEFAULT_LORA_RANK, LORA_SCALE, Length, Plan, Stage, TrainSettings, checkpoint, log};
+use super::{
+    DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS, LORA_SCALE, Length, Plan, Stage, TrainSettings,
+    checkpoint, log,
+};
 
 /// The settings that decide what a run computes; a resumed run must match
 /// them (what only affects reporting, such as `--eval`, may change).
@@ -30,6 +34,7 @@ struct RunIdentity<'a> {
     ratio: usize,
     chunk_size: usize,
     lora_rank: usize,
+    lora_targets: &'a [String],
     lr: f64,
     warmup_steps: usize,
     weight_decay: f64,
@@ -131,6 +136,21 @@ pub fn adapter_config(
         DEFAULT_LORA_RANK,
         "lora-rank",
     )?;
+    let names = |targets: &[LoraTarget]| -> Vec<String> {
+        targets.iter().map(|t| t.name().to_string()).collect()
+    };
+    let lora_targets = match (&settings.lora_targets, init) {
+        (Some(flag), Some(c)) if c.targets() != *flag => {
+            return Err(Error::InvalidInput(format!(
+                "--lora-targets {} differs from the --init adapter's {}",
+                names(flag).join(","),
+                c.lora_targets.join(",")
+            )));
+        }
+        (Some(flag), _) => names(flag),
+        (None, Some(c)) => c.lora_targets.clone(),
+        (None, None) => names(&DEFAULT_LORA_TARGETS),
+    };
     Ok(AdapterConfig {
         method: "sac".into(),
         ratio,
@@ -138,10 +158,7 @@ pub fn adapter_config(
         mem_size: init.map_or(chunk::mem_size(chunk_size, ratio), |c| c.mem_size),
         lora_rank,
         lora_scale: init.map_or(LORA_SCALE, |c| c.lora_scale),
-        lora_targets: init.map_or_else(
-            || vec!["q_proj".into(), "v_proj".into()],
-            |c| c.lora_targets.clone(),
-        ),
+        lora_targets,
         base_model: model.files.id.clone(),
         base_model_fingerprint: Some(model.fingerprint.model.clone()),
     })
@@ -189,6 +206,7 @@ pub fn identity(
         ratio: config.ratio,
         chunk_size: config.chunk_size,
         lora_rank: config.lora_rank,
+        lora_targets: &config.lora_targets,
         lr: settings.lr,
         warmup_steps: plan.warmup_steps,
         weight_decay: settings.weight_decay,
