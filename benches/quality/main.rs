@@ -93,6 +93,10 @@ struct Args {
     /// Reuse the base model already in OUT/model instead of training one.
     #[arg(long)]
     reuse_base: bool,
+    /// Evaluate the SAC adapters already in OUT/adapter-rN (say, from
+    /// `sac train` runs longer than the bench's) instead of training them.
+    #[arg(long, requires = "reuse_base", conflicts_with = "adapter_pretrain_steps")]
+    reuse_adapters: bool,
     /// Train the base model in OUT/model further, from its saved weights
     /// (with its config and tokenizer) at the curriculum level it had
     /// reached; the optimizer and the schedule start again.
@@ -252,6 +256,17 @@ fn main() -> anyhow::Result<()> {
     ];
     for &ratio in &args.sac_ratios {
         let adapter = args.out.join(format!("adapter-r{ratio}"));
+        settings.push(eval::Setting {
+            method: "sac",
+            ratio: Some(ratio),
+            adapter: Some(adapter.clone()),
+        });
+        if args.reuse_adapters {
+            if !adapter.join(sac::adapter::CONFIG_FILE).is_file() {
+                bail!("--reuse-adapters: {} holds no adapter", adapter.display());
+            }
+            continue;
+        }
         remove_stale(&adapter)?;
         let train = |stage: &str, data: &Path, out: &Path, steps: usize, extra: &[&OsStr]| {
             let status = Command::new(&sac)
@@ -285,11 +300,6 @@ fn main() -> anyhow::Result<()> {
             let init = ["--init".as_ref(), pretrained.as_os_str()];
             train("qa", &train_file, &adapter, args.adapter_steps, &init)?;
         }
-        settings.push(eval::Setting {
-            method: "sac",
-            ratio: Some(ratio),
-            adapter: Some(adapter),
-        });
     }
     let adapters_done = started.elapsed().as_secs_f64();
     for &ratio in &args.baseline_ratios {
