@@ -34,6 +34,9 @@ struct RunIdentity<'a> {
     ratio: usize,
     chunk_size: usize,
     lora_rank: usize,
+    /// Left out for SAC.md's q/v, so that checkpoints from before the
+    /// targets could be chosen still resume.
+    #[serde(skip_serializing_if = "are_default_targets")]
     lora_targets: &'a [String],
     lr: f64,
     warmup_steps: usize,
@@ -46,6 +49,11 @@ struct RunIdentity<'a> {
     min_context: Option<usize>,
     max_context: Option<usize>,
     continuation: Option<usize>,
+}
+
+fn are_default_targets(names: &&[String]) -> bool {
+    LoraTarget::from_names(names) == DEFAULT_LORA_TARGETS
+        && names.len() == DEFAULT_LORA_TARGETS.len()
 }
 
 /// Refuses to start over a run (without `--resume`) or to resume nothing.
