@@ -95,7 +95,11 @@ struct Args {
     reuse_base: bool,
     /// Evaluate the SAC adapters already in OUT/adapter-rN (say, from
     /// `sac train` runs longer than the bench's) instead of training them.
-    #[arg(long, requires = "reuse_base", conflicts_with = "adapter_pretrain_steps")]
+    #[arg(
+        long,
+        requires = "reuse_base",
+        conflicts_with = "adapter_pretrain_steps"
+    )]
     reuse_adapters: bool,
     /// Train the base model in OUT/model further, from its saved weights
     /// (with its config and tokenizer) at the curriculum level it had
