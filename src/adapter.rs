@@ -1,7 +1,6 @@
 //! SAC adapters: the trained parts of a compressor (anchor role embeddings,
 //! the `[AE]`/`[LM]` special embeddings, LoRA on the attention projections),
-//! stored as a directory
-//! with `adapter.safetensors` and `adapter_config.json`.
+//! stored as a directory with `adapter.safetensors` and `adapter_config.json`.
 //!
 //! `import_reference_pt` converts the reference implementation's PyTorch state
 //! dict with candle's pickle reader, which only reads tensors: no Python, and
@@ -54,8 +53,8 @@ impl AdapterConfig {
         Ok(config)
     }
 
-    /// The adapted projections, in a fixed order; names that are none are
-    /// refused by [`AdapterConfig::load`].
+    /// The adapted projections, in a fixed order (unknown names are refused
+    /// by [`AdapterConfig::load`]).
     pub fn targets(&self) -> Vec<LoraTarget> {
         LoraTarget::from_names(&self.lora_targets)
     }
@@ -136,7 +135,7 @@ impl SacAdapter {
                         return Ok(None);
                     }
                     let (inputs, outputs) = target.features(model);
-                    let p = format!("layers.{i}.self_attn.{}", target.name());
+                    let p = target.tensor_stem(i);
                     Ok(Some(LowRank {
                         a: take(&format!("{p}.lora_a"), &[inputs, rank])?,
                         b: take(&format!("{p}.lora_b"), &[rank, outputs])?,
@@ -174,7 +173,7 @@ impl SacAdapter {
         for (i, layer) in self.lora.layers.iter().enumerate() {
             for target in LoraTarget::ALL {
                 if let Some(lr) = layer.get(target) {
-                    let p = format!("layers.{i}.self_attn.{}", target.name());
+                    let p = target.tensor_stem(i);
                     out.insert(format!("{p}.lora_a"), lr.a.to_dtype(DType::F32)?);
                     out.insert(format!("{p}.lora_b"), lr.b.to_dtype(DType::F32)?);
                 }
@@ -229,7 +228,7 @@ impl SacAdapter {
             .get("role_tokens")
             .ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
         let mem_size = role.dim(0)?;
-        let first_a = |t: &LoraTarget| format!("layers.0.self_attn.{}.lora_a", t.name());
+        let first_a = |t: &LoraTarget| format!("{}.lora_a", t.tensor_stem(0));
         let targets: Vec<LoraTarget> = LoraTarget::ALL
             .into_iter()
             .filter(|t| tensors.contains_key(&first_a(t)))
@@ -259,7 +258,7 @@ impl SacAdapter {
             mem_size,
             lora_rank,
             lora_scale: settings.lora_scale,
-            lora_targets: targets.iter().map(|t| t.name().to_string()).collect(),
+            lora_targets: LoraTarget::names(&targets),
             base_model: settings.base_model,
             base_model_fingerprint: settings.base_model_fingerprint,
         };

@@ -350,7 +350,7 @@ pub struct TrainArgs {
         long,
         value_name = "PROJ,...",
         value_delimiter = ',',
-        value_parser = ["q_proj", "k_proj", "v_proj", "o_proj"],
+        value_parser = clap::builder::PossibleValuesParser::new(LoraTarget::ALL.map(LoraTarget::name)),
     )]
     pub lora_targets: Option<Vec<String>>,
 

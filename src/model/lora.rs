@@ -62,6 +62,17 @@ impl LoraTarget {
             .collect()
     }
 
+    /// The names of `targets`, as `adapter_config.json` lists them.
+    pub fn names(targets: &[LoraTarget]) -> Vec<String> {
+        targets.iter().map(|t| t.name().to_string()).collect()
+    }
+
+    /// The stem of this projection's `lora_a`/`lora_b` tensors in `layer`
+    /// (`layers.3.self_attn.q_proj`), as `adapter.safetensors` names them.
+    pub fn tensor_stem(self, layer: usize) -> String {
+        format!("layers.{layer}.self_attn.{}", self.name())
+    }
+
     /// `(in, out)` features of the projection in `model`.
     pub fn features(self, model: &ModelConfig) -> (usize, usize) {
         let q = model.num_heads * model.head_dim;

@@ -1,6 +1,7 @@
 //! `sac train`: learns a SAC adapter (role embeddings, `[AE]`/`[LM]`, LoRA
-//! on attention projections) with the base model frozen, by next-token cross-entropy through
-//! the frozen decoder reading the anchors' K/V (SAC.md, "Training").
+//! on attention projections) with the base model frozen, by next-token
+//! cross-entropy through the frozen decoder reading the anchors' K/V (SAC.md,
+//! "Training").
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
 //! each; per sample, the compressor runs the context chunk by chunk on the

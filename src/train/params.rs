@@ -49,7 +49,7 @@ impl Trainables {
             for target in config.targets() {
                 let (inputs, outputs) = target.features(model);
                 let bound = 1.0 / (inputs as f64).sqrt();
-                let p = format!("layers.{i}.self_attn.{}", target.name());
+                let p = target.tensor_stem(i);
                 shapes.push((
                     format!("{p}.lora_a"),
                     vec![inputs, rank],

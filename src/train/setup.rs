@@ -144,20 +144,17 @@ pub fn adapter_config(
         DEFAULT_LORA_RANK,
         "lora-rank",
     )?;
-    let names = |targets: &[LoraTarget]| -> Vec<String> {
-        targets.iter().map(|t| t.name().to_string()).collect()
-    };
     let lora_targets = match (&settings.lora_targets, init) {
         (Some(flag), Some(c)) if c.targets() != *flag => {
             return Err(Error::InvalidInput(format!(
                 "--lora-targets {} differs from the --init adapter's {}",
-                names(flag).join(","),
+                LoraTarget::names(flag).join(","),
                 c.lora_targets.join(",")
             )));
         }
-        (Some(flag), _) => names(flag),
+        (Some(flag), _) => LoraTarget::names(flag),
         (None, Some(c)) => c.lora_targets.clone(),
-        (None, None) => names(&DEFAULT_LORA_TARGETS),
+        (None, None) => LoraTarget::names(&DEFAULT_LORA_TARGETS),
     };
     Ok(AdapterConfig {
         method: "sac".into(),
