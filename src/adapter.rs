@@ -89,6 +89,32 @@ fn adapter_error(path: &Path, message: impl std::fmt::Display) -> Error {
 }
 
 impl SacAdapter {
+    /// This adapter for anchors at `ratio`: each anchor's role embedding is
+    /// the one of the nearest anchor at the adapter's own ratio, the rest is
+    /// kept. A ratio curriculum starts with it (ratio 4's adapter seeding
+    /// ratio 8's).
+    pub fn at_ratio(self, ratio: usize) -> Result<Self> {
+        if ratio == self.config.ratio {
+            return Ok(self);
+        }
+        let picked: Vec<u32> =
+            chunk::nearest_anchors(self.config.chunk_size, self.config.ratio, ratio)
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+        let config = AdapterConfig {
+            ratio,
+            mem_size: picked.len(),
+            ..self.config
+        };
+        let picked = Tensor::new(picked, self.role_tokens.device())?;
+        Ok(SacAdapter {
+            config,
+            role_tokens: self.role_tokens.index_select(&picked, 0)?,
+            ..self
+        })
+    }
+
     /// Reads an adapter directory and checks it against the model's shapes.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
         let config = AdapterConfig::load(dir)?;

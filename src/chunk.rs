@@ -57,6 +57,22 @@ pub fn mem_size(chunk_size: usize, ratio: usize) -> usize {
     chunk_size.div_ceil(ratio)
 }
 
+/// For each anchor of a full chunk at `ratio`, the index of the anchor at
+/// `from_ratio` nearest to it in the chunk (the earlier of two as near, the
+/// last anchor past the end): which role embedding of an adapter trained at
+/// `from_ratio` seeds each of one at `ratio`.
+pub fn nearest_anchors(chunk_size: usize, from_ratio: usize, ratio: usize) -> Vec<usize> {
+    let from_first = (from_ratio - 1) / 2;
+    let last = anchor_offsets(chunk_size, from_ratio).len() - 1;
+    (0..mem_size(chunk_size, ratio))
+        .map(|j| {
+            let offset = (ratio - 1) / 2 + j * ratio;
+            let past_first = offset.saturating_sub(from_first);
+            ((past_first + (from_ratio - 1) / 2) / from_ratio).min(last)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +103,30 @@ mod tests {
         assert_eq!(anchor_offsets(3, 5), vec![2]);
         assert_eq!(anchor_offsets(1, 1), vec![0]);
         assert_eq!(anchor_offsets(7, 1), (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn nearest_anchors_are_nearest() {
+        assert_eq!(
+            nearest_anchors(510, 4, 8),
+            (0..64).map(|j| 2 * j).collect::<Vec<_>>()
+        );
+        assert_eq!(nearest_anchors(510, 5, 5), (0..102).collect::<Vec<_>>());
+        for chunk_size in [64, 510] {
+            for from_ratio in 1..12 {
+                let from = anchor_offsets(chunk_size, from_ratio);
+                for ratio in 1..12 {
+                    let to = anchor_offsets(chunk_size, ratio);
+                    let picked = nearest_anchors(chunk_size, from_ratio, ratio);
+                    assert_eq!(picked.len(), mem_size(chunk_size, ratio));
+                    for (&offset, &i) in to.iter().zip(&picked) {
+                        let best = from.iter().map(|f| f.abs_diff(offset)).min().unwrap();
+                        let first_best = from.iter().position(|f| f.abs_diff(offset) == best);
+                        assert_eq!(Some(i), first_best, "{from_ratio} -> {ratio} at {offset}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

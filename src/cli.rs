@@ -333,6 +333,8 @@ pub struct TrainArgs {
     pub init: Option<PathBuf>,
 
     /// Document tokens per anchor. Default: the --init adapter's, else 5.
+    /// An --init adapter at another ratio seeds this one: each anchor starts
+    /// from the role embedding of its nearest anchor there.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub ratio: Option<u32>,
 

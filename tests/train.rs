@@ -179,6 +179,60 @@ fn compress_and_ask(dir: &Path, adapter: &Path) -> Value {
     serde_json::from_slice(&answer).unwrap()
 }
 
+/// A ratio curriculum: `--init` from an adapter at ratio 4 with `--ratio 8`
+/// starts each anchor from the role embedding of its nearest ratio-4 anchor.
+#[test]
+fn an_adapter_at_one_ratio_seeds_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("qa.jsonl");
+    write_rows(&data, &qa_rows(1));
+    let at_4 = dir.path().join("r4");
+    let flags = "--stage qa --grad-accum 1 --lr 1e-2 --steps 2";
+    let args: Vec<&str> = ["--data", s(&data), "--out", s(&at_4)]
+        .into_iter()
+        .chain(flags.split(' '))
+        .collect();
+    train_ok("llama3", &args);
+    // A step this small leaves the seeded tensors as they were (to 1e-6).
+    let at_8 = dir.path().join("r8");
+    run_ok(
+        sac()
+            .arg("train")
+            .args(["-m", &model("llama3"), "-q"])
+            .args([
+                "--data",
+                s(&data),
+                "--out",
+                s(&at_8),
+                "--init",
+                s(&at_4),
+                "--ratio",
+                "8",
+                "--stage",
+                "qa",
+                "--steps",
+                "1",
+                "--lr",
+                "1e-12",
+            ]),
+    );
+    let config = AdapterConfig::load(&at_8).unwrap();
+    assert_eq!(
+        (config.ratio, config.mem_size, config.chunk_size),
+        (8, 2, 16)
+    );
+    let (before, after) = (adapter_tensors(&at_4), adapter_tensors(&at_8));
+    // 16-token chunks: ratio 8's anchors at 3 and 11 sit between ratio 4's
+    // at 1, 5, 9 and 13, and take the earlier, rows 0 and 2.
+    let rows = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+    let seeded = before["role_tokens"].index_select(&rows, 0).unwrap();
+    assert!(max_abs_diff(&after["role_tokens"], &seeded) < 1e-6);
+    for (name, t) in after.iter().filter(|(n, _)| *n != "role_tokens") {
+        assert!(max_abs_diff(t, &before[name]) < 1e-6, "{name} changed");
+    }
+    assert!(compress_and_ask(dir.path(), &at_8)["tokens"].is_array());
+}
+
 /// LoRA on k and o too, on a model whose attention is wider than its
 /// hidden size (o_proj reads 4 x 16 = 64 features into 32).
 #[test]

@@ -171,7 +171,7 @@ impl<'a> Trainer<'a> {
         let init = settings
             .init
             .as_deref()
-            .map(|dir| setup::load_init(dir, model))
+            .map(|dir| setup::load_init(dir, settings.ratio, model))
             .transpose()?;
         let config = setup::adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
         let (train, skipped) = setup::train_set(&settings, model)?;

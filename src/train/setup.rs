@@ -90,8 +90,9 @@ pub fn check_output(out: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
-/// The `--init` adapter in f32, checked against the model.
-pub fn load_init(dir: &Path, model: &LoadedModel) -> Result<SacAdapter> {
+/// The `--init` adapter in f32, checked against the model, and moved to
+/// `--ratio` if that differs from its own.
+pub fn load_init(dir: &Path, ratio: Option<usize>, model: &LoadedModel) -> Result<SacAdapter> {
     let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
     if let Some(fp) = adapter
         .config
@@ -106,11 +107,15 @@ pub fn load_init(dir: &Path, model: &LoadedModel) -> Result<SacAdapter> {
             model.fingerprint.model
         )));
     }
-    Ok(adapter)
+    match ratio {
+        Some(ratio) => adapter.at_ratio(ratio),
+        None => Ok(adapter),
+    }
 }
 
 /// The trained adapter's config: shape flags, else the `--init` adapter's,
-/// else the defaults; a flag that contradicts `--init` is an error.
+/// else the defaults; a flag that contradicts `--init` is an error (but for
+/// `--ratio`, which [`load_init`] has already applied).
 pub fn adapter_config(
     settings: &TrainSettings,
     init: Option<&AdapterConfig>,
