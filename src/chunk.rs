@@ -42,12 +42,18 @@ pub fn chunks(total: usize, chunk_size: usize) -> impl Iterator<Item = Chunk> {
     })
 }
 
+/// The 0-based offset of a chunk's first anchor at `ratio`: the middle of
+/// its first `ratio` tokens (the earlier middle for an even ratio).
+fn first_anchor_offset(ratio: usize) -> usize {
+    (ratio - 1) / 2
+}
+
 /// 0-based offsets of the anchors inside a chunk of `len` tokens at `ratio`:
-/// the first at `(ratio - 1) / 2`, then every `ratio`-th; a chunk too short to
-/// reach the first anchor keeps its first token instead.
+/// the first at [`first_anchor_offset`], then every `ratio`-th; a chunk too
+/// short to reach the first anchor keeps its first token instead.
 pub fn anchor_offsets(len: usize, ratio: usize) -> Vec<usize> {
     assert!(ratio > 0, "ratio must be positive");
-    let first = (ratio - 1) / 2;
+    let first = first_anchor_offset(ratio);
     let first = if first >= len { 0 } else { first };
     (first..len).step_by(ratio).collect()
 }
@@ -62,13 +68,15 @@ pub fn mem_size(chunk_size: usize, ratio: usize) -> usize {
 /// last anchor past the end): which role embedding of an adapter trained at
 /// `from_ratio` seeds each of one at `ratio`.
 pub fn nearest_anchors(chunk_size: usize, from_ratio: usize, ratio: usize) -> Vec<usize> {
-    let from_first = (from_ratio - 1) / 2;
+    let from_first = first_anchor_offset(from_ratio);
     let last = anchor_offsets(chunk_size, from_ratio).len() - 1;
+    // Steps of `from_ratio` past its first anchor, rounded half down.
+    let half_down = (from_ratio - 1) / 2;
     (0..mem_size(chunk_size, ratio))
         .map(|j| {
-            let offset = (ratio - 1) / 2 + j * ratio;
+            let offset = first_anchor_offset(ratio) + j * ratio;
             let past_first = offset.saturating_sub(from_first);
-            ((past_first + (from_ratio - 1) / 2) / from_ratio).min(last)
+            ((past_first + half_down) / from_ratio).min(last)
         })
         .collect()
 }

@@ -105,6 +105,11 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `paths` (flags with their paths) followed by the space-separated `flags`.
+fn with_flags<'a>(paths: &[&'a str], flags: &'a str) -> Vec<&'a str> {
+    paths.iter().copied().chain(flags.split(' ')).collect()
+}
+
 #[test]
 fn training_lowers_the_loss_and_moves_every_trainable() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,33 +193,17 @@ fn an_adapter_at_one_ratio_seeds_another() {
     write_rows(&data, &qa_rows(1));
     let at_4 = dir.path().join("r4");
     let flags = "--stage qa --grad-accum 1 --lr 1e-2 --steps 2";
-    let args: Vec<&str> = ["--data", s(&data), "--out", s(&at_4)]
-        .into_iter()
-        .chain(flags.split(' '))
-        .collect();
+    let args = with_flags(&["--data", s(&data), "--out", s(&at_4)], flags);
     train_ok("llama3", &args);
     // A step this small leaves the seeded tensors as they were (to 1e-6).
     let at_8 = dir.path().join("r8");
+    let flags = "--ratio 8 --stage qa --steps 1 --lr 1e-12";
+    let paths = ["--data", s(&data), "--out", s(&at_8), "--init", s(&at_4)];
     run_ok(
         sac()
             .arg("train")
             .args(["-m", &model("llama3"), "-q"])
-            .args([
-                "--data",
-                s(&data),
-                "--out",
-                s(&at_8),
-                "--init",
-                s(&at_4),
-                "--ratio",
-                "8",
-                "--stage",
-                "qa",
-                "--steps",
-                "1",
-                "--lr",
-                "1e-12",
-            ]),
+            .args(with_flags(&paths, flags)),
     );
     let config = AdapterConfig::load(&at_8).unwrap();
     assert_eq!(
@@ -243,10 +232,7 @@ fn lora_on_every_attention_projection_trains_and_compresses() {
     let out = dir.path().join("adapter");
     let flags =
         "--stage qa --steps 3 --grad-accum 1 --lr 1e-2 --lora-targets o_proj,q_proj,k_proj,v_proj";
-    let args: Vec<&str> = ["--data", s(&data), "--out", s(&out)]
-        .into_iter()
-        .chain(flags.split(' '))
-        .collect();
+    let args = with_flags(&["--data", s(&data), "--out", s(&out)], flags);
     train_ok("qwen3", &args);
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -281,10 +267,10 @@ fn lora_on_every_attention_projection_trains_and_compresses() {
     // Going on from it with other targets is refused.
     let more_out = dir.path().join("more");
     let flags = "--stage qa --lora-targets q_proj,v_proj";
-    let args: Vec<&str> = ["--data", s(&data), "--out", s(&more_out), "--init", s(&out)]
-        .into_iter()
-        .chain(flags.split(' '))
-        .collect();
+    let args = with_flags(
+        &["--data", s(&data), "--out", s(&more_out), "--init", s(&out)],
+        flags,
+    );
     let more = train("qwen3", &args);
     assert!(!more.status.success());
     let err = String::from_utf8_lossy(&more.stderr);
