@@ -4,9 +4,9 @@
     cargo bench --bench quality            # writes target/quality
     python3 scripts/make_demo_assets.py target/quality
 
-(The shipped demo comes from target/qs11 of docs/benchmarks.md, "Thousands
-of pretraining steps": the staged base model and a ratio-4 adapter trained
-with sac train, scored by the bench with --reuse-adapters.)
+(The shipped demo comes from target/qs11 of docs/benchmarks.md, "Longer qa,
+and ratio 8 seeded from ratio 4": the staged base model and a ratio-4
+adapter trained with sac train, scored by the bench with --reuse-adapters.)
 
 Copies the base model and the ratio-4 SAC adapter (its base model pointed at
 ../model, relative to the adapter, so that `sac compress --adapter
