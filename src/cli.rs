@@ -332,6 +332,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "ADAPTER_DIR")]
     pub init: Option<PathBuf>,
 
+    /// Accept an --init adapter made for another model of the same shape (an
+    /// earlier checkpoint of this one, say): it only starts the run, and the
+    /// new adapter is stamped with this model's fingerprint.
+    #[arg(long, requires = "init")]
+    pub init_any_model: bool,
+
     /// Document tokens per anchor. Default: the --init adapter's, else 5.
     /// An --init adapter at another ratio seeds this one: each anchor starts
     /// from the role embedding of its nearest anchor there.
@@ -451,6 +457,7 @@ impl TrainArgs {
             eval: self.eval.clone(),
             out: self.out.clone(),
             init: self.init.clone(),
+            init_any_model: self.init_any_model,
             ratio: size(self.ratio),
             chunk_size: size(self.chunk_size),
             lora_rank: size(self.lora_rank),

@@ -222,6 +222,55 @@ fn an_adapter_at_one_ratio_seeds_another() {
     assert!(compress_and_ask(dir.path(), &at_8)["tokens"].is_array());
 }
 
+/// An adapter made for another model of the same shape starts a run only
+/// with `--init-any-model`; the new adapter names the model it trained on.
+#[test]
+fn an_adapter_of_another_model_starts_a_run_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("qa.jsonl");
+    write_rows(&data, &qa_rows(1));
+    let first = dir.path().join("first");
+    let flags = "--stage qa --grad-accum 1 --steps 1";
+    train_ok(
+        "llama3",
+        &with_flags(&["--data", s(&data), "--out", s(&first)], flags),
+    );
+
+    // The same weights behind a reformatted config.json: another fingerprint.
+    let other = dir.path().join("other-model");
+    std::fs::create_dir(&other).unwrap();
+    for entry in std::fs::read_dir(fixture_dir("llama3")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, other.join(path.file_name().unwrap())).unwrap();
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("config.json")).unwrap()).unwrap();
+    std::fs::write(other.join("config.json"), config.to_string()).unwrap();
+
+    let next = dir.path().join("next");
+    let paths = ["--data", s(&data), "--out", s(&next), "--init", s(&first)];
+    let train_other = |extra: &[&str]| {
+        let mut cmd = sac();
+        cmd.arg("train")
+            .args(["-m", s(&other), "-q"])
+            .args(with_flags(&paths, flags))
+            .args(extra);
+        cmd
+    };
+    let err = common::failing(&mut train_other(&[]));
+    assert!(
+        err.contains("was trained on model") && err.contains("--init-any-model"),
+        "{err}"
+    );
+    assert!(!next.exists(), "a refused run writes nothing");
+
+    run_ok(&mut train_other(&["--init-any-model"]));
+    let stamped = |dir: &Path| AdapterConfig::load(dir).unwrap().base_model_fingerprint;
+    assert!(stamped(&next).is_some());
+    assert_ne!(stamped(&next), stamped(&first));
+    assert!(compress_and_ask(dir.path(), &next)["tokens"].is_array());
+}
+
 /// LoRA on k and o too, on a model whose attention is wider than its
 /// hidden size (o_proj reads 4 x 16 = 64 features into 32).
 #[test]
@@ -303,6 +352,7 @@ fn base_weights_stay_bit_identical_in_memory() {
         eval: None,
         out: dir.path().join("out"),
         init: None,
+        init_any_model: false,
         ratio: Some(4),
         chunk_size: Some(16),
         lora_rank: Some(4),

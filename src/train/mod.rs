@@ -68,6 +68,8 @@ pub struct TrainSettings {
     pub out: PathBuf,
     /// Adapter to start from instead of a fresh one.
     pub init: Option<PathBuf>,
+    /// Take `init` even if it names another model's fingerprint.
+    pub init_any_model: bool,
     /// `None`: the `--init` adapter's, else the default.
     pub ratio: Option<usize>,
     pub chunk_size: Option<usize>,
@@ -171,7 +173,7 @@ impl<'a> Trainer<'a> {
         let init = settings
             .init
             .as_deref()
-            .map(|dir| setup::load_init(dir, settings.ratio, model))
+            .map(|dir| setup::load_init(dir, settings.ratio, settings.init_any_model, model))
             .transpose()?;
         let config = setup::adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
         let (train, skipped) = setup::train_set(&settings, model)?;

@@ -90,18 +90,24 @@ pub fn check_output(out: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
-/// The `--init` adapter in f32, checked against the model, and moved to
+/// The `--init` adapter in f32, checked against the model (unless
+/// `any_model`: its shapes are checked on loading either way), and moved to
 /// `--ratio` if that differs from its own.
-pub fn load_init(dir: &Path, ratio: Option<usize>, model: &LoadedModel) -> Result<SacAdapter> {
+pub fn load_init(
+    dir: &Path,
+    ratio: Option<usize>,
+    any_model: bool,
+    model: &LoadedModel,
+) -> Result<SacAdapter> {
     let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
     if let Some(fp) = adapter
         .config
         .base_model_fingerprint
         .as_deref()
-        .filter(|fp| *fp != model.fingerprint.model)
+        .filter(|fp| !any_model && *fp != model.fingerprint.model)
     {
         return Err(Error::Adapter(format!(
-            "{} was trained on model {fp}, but {} is {}",
+            "{} was trained on model {fp}, but {} is {} (--init-any-model starts from it anyway)",
             dir.display(),
             model.files.id,
             model.fingerprint.model
