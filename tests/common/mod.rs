@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sac::model::{self, Decoder, ModelConfig};
 
+pub mod train;
+
 /// The block of positions that the `bidir` reference case makes bidirectional.
 pub const BIDIRECTIONAL_BLOCK: std::ops::Range<usize> = 3..11;
 
