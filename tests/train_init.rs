@@ -7,9 +7,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::train::{
-    adapter_tensors, compress_and_ask, model, qa_rows, s, train, train_ok, with_flags, write_rows,
+    adapter_tensors, compress_and_ask, model, qa_rows, s, train, train_command, train_ok,
+    with_flags, write_rows,
 };
-use common::{fixture_dir, max_abs_diff, run_ok, sac};
+use common::{fixture_dir, max_abs_diff, run_ok};
 use sac::adapter::AdapterConfig;
 use serde_json::Value;
 
@@ -28,12 +29,7 @@ fn an_adapter_at_one_ratio_seeds_another() {
     let at_8 = dir.path().join("r8");
     let flags = "--ratio 8 --stage qa --steps 1 --lr 1e-12";
     let paths = ["--data", s(&data), "--out", s(&at_8), "--init", s(&at_4)];
-    run_ok(
-        sac()
-            .arg("train")
-            .args(["-m", &model("llama3"), "-q"])
-            .args(with_flags(&paths, flags)),
-    );
+    run_ok(train_command(&model("llama3")).args(with_flags(&paths, flags)));
     let config = AdapterConfig::load(&at_8).unwrap();
     assert_eq!(
         (config.ratio, config.mem_size, config.chunk_size),
@@ -79,11 +75,8 @@ fn an_adapter_of_another_model_starts_a_run_only_when_asked() {
     let next = dir.path().join("next");
     let paths = ["--data", s(&data), "--out", s(&next), "--init", s(&first)];
     let train_other = |extra: &[&str]| {
-        let mut cmd = sac();
-        cmd.arg("train")
-            .args(["-m", s(&other), "-q"])
-            .args(with_flags(&paths, flags))
-            .args(extra);
+        let mut cmd = train_command(s(&other));
+        cmd.args(with_flags(&paths, flags)).args(extra);
         cmd
     };
     let err = common::failing(&mut train_other(&[]));

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -49,10 +49,15 @@ pub fn qa_rows(n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// `sac train -m MODEL_DIR -q`, for the caller to add its flags.
+pub fn train_command(model_dir: &str) -> Command {
+    let mut cmd = sac();
+    cmd.arg("train").args(["-m", model_dir, "-q"]);
+    cmd
+}
+
 pub fn train(model_name: &str, args: &[&str]) -> Output {
-    sac()
-        .arg("train")
-        .args(["-m", &model(model_name), "-q"])
+    train_command(&model(model_name))
         .args(TINY)
         .args(args)
         .output()
