@@ -59,6 +59,21 @@ impl AdapterConfig {
         LoraTarget::from_names(&self.lora_targets)
     }
 
+    /// Why this adapter, read from `dir`, does not go with the model `id`
+    /// whose fingerprint is `fingerprint`, if it names another one: its role
+    /// embeddings and LoRA were fitted to that model's weights.
+    pub fn model_mismatch(&self, dir: &Path, id: &str, fingerprint: &str) -> Option<String> {
+        self.base_model_fingerprint
+            .as_deref()
+            .filter(|fp| *fp != fingerprint)
+            .map(|fp| {
+                format!(
+                    "{} was trained on model {fp}, but {id} is {fingerprint}",
+                    dir.display()
+                )
+            })
+    }
+
     /// [`AdapterConfig::base_model`] for `--model`, with a relative model
     /// directory taken from `dir`, the adapter's directory. Anything else
     /// (a Hub id, an absolute path) is returned as it is.
@@ -419,6 +434,21 @@ mod tests {
         assert_eq!(config("owner/name").base_model_from(&adapter), "owner/name");
         let absolute = root.path().join("model").to_string_lossy().into_owned();
         assert_eq!(config(&absolute).base_model_from(&adapter), absolute);
+    }
+
+    #[test]
+    fn only_another_named_model_is_a_mismatch() {
+        let dir = Path::new("ad");
+        let mut c = config("m");
+        // A config that names no fingerprint (written by hand, say): nothing
+        // to hold against it.
+        assert_eq!(c.model_mismatch(dir, "m", "sha256:a"), None);
+        c.base_model_fingerprint = Some("sha256:a".into());
+        assert_eq!(c.model_mismatch(dir, "m", "sha256:a"), None);
+        assert_eq!(
+            c.model_mismatch(dir, "m2", "sha256:b").as_deref(),
+            Some("ad was trained on model sha256:a, but m2 is sha256:b")
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 use crate::cli::{CompressArgs, CompressorChoice};
 use crate::compressor::{Compressor, Cost, Method, check_settings};
+use crate::error::Error;
 use crate::fingerprint::DigestCache;
 use crate::pack::{self, DocumentFacts};
 use crate::runtime::LoadedModel;
@@ -72,18 +73,11 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
                 model.decoder.device(),
                 model.decoder.dtype(),
             )?;
-            if let Some(fp) = a
+            let mismatch = a
                 .config
-                .base_model_fingerprint
-                .as_deref()
-                .filter(|fp| *fp != model.fingerprint.model)
-            {
-                bail!(
-                    "adapter {} was trained on model {fp}, but {} is {}",
-                    dir.display(),
-                    model.files.id,
-                    model.fingerprint.model
-                );
+                .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
+            if let Some(why) = mismatch {
+                bail!(Error::Adapter(why));
             }
             Some((
                 a,

@@ -100,17 +100,12 @@ pub fn load_init(
     model: &LoadedModel,
 ) -> Result<SacAdapter> {
     let adapter = SacAdapter::load(dir, &model.config, model.decoder.device(), DType::F32)?;
-    if let Some(fp) = adapter
+    let mismatch = adapter
         .config
-        .base_model_fingerprint
-        .as_deref()
-        .filter(|fp| !any_model && *fp != model.fingerprint.model)
-    {
+        .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
+    if let Some(why) = mismatch.filter(|_| !any_model) {
         return Err(Error::Adapter(format!(
-            "{} was trained on model {fp}, but {} is {} (--init-any-model starts from it anyway)",
-            dir.display(),
-            model.files.id,
-            model.fingerprint.model
+            "{why} (--init-any-model starts from it anyway)"
         )));
     }
     match ratio {
