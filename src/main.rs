@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// glibc's malloc maps every buffer above its threshold afresh and unmaps it
+/// on free, so each tensor op page-faulted its output in: `sac train` spent as
+/// long in the kernel as in user code. mimalloc keeps freed pages for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     pin_thread_count();
     let cli = sac::cli::Cli::parse();

@@ -19,6 +19,11 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// The `sac` binary's allocator (src/main.rs), so that what a bench times
+/// and its peak memory in this process are what the binary would show.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs `cmd` to completion; its output, or an error with its stderr.
 pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<std::process::Output> {
     let out = cmd
