@@ -5,7 +5,7 @@ Run from the repository root:
 
     .venv/bin/python scripts/make_sac_fixtures.py
 
-Implements the reference algorithm of /work/shared/reference/SAC.md (compressor with
+Implements the reference algorithm of docs/method.md, after the paper and its reference code (compressor with
 role tokens, fully visible chunk attention and LoRA on q/v; frozen decoder reading the
 anchors' KV behind an [LM] embedding) with HF transformers + torch (eager attention, f32,
 CPU, single thread) on the existing tiny random model tests/fixtures/parity/llama3, with a

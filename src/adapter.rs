@@ -32,7 +32,7 @@ pub struct AdapterConfig {
     pub lora_rank: usize,
     pub lora_scale: f64,
     /// The adapted projections by name (`q_proj`, `k_proj`, `v_proj`,
-    /// `o_proj`); SAC.md's are `q_proj` and `v_proj`.
+    /// `o_proj`); the paper's are `q_proj` and `v_proj`.
     pub lora_targets: Vec<String>,
     /// The base model the adapter was trained on: a Hub id, or a model
     /// directory, absolute or relative to the adapter's own directory (so an
@@ -68,8 +68,9 @@ impl AdapterConfig {
             .filter(|fp| *fp != fingerprint)
             .map(|fp| {
                 format!(
-                    "{} was trained on model {fp}, but {id} is {fingerprint}",
-                    dir.display()
+                    "{} was trained on model {} ({fp}), but the model given is {id} ({fingerprint})",
+                    dir.display(),
+                    self.base_model
                 )
             })
     }
@@ -154,6 +155,15 @@ impl SacAdapter {
         validate_config(&config)?;
         let h = model.hidden_size;
         let rank = config.lora_rank;
+        let width = tensors
+            .get("role_tokens")
+            .and_then(|t| t.dims().get(1).copied());
+        if let Some(width) = width.filter(|&w| w != h) {
+            return Err(format!(
+                "was made for a model of hidden size {width} ({}), and this one's is {h}",
+                config.base_model
+            ));
+        }
         let mut take = |name: &str, shape: &[usize]| -> std::result::Result<Tensor, String> {
             let t = tensors
                 .remove(name)
@@ -447,7 +457,7 @@ mod tests {
         assert_eq!(c.model_mismatch(dir, "m", "sha256:a"), None);
         assert_eq!(
             c.model_mismatch(dir, "m2", "sha256:b").as_deref(),
-            Some("ad was trained on model sha256:a, but m2 is sha256:b")
+            Some("ad was trained on model m (sha256:a), but the model given is m2 (sha256:b)")
         );
     }
 

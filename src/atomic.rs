@@ -1,11 +1,65 @@
 //! Files written atomically: under a temporary name in the target's directory,
 //! fsynced, then renamed over the target. An interrupted write never leaves a
-//! partial file under the final name.
+//! partial file under the final name, and never leaves its temporary file
+//! behind for long:
+//! - on SIGINT, SIGTERM or SIGHUP, [`remove_temp_files_on_signal`]'s handler
+//!   deletes the temporary files being written, then exits;
+//! - a process killed outright (SIGKILL) leaves its file, named
+//!   `.NAME.sac-PID-XXXXXX.tmp`; the next write to `NAME` deletes such files
+//!   once they are a minute old and (where that can be told) their process is
+//!   gone. Nothing else is ever deleted.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
+
+/// A temporary file untouched this long, whose process is gone, is stale.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Random characters in a temporary file's name.
+const RANDOM_CHARS: usize = 6;
+
+/// The temporary files being written now, for the signal handler.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP delete the temporary files being written
+/// and exit with status 130. For commands that write files and have no other
+/// use for those signals.
+pub fn remove_temp_files_on_signal() -> Result<()> {
+    ctrlc::set_handler(|| {
+        for path in pending().iter() {
+            let _ = std::fs::remove_file(path);
+        }
+        std::process::exit(130);
+    })
+    .map_err(|e| Error::InvalidInput(format!("cannot install a signal handler: {e}")))
+}
+
+/// Listed in [`PENDING`] while alive.
+#[derive(Debug)]
+struct Pending(PathBuf);
+
+impl Pending {
+    fn new(path: &Path) -> Self {
+        pending().push(path.to_path_buf());
+        Pending(path.to_path_buf())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        pending().retain(|p| *p != self.0);
+    }
+}
 
 /// A file being written; [`commit`](Self::commit) makes it appear under its
 /// target name. Dropping it uncommitted deletes the temporary file.
@@ -13,10 +67,12 @@ use crate::error::{Error, Result};
 pub struct AtomicFile {
     temp: tempfile::NamedTempFile,
     target: PathBuf,
+    _pending: Pending,
 }
 
 impl AtomicFile {
-    /// Creates the temporary file next to `target`.
+    /// Creates the temporary file next to `target`, first deleting stale ones
+    /// of ours for the same target.
     pub fn create(target: &Path) -> io::Result<Self> {
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -26,16 +82,24 @@ impl AtomicFile {
             .file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default();
+        let prefix = temp_prefix(&name);
+        remove_stale(dir, &prefix);
         let mut builder = tempfile::Builder::new();
-        let prefix = format!(".{name}-");
-        builder.prefix(&prefix).suffix(".tmp");
+        let prefix = format!("{prefix}{}-", std::process::id());
+        builder
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .rand_bytes(RANDOM_CHARS);
         // NamedTempFile defaults to 0600; the finished file should get the
         // usual umask-filtered mode like any other file the user creates.
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let temp = builder.tempfile_in(dir)?;
+        let pending = Pending::new(temp.path());
         Ok(Self {
-            temp: builder.tempfile_in(dir)?,
+            temp,
             target: target.to_path_buf(),
+            _pending: pending,
         })
     }
 
@@ -51,6 +115,52 @@ impl AtomicFile {
         }
         Ok(())
     }
+}
+
+/// `.NAME.sac-`: what our temporary files for target `NAME` start with.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.sac-")
+}
+
+/// Deletes `PREFIX<pid>-<random>.tmp` files in `dir` that are stale.
+fn remove_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((pid, random)) = rest.split_once('-') else {
+            continue;
+        };
+        let ours = random.len() == RANDOM_CHARS
+            && random.bytes().all(|b| b.is_ascii_alphanumeric())
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if ours && old && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether process `pid` runs; where that cannot be told, it does not.
+fn process_alive(pid: u32) -> bool {
+    pid == std::process::id()
+        || (cfg!(target_os = "linux") && Path::new("/proc").join(pid.to_string()).exists())
 }
 
 impl Write for AtomicFile {
@@ -88,5 +198,51 @@ mod tests {
         write_bytes(&target, b"whole").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"whole");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temp_files_are_pending_until_committed_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = |f: &AtomicFile| pending().contains(&f.temp.path().to_path_buf());
+        let f = AtomicFile::create(&dir.path().join("a")).unwrap();
+        assert!(listed(&f));
+        let path = f.temp.path().to_path_buf();
+        f.commit().unwrap();
+        assert!(!pending().contains(&path));
+        let f = AtomicFile::create(&dir.path().join("b")).unwrap();
+        let path = f.temp.path().to_path_buf();
+        drop(f);
+        assert!(!pending().contains(&path) && !path.exists());
+    }
+
+    #[test]
+    fn stale_temp_files_of_ours_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - 2 * STALE_AFTER;
+        let make = |name: &str, aged: bool| {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).unwrap();
+            if aged {
+                file.set_modified(old).unwrap();
+            }
+            path
+        };
+        // No process has this pid (above Linux's pid_max).
+        let dead = 4_000_000_000u32;
+        let stale = make(&format!(".out.sack.sac-{dead}-aB3xY9.tmp"), true);
+        let young = make(&format!(".out.sack.sac-{dead}-Cd4eF5.tmp"), false);
+        let alive = make(
+            &format!(".out.sack.sac-{}-Gh6iJ7.tmp", std::process::id()),
+            true,
+        );
+        let other_target = make(&format!(".other.sack.sac-{dead}-Kl8mN9.tmp"), true);
+        let not_ours = make(".out.sack-XyZ123.tmp", true);
+        let mut f = AtomicFile::create(&dir.path().join("out.sack")).unwrap();
+        f.write_all(b"new").unwrap();
+        assert!(!stale.exists());
+        for kept in [&young, &alive, &other_target, &not_ours] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        f.commit().unwrap();
     }
 }

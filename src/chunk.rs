@@ -1,5 +1,5 @@
-//! Tokens to chunks, and the anchor positions inside each chunk (SAC.md steps
-//! 2–4). Chunks are compressed independently; positions are global and 1-based.
+//! Tokens to chunks, and the anchor positions inside each chunk (docs/method.md,
+//! "Compressing a document"). Chunks are compressed independently; positions are global and 1-based.
 
 /// The reference's chunk length.
 pub const DEFAULT_CHUNK_SIZE: usize = 510;

@@ -71,7 +71,7 @@ pub struct AdapterImportArgs {
     pub chunk_size: u32,
 
     /// Compression ratio. Default: derived from the number of role embeddings.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = ratio)]
     pub ratio: Option<u32>,
 
     /// LoRA scale (alpha / rank); the reference uses 2.
@@ -217,7 +217,7 @@ pub struct CompressArgs {
     pub compressor: CompressorChoice,
 
     /// Document tokens per kept token. Default: the adapter's, else 5.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = ratio)]
     pub ratio: Option<u32>,
 
     /// Tokens per chunk. Default: the adapter's, else 510.
@@ -251,8 +251,9 @@ pub struct AskArgs {
     #[arg(value_name = "QUESTION")]
     pub questions: Vec<String>,
 
-    /// Base model. Default: the one named in the .sack header (a Hub model at
-    /// the revision it was compressed with).
+    /// Base model. Default: the one named in the .sack header, if it is in
+    /// the local Hugging Face cache at the revision the .sack was made with,
+    /// or a directory you have loaded with sac before; see --allow-download.
     #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
     pub model: Option<String>,
 
@@ -289,9 +290,17 @@ pub struct AskArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub batch_size: u32,
 
-    /// Answer even if the model's fingerprint differs from the one in the .sack.
+    /// Answer even if the model's fingerprint differs from the one in the
+    /// .sack (with a warning on standard error).
     #[arg(long)]
     pub force: bool,
+
+    /// Without --model, let the Hub model the .sack names be downloaded when
+    /// the local Hugging Face cache lacks it. Without this flag a .sack never
+    /// causes a download: its model comes from the cache, or from a directory
+    /// you have loaded yourself with sac on this machine.
+    #[arg(long)]
+    pub allow_download: bool,
 }
 
 /// `--stage` values.
@@ -341,7 +350,7 @@ pub struct TrainArgs {
     /// Document tokens per anchor. Default: the --init adapter's, else 5.
     /// An --init adapter at another ratio seeds this one: each anchor starts
     /// from the role embedding of its nearest anchor there.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = ratio)]
     pub ratio: Option<u32>,
 
     /// Tokens per chunk. Default: the --init adapter's, else 510.
@@ -353,7 +362,7 @@ pub struct TrainArgs {
     pub lora_rank: Option<u32>,
 
     /// Attention projections LoRA adapts, comma-separated. Default: the
-    /// --init adapter's, else q_proj,v_proj (SAC.md's).
+    /// --init adapter's, else q_proj,v_proj (the paper's).
     #[arg(
         long,
         value_name = "PROJ,...",
@@ -483,6 +492,16 @@ impl TrainArgs {
             },
             eval_max_tokens: self.eval_max_tokens as usize,
         })
+    }
+}
+
+/// `--ratio`: a whole number of document tokens per kept token.
+fn ratio(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(r) if r >= 1 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a ratio: give a whole number >= 1 of document tokens per kept token"
+        )),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Chunks to anchor K/V: the compressors.
 //!
 //! - `sac`: the paper's compressor. Each chunk is one bidirectional forward
-//!   pass of the base model with LoRA (q/v in SAC.md), the i-th anchor's embedding plus
+//!   pass of the base model with LoRA (q/v in the paper), the i-th anchor's embedding plus
 //!   the i-th role embedding; the anchors' K/V of every layer are kept.
 //! - `uniform`: the training-free ablation. The same anchors, a plain causal
 //!   pass per chunk, no role embeddings, no LoRA.

@@ -21,6 +21,27 @@ pub enum Error {
     #[error("{0}")]
     MissingModelFile(String),
 
+    /// A Hub id or revision that is not a Hub name (a path, `..`, odd characters).
+    #[error("{0}")]
+    ModelName(String),
+
+    /// A Hub model that may only come from the local cache is not all there.
+    #[error(
+        "`{file}` of {id} (revision {revision}) is not in the Hugging Face cache {}",
+        cache.display()
+    )]
+    NotCached {
+        id: String,
+        revision: String,
+        file: String,
+        cache: PathBuf,
+    },
+
+    /// A .sack names a local model directory that the user has not loaded
+    /// from the command line on this machine.
+    #[error("the local model {0:?}, which sac loads only when named on its command line")]
+    UnknownLocalModel(String),
+
     /// `config.json` is malformed or describes something we cannot run.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -69,6 +90,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// What failed, in a few words, without the details (which may quote the
+    /// contents of a file).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "a file could not be read",
+            Error::MissingModelFile(_) | Error::NotCached { .. } => "a file is missing",
+            Error::ModelName(_) | Error::UnknownLocalModel(_) => "not a model sac may load",
+            Error::Config { .. } => "its config.json is not one sac can run",
+            Error::Weights(_) => "its weights do not fit its config.json",
+            Error::Hub(_) => "the Hub client failed",
+            Error::Adapter(_) => "the adapter does not fit",
+            Error::Tokenizer(_) => "its tokenizer cannot be loaded",
+            Error::Device(_) => "the device is not available",
+            Error::Data(_) | Error::Training(_) | Error::InvalidInput(_) => "invalid input",
+            Error::Sack(_) => "a .sack is unreadable",
+            Error::Candle(_) => "a tensor operation failed",
+        }
+    }
+
     /// Wraps an I/O error with the file it concerns and what we were doing.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

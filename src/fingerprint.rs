@@ -81,6 +81,14 @@ struct CachedDigest {
     sha256: String,
 }
 
+/// sac's own cache directory: `$SAC_CACHE_DIR`, else the platform cache
+/// directory + `sac`.
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("SAC_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("sac")))
+}
+
 /// Remembered file digests, stored as JSON in the user's cache directory
 /// (`$SAC_CACHE_DIR`, else the platform cache dir + `sac`).
 #[derive(Debug, Default)]
@@ -93,10 +101,7 @@ pub struct DigestCache {
 impl DigestCache {
     /// The user's cache; an unreadable or corrupt cache file starts empty.
     pub fn open_default() -> Self {
-        let dir = std::env::var_os("SAC_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| dirs::cache_dir().map(|d| d.join("sac")));
-        match dir {
+        match cache_dir() {
             Some(dir) => Self::open(dir.join("file-digests.json")),
             None => Self::default(),
         }

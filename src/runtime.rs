@@ -1,11 +1,14 @@
 //! A model ready to use: resolved files, config, weights, tokenizer and
 //! fingerprints, loaded once per command.
 
+use std::path::Path;
+
 use candle_core::Device;
 
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::error::Result;
 use crate::fingerprint::{DigestCache, ModelFingerprint, fingerprint};
+use crate::model::known::{KnownModels, NamedModel, Trusted};
 use crate::model::{self, Decoder, ModelConfig, ModelFiles, source};
 use crate::tokens::TextTokenizer;
 
@@ -28,21 +31,57 @@ pub struct LoadedModel {
     pub fingerprint: ModelFingerprint,
 }
 
-impl LoadedModel {
-    pub fn load(spec: &ModelSpec) -> Result<Self> {
-        let files = source::resolve(&spec.model, spec.revision.as_deref())?;
+/// A model's files and fingerprints, found but not yet read as a model.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    pub files: ModelFiles,
+    pub fingerprint: ModelFingerprint,
+}
+
+impl ResolvedModel {
+    /// The model the user named: a directory, or a Hub id (which may be
+    /// downloaded). A directory is noted in [`KnownModels`], so that a .sack
+    /// made with it can find it again.
+    pub fn named(model: &str, revision: Option<&str>) -> Result<Self> {
+        let resolved = Self::from_files(source::resolve(model, revision)?)?;
+        if resolved.files.revision.is_none() {
+            KnownModels::open_default()
+                .remember(&resolved.fingerprint.model, Path::new(&resolved.files.id));
+        }
+        Ok(resolved)
+    }
+
+    /// The model a .sack header names, from where `trusted` allows only.
+    pub fn for_sack(named: NamedModel, trusted: &Trusted) -> Result<Self> {
+        Self::from_files(trusted.resolve(named)?)
+    }
+
+    fn from_files(files: ModelFiles) -> Result<Self> {
+        let fingerprint = fingerprint(&files, &mut DigestCache::open_default())?;
+        Ok(Self { files, fingerprint })
+    }
+
+    /// Reads the config, tokenizer and weights, placed on `device` in `dtype`.
+    pub fn load(self, device: DeviceSpec, dtype: DTypeSpec) -> Result<LoadedModel> {
+        let files = self.files;
         let config = ModelConfig::from_file(&files.config)?;
         let tokenizer = TextTokenizer::load(&files, &config)?;
-        let device: Device = spec.device.open()?;
-        let dtype = spec.dtype.resolve(&device);
+        let device: Device = device.open()?;
+        let dtype = dtype.resolve(&device);
         let decoder = model::load_decoder(&files, config.clone(), &device, dtype)?;
-        let fingerprint = fingerprint(&files, &mut DigestCache::open_default())?;
         Ok(LoadedModel {
             files,
             config,
             decoder,
             tokenizer,
-            fingerprint,
+            fingerprint: self.fingerprint,
         })
+    }
+}
+
+impl LoadedModel {
+    /// Loads the model the user named in `spec` ([`ResolvedModel::named`]).
+    pub fn load(spec: &ModelSpec) -> Result<Self> {
+        ResolvedModel::named(&spec.model, spec.revision.as_deref())?.load(spec.device, spec.dtype)
     }
 }

@@ -2,16 +2,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-/// The files of a model directory.
-const MODEL_FILES: [&str; 4] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "model.safetensors",
-];
+use common::{MODEL_FILES, hub_cache, sac_offline};
 
 fn sac(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sac"))
@@ -87,37 +80,6 @@ fn offline_hub_id_not_in_cache_says_how_to_fetch() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("`config.json` of acme/not-cached"), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
-}
-
-/// Lays out the fixture model `mistral` as Hub model `acme/tiny` in a Hub
-/// cache under `home`, as huggingface_hub does: blobs named by content,
-/// snapshot entries that link to them, a ref `reference` naming the snapshot.
-fn hub_cache(home: &Path, reference: &str) {
-    let repo = home.join("hub/models--acme--tiny");
-    let commit = "a".repeat(40);
-    let snapshot = repo.join("snapshots").join(&commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs").join(reference), &commit).unwrap();
-    let src = common::fixture_dir("mistral");
-    for name in MODEL_FILES {
-        let blob = repo.join("blobs").join(format!("{:0>64}", name.len()));
-        std::fs::copy(src.join(name), &blob).unwrap();
-        std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
-    }
-}
-
-/// `sac ARGS` offline against the Hub cache under `home`.
-fn sac_offline(home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sac"));
-    command
-        .env("HF_HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("SAC_CACHE_DIR", home.join("sac"))
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("SAC_MODEL");
-    command
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `sac compress` and `sac ask` against the SAC reference fixtures made with
-//! HF transformers by `scripts/make_sac_fixtures.py` (SAC.md: 510-token chunks,
+//! HF transformers by `scripts/make_sac_fixtures.py` (docs/method.md: 510-token chunks,
 //! 1-based positions, anchors at offsets 2, 7, ..., role embeddings, an
 //! all-visible chunk mask, LoRA on q/v; the decoder reads [LM] at position L).
 

@@ -112,7 +112,7 @@ struct Args {
     #[arg(long, default_value_t = 150)]
     adapter_steps: usize,
     /// Steps of `sac train --stage pretrain` before each adapter's qa steps
-    /// (SAC.md's two stages), on texts that tell 7-9 people's facts twice
+    /// (the paper's two stages), on texts that tell 7-9 people's facts twice
     /// and are cut inside the second telling; 0 trains on qa alone.
     #[arg(long, default_value_t = 0)]
     adapter_pretrain_steps: usize,

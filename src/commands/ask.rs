@@ -9,10 +9,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::AskArgs;
+use crate::error::Error;
 use crate::generate::{Answerer, Generation, SamplingSettings, Stop};
+use crate::model::known::{NamedModel, Trusted};
+use crate::model::source::Network;
 use crate::pack;
-use crate::runtime::LoadedModel;
-use crate::sack::{InfoFormat, SackReader, info};
+use crate::runtime::{LoadedModel, ResolvedModel};
+use crate::sack::info::clean;
+use crate::sack::{InfoFormat, SackHeader, SackReader, info};
 use crate::tokens::TextStream;
 
 /// One answered question, as `--json` and `--batch` print it.
@@ -39,6 +43,7 @@ pub fn run(args: &AskArgs) -> anyhow::Result<()> {
     if args.sack.as_os_str() == "-" && args.batch.as_deref() == Some(Path::new("-")) {
         bail!("the .sack and the batch cannot both come from standard input");
     }
+    check_questions(&args.questions)?;
     let repl = args.questions.is_empty() && args.batch.is_none();
     if repl && !std::io::stdin().is_terminal() {
         bail!(
@@ -62,45 +67,14 @@ fn ask<R: Read + Seek>(
     mut reader: SackReader<R>,
     repl: bool,
 ) -> anyhow::Result<()> {
-    let header = reader.header().clone();
-    let model = match &args.model {
-        Some(model) => LoadedModel::load(&args.placement.spec(model))?,
-        None => {
-            // The model the .sack was made with, at the Hub revision it was
-            // fetched at unless --revision says otherwise.
-            let mut spec = args.placement.spec(&header.model.id);
-            spec.revision = spec.revision.or_else(|| header.model.revision.clone());
-            LoadedModel::load(&spec).with_context(|| {
-                format!(
-                    "cannot load the model {} was made with (pass --model DIR|HUB_ID \
-                     for a copy of it elsewhere)",
-                    reader.file_name()
-                )
-            })?
-        }
-    };
-    for (what, theirs, ours) in [
-        ("model", &header.model.fingerprint, &model.fingerprint.model),
-        (
-            "tokenizer",
-            &header.tokenizer.fingerprint,
-            &model.fingerprint.tokenizer,
-        ),
-    ] {
-        if theirs != ours && !args.force {
-            bail!(
-                "{} was made with {what} {theirs} ({}), but {} has {what} {ours}; \
-                 pass --force to answer anyway",
-                reader.file_name(),
-                header.model.id,
-                model.files.id
-            );
-        }
-    }
+    let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
     let context = pack::load_context(&mut reader, &model.decoder)?;
     drop(reader);
+    if let Some(differs) = forced {
+        eprintln!("sac: warning: {differs}; answering anyway (--force)");
+    }
     let sampling = SamplingSettings {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -140,6 +114,109 @@ fn ask<R: Read + Seek>(
         session.stream_answer(question, &mut out, &AtomicBool::new(false))?;
     }
     Ok(())
+}
+
+/// The model to answer with: `--model` if given, else the one the header
+/// names, found only in the Hub cache or among the directories the user has
+/// loaded (a .sack never chooses what is downloaded or loaded). Fingerprints
+/// are compared before any file is read as a model; with `--force`, how they
+/// differ comes back for a warning.
+fn load_model(
+    args: &AskArgs,
+    header: &SackHeader,
+    file: &str,
+) -> anyhow::Result<(LoadedModel, Option<String>)> {
+    let revision = args.placement.revision.as_deref();
+    let (resolved, by_header) = match &args.model {
+        Some(model) => (ResolvedModel::named(model, revision)?, false),
+        None => {
+            let named = NamedModel {
+                id: &header.model.id,
+                revision: revision.or(header.model.revision.as_deref()),
+                fingerprint: &header.model.fingerprint,
+            };
+            let trusted = Trusted {
+                network: if args.allow_download {
+                    Network::Allowed
+                } else {
+                    Network::CacheOnly
+                },
+                ..Trusted::user_default()
+            };
+            let resolved = ResolvedModel::for_sack(named, &trusted)
+                .map_err(|e| anyhow::anyhow!(unavailable(file, named, e)))?;
+            (resolved, true)
+        }
+    };
+    let mut forced = None;
+    for (what, theirs, ours) in [
+        (
+            "model",
+            &header.model.fingerprint,
+            &resolved.fingerprint.model,
+        ),
+        (
+            "tokenizer",
+            &header.tokenizer.fingerprint,
+            &resolved.fingerprint.tokenizer,
+        ),
+    ] {
+        if theirs == ours {
+            continue;
+        }
+        let differs = format!(
+            "{file} was made with {what} {} ({}), but {} has {what} {ours}",
+            clean(theirs),
+            clean(&header.model.id),
+            resolved.files.id
+        );
+        if !args.force {
+            bail!("{differs}; pass --force to answer anyway");
+        }
+        forced.get_or_insert(differs);
+    }
+    let id = resolved.files.id.clone();
+    let revision = resolved.files.revision.clone();
+    match resolved.load(args.placement.device, args.placement.dtype) {
+        Ok(model) => Ok((model, forced)),
+        // The files came from the cache on the header's word: say what failed,
+        // not what they hold.
+        Err(e) if by_header => {
+            let at = revision.map_or(String::new(), |r| format!(" --revision {r}"));
+            bail!(
+                "cannot load {id} as a model ({}); `sac model-info -m {id}{at}` shows why",
+                e.kind()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Why the model a .sack names cannot be used, and what the user can do.
+fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
+    let pass = "pass --model DIR|HUB_ID";
+    match error {
+        Error::NotCached {
+            id,
+            revision,
+            cache,
+            ..
+        } => format!(
+            "{file} was made with {id} at revision {revision}, which is not in the local \
+             Hugging Face cache ({}); fetch it with `huggingface-cli download {id} --revision \
+             {revision}`, {pass}, or add --allow-download",
+            cache.display()
+        ),
+        Error::UnknownLocalModel(dir) => format!(
+            "{file} was made with the model in {dir:?}, and sac loads a directory that a .sack \
+             names only once you have named it yourself: pass --model {dir:?}"
+        ),
+        Error::ModelName(why) => format!("{file} names its model oddly: {why}; {pass}"),
+        other => format!(
+            "cannot find the model {file} was made with ({}): {other}; {pass}",
+            clean(named.id)
+        ),
+    }
 }
 
 impl Session<'_> {
@@ -198,6 +275,9 @@ impl Session<'_> {
         questions: &[(Value, String)],
         out: &mut impl Write,
     ) -> anyhow::Result<()> {
+        if questions.is_empty() {
+            return Ok(());
+        }
         let tokenizer = &self.model.tokenizer;
         let ids = questions
             .iter()
@@ -224,58 +304,123 @@ impl Session<'_> {
     }
 }
 
-/// A batch line: plain text, or a JSON object with `question` and an optional `id`.
-fn parse_batch_line(line: &str, number: usize) -> anyhow::Result<Option<(Value, String)>> {
+/// A question, or why its batch line is not one; both carry the line's id.
+type BatchItem = Result<(Value, String), (Value, String)>;
+
+/// A batch line: plain text, or (starting with `{`, `[` or `"`) JSON, which
+/// must be an object with a non-empty string `question` and an optional
+/// `id` (a string or a number; the line number by default). Blank lines are
+/// skipped.
+fn parse_batch_line(line: &str, number: usize) -> Option<BatchItem> {
     let trimmed = line.trim();
     if trimmed.is_empty() {
-        return Ok(None);
+        return None;
     }
-    if trimmed.starts_with('{') {
-        let value: Value = serde_json::from_str(trimmed)
-            .with_context(|| format!("batch line {number} is not valid JSON"))?;
-        let question = value
-            .get("question")
-            .and_then(Value::as_str)
-            .with_context(|| format!("batch line {number} has no string \"question\""))?;
-        let id = value
-            .get("id")
-            .cloned()
-            .unwrap_or_else(|| Value::from(number));
-        return Ok(Some((id, question.to_string())));
+    let line_id = Value::from(number);
+    if !trimmed.starts_with(['{', '[', '"']) {
+        return Some(Ok((line_id, trimmed.to_string())));
     }
-    Ok(Some((Value::from(number), trimmed.to_string())))
+    let fail = |id: Value, why: &str| Some(Err((id, format!("batch line {number} {why}"))));
+    let Ok(value) = serde_json::from_str::<Value>(trimmed) else {
+        return fail(line_id, "is not valid JSON");
+    };
+    let Value::Object(object) = value else {
+        return fail(line_id, "is not a JSON object {\"question\": ...}");
+    };
+    let id = match object.get("id") {
+        None => line_id,
+        Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
+        Some(_) => {
+            return fail(
+                line_id,
+                "has an \"id\" that is neither a string nor a number",
+            );
+        }
+    };
+    match object.get("question").and_then(Value::as_str) {
+        None => fail(id, "has no string \"question\""),
+        Some(q) if q.trim().is_empty() => fail(id, "has an empty question"),
+        Some(q) => Some(Ok((id, q.to_string()))),
+    }
+}
+
+/// The parsed lines of `input`; two lines with one id are refused here,
+/// before anything is answered.
+fn read_batch(input: impl BufRead) -> anyhow::Result<Vec<BatchItem>> {
+    let mut items = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read batch line {}", i + 1))?;
+        let Some(item) = parse_batch_line(&line, i + 1) else {
+            continue;
+        };
+        let (Ok((id, _)) | Err((id, _))) = &item;
+        if let Some(first) = seen.insert(id.to_string(), i + 1) {
+            bail!("batch lines {first} and {} have the same id {id}", i + 1);
+        }
+        items.push(item);
+    }
+    Ok(items)
+}
+
+/// One JSON line for a batch line that is not a question.
+#[derive(Debug, Serialize)]
+struct ErrorRecord<'a> {
+    id: &'a Value,
+    error: &'a str,
 }
 
 /// Answers the questions of `batch` in groups of `batch_size`, printing each
-/// group's JSON lines as soon as it is done.
+/// group's JSON lines as soon as it is done and an error object, in its
+/// place, for each line that is not a question. Fails at the end if any did.
 fn run_batch(
     session: &mut Session,
     batch: &Path,
     batch_size: usize,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let input: Box<dyn BufRead> = if batch.as_os_str() == "-" {
-        Box::new(BufReader::new(std::io::stdin()))
+    let items = if batch.as_os_str() == "-" {
+        read_batch(BufReader::new(std::io::stdin()))?
     } else {
         let file = std::fs::File::open(batch)
             .with_context(|| format!("cannot open batch file {}", batch.display()))?;
-        Box::new(BufReader::new(file))
+        read_batch(BufReader::new(file))?
     };
     let mut group = Vec::with_capacity(batch_size);
-    for (i, line) in input.lines().enumerate() {
-        let line = line.with_context(|| format!("cannot read batch line {}", i + 1))?;
-        if let Some(question) = parse_batch_line(&line, i + 1)? {
-            group.push(question);
+    let mut failed = 0;
+    for item in &items {
+        match item {
+            Ok(question) => group.push(question.clone()),
+            Err((id, error)) => {
+                session.json_answers(&group, out)?;
+                group.clear();
+                serde_json::to_writer(&mut *out, &ErrorRecord { id, error })?;
+                writeln!(out)?;
+                failed += 1;
+            }
         }
         if group.len() == batch_size {
             session.json_answers(&group, out)?;
             group.clear();
         }
     }
-    if !group.is_empty() {
-        session.json_answers(&group, out)?;
+    session.json_answers(&group, out)?;
+    if failed > 0 {
+        bail!(
+            "{failed} of {} batch lines are not questions (see their \"error\" objects)",
+            items.len()
+        );
     }
     Ok(())
+}
+
+/// Refuses empty questions given as arguments, before anything is loaded.
+fn check_questions(questions: &[String]) -> anyhow::Result<()> {
+    match questions.iter().position(|q| q.trim().is_empty()) {
+        Some(_) if questions.len() == 1 => bail!("the question is empty"),
+        Some(i) => bail!("question {} is empty", i + 1),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -284,14 +429,50 @@ mod tests {
 
     #[test]
     fn batch_lines_are_text_or_json() {
-        assert_eq!(parse_batch_line("  \n", 1).unwrap(), None);
-        let (id, q) = parse_batch_line("who?", 3).unwrap().unwrap();
-        assert_eq!((id, q.as_str()), (Value::from(3), "who?"));
-        let (id, q) = parse_batch_line(r#"{"id": "a7", "question": "where?"}"#, 4)
-            .unwrap()
-            .unwrap();
-        assert_eq!((id, q.as_str()), (Value::from("a7"), "where?"));
-        assert!(parse_batch_line(r#"{"id": 1}"#, 5).is_err());
-        assert!(parse_batch_line("{oops", 6).is_err());
+        assert_eq!(parse_batch_line("  \n", 1), None);
+        let q = |line, n| parse_batch_line(line, n).unwrap();
+        assert_eq!(q("who?", 3), Ok((Value::from(3), "who?".into())));
+        assert_eq!(
+            q(r#"{"id": "a7", "question": "where?"}"#, 4),
+            Ok((Value::from("a7"), "where?".into()))
+        );
+        assert_eq!(q("42", 5), Ok((Value::from(5), "42".into())));
+        for (line, why) in [
+            (r#"{"id": 1}"#, "no string"),
+            ("{oops", "not valid JSON"),
+            ("[1,2,3]", "not a JSON object"),
+            (r#""a string""#, "not a JSON object"),
+            (r#"{"question": "  "}"#, "empty question"),
+            (r#"{"id": [1], "question": "q"}"#, "neither a string"),
+        ] {
+            let Err((_, error)) = q(line, 6) else {
+                panic!("{line} taken as a question")
+            };
+            assert!(error.contains(why), "{line}: {error}");
+        }
+        assert_eq!(
+            q(r#"{"id": "x", "question": ""}"#, 7).unwrap_err().0,
+            Value::from("x")
+        );
+    }
+
+    #[test]
+    fn duplicate_batch_ids_are_refused_up_front() {
+        let input = "first\n{\"id\": 1, \"question\": \"again\"}\n";
+        let err = read_batch(input.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("lines 1 and 2"), "{err}");
+        let ok = read_batch("a\n\n{\"id\": \"1\", \"question\": \"b\"}\n".as_bytes());
+        assert_eq!(ok.unwrap().len(), 2, "the string \"1\" is not the number 1");
+    }
+
+    #[test]
+    fn empty_questions_are_refused() {
+        assert!(check_questions(&["a".into(), "b".into()]).is_ok());
+        let err = check_questions(&[" \t".into()]).unwrap_err().to_string();
+        assert_eq!(err, "the question is empty");
+        let err = check_questions(&["a".into(), "".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "question 2 is empty");
     }
 }

@@ -26,6 +26,9 @@ enum Output {
 pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     // Everything that can be checked without the model is checked first.
     let output = output_for(args)?;
+    if matches!(output, Output::File(_)) {
+        crate::atomic::remove_temp_files_on_signal()?;
+    }
     let adapter_config = args
         .adapter
         .as_deref()
@@ -65,26 +68,40 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
-    let adapter = match &args.adapter {
-        Some(dir) => {
+    let adapter = match (&args.adapter, &adapter_config) {
+        (Some(dir), Some(config)) => {
+            // The model the adapter names is checked before its tensors are.
+            let mismatch = config.model_mismatch(dir, &model.files.id, &model.fingerprint.model);
+            if let Some(why) = mismatch {
+                bail!(Error::Adapter(why));
+            }
             let a = SacAdapter::load(
                 dir,
                 &model.config,
                 model.decoder.device(),
                 model.decoder.dtype(),
             )?;
-            let mismatch = a
-                .config
-                .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
-            if let Some(why) = mismatch {
-                bail!(Error::Adapter(why));
-            }
             Some((
                 a,
                 adapter::fingerprint(dir, &mut DigestCache::open_default())?,
             ))
         }
-        None => None,
+        _ => None,
+    };
+    let ids = model.tokenizer.context_ids(&text)?;
+    if ratio > ids.len() {
+        bail!(
+            "--ratio {ratio} is more than the document's {} tokens (with the prompt's): \
+             use a ratio of at most {}",
+            ids.len(),
+            ids.len()
+        );
+    }
+    // A chunk longer than the document is the document: every compressor
+    // takes it so (an adapter's chunk size stays as trained).
+    let chunk_size = match method {
+        Method::Sac => chunk_size,
+        _ => chunk_size.min(ids.len()),
     };
     let compressor = Compressor::new(
         &model.decoder,
@@ -94,8 +111,6 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         chunk_size,
     )?
     .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer)?);
-
-    let ids = model.tokenizer.context_ids(&text)?;
     compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,
@@ -204,13 +219,28 @@ fn read_document(input: &Path) -> anyhow::Result<(String, Option<String>)> {
     if text.trim().is_empty() {
         bail!("{shown} is empty: there is nothing to compress");
     }
+    if !text.chars().any(printable) {
+        bail!("{shown} has no printable text (only control or invisible characters)");
+    }
     Ok((text, name))
+}
+
+/// A character that shows: not white space, a control character, or one of
+/// the invisible format characters (zero-width spaces and joiners, BOM, soft
+/// hyphen).
+fn printable(c: char) -> bool {
+    !c.is_whitespace()
+        && !c.is_control()
+        && !matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
 }
 
 fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
     let output = match &args.output {
         Some(path) if path.as_os_str() == "-" => Output::Stdout,
-        Some(path) => Output::File(path.clone()),
+        Some(path) => {
+            check_output_file(path, &args.input)?;
+            Output::File(path.clone())
+        }
         None if args.input.as_os_str() == "-" => Output::Stdout,
         None => {
             let path = args.input.with_extension("sack");
@@ -220,6 +250,7 @@ fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
                     args.input.display()
                 );
             }
+            check_output_file(&path, &args.input)?;
             Output::File(path)
         }
     };
@@ -229,6 +260,32 @@ fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
         );
     }
     Ok(output)
+}
+
+/// Refuses, before any work, an output that cannot be written or that is the
+/// input itself (by any name: a link, a hard link, another spelling).
+fn check_output_file(path: &Path, input: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("cannot write {}: it is a directory", path.display());
+    }
+    if input.as_os_str() != "-" && same_file::is_same_file(input, path).unwrap_or(false) {
+        bail!(
+            "{} is the input document itself; refusing to overwrite it (pass another -o)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// A bar over the `work` tokens that `method` runs through the model.

@@ -9,6 +9,8 @@ mod model_info;
 mod repl;
 mod train;
 
+use std::io::Write;
+
 use crate::cli::{AdapterCommand, Cli, Command};
 
 /// Runs the parsed command line.
@@ -21,8 +23,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Adapter(AdapterCommand::Import(args)) => adapter_import::run(&args),
         Command::Completions { shell } => {
+            // clap_complete panics on a write error; a closed pipe
+            // (`sac completions bash | head`) must end quietly instead.
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "sac", &mut std::io::stdout().lock());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "sac", &mut script);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)?;
+            out.flush()?;
             Ok(())
         }
     }

@@ -16,6 +16,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     for path in std::iter::once(&settings.data).chain(&settings.eval) {
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     }
+    crate::atomic::remove_temp_files_on_signal()?;
     let out = settings.out.clone();
     let min_context = settings.window.min_context;
     let model = LoadedModel::load(&args.model.spec())?;

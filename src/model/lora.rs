@@ -26,7 +26,7 @@ impl LowRank {
     }
 }
 
-/// An attention projection LoRA can adapt. SAC.md adapts q and v; k lets an
+/// An attention projection LoRA can adapt. the paper adapts q and v; k lets an
 /// anchor change the key it is found by directly, o what it writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraTarget {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod known;
 pub mod kv;
 pub mod lora;
 pub mod mask;

@@ -2,6 +2,10 @@
 //! repository through hf-hub's cache (`HF_HOME`, `HF_HUB_CACHE`), which is used
 //! as is when the files are there, so a cached model needs no network;
 //! `HF_HUB_OFFLINE=1` forbids the network altogether.
+//!
+//! Hub ids and revisions are checked as Hub names before they touch a path:
+//! a .sack header names its model, and a name such as `../x` or a revision
+//! `/some/dir` must not reach outside the cache.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +37,18 @@ pub struct ModelFiles {
     pub weights: Vec<PathBuf>,
 }
 
-/// Resolves `model` (a directory, or a Hub id such as `meta-llama/Llama-3.2-1B`).
+/// Whether resolving a Hub model may download what the cache lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Download missing files (unless `HF_HUB_OFFLINE` is set): for a model
+    /// the user named.
+    Allowed,
+    /// Use the local cache only: for a model a .sack names.
+    CacheOnly,
+}
+
+/// Resolves `model` (a directory, or a Hub id such as `meta-llama/Llama-3.2-1B`)
+/// as the user named it: a Hub model may be downloaded.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
     if path.is_dir() {
@@ -42,36 +57,71 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
                 "--revision applies to Hub ids, and `{model}` is a local directory"
             )));
         }
-        // The id goes into .sack headers: an absolute path still names the
-        // model when `ask` runs from another directory.
-        let id = path
-            .canonicalize()
-            .map_err(|e| Error::io("cannot resolve model directory", path, e))?;
-        return resolve_dir(&id.to_string_lossy(), path);
+        return resolve_dir_at(path);
     }
     if looks_like_hub_id(model) && !path.exists() {
-        return resolve_hub(model, revision.unwrap_or("main"));
+        return resolve_hub(model, revision.unwrap_or("main"), Network::Allowed);
     }
     Err(Error::MissingModelFile(format!(
         "model `{model}` is neither a directory nor a Hugging Face Hub id (owner/name)"
     )))
 }
 
-fn looks_like_hub_id(s: &str) -> bool {
+/// `owner/name` as the Hub spells repository ids: letters, digits, `-`, `_`
+/// and `.`, neither part starting or ending with `-` or `.`, no `--` or `..`,
+/// at most 96 characters each.
+pub fn looks_like_hub_id(s: &str) -> bool {
     let mut parts = s.split('/');
-    let ok = |p: Option<&str>| {
-        p.is_some_and(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
-    };
+    let ok = |p: Option<&str>| p.is_some_and(|p| hub_name_part(p, 96));
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+/// A branch or tag name (no `/`), a 40-digit commit, or `refs/pr/N`.
+pub fn looks_like_revision(s: &str) -> bool {
+    match s.strip_prefix("refs/pr/") {
+        Some(n) => !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()),
+        None => hub_name_part(s, 128),
+    }
+}
+
+fn hub_name_part(p: &str, max_len: usize) -> bool {
+    !p.is_empty()
+        && p.len() <= max_len
+        && p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !p.starts_with(['.', '-'])
+        && !p.ends_with(['.', '-'])
+        && !p.contains("..")
+        && !p.contains("--")
+}
+
+/// Refuses a Hub id or revision that is not a Hub name, quoting it escaped.
+pub fn check_hub_name(id: &str, revision: &str) -> Result<()> {
+    if !looks_like_hub_id(id) {
+        return Err(Error::ModelName(format!(
+            "{id:?} is not a Hugging Face Hub id (owner/name)"
+        )));
+    }
+    if !looks_like_revision(revision) {
+        return Err(Error::ModelName(format!(
+            "{revision:?} is not a Hub revision (a branch, tag or commit)"
+        )));
+    }
+    Ok(())
 }
 
 const EXPECTED: &str = "config.json, tokenizer.json, tokenizer_config.json and \
                         model.safetensors or model.safetensors.index.json";
+
+/// Resolves the model directory `path`.
+pub fn resolve_dir_at(path: &Path) -> Result<ModelFiles> {
+    // The id goes into .sack headers: an absolute path still names the
+    // model when `ask` runs from another directory.
+    let id = path
+        .canonicalize()
+        .map_err(|e| Error::io("cannot resolve model directory", path, e))?;
+    resolve_dir(&id.to_string_lossy(), path)
+}
 
 fn resolve_dir(id: &str, dir: &Path) -> Result<ModelFiles> {
     let need = |name: &str| {
@@ -147,38 +197,55 @@ fn offline() -> bool {
 }
 
 /// Fetches files of one Hub repository: from the cache when present, else
-/// (unless offline) from the network into the cache.
+/// (when allowed) from the network into the cache.
 struct HubRepo {
     id: String,
     revision: String,
     cache: Cache,
-    api: Option<ApiRepo>,
+    reach: Reach,
+}
+
+/// Where files the cache lacks can come from.
+enum Reach {
+    Hub(Box<ApiRepo>),
+    /// `HF_HUB_OFFLINE` is set.
+    Offline,
+    /// [`Network::CacheOnly`].
+    CacheOnly,
 }
 
 impl HubRepo {
-    fn new(id: &str, revision: &str) -> Result<Self> {
-        let cache = hub_cache();
-        let api = if offline() {
-            None
+    fn new(cache: &Cache, id: &str, revision: &str, network: Network) -> Result<Self> {
+        check_hub_name(id, revision)?;
+        let cache = cache.clone();
+        let reach = if network == Network::CacheOnly {
+            Reach::CacheOnly
+        } else if offline() {
+            Reach::Offline
         } else {
-            let api = ApiBuilder::from_cache(cache.clone())
+            let mut builder = ApiBuilder::from_cache(cache.clone());
+            // A mirror, as the Python libraries read it.
+            if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+                builder = builder.with_endpoint(endpoint);
+            }
+            let api = builder
                 .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token()))
                 .build()
                 .map_err(|e| {
                     Error::Hub(format!("cannot set up the Hugging Face Hub client: {e}"))
                 })?;
-            Some(api.repo(Repo::with_revision(
+            Reach::Hub(Box::new(api.repo(Repo::with_revision(
                 id.to_string(),
                 RepoType::Model,
                 revision.to_string(),
-            )))
+            ))))
         };
         Ok(HubRepo {
             id: id.to_string(),
             revision: revision.to_string(),
             cache,
-            api,
+            reach,
         })
     }
 
@@ -209,13 +276,19 @@ impl HubRepo {
             self.revision,
             self.cache.path().display()
         );
-        match &self.api {
-            None => Err(Error::MissingModelFile(format!(
+        match &self.reach {
+            Reach::CacheOnly => Err(Error::NotCached {
+                id: self.id.clone(),
+                revision: self.revision.clone(),
+                file: file.to_string(),
+                cache: self.cache.path().clone(),
+            }),
+            Reach::Offline => Err(Error::MissingModelFile(format!(
                 "`{file}` of {} (revision {}) is not in the Hugging Face cache and \
                  HF_HUB_OFFLINE is set; {how}",
                 self.id, self.revision
             ))),
-            Some(api) => api.get(file).map_err(|e| {
+            Reach::Hub(api) => api.get(file).map_err(|e| {
                 Error::MissingModelFile(format!(
                     "cannot get `{file}` of {} (revision {}) from the Hugging Face Hub: {e}; {how}",
                     self.id, self.revision
@@ -225,13 +298,27 @@ impl HubRepo {
     }
 
     fn try_get(&self, file: &str) -> Option<PathBuf> {
-        self.cached(file)
-            .or_else(|| self.api.as_ref().and_then(|api| api.get(file).ok()))
+        self.cached(file).or_else(|| match &self.reach {
+            Reach::Hub(api) => api.get(file).ok(),
+            Reach::Offline | Reach::CacheOnly => None,
+        })
     }
 }
 
-fn resolve_hub(id: &str, revision: &str) -> Result<ModelFiles> {
-    let repo = HubRepo::new(id, revision)?;
+/// Resolves Hub model `id` at `revision` in the user's cache, downloading
+/// what it lacks only if `network` allows it.
+pub fn resolve_hub(id: &str, revision: &str, network: Network) -> Result<ModelFiles> {
+    resolve_hub_in(&hub_cache(), id, revision, network)
+}
+
+/// [`resolve_hub`] with the Hub cache `cache`.
+pub fn resolve_hub_in(
+    cache: &Cache,
+    id: &str,
+    revision: &str,
+    network: Network,
+) -> Result<ModelFiles> {
+    let repo = HubRepo::new(cache, id, revision, network)?;
     let config = repo.get(CONFIG)?;
     let weights = match repo.cached(WEIGHTS).or_else(|| repo.try_get(WEIGHTS_INDEX)) {
         Some(index) if index.ends_with(WEIGHTS_INDEX) => shard_names(&index)?
@@ -270,6 +357,45 @@ mod tests {
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("../x"));
         assert!(!looks_like_hub_id("./models"));
+        assert!(!looks_like_hub_id("a/.."));
+        assert!(!looks_like_hub_id("/etc/passwd"));
+        assert!(!looks_like_hub_id("a--b/c"));
+        assert!(looks_like_revision("main"));
+        assert!(looks_like_revision("v1.0"));
+        assert!(looks_like_revision(&"a".repeat(40)));
+        assert!(looks_like_revision("refs/pr/12"));
+        for bad in [
+            "",
+            "/some/dir",
+            "..",
+            "a/b",
+            "refs/pr/x",
+            "../main",
+            "main\\x",
+        ] {
+            assert!(!looks_like_revision(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cache_only_miss_is_not_cached_and_never_downloads() {
+        let home = tempfile::tempdir().unwrap();
+        let repo = HubRepo {
+            id: "acme/tiny".into(),
+            revision: "main".into(),
+            cache: Cache::new(home.path().to_path_buf()),
+            reach: Reach::CacheOnly,
+        };
+        assert!(matches!(repo.get(CONFIG), Err(Error::NotCached { .. })));
+        assert!(repo.try_get(GENERATION_CONFIG).is_none());
+    }
+
+    #[test]
+    fn bad_revisions_are_refused_before_any_path_is_built() {
+        let err = resolve_hub("acme/tiny", "/some/dir", Network::CacheOnly).unwrap_err();
+        assert!(matches!(err, Error::ModelName(_)), "{err}");
+        let err = resolve_hub("../x", "main", Network::CacheOnly).unwrap_err();
+        assert!(matches!(err, Error::ModelName(_)), "{err}");
     }
 
     #[test]
@@ -318,7 +444,7 @@ mod tests {
             id: "acme/tiny".into(),
             revision: "main".into(),
             cache: Cache::new(home.path().to_path_buf()),
-            api: None,
+            reach: Reach::Offline,
         };
         let err = repo.get(CONFIG).unwrap_err().to_string();
         assert!(err.contains("`config.json` of acme/tiny"), "{err}");
@@ -342,7 +468,7 @@ mod tests {
                 id: "acme/tiny".into(),
                 revision: revision.into(),
                 cache: Cache::new(home.path().to_path_buf()),
-                api: None,
+                reach: Reach::CacheOnly,
             };
             assert!(repo.get(CONFIG).unwrap().ends_with(CONFIG));
         }

@@ -1,7 +1,7 @@
 //! `sac train`: learns a SAC adapter (role embeddings, `[AE]`/`[LM]`, LoRA
 //! on attention projections) with the base model frozen, by next-token
-//! cross-entropy through the frozen decoder reading the anchors' K/V (SAC.md,
-//! "Training").
+//! cross-entropy through the frozen decoder reading the anchors' K/V (docs/method.md,
+//! "Training: two stages").
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
 //! each; per sample, the compressor runs the context chunk by chunk on the
@@ -47,7 +47,7 @@ use schedule::Schedule;
 
 /// LoRA rank of a fresh adapter (the reference's).
 pub const DEFAULT_LORA_RANK: usize = 128;
-/// SAC.md's: LoRA on the query and value projections.
+/// The paper's: LoRA on the query and value projections.
 pub const DEFAULT_LORA_TARGETS: [LoraTarget; 2] = [LoraTarget::Q, LoraTarget::V];
 /// LoRA scale of a fresh adapter (fixed in the reference).
 pub const LORA_SCALE: f64 = 2.0;

@@ -14,7 +14,7 @@ use crate::model::{Decoder, ModelConfig};
 
 use super::{Stream, rng};
 
-/// Standard deviation of the role embeddings at initialisation (SAC.md).
+/// Standard deviation of the role embeddings at initialisation (the paper's).
 const ROLE_STD: f64 = 0.02;
 
 /// An adapter's tensors as variables, in a fixed order (sorted by name) that

@@ -34,7 +34,7 @@ struct RunIdentity<'a> {
     ratio: usize,
     chunk_size: usize,
     lora_rank: usize,
-    /// Left out for SAC.md's q/v, so that checkpoints from before the
+    /// Left out for the paper's q/v, so that checkpoints from before the
     /// targets could be chosen still resume.
     #[serde(skip_serializing_if = "are_default_targets")]
     lora_targets: &'a [String],

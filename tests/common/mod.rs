@@ -79,6 +79,46 @@ pub fn sac() -> std::process::Command {
     cmd
 }
 
+/// The files of a model directory.
+pub const MODEL_FILES: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+];
+
+/// Lays out the fixture model `mistral` as Hub model `acme/tiny` in a Hub
+/// cache under `home`, as huggingface_hub does: blobs named by content,
+/// snapshot entries that link to them, a ref `reference` naming the snapshot.
+pub fn hub_cache(home: &std::path::Path, reference: &str) {
+    let repo = home.join("hub/models--acme--tiny");
+    let commit = "a".repeat(40);
+    let snapshot = repo.join("snapshots").join(&commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join(reference), &commit).unwrap();
+    let src = fixture_dir("mistral");
+    for name in MODEL_FILES {
+        let blob = repo.join("blobs").join(format!("{:0>64}", name.len()));
+        std::fs::copy(src.join(name), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
+    }
+}
+
+/// `sac` offline against the Hub cache under `home`, with its own sac cache
+/// there too.
+pub fn sac_offline(home: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sac"));
+    command
+        .env("HF_HOME", home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("SAC_CACHE_DIR", home.join("sac"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("SAC_MODEL");
+    command
+}
+
 /// Runs `cmd`, panicking with its stderr unless it succeeds; returns stdout.
 pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
     let out = cmd.output().expect("run sac");

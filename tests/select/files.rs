@@ -214,16 +214,20 @@ fn selectors_refuse_what_they_cannot_do_and_write_nothing() {
             ],
             "takes no adapter",
         ),
-        // 1313 tokens, then a 3000-token chunk repeated after them: past 4096.
+        // Some 2,600 tokens, then the chunk (capped at the document) repeated
+        // after them: past 4096.
         (
             vec!["--compressor", "kvzip", "--chunk-size", "3000"],
             "--chunk-size",
         ),
     ] {
+        let doc = dir.path().join("doc.txt");
+        let text = std::fs::read_to_string(sac_fixture("doc_long.txt")).unwrap();
+        std::fs::write(&doc, text.repeat(2)).unwrap();
         let err = failing(
             sac()
                 .arg("compress")
-                .arg(sac_fixture("doc_long.txt"))
+                .arg(&doc)
                 .arg("-o")
                 .arg(&out)
                 .arg("-m")

@@ -1,0 +1,279 @@
+//! Which model a .sack may be answered with when the user names none.
+//!
+//! A .sack is untrusted input: its header names a model, but must never choose
+//! what is downloaded or loaded. So the model a header names is used only
+//! - as a Hub model already in the local Hugging Face cache, at the header's
+//!   revision (checked as a Hub name first); or
+//! - as a local directory that the user has loaded before, named on the
+//!   command line of `compress`, `ask`, `model-info` or `train`: each such
+//!   load leaves a note under the sac cache directory (`models/<fingerprint>`
+//!   holding the directory), and the header's fingerprint finds it.
+//!
+//! The caller then checks the files' fingerprints against the header's before
+//! reading any of them as a model.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::Cache;
+
+use crate::error::{Error, Result};
+use crate::model::source::{self, ModelFiles, Network};
+
+/// Local model directories the user has loaded, by model fingerprint.
+#[derive(Debug, Clone)]
+pub struct KnownModels {
+    dir: Option<PathBuf>,
+}
+
+impl KnownModels {
+    /// The notes under the user's sac cache directory.
+    pub fn open_default() -> Self {
+        Self {
+            dir: crate::fingerprint::cache_dir().map(|d| d.join("models")),
+        }
+    }
+
+    /// The notes under `dir`.
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir: Some(dir) }
+    }
+
+    fn note(&self, fingerprint: &str) -> Option<PathBuf> {
+        let hex = fingerprint.strip_prefix("sha256:")?;
+        let plain = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        plain.then(|| self.dir.as_ref().map(|d| d.join(hex)))?
+    }
+
+    /// Notes that the model with `fingerprint` is the directory `dir`. A note
+    /// that cannot be written only costs a `--model` later, so failures are
+    /// ignored.
+    pub fn remember(&self, fingerprint: &str, dir: &Path) {
+        let (Some(note), Some(text)) = (self.note(fingerprint), dir.to_str()) else {
+            return;
+        };
+        if std::fs::read_to_string(&note).is_ok_and(|old| old == text) {
+            return;
+        }
+        if let Some(parent) = note.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = crate::atomic::write_bytes(&note, text.as_bytes());
+    }
+
+    /// The directory the model with `fingerprint` was loaded from, if noted.
+    pub fn recall(&self, fingerprint: &str) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(self.note(fingerprint)?).ok()?;
+        let dir = PathBuf::from(text);
+        dir.is_absolute().then_some(dir)
+    }
+}
+
+/// What a .sack header says of its model.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedModel<'a> {
+    pub id: &'a str,
+    pub revision: Option<&'a str>,
+    pub fingerprint: &'a str,
+}
+
+/// Where a header-named model may come from.
+#[derive(Debug, Clone)]
+pub struct Trusted {
+    pub hub_cache: Cache,
+    pub known: KnownModels,
+    /// `ask --allow-download`: the user lets a Hub model the cache lacks be
+    /// downloaded.
+    pub network: Network,
+}
+
+impl Trusted {
+    /// The user's Hub cache and notes; no downloads.
+    pub fn user_default() -> Self {
+        Self {
+            hub_cache: source::hub_cache(),
+            known: KnownModels::open_default(),
+            network: Network::CacheOnly,
+        }
+    }
+
+    /// Resolves the files of the model `named`, from the Hub cache or a
+    /// noted directory only (see the module docs). Nothing is read as a
+    /// model yet: the caller compares fingerprints first.
+    pub fn resolve(&self, named: NamedModel) -> Result<ModelFiles> {
+        if named.revision.is_some() || source::looks_like_hub_id(named.id) {
+            let revision = named.revision.unwrap_or("main");
+            return source::resolve_hub_in(&self.hub_cache, named.id, revision, self.network);
+        }
+        if !Path::new(named.id).is_absolute() {
+            return Err(Error::ModelName(format!(
+                "{:?} is neither a Hugging Face Hub id nor a model directory",
+                named.id
+            )));
+        }
+        match self.known.recall(named.fingerprint) {
+            Some(dir) => source::resolve_dir_at(&dir),
+            None => Err(Error::UnknownLocalModel(named.id.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn notes_are_recalled_by_fingerprint_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let known = KnownModels::at(dir.path().join("models"));
+        assert_eq!(known.recall(FP), None);
+        known.remember(FP, Path::new("/models/tiny"));
+        assert_eq!(known.recall(FP), Some(PathBuf::from("/models/tiny")));
+        // A fingerprint is no path: nothing outside the notes is read or written.
+        for odd in ["sha256:../../etc/passwd", "../x", "", "sha256:"] {
+            known.remember(odd, Path::new("/x"));
+            assert_eq!(known.recall(odd), None);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("models"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    /// A Hub cache holding the fixture model `mistral` as `acme/tiny` at
+    /// `main`, and a note for a copy of it in `noted`.
+    fn trusted(root: &Path) -> (Trusted, PathBuf) {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/mistral");
+        let commit = "c".repeat(40);
+        let repo = root.join("hub/models--acme--tiny");
+        let snapshot = repo.join("snapshots").join(&commit);
+        let noted = root.join("noted");
+        for dir in [&snapshot, &repo.join("refs"), &noted] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(repo.join("refs/main"), &commit).unwrap();
+        for name in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ] {
+            std::fs::copy(fixture.join(name), snapshot.join(name)).unwrap();
+            std::fs::copy(fixture.join(name), noted.join(name)).unwrap();
+        }
+        let known = KnownModels::at(root.join("notes"));
+        known.remember(FP, &noted);
+        let trusted = Trusted {
+            hub_cache: Cache::new(root.join("hub")),
+            known,
+            network: Network::CacheOnly,
+        };
+        (trusted, noted)
+    }
+
+    fn files_of(files: &ModelFiles) -> Vec<&Path> {
+        let mut all = vec![
+            files.config.as_path(),
+            files.tokenizer.as_path(),
+            files.tokenizer_config.as_path(),
+        ];
+        all.extend(files.generation_config.as_deref());
+        all.extend(files.weights.iter().map(PathBuf::as_path));
+        all
+    }
+
+    #[test]
+    fn the_cache_and_noted_directories_resolve() {
+        let root = tempfile::tempdir().unwrap();
+        let (trusted, noted) = trusted(root.path());
+        let named = |id, revision, fingerprint| NamedModel {
+            id,
+            revision,
+            fingerprint,
+        };
+        let hub = trusted.resolve(named("acme/tiny", None, "x")).unwrap();
+        assert!(hub.config.starts_with(root.path().join("hub")));
+        let dir = trusted.resolve(named("/anywhere", None, FP)).unwrap();
+        assert!(dir.config.starts_with(noted.canonicalize().unwrap()));
+        let fixture = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/parity/llama3";
+        let err = trusted
+            .resolve(named(&fixture, None, "sha256:0"))
+            .unwrap_err();
+        assert!(matches!(err, Error::UnknownLocalModel(_)), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(300))]
+
+        /// Whatever a header says, only files in the Hub cache or in a
+        /// directory the user noted are resolved.
+        #[test]
+        fn no_header_reaches_outside_the_cache_or_the_notes(
+            id in header_string(),
+            revision in proptest::option::of(header_string()),
+            fingerprint in proptest::prop_oneof![
+                proptest::strategy::Just(FP.to_string()),
+                "sha256:[0-9a-f]{0,70}",
+                ".{0,80}",
+            ],
+        ) {
+            let root = tempfile::tempdir().unwrap();
+            let (trusted, noted) = trusted(root.path());
+            let named = NamedModel { id: &id, revision: revision.as_deref(), fingerprint: &fingerprint };
+            if let Ok(files) = trusted.resolve(named) {
+                let allowed = [root.path().join("hub").canonicalize().unwrap(), noted.canonicalize().unwrap()];
+                for path in files_of(&files) {
+                    let real = path.canonicalize().unwrap();
+                    proptest::prop_assert!(
+                        allowed.iter().any(|a| real.starts_with(a)),
+                        "{id:?} {revision:?} resolved {}", real.display()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ids and revisions as an attacker would write them: Hub-like names,
+    /// traversals, absolute paths to real model directories, and noise.
+    fn header_string() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let fixtures = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/parity";
+        prop_oneof![
+            Just("acme/tiny".to_string()),
+            Just("main".to_string()),
+            Just(format!("{fixtures}/llama3")),
+            Just("/".to_string()),
+            Just("../../../..".to_string()),
+            (
+                prop::sample::select(vec![
+                    "",
+                    "/",
+                    "../",
+                    "./",
+                    "acme/",
+                    "acme/tiny/",
+                    "~/",
+                    "\\"
+                ]),
+                prop::sample::select(vec![
+                    "tiny",
+                    "..",
+                    "../..",
+                    "etc/passwd",
+                    "main",
+                    "refs/main",
+                    "snapshots",
+                    "acme/tiny",
+                    "llama3",
+                    "models--acme--tiny",
+                ]),
+                "[a-z./]{0,12}",
+            )
+                .prop_map(|(a, b, c)| format!("{a}{b}{c}")),
+            ".{0,40}",
+        ]
+    }
+}
