@@ -79,3 +79,72 @@ fn bash_completions_know_the_subcommands() {
         assert!(script.contains(word), "no `{word}` in:\n{script}");
     }
 }
+
+/// README.md and docs/*.md with their paths, relative to the repository.
+fn documents() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec!["README.md".to_string()];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            docs.push(format!("docs/{name}"));
+        }
+    }
+    docs.into_iter()
+        .map(|d| {
+            let text = std::fs::read_to_string(root.join(&d)).unwrap();
+            (d, text)
+        })
+        .collect()
+}
+
+/// A clone has nothing beside the repository: the documentation points at
+/// nothing outside it, and each relative link names a file it holds.
+#[test]
+fn documentation_stays_inside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (doc, text) in documents() {
+        for outside in ["/work/", "shared/reference"] {
+            assert!(!text.contains(outside), "{doc} points at {outside}");
+        }
+        let base = Path::new(&doc).parent().unwrap();
+        for link in text.split("](").skip(1) {
+            let target = link.split([')', '#']).next().unwrap();
+            if target.is_empty() || target.contains("://") {
+                continue;
+            }
+            assert!(
+                root.join(base).join(target).exists(),
+                "{doc} links {target}, which the repository lacks"
+            );
+        }
+    }
+}
+
+/// The README's table of .sack sizes follows its own formula: layers x
+/// kv_heads x head_dim x 2 x bytes per value / ratio, for Llama-3.2-1B
+/// (16 x 8 x 64) and SmolLM2-135M (30 x 3 x 64) at ratios 1, 4 and 8.
+#[test]
+fn the_readme_size_table_adds_up() {
+    let (_, readme) = documents().remove(0);
+    let mut rows = 0;
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let encoding = cells.get(1).map(|c| c.trim_end_matches(" (default)"));
+        if cells.len() != 10 || !matches!(encoding, Some("f32" | "bf16" | "f16" | "q8" | "q4")) {
+            continue;
+        }
+        let number = |c: &str| c.replace(',', "").parse::<f64>().unwrap();
+        let per_value = number(cells[2]);
+        let mut expected = Vec::new();
+        for values_per_token in [16.0 * 8.0 * 64.0 * 2.0, 30.0 * 3.0 * 64.0 * 2.0] {
+            for ratio in [1.0, 4.0, 8.0] {
+                expected.push(values_per_token * per_value / ratio);
+            }
+        }
+        let stated: Vec<f64> = cells[3..9].iter().map(|c| number(c)).collect();
+        assert_eq!(stated, expected, "{line}");
+        rows += 1;
+    }
+    assert_eq!(rows, 5, "the README's size table has a row per encoding");
+}
