@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use sac::fingerprint::{DigestCache, fingerprint};
-use sac::model::ModelFiles;
+use sac::model::{HfFiles, Layout, ModelFiles};
 
 #[derive(Parser)]
 struct Args {
@@ -41,11 +41,13 @@ fn main() -> anyhow::Result<()> {
     let files = ModelFiles {
         id: "bench".into(),
         revision: None,
-        config: path("config.json"),
-        tokenizer: path("tokenizer.json"),
-        tokenizer_config: path("tokenizer_config.json"),
-        generation_config: None,
-        weights: vec![path("model.safetensors")],
+        layout: Layout::Hf(HfFiles {
+            config: path("config.json"),
+            tokenizer: path("tokenizer.json"),
+            tokenizer_config: path("tokenizer_config.json"),
+            generation_config: None,
+            weights: vec![path("model.safetensors")],
+        }),
     };
     let cache_path = path("digests.json");
     let start = Instant::now();

@@ -14,7 +14,9 @@
 //! `config.json` (role `config`) and then each weight file in load order (role
 //! `weights`). The tokenizer fingerprint hashes `sac-tokenizer-v1\n` and the lines
 //! of `tokenizer.json` and `tokenizer_config.json` the same way. File names do
-//! not enter, so a renamed or moved copy keeps its fingerprint.
+//! not enter, so a renamed or moved copy keeps its fingerprint. A GGUF file's
+//! model fingerprint is `sha256:` + the file's own SHA-256, its tokenizer's the
+//! manifest of that one file (role `gguf`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::model::ModelFiles;
+use crate::model::source::{Layout, ModelFiles};
 
 /// The fingerprints of one model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,15 +41,25 @@ pub struct ModelFingerprint {
 
 /// Computes both fingerprints of `files`, using and updating `cache`.
 pub fn fingerprint(files: &ModelFiles, cache: &mut DigestCache) -> Result<ModelFingerprint> {
-    let mut model = vec![("config", files.config.as_path())];
-    model.extend(files.weights.iter().map(|w| ("weights", w.as_path())));
-    let tokenizer = [
-        ("tokenizer", files.tokenizer.as_path()),
-        ("tokenizer_config", files.tokenizer_config.as_path()),
-    ];
-    let result = ModelFingerprint {
-        model: manifest_digest("sac-model-v1", &model, cache)?,
-        tokenizer: manifest_digest("sac-tokenizer-v1", &tokenizer, cache)?,
+    let result = match &files.layout {
+        Layout::Hf(hf) => {
+            let mut model = vec![("config", hf.config.as_path())];
+            model.extend(hf.weights.iter().map(|w| ("weights", w.as_path())));
+            let tokenizer = [
+                ("tokenizer", hf.tokenizer.as_path()),
+                ("tokenizer_config", hf.tokenizer_config.as_path()),
+            ];
+            ModelFingerprint {
+                model: manifest_digest("sac-model-v1", &model, cache)?,
+                tokenizer: manifest_digest("sac-tokenizer-v1", &tokenizer, cache)?,
+            }
+        }
+        // One file holds both: the model is the file's own SHA-256, and the
+        // tokenizer a manifest over it.
+        Layout::Gguf(file) => ModelFingerprint {
+            model: format!("sha256:{}", cache.file_digest(file)?.1),
+            tokenizer: manifest_digest("sac-tokenizer-v1", &[("gguf", file.as_path())], cache)?,
+        },
     };
     cache.save();
     Ok(result)
@@ -203,6 +215,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::source::HfFiles;
 
     fn model_dir(weights: &[u8]) -> (tempfile::TempDir, ModelFiles) {
         let dir = tempfile::tempdir().unwrap();
@@ -214,11 +227,13 @@ mod tests {
         let files = ModelFiles {
             id: "x".into(),
             revision: None,
-            config: p("config.json"),
-            tokenizer: p("tokenizer.json"),
-            tokenizer_config: p("tokenizer_config.json"),
-            generation_config: None,
-            weights: vec![p("model.safetensors")],
+            layout: Layout::Hf(HfFiles {
+                config: p("config.json"),
+                tokenizer: p("tokenizer.json"),
+                tokenizer_config: p("tokenizer_config.json"),
+                generation_config: None,
+                weights: vec![p("model.safetensors")],
+            }),
         };
         (dir, files)
     }
@@ -246,7 +261,7 @@ mod tests {
         let mut reopened = DigestCache::open(cache_path.clone());
         assert_eq!(fingerprint(&files, &mut reopened).unwrap(), first);
         assert!(!reopened.dirty, "a warm cache hashes nothing");
-        std::fs::write(&files.weights[0], [9; 101]).unwrap();
+        std::fs::write(files.weight_files()[0], [9; 101]).unwrap();
         let changed = fingerprint(&files, &mut DigestCache::open(cache_path)).unwrap();
         assert_ne!(changed.model, first.model);
     }

@@ -8,8 +8,9 @@ use candle_core::Device;
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::error::Result;
 use crate::fingerprint::{DigestCache, ModelFingerprint, fingerprint};
+use crate::model::gguf::GgufModel;
 use crate::model::known::{KnownModels, NamedModel, Trusted};
-use crate::model::{self, Decoder, ModelConfig, ModelFiles, source};
+use crate::model::{self, Decoder, Layout, ModelConfig, ModelFiles, source};
 use crate::tokens::TextTokenizer;
 
 /// What names a model and where it runs.
@@ -61,14 +62,27 @@ impl ResolvedModel {
         Ok(Self { files, fingerprint })
     }
 
-    /// Reads the config, tokenizer and weights, placed on `device` in `dtype`.
+    /// Reads the config, tokenizer and weights, placed on `device` in
+    /// `dtype`, by the loader of the files' layout.
     pub fn load(self, device: DeviceSpec, dtype: DTypeSpec) -> Result<LoadedModel> {
         let files = self.files;
-        let config = ModelConfig::from_file(&files.config)?;
-        let tokenizer = TextTokenizer::load(&files, &config)?;
         let device: Device = device.open()?;
         let dtype = dtype.resolve(&device);
-        let decoder = model::load_decoder(&files, config.clone(), &device, dtype)?;
+        let (config, tokenizer, decoder) = match &files.layout {
+            Layout::Hf(hf) => {
+                let config = ModelConfig::from_file(&hf.config)?;
+                let tokenizer = TextTokenizer::load(hf, &config)?;
+                let decoder = model::load_decoder(hf, config.clone(), &device, dtype)?;
+                (config, tokenizer, decoder)
+            }
+            Layout::Gguf(path) => {
+                let gguf = GgufModel::open(path)?;
+                let config = gguf.config()?;
+                let tokenizer = gguf.tokenizer()?;
+                let decoder = gguf.decoder(config.clone(), &device, dtype)?;
+                (config, tokenizer, decoder)
+            }
+        };
         Ok(LoadedModel {
             files,
             config,

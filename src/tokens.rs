@@ -5,7 +5,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, ModelFiles};
+use crate::model::ModelConfig;
+use crate::model::source::HfFiles;
 
 /// What precedes the document in the compressor's input (after BOS).
 pub const CONTEXT_PREFIX: &str = "### Context:\n";
@@ -33,7 +34,7 @@ impl TextTokenizer {
     /// Loads `tokenizer.json`; BOS comes from `tokenizer_config.json`
     /// (`bos_token`), else `config.json`. EOS ids are the union of
     /// `config.json`, `generation_config.json` and `tokenizer_config.json`.
-    pub fn load(files: &ModelFiles, config: &ModelConfig) -> Result<Self> {
+    pub fn load(files: &HfFiles, config: &ModelConfig) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
             Error::Tokenizer(format!("cannot load {}: {e}", files.tokenizer.display()))
         })?;
@@ -63,9 +64,14 @@ impl TextTokenizer {
             }
         }
         eos.extend(special("eos_token"));
+        Ok(Self::new(inner, bos, eos))
+    }
+
+    /// A tokenizer with its BOS id (if prompts start with one) and EOS ids.
+    pub fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, mut eos: Vec<u32>) -> Self {
         eos.sort_unstable();
         eos.dedup();
-        Ok(TextTokenizer { inner, bos, eos })
+        TextTokenizer { inner, bos, eos }
     }
 
     /// Token ids of `text`, without any special tokens added.
@@ -228,9 +234,7 @@ mod tests {
         let path = |n: &str| dir.path().join(n);
         trained().inner.save(path("tokenizer.json"), false).unwrap();
         std::fs::write(path("tokenizer_config.json"), tokenizer_config).unwrap();
-        let files = ModelFiles {
-            id: "t".into(),
-            revision: None,
+        let files = HfFiles {
             config: path("config.json"),
             tokenizer: path("tokenizer.json"),
             tokenizer_config: path("tokenizer_config.json"),

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use sac::model::{
-    AttentionMask, Decoder, ForwardInput, ModelConfig, ModelFiles, Path as ForwardPath, mask,
+    AttentionMask, Decoder, ForwardInput, HfFiles, ModelConfig, Path as ForwardPath, mask,
 };
 use sac::tokens::TextTokenizer;
 use serde::{Deserialize, Serialize};
@@ -365,9 +365,7 @@ fn resumed_level(dir: &Path, levels: &[Level]) -> anyhow::Result<usize> {
 /// about `names`, and writes its weights to `dir/model.safetensors` every
 /// [`CHECKPOINT_STEPS`] steps and at the end.
 pub fn train(dir: &Path, names: &[String], settings: &BaseSettings) -> anyhow::Result<()> {
-    let files = ModelFiles {
-        id: dir.display().to_string(),
-        revision: None,
+    let files = HfFiles {
         config: dir.join("config.json"),
         tokenizer: dir.join("tokenizer.json"),
         tokenizer_config: dir.join("tokenizer_config.json"),

@@ -45,8 +45,8 @@ pub fn run(args: &ModelInfoArgs) -> anyhow::Result<()> {
     } = LoadedModel::load(&args.model.spec())?;
     let device = decoder.device();
     let dtype = decoder.dtype();
-    let weight_bytes = files
-        .weights
+    let weight_files = files.weight_files();
+    let weight_bytes = weight_files
         .iter()
         .map(|w| {
             w.metadata()
@@ -73,7 +73,7 @@ pub fn run(args: &ModelInfoArgs) -> anyhow::Result<()> {
         },
         bos_token_id: tokenizer.bos(),
         eos_token_ids: tokenizer.eos().to_vec(),
-        weight_files: files.weights.len(),
+        weight_files: weight_files.len(),
         weight_bytes,
         device: match device.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),

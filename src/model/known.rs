@@ -4,10 +4,11 @@
 //! what is downloaded or loaded. So the model a header names is used only
 //! - as a Hub model already in the local Hugging Face cache, at the header's
 //!   revision (checked as a Hub name first); or
-//! - as a local directory that the user has loaded before, named on the
-//!   command line of `compress`, `ask`, `model-info` or `train`: each such
-//!   load leaves a note under the sac cache directory (`models/<fingerprint>`
-//!   holding the directory), and the header's fingerprint finds it.
+//! - as a local directory or `.gguf` file that the user has loaded before,
+//!   named on the command line of `compress`, `ask`, `model-info` or
+//!   `train`: each such load leaves a note under the sac cache directory
+//!   (`models/<fingerprint>` holding the path), and the header's fingerprint
+//!   finds it.
 //!
 //! The caller then checks the files' fingerprints against the header's before
 //! reading any of them as a model.
@@ -19,7 +20,8 @@ use hf_hub::Cache;
 use crate::error::{Error, Result};
 use crate::model::source::{self, ModelFiles, Network};
 
-/// Local model directories the user has loaded, by model fingerprint.
+/// Local models (directories, `.gguf` files) the user has loaded, by model
+/// fingerprint.
 #[derive(Debug, Clone)]
 pub struct KnownModels {
     dir: Option<PathBuf>,
@@ -44,11 +46,11 @@ impl KnownModels {
         plain.then(|| self.dir.as_ref().map(|d| d.join(hex)))?
     }
 
-    /// Notes that the model with `fingerprint` is the directory `dir`. A note
-    /// that cannot be written only costs a `--model` later, so failures are
+    /// Notes that the model with `fingerprint` is at `path`. A note that
+    /// cannot be written only costs a `--model` later, so failures are
     /// ignored.
-    pub fn remember(&self, fingerprint: &str, dir: &Path) {
-        let (Some(note), Some(text)) = (self.note(fingerprint), dir.to_str()) else {
+    pub fn remember(&self, fingerprint: &str, path: &Path) {
+        let (Some(note), Some(text)) = (self.note(fingerprint), path.to_str()) else {
             return;
         };
         if std::fs::read_to_string(&note).is_ok_and(|old| old == text) {
@@ -60,7 +62,7 @@ impl KnownModels {
         let _ = crate::atomic::write_bytes(&note, text.as_bytes());
     }
 
-    /// The directory the model with `fingerprint` was loaded from, if noted.
+    /// Where the model with `fingerprint` was loaded from, if noted.
     pub fn recall(&self, fingerprint: &str) -> Option<PathBuf> {
         let text = std::fs::read_to_string(self.note(fingerprint)?).ok()?;
         let dir = PathBuf::from(text);
@@ -111,7 +113,7 @@ impl Trusted {
             )));
         }
         match self.known.recall(named.fingerprint) {
-            Some(dir) => source::resolve_dir_at(&dir),
+            Some(path) => source::resolve_local(&path),
             None => Err(Error::UnknownLocalModel(named.id.to_string())),
         }
     }
@@ -174,17 +176,6 @@ mod tests {
         (trusted, noted)
     }
 
-    fn files_of(files: &ModelFiles) -> Vec<&Path> {
-        let mut all = vec![
-            files.config.as_path(),
-            files.tokenizer.as_path(),
-            files.tokenizer_config.as_path(),
-        ];
-        all.extend(files.generation_config.as_deref());
-        all.extend(files.weights.iter().map(PathBuf::as_path));
-        all
-    }
-
     #[test]
     fn the_cache_and_noted_directories_resolve() {
         let root = tempfile::tempdir().unwrap();
@@ -195,9 +186,13 @@ mod tests {
             fingerprint,
         };
         let hub = trusted.resolve(named("acme/tiny", None, "x")).unwrap();
-        assert!(hub.config.starts_with(root.path().join("hub")));
+        assert!(
+            hub.paths()
+                .iter()
+                .all(|p| p.starts_with(root.path().join("hub")))
+        );
         let dir = trusted.resolve(named("/anywhere", None, FP)).unwrap();
-        assert!(dir.config.starts_with(noted.canonicalize().unwrap()));
+        assert_eq!(dir.id, noted.canonicalize().unwrap().to_str().unwrap());
         let fixture = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/parity/llama3";
         let err = trusted
             .resolve(named(&fixture, None, "sha256:0"))
@@ -225,7 +220,7 @@ mod tests {
             let named = NamedModel { id: &id, revision: revision.as_deref(), fingerprint: &fingerprint };
             if let Ok(files) = trusted.resolve(named) {
                 let allowed = [root.path().join("hub").canonicalize().unwrap(), noted.canonicalize().unwrap()];
-                for path in files_of(&files) {
+                for path in files.paths() {
                     let real = path.canonicalize().unwrap();
                     proptest::prop_assert!(
                         allowed.iter().any(|a| real.starts_with(a)),

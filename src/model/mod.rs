@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod known;
 pub mod kv;
 pub mod lora;
@@ -19,16 +20,16 @@ pub use lora::{AttentionLora, LayerLora, LoraTarget, LowRank};
 pub use mask::AttentionMask;
 pub use ops::Path;
 pub use probe::{AttentionProbe, Reduce};
-pub use source::ModelFiles;
+pub use source::{HfFiles, Layout, ModelFiles};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 
-/// Memory-maps the weights of `files` and builds the decoder in `dtype`.
+/// Memory-maps the safetensors weights of `files` and builds the decoder in `dtype`.
 pub fn load_decoder(
-    files: &ModelFiles,
+    files: &HfFiles,
     config: ModelConfig,
     device: &Device,
     dtype: DType,

@@ -25,16 +25,59 @@ const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 /// The files of one model, resolved to local paths.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
-    /// What the user named: a Hub id, or the directory as given.
+    /// What the user named: a Hub id, or the absolute path of the local
+    /// directory or file.
     pub id: String,
-    /// The Hub revision asked for (`None` for a local directory).
+    /// The Hub revision asked for (`None` for a local model).
     pub revision: Option<String>,
+    pub layout: Layout,
+}
+
+/// How a model's files are laid out; each layout has its own loader.
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// A Hugging Face model: `config.json`, tokenizer files, safetensors.
+    Hf(HfFiles),
+    /// A llama.cpp GGUF file: config, tokenizer and weights in one.
+    Gguf(PathBuf),
+}
+
+/// The files of a Hugging Face model.
+#[derive(Debug, Clone)]
+pub struct HfFiles {
     pub config: PathBuf,
     pub tokenizer: PathBuf,
     pub tokenizer_config: PathBuf,
     pub generation_config: Option<PathBuf>,
     /// One file, or the shards named by the index, in index order.
     pub weights: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    /// The files holding the weights.
+    pub fn weight_files(&self) -> Vec<&Path> {
+        match &self.layout {
+            Layout::Hf(hf) => hf.weights.iter().map(PathBuf::as_path).collect(),
+            Layout::Gguf(file) => vec![file.as_path()],
+        }
+    }
+
+    /// Every file the model is read from.
+    pub fn paths(&self) -> Vec<&Path> {
+        match &self.layout {
+            Layout::Hf(hf) => {
+                let mut all = vec![
+                    hf.config.as_path(),
+                    hf.tokenizer.as_path(),
+                    hf.tokenizer_config.as_path(),
+                ];
+                all.extend(hf.generation_config.as_deref());
+                all.extend(hf.weights.iter().map(PathBuf::as_path));
+                all
+            }
+            Layout::Gguf(file) => vec![file.as_path()],
+        }
+    }
 }
 
 /// Whether resolving a Hub model may download what the cache lacks.
@@ -47,23 +90,24 @@ pub enum Network {
     CacheOnly,
 }
 
-/// Resolves `model` (a directory, or a Hub id such as `meta-llama/Llama-3.2-1B`)
-/// as the user named it: a Hub model may be downloaded.
+/// Resolves `model` (a directory, a `.gguf` file, or a Hub id such as
+/// `meta-llama/Llama-3.2-1B`) as the user named it: a Hub model may be
+/// downloaded.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
-    if path.is_dir() {
+    if path.exists() {
         if revision.is_some() {
             return Err(Error::MissingModelFile(format!(
-                "--revision applies to Hub ids, and `{model}` is a local directory"
+                "--revision applies to Hub ids, and `{model}` is a local model"
             )));
         }
-        return resolve_dir_at(path);
+        return resolve_local(path);
     }
-    if looks_like_hub_id(model) && !path.exists() {
+    if looks_like_hub_id(model) {
         return resolve_hub(model, revision.unwrap_or("main"), Network::Allowed);
     }
     Err(Error::MissingModelFile(format!(
-        "model `{model}` is neither a directory nor a Hugging Face Hub id (owner/name)"
+        "model `{model}` is neither a directory, a .gguf file nor a Hugging Face Hub id (owner/name)"
     )))
 }
 
@@ -113,14 +157,57 @@ pub fn check_hub_name(id: &str, revision: &str) -> Result<()> {
 const EXPECTED: &str = "config.json, tokenizer.json, tokenizer_config.json and \
                         model.safetensors or model.safetensors.index.json";
 
-/// Resolves the model directory `path`.
-pub fn resolve_dir_at(path: &Path) -> Result<ModelFiles> {
+/// Resolves the local model `path`: a Hugging Face model directory, a
+/// `.gguf` file, or a directory holding exactly one `.gguf` file.
+pub fn resolve_local(path: &Path) -> Result<ModelFiles> {
     // The id goes into .sack headers: an absolute path still names the
     // model when `ask` runs from another directory.
-    let id = path
+    let real = path
         .canonicalize()
-        .map_err(|e| Error::io("cannot resolve model directory", path, e))?;
-    resolve_dir(&id.to_string_lossy(), path)
+        .map_err(|e| Error::io("cannot resolve model path", path, e))?;
+    let id = real.to_string_lossy().into_owned();
+    let gguf = |file: PathBuf| ModelFiles {
+        id: file.to_string_lossy().into_owned(),
+        revision: None,
+        layout: Layout::Gguf(file),
+    };
+    if real.is_file() {
+        if !is_gguf(&real) {
+            return Err(Error::MissingModelFile(format!(
+                "{} is a file but not a .gguf model; pass a .gguf file or a model directory",
+                path.display()
+            )));
+        }
+        return Ok(gguf(real));
+    }
+    if real.join(CONFIG).is_file() {
+        return resolve_dir(&id, path);
+    }
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&real)
+        .map_err(|e| Error::io("cannot list model directory", path, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_gguf(p))
+        .collect();
+    ggufs.sort();
+    match ggufs.as_slice() {
+        [one] => Ok(gguf(one.clone())),
+        [] => resolve_dir(&id, path),
+        many => Err(Error::MissingModelFile(format!(
+            "model directory {} holds {} .gguf files ({}); pass the one to use",
+            path.display(),
+            many.len(),
+            many.iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn resolve_dir(id: &str, dir: &Path) -> Result<ModelFiles> {
@@ -146,11 +233,13 @@ fn resolve_dir(id: &str, dir: &Path) -> Result<ModelFiles> {
     Ok(ModelFiles {
         id: id.to_string(),
         revision: None,
-        config: need(CONFIG)?,
-        tokenizer: need(TOKENIZER)?,
-        tokenizer_config: need(TOKENIZER_CONFIG)?,
-        generation_config: Some(dir.join(GENERATION_CONFIG)).filter(|p| p.is_file()),
-        weights,
+        layout: Layout::Hf(HfFiles {
+            config: need(CONFIG)?,
+            tokenizer: need(TOKENIZER)?,
+            tokenizer_config: need(TOKENIZER_CONFIG)?,
+            generation_config: Some(dir.join(GENERATION_CONFIG)).filter(|p| p.is_file()),
+            weights,
+        }),
     })
 }
 
@@ -331,11 +420,13 @@ pub fn resolve_hub_in(
     Ok(ModelFiles {
         id: id.to_string(),
         revision: Some(revision.to_string()),
-        config,
-        tokenizer: repo.get(TOKENIZER)?,
-        tokenizer_config: repo.get(TOKENIZER_CONFIG)?,
-        generation_config: repo.try_get(GENERATION_CONFIG),
-        weights,
+        layout: Layout::Hf(HfFiles {
+            config,
+            tokenizer: repo.get(TOKENIZER)?,
+            tokenizer_config: repo.get(TOKENIZER_CONFIG)?,
+            generation_config: repo.try_get(GENERATION_CONFIG),
+            weights,
+        }),
     })
 }
 
@@ -428,7 +519,7 @@ mod tests {
         )
         .unwrap();
         let files = resolve(dir.path().to_str().unwrap(), None).unwrap();
-        assert_eq!(files.weights.len(), 2);
+        assert_eq!(files.weight_files().len(), 2);
         std::fs::write(
             dir.path().join(WEIGHTS_INDEX),
             r#"{"weight_map": {"x": "../evil.safetensors"}}"#,

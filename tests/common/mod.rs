@@ -31,6 +31,9 @@ impl Fixture {
     pub fn load(name: &str, dtype: DType) -> Fixture {
         let dir = fixture_dir(name);
         let files = model::source::resolve(dir.to_str().unwrap(), None).unwrap();
+        let model::Layout::Hf(files) = files.layout else {
+            panic!("{name} is not a Hugging Face model directory")
+        };
         let config = ModelConfig::from_file(&files.config).unwrap();
         let decoder = model::load_decoder(&files, config, &Device::Cpu, dtype).unwrap();
         let reference =

@@ -1,0 +1,305 @@
+//! llama.cpp's GGUF files: the config (as metadata), the tokenizer and the
+//! weights, quantized or not, in one file. candle's `gguf_file` reads it and
+//! its quantized module dequantizes each tensor at load, to the run dtype;
+//! the tensors are renamed to the Hugging Face names the decoder loads.
+//!
+//! llama.cpp's converter permutes the rows of `attn_q` and `attn_k` of
+//! Llama-family models (its RoPE rotates adjacent pairs, Hugging Face's the
+//! two halves of a head); the loader undoes that, so the decoder runs GGUF
+//! and safetensors weights alike. Qwen2 and Qwen3 files are not permuted.
+
+mod tokenizer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::model::{Decoder, ModelConfig};
+use crate::tokens::TextTokenizer;
+
+/// An open GGUF file: its metadata and where its tensors lie.
+#[derive(Debug)]
+pub struct GgufModel {
+    path: PathBuf,
+    content: Content,
+}
+
+/// The architectures sac runs, as GGUF names them, and whether llama.cpp
+/// permuted their query and key rows.
+const ARCHITECTURES: [(&str, bool); 3] = [("llama", true), ("qwen2", false), ("qwen3", false)];
+
+/// One line about `path`: candle's errors carry a backtrace on the lines
+/// after the first when `RUST_BACKTRACE` is set.
+fn gguf_error(path: &Path, message: impl std::fmt::Display) -> Error {
+    let message = message.to_string();
+    Error::Config {
+        path: path.to_path_buf(),
+        message: message.lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+impl GgufModel {
+    /// Reads the metadata and tensor directory of `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| gguf_error(path, format!("not a GGUF file sac can read: {e}")))?;
+        Ok(GgufModel {
+            path: path.to_path_buf(),
+            content,
+        })
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> Error {
+        gguf_error(&self.path, message)
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn string(&self, key: &str) -> Result<&str> {
+        match self.meta(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(self.error(format!("`{key}` is not a string"))),
+            None => Err(self.error(format!("has no `{key}`"))),
+        }
+    }
+
+    fn number(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Value::U8(v) => Some(f64::from(*v)),
+            Value::I8(v) => Some(f64::from(*v)),
+            Value::U16(v) => Some(f64::from(*v)),
+            Value::I16(v) => Some(f64::from(*v)),
+            Value::U32(v) => Some(f64::from(*v)),
+            Value::I32(v) => Some(f64::from(*v)),
+            Value::U64(v) => Some(*v as f64),
+            Value::I64(v) => Some(*v as f64),
+            Value::F32(v) => Some(f64::from(*v)),
+            Value::F64(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn id(&self, key: &str) -> Option<u32> {
+        self.number(key)
+            .filter(|v| *v >= 0.0 && v.fract() == 0.0 && *v <= f64::from(u32::MAX))
+            .map(|v| v as u32)
+    }
+
+    /// `general.architecture`, if sac runs it, and whether its query and
+    /// key rows are permuted.
+    fn architecture(&self) -> Result<(&str, bool)> {
+        let arch = self.string("general.architecture")?;
+        ARCHITECTURES
+            .iter()
+            .find(|(name, _)| *name == arch)
+            .map(|&(name, permuted)| (name, permuted))
+            .ok_or_else(|| {
+                self.error(format!(
+                    "architecture {arch:?} is not supported (sac runs llama, qwen2 and qwen3 GGUF files)"
+                ))
+            })
+    }
+
+    /// The model's hyper-parameters, from `<arch>.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let (arch, _) = self.architecture()?;
+        let optional = |key: &str| self.number(&format!("{arch}.{key}"));
+        let need = |key: &str| {
+            optional(key).ok_or_else(|| self.error(format!("has no number `{arch}.{key}`")))
+        };
+        let count = |key: &str| -> Result<u64> {
+            let key = format!("{arch}.{key}");
+            self.id(&key)
+                .map(u64::from)
+                .ok_or_else(|| self.error(format!("has no count `{key}`")))
+        };
+        let optional_count = |key: &str| self.id(&format!("{arch}.{key}")).map(u64::from);
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(self.error(
+                "scales RoPE by a rope_freqs tensor (Llama 3.1 style), which sac does not read from GGUF",
+            ));
+        }
+        let rope_scaling = match self.meta(&format!("{arch}.rope.scaling.type")) {
+            None => serde_json::Value::Null,
+            Some(Value::String(kind)) if kind == "none" => serde_json::Value::Null,
+            Some(Value::String(kind)) if kind == "linear" => {
+                json!({"type": "linear", "factor": optional("rope.scaling.factor").unwrap_or(1.0)})
+            }
+            Some(other) => {
+                return Err(self.error(format!(
+                    "RoPE scaling {other:?} is not supported (only linear)"
+                )));
+            }
+        };
+        let heads = count("attention.head_count")?;
+        let vocab =
+            optional_count("vocab_size").or_else(|| match self.meta("tokenizer.ggml.tokens") {
+                Some(Value::Array(tokens)) => Some(tokens.len() as u64),
+                _ => None,
+            });
+        let config = json!({
+            "model_type": arch,
+            "hidden_size": count("embedding_length")?,
+            "intermediate_size": count("feed_forward_length")?,
+            "num_hidden_layers": count("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": optional_count("attention.head_count_kv").unwrap_or(heads),
+            "head_dim": optional_count("attention.key_length"),
+            "rms_norm_eps": need("attention.layer_norm_rms_epsilon")?,
+            "rope_theta": optional("rope.freq_base").unwrap_or(10_000.0),
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": count("context_length")?,
+            "vocab_size": vocab.ok_or_else(|| self.error("has no vocabulary size"))?,
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "bos_token_id": self.id("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.id("tokenizer.ggml.eos_token_id"),
+        });
+        ModelConfig::from_json(&config.to_string()).map_err(|m| self.error(m))
+    }
+
+    /// The tokenizer from `tokenizer.ggml.*`, with BOS (when
+    /// `add_bos_token` is set) and the EOS and end-of-turn ids.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        tokenizer::build(self)
+    }
+
+    /// Every tensor dequantized to `dtype` on `device`, renamed and (for the
+    /// Llama family) unpermuted, as the decoder `config` describes.
+    pub fn decoder(&self, config: ModelConfig, device: &Device, dtype: DType) -> Result<Decoder> {
+        let (_, permuted) = self.architecture()?;
+        let mut file =
+            File::open(&self.path).map_err(|e| Error::io("cannot open", &self.path, e))?;
+        let mut tensors = HashMap::new();
+        for (name, info) in &self.content.tensor_infos {
+            let hf = hf_name(name)
+                .ok_or_else(|| self.error(format!("holds a tensor `{name}` sac does not know")))?;
+            let read = info
+                .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+            let tensor = match (permuted, hf.rsplit('.').nth(1)) {
+                (true, Some("q_proj")) if hf.ends_with(".weight") => {
+                    unpermute(&read, config.num_heads)?
+                }
+                (true, Some("k_proj")) if hf.ends_with(".weight") => {
+                    unpermute(&read, config.num_kv_heads)?
+                }
+                _ => read,
+            };
+            tensors.insert(hf, tensor.to_dtype(dtype)?.to_device(device)?);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Decoder::load(config, vb).map_err(|e| match e {
+            Error::Candle(e) => self.error(format!("weights: {e}")),
+            other => other,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The Hugging Face name of GGUF tensor `name`.
+fn hf_name(name: &str) -> Option<String> {
+    let global = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(global) = global {
+        return Some(global.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    matches!(kind, "weight" | "bias").then(|| format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's row permutation of a `[heads * head_dim, in]` query
+/// or key weight: within each head, rows `0, 2, 4, ...` then `1, 3, 5, ...`
+/// become the halves Hugging Face's RoPE rotates.
+fn unpermute(weight: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = weight.dims2()?;
+    let half = rows / heads / 2;
+    Ok(weight
+        .reshape((heads, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_names_map_to_hugging_face_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").as_deref(),
+            Some("model.layers.0.self_attn.k_proj.bias")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        for unknown in [
+            "blk.x.attn_q.weight",
+            "blk.0.attn_q.scale",
+            "rope_freqs.weight",
+        ] {
+            assert_eq!(hf_name(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converters_permutation() {
+        // llama.cpp: w.reshape(heads, 2, rows / heads / 2, cols).swapaxes(1, 2).
+        let (heads, head_dim, cols) = (3, 4, 2);
+        let hf = Tensor::arange(0f32, (heads * head_dim * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * head_dim, cols))
+            .unwrap();
+        let gguf = hf
+            .reshape((heads, 2, head_dim / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((heads * head_dim, cols))
+            .unwrap();
+        assert_ne!(gguf.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        let back = unpermute(&gguf, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,174 @@
+//! A GGUF file's tokenizer, built from `tokenizer.ggml.*` as a `tokenizers`
+//! tokenizer laid out as the model's published `tokenizer.json` is:
+//! byte-level BPE ("gpt2") with the vocabulary and merges of the file, the
+//! pre-tokenizer `tokenizer.ggml.pre` names, and the control tokens as
+//! special tokens.
+
+use tokenizers::models::bpe::Vocab;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use super::GgufModel;
+use crate::error::{Error, Result};
+use crate::tokens::TextTokenizer;
+
+/// Llama 3's split, as its `tokenizer.json` (and llama.cpp's "llama-bpe") has it.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split (llama.cpp's "qwen2"): single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// llama.cpp's token types.
+const CONTROL: i64 = 3;
+const USER_DEFINED: i64 = 4;
+
+fn tokenizer_error(model: &GgufModel, message: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("{}: {message}", model.path().display()))
+}
+
+/// The strings of array `key`.
+fn strings<'a>(model: &'a GgufModel, key: &str) -> Result<Vec<&'a str>> {
+    match model.meta(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => Err(tokenizer_error(
+                    model,
+                    format!("`{key}` holds a non-string"),
+                )),
+            })
+            .collect(),
+        _ => Err(tokenizer_error(model, format!("has no array `{key}`"))),
+    }
+}
+
+fn integers(model: &GgufModel, key: &str) -> Vec<i64> {
+    match model.meta(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::I32(n) => i64::from(*n),
+                Value::U32(n) => i64::from(*n),
+                Value::I8(n) => i64::from(*n),
+                Value::U8(n) => i64::from(*n),
+                _ => 0,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The pre-tokenizer of llama.cpp's pre-tokenizer type `pre`, and whether
+/// the vocabulary is NFC-normalized first.
+fn pre_tokenizer(pre: &str) -> Option<(PreTokenizerWrapper, bool)> {
+    let byte_level = |use_regex| ByteLevel::new(false, true, use_regex).into();
+    let split = |pattern: &str| -> Option<PreTokenizerWrapper> {
+        Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .ok()
+        .map(Into::into)
+    };
+    Some(match pre {
+        "default" | "gpt-2" | "gpt2" => (byte_level(true), false),
+        "smollm" => (
+            Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into(),
+            false,
+        ),
+        "llama-bpe" | "llama3" => (
+            Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)]).into(),
+            false,
+        ),
+        "qwen2" => (
+            Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)]).into(),
+            true,
+        ),
+        _ => return None,
+    })
+}
+
+/// Builds the tokenizer of `model`.
+pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
+    let kind = model
+        .string("tokenizer.ggml.model")
+        .map_err(|_| tokenizer_error(model, "has no `tokenizer.ggml.model`"))?;
+    if kind != "gpt2" {
+        return Err(tokenizer_error(
+            model,
+            format!(
+                "tokenizer model {kind:?} is not supported (sac reads byte-level BPE, \"gpt2\")"
+            ),
+        ));
+    }
+    let pre = model.string("tokenizer.ggml.pre").unwrap_or("default");
+    let (pre_tokenizer, nfc) = pre_tokenizer(pre).ok_or_else(|| {
+        tokenizer_error(
+            model,
+            format!(
+                "pre-tokenizer {pre:?} is not supported (sac knows default, gpt-2, smollm, llama-bpe and qwen2)"
+            ),
+        )
+    })?;
+    let tokens = strings(model, "tokenizer.ggml.tokens")?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.to_string(), id as u32))
+        .collect();
+    let merges = strings(model, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| tokenizer_error(model, format!("merge {merge:?} is not two tokens")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == "llama-bpe" || pre == "llama3")
+        .build()
+        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    if nfc {
+        inner.with_normalizer(Some(NFC));
+    }
+    let types = integers(model, "tokenizer.ggml.token_type");
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, t)| matches!(**t, CONTROL | USER_DEFINED))
+        .map(|(token, t)| AddedToken::from(token.to_string(), *t == CONTROL))
+        .collect();
+    inner.add_special_tokens(&added);
+    let add_bos = matches!(
+        model.meta("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
+    let bos = add_bos
+        .then(|| model.id("tokenizer.ggml.bos_token_id"))
+        .flatten();
+    let eos = [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ]
+    .iter()
+    .filter_map(|key| model.id(key))
+    .filter(|&id| (id as usize) < tokens.len())
+    .collect();
+    Ok(TextTokenizer::new(inner, bos, eos))
+}

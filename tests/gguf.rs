@@ -1,0 +1,334 @@
+//! GGUF models: the fixture models written as llama.cpp's converter writes
+//! them (query and key rows permuted for Llama, tensors quantized by candle),
+//! loaded back through `--model FILE.gguf`, must run as their safetensors do;
+//! damaged or unsupported files give one clear line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use common::{fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
+use sac::model::ForwardInput;
+use sac::runtime::{LoadedModel, ModelSpec};
+
+/// The GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    let global = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = global.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let (part, kind) = rest.rsplit_once('.').unwrap();
+    let part = match part {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => panic!("no GGUF name for {other}"),
+    };
+    format!("blk.{layer}.{part}.{kind}")
+}
+
+/// llama.cpp's permutation of query and key rows.
+fn permute(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+/// Writes fixture model `name` (architecture `arch`) as a GGUF file in `dir`,
+/// matrices in `dtype` (norms and biases stay f32, as llama.cpp keeps them).
+fn write_gguf(name: &str, arch: &str, dtype: GgmlDType, dir: &Path) -> PathBuf {
+    let src = fixture_dir(name);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let n = |key: &str| config[key].as_u64().unwrap() as u32;
+    let heads = n("num_attention_heads") as usize;
+    let kv_heads = n("num_key_value_heads") as usize;
+
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); n("vocab_size") as usize];
+    for (token, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = token.clone();
+    }
+    let mut types = vec![1i32; tokens.len()];
+    for added in tokenizer["added_tokens"].as_array().unwrap() {
+        let id = added["id"].as_u64().unwrap() as usize;
+        tokens[id] = added["content"].as_str().unwrap().to_string();
+        types[id] = 3;
+    }
+    let merges: Vec<Value> = tokenizer["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            pair => Value::String(format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            )),
+        })
+        .collect();
+    let key = |k: &str| format!("{arch}.{k}");
+    let metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (key("block_count"), Value::U32(n("num_hidden_layers"))),
+        (
+            key("context_length"),
+            Value::U32(n("max_position_embeddings")),
+        ),
+        (key("embedding_length"), Value::U32(n("hidden_size"))),
+        (
+            key("feed_forward_length"),
+            Value::U32(n("intermediate_size")),
+        ),
+        (key("attention.head_count"), Value::U32(heads as u32)),
+        (key("attention.head_count_kv"), Value::U32(kv_heads as u32)),
+        (
+            key("attention.key_length"),
+            Value::U32(
+                config["head_dim"]
+                    .as_u64()
+                    .map_or(n("hidden_size") / heads as u32, |d| d as u32),
+            ),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(config["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            key("rope.freq_base"),
+            Value::F32(config["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32(n("bos_token_id")),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(n("eos_token_id")),
+        ),
+    ];
+
+    let weights =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let permuted = arch == "llama";
+    let mut tensors: Vec<(String, QTensor)> = weights
+        .iter()
+        .map(|(hf, t)| {
+            let t = match (permuted, hf) {
+                (true, h) if h.ends_with("q_proj.weight") => permute(t, heads),
+                (true, h) if h.ends_with("k_proj.weight") => permute(t, kv_heads),
+                _ => t.clone(),
+            };
+            let kind = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+            (gguf_name(hf), QTensor::quantize(&t, kind).unwrap())
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = dir.join(format!("{name}-{dtype:?}.gguf"));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    path
+}
+
+fn load(model: &Path) -> LoadedModel {
+    LoadedModel::load(&ModelSpec {
+        model: model.to_string_lossy().into_owned(),
+        revision: None,
+        device: sac::device::DeviceSpec::Cpu,
+        dtype: sac::device::DTypeSpec::F32,
+    })
+    .unwrap()
+}
+
+/// Logits of the context ids of `text` under `model`.
+fn logits(model: &LoadedModel, text: &str) -> (Vec<u32>, Tensor) {
+    let ids = model.tokenizer.context_ids(text).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions = Tensor::arange(1u32, ids.len() as u32 + 1, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = model.decoder.embed(&input).unwrap();
+    let out = model
+        .decoder
+        .forward(ForwardInput::causal(&embeds, &positions))
+        .unwrap();
+    (ids, model.decoder.logits(&out.hidden).unwrap())
+}
+
+#[test]
+fn a_gguf_runs_as_its_safetensors_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap();
+    // llama.cpp converts Mistral models as "llama" (the llama3 fixture scales
+    // RoPE by llama3's rule, which GGUF stores as a tensor sac refuses).
+    for (name, arch) in [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")] {
+        let hf = load(&fixture_dir(name));
+        let (hf_ids, hf_logits) = logits(&hf, &text);
+        let gguf = load(&write_gguf(name, arch, GgmlDType::F32, dir.path()));
+        assert_eq!(gguf.config.num_layers, hf.config.num_layers);
+        assert_eq!(gguf.tokenizer.eos(), hf.tokenizer.eos(), "{name}");
+        let (ids, gguf_logits) = logits(&gguf, &text);
+        assert_eq!(ids, hf_ids, "{name}: token ids");
+        let diff = max_abs_diff(&gguf_logits, &hf_logits);
+        assert!(diff < 1e-4, "{name}: f32 GGUF logits differ by {diff}");
+        // Quantized, the same model stays close, relative to the logits' range.
+        let range = max_abs_diff(&hf_logits, &hf_logits.zeros_like().unwrap());
+        for (dtype, bound) in [(GgmlDType::Q8_0, 0.02), (GgmlDType::Q4_1, 0.2)] {
+            let q = load(&write_gguf(name, arch, dtype, dir.path()));
+            let diff = max_abs_diff(&logits(&q, &text).1, &hf_logits) / range;
+            assert!(
+                diff < bound,
+                "{name} {dtype:?}: logits differ by {diff} of their range"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_gguf_compresses_and_answers_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = write_gguf("mistral", "llama", GgmlDType::Q8_0, dir.path());
+    let sack = dir.path().join("d.sack");
+    run_ok(
+        sac()
+            .arg("compress")
+            .arg(sac_fixture("doc_edge.txt"))
+            .arg("-m")
+            .arg(&gguf)
+            .args(["--compressor", "kvzip", "-q", "-o"])
+            .arg(&sack),
+    );
+    // No --model: the .gguf was named on a command line before.
+    let out = run_ok(
+        sac()
+            .arg("ask")
+            .arg(&sack)
+            .args(["Q?", "--max-tokens", "3", "--json"]),
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(answer["tokens"].as_array().unwrap().len(), 3);
+    // A directory holding exactly one .gguf is that model.
+    let info = run_ok(
+        sac()
+            .arg("model-info")
+            .arg("-m")
+            .arg(dir.path())
+            .arg("--json"),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["architecture"], "llama");
+    let hash = sha256_hex(&std::fs::read(&gguf).unwrap());
+    assert_eq!(info["fingerprint"]["model"], format!("sha256:{hash}"));
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn bad_gguf_files_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(write_gguf("mistral", "llama", GgmlDType::Q8_0, dir.path())).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated-header.gguf",
+            good[..200].to_vec(),
+            "not a GGUF file sac can read",
+        ),
+        (
+            "truncated-data.gguf",
+            good[..good.len() - 100].to_vec(),
+            "tensor",
+        ),
+        ("empty.gguf", Vec::new(), "not a GGUF file sac can read"),
+    ];
+    // Another architecture: the string "llama" after its key, renamed.
+    let key = b"general.architecture";
+    let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    let mut other = good.clone();
+    let value = at + 4 + 8;
+    other[value..value + 5].copy_from_slice(b"gpt-j");
+    cases.push((
+        "other-arch.gguf",
+        other,
+        "architecture \"gpt-j\" is not supported",
+    ));
+    // A quantization type candle does not know (ggml type 1000).
+    let tensor = b"blk.0.attn_k.weight";
+    let at = good
+        .windows(tensor.len())
+        .position(|w| w == tensor)
+        .unwrap()
+        + tensor.len();
+    let dims = u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
+    let mut unknown = good.clone();
+    let dtype = at + 4 + 8 * dims;
+    unknown[dtype..dtype + 4].copy_from_slice(&1000u32.to_le_bytes());
+    cases.push(("unknown-type.gguf", unknown, "dtype"));
+    for (name, bytes, why) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = sac()
+            .arg("compress")
+            .arg(sac_fixture("doc_edge.txt"))
+            .arg("-m")
+            .arg(&path)
+            .arg("-o")
+            .arg(dir.path().join("x.sack"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+}
