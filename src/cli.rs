@@ -276,6 +276,12 @@ pub struct AskArgs {
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
 
+    /// End each answer where this text appears (repeatable). Answers also
+    /// end at the model's end-of-sequence ids and, from a .sack made without
+    /// a SAC adapter, at a new "###" line.
+    #[arg(long, value_name = "STRING")]
+    pub stop: Vec<String>,
+
     /// Print one JSON object per answer.
     #[arg(long)]
     pub json: bool,

@@ -47,10 +47,27 @@ pub struct DecoderContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     Eos,
+    /// The answer's text reached a stop string ([`Answerer::with_stop_rule`]).
+    StopString,
     MaxTokens,
     /// The caller asked to stop (Ctrl-C).
     Interrupted,
 }
+
+impl Stop {
+    /// How `--json` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::Eos => "eos",
+            Stop::StopString => "stop_string",
+            Stop::MaxTokens => "max_tokens",
+            Stop::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Whether the ids generated so far end the answer (by its text, say).
+pub type StopRule<'a> = Box<dyn Fn(&[u32]) -> Result<bool> + 'a>;
 
 /// One generated answer.
 #[derive(Debug, Clone)]
@@ -82,13 +99,23 @@ impl Generation {
 /// read by every question; questions answered together share each forward
 /// pass, which costs about what one question costs while the weights, not
 /// the arithmetic, bound a decoding step.
-#[derive(Debug)]
 pub struct Answerer<'a> {
     decoder: &'a Decoder,
     shared: Vec<SharedKv>,
     question_position: u32,
     prefix: Option<Tensor>,
     eos: Vec<u32>,
+    stop_rule: Option<StopRule<'a>>,
+}
+
+impl std::fmt::Debug for Answerer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answerer")
+            .field("question_position", &self.question_position)
+            .field("eos", &self.eos)
+            .field("stop_rule", &self.stop_rule.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One question's progress inside [`Answerer::answer_batch`].
@@ -120,7 +147,15 @@ impl<'a> Answerer<'a> {
             question_position: context.question_position,
             prefix: context.prefix,
             eos: eos.to_vec(),
+            stop_rule: None,
         })
+    }
+
+    /// Ends each answer, with [`Stop::StopString`], once `rule` says so of
+    /// the ids it has generated (the last one included).
+    pub fn with_stop_rule(mut self, rule: StopRule<'a>) -> Self {
+        self.stop_rule = Some(rule);
+        self
     }
 
     /// Generates an answer to `question_ids`, calling `on_token` with each new
@@ -227,7 +262,10 @@ impl<'a> Answerer<'a> {
                     }
                     let full =
                         row.tokens.len() >= sampling.max_tokens || row.next_position >= limit;
-                    full.then_some(Stop::MaxTokens)
+                    match &self.stop_rule {
+                        Some(rule) if rule(&row.tokens)? => Some(Stop::StopString),
+                        _ => full.then_some(Stop::MaxTokens),
+                    }
                 };
                 row.elapsed = start.elapsed();
                 if row.stop.is_none() {

@@ -17,6 +17,9 @@ pub const QUESTION_HEAD: &str = "\n### Question:\n";
 /// What follows a question; the answer comes after it.
 pub const ANSWER_HEAD: &str = "\n### Answer:\n";
 
+/// Where a new turn of the `raw` layout starts.
+pub const RAW_TURN: &str = "\n###";
+
 /// The question prompt of the reference implementation.
 pub fn question_prompt(question: &str) -> String {
     format!("{QUESTION_HEAD}{question}{ANSWER_HEAD}")
@@ -120,49 +123,99 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Strings that end an answer where they appear; the answer is the text
+/// before the first of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopStrings(Vec<String>);
+
+impl StopStrings {
+    /// Empty strings are left out: they would end every answer at once.
+    pub fn new(strings: impl IntoIterator<Item = String>) -> Self {
+        StopStrings(strings.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Where `text` ends: the start of the first stop string in it, if any.
+    pub fn cut(&self, text: &str) -> Option<usize> {
+        self.0.iter().filter_map(|s| text.find(s.as_str())).min()
+    }
+
+    /// How much of `text`, which goes on, can be shown now: up to a stop
+    /// string, and short of any tail that may grow into one.
+    pub fn shown(&self, text: &str) -> usize {
+        if let Some(cut) = self.cut(text) {
+            return cut;
+        }
+        let held = self
+            .0
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(|n| &s[..n])
+            })
+            .filter(|prefix| text.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        text.len() - held
+    }
+}
+
 /// Turns generated ids into text pieces as soon as they decode to whole
 /// characters, so answers can stream without splitting a UTF-8 sequence.
 #[derive(Debug)]
 pub struct TextStream<'a> {
     tokenizer: &'a TextTokenizer,
+    stops: &'a StopStrings,
     ids: Vec<u32>,
     emitted: usize,
 }
 
 impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+    /// A stream that ends its text before the first of `stops`.
+    pub fn new(tokenizer: &'a TextTokenizer, stops: &'a StopStrings) -> Self {
         TextStream {
             tokenizer,
+            stops,
             ids: Vec::new(),
             emitted: 0,
         }
     }
 
-    /// Adds one id; returns the new text, if any is complete.
+    /// Adds one id; returns the new text, if any is complete (and cannot be
+    /// the start of a stop string).
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{fffd}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        if text.ends_with('\u{fffd}') {
             return Ok(None);
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(Some(piece))
+        let end = self.stops.shown(&text);
+        Ok(self.emit(&text, end))
     }
 
-    /// Text still held back at the end (an incomplete character), once
-    /// generation is over.
+    /// Text still held back at the end (an incomplete character, or what
+    /// looked like the start of a stop string), once generation is over.
     pub fn finish(&mut self) -> Result<Option<String>> {
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
-            return Ok(None);
+        let end = self.stops.cut(&text).unwrap_or(text.len());
+        Ok(self.emit(&text, end))
+    }
+
+    fn emit(&mut self, text: &str, end: usize) -> Option<String> {
+        if end <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+            || !text.is_char_boundary(end)
+        {
+            return None;
         }
-        let rest = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(Some(rest))
+        let piece = text[self.emitted..end].to_string();
+        self.emitted = end;
+        Some(piece)
     }
 }
 
@@ -268,7 +321,8 @@ mod tests {
     fn stream_never_splits_characters() {
         let tok = trained();
         let text = "naïve café wörld";
-        let mut stream = TextStream::new(&tok);
+        let none = StopStrings::default();
+        let mut stream = TextStream::new(&tok, &none);
         let mut out = String::new();
         for id in tok.encode(text).unwrap() {
             if let Some(piece) = stream.push(id).unwrap() {
@@ -277,5 +331,25 @@ mod tests {
         }
         assert_eq!(stream.finish().unwrap(), None);
         assert_eq!(out, text);
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_and_hold_back_what_may_start_one() {
+        let stops = StopStrings::new(["\n###".to_string(), "END".into(), String::new()]);
+        assert_eq!(stops.cut("a\n### b END"), Some(1));
+        assert_eq!(stops.cut("no stop"), None);
+        assert_eq!(stops.shown("answer\n#"), 6);
+        assert_eq!(stops.shown("answer E"), 7);
+        assert_eq!(stops.shown("answer"), 6);
+        assert!(StopStrings::new([String::new()]).is_empty());
+
+        let tok = trained();
+        let mut stream = TextStream::new(&tok, &stops);
+        let mut out = String::new();
+        for id in tok.encode("the cat\n### sat").unwrap() {
+            out.push_str(&stream.push(id).unwrap().unwrap_or_default());
+        }
+        out.push_str(&stream.finish().unwrap().unwrap_or_default());
+        assert_eq!(out, "the cat");
     }
 }

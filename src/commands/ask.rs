@@ -17,7 +17,7 @@ use crate::pack;
 use crate::runtime::{LoadedModel, ResolvedModel};
 use crate::sack::info::clean;
 use crate::sack::{InfoFormat, SackHeader, SackReader, info};
-use crate::tokens::TextStream;
+use crate::tokens::{RAW_TURN, StopStrings, TextStream};
 
 /// One answered question, as `--json` and `--batch` print it.
 #[derive(Debug, Serialize)]
@@ -26,6 +26,8 @@ struct AnswerRecord<'a> {
     question: &'a str,
     answer: String,
     tokens: &'a [u32],
+    /// Why the answer ended: `eos`, `stop_string` or `max_tokens`.
+    stop: &'static str,
     ttft_ms: f64,
     tokens_per_s: f64,
 }
@@ -33,6 +35,7 @@ struct AnswerRecord<'a> {
 /// The loaded .sack and model, ready for questions.
 struct Session<'a> {
     model: &'a LoadedModel,
+    stops: &'a StopStrings,
     answerer: Answerer<'a>,
     sampling: SamplingSettings,
     /// `sac info` of the file, for the REPL's `:info`.
@@ -68,6 +71,7 @@ fn ask<R: Read + Seek>(
     repl: bool,
 ) -> anyhow::Result<()> {
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
+    let stops = stop_strings(args, reader.header());
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
     let context = pack::load_context(&mut reader, &model.decoder)?;
@@ -81,9 +85,13 @@ fn ask<R: Read + Seek>(
         seed: args.seed,
         max_tokens: args.max_tokens as usize,
     };
-    let answerer = Answerer::new(&model.decoder, context, model.tokenizer.eos())?;
+    let tokenizer = &model.tokenizer;
+    let answerer = Answerer::new(&model.decoder, context, tokenizer.eos())?.with_stop_rule(
+        Box::new(|ids: &[u32]| Ok(stops.cut(&tokenizer.decode(ids)?).is_some())),
+    );
     let mut session = Session {
         model: &model,
+        stops: &stops,
         answerer,
         sampling,
         info: String::from_utf8_lossy(&info).into_owned(),
@@ -192,6 +200,17 @@ fn load_model(
     }
 }
 
+/// `--stop` strings, and for the `raw` layout without a trained adapter the
+/// start of a new `###` line: such a model, once it has answered, goes on
+/// with turns of its own.
+fn stop_strings(args: &AskArgs, header: &SackHeader) -> StopStrings {
+    let mut strings = args.stop.clone();
+    if header.compressor.method != "sac" {
+        strings.push(RAW_TURN.to_string());
+    }
+    StopStrings::new(strings)
+}
+
 /// Why the model a .sack names cannot be used, and what the user can do.
 fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
     let pass = "pass --model DIR|HUB_ID";
@@ -250,7 +269,7 @@ impl Session<'_> {
         interrupted: &AtomicBool,
     ) -> anyhow::Result<()> {
         let tokenizer = &self.model.tokenizer;
-        let mut stream = TextStream::new(tokenizer);
+        let mut stream = TextStream::new(tokenizer, self.stops);
         let generation = self.generate(question, |token| {
             if let Some(piece) = stream.push(token)? {
                 out.write_all(piece.as_bytes())?;
@@ -288,11 +307,14 @@ impl Session<'_> {
             .answerer
             .answer_batch(&ids, &self.sampling, |_, _| Ok(true))?;
         for ((id, question), generation) in questions.iter().zip(&generations) {
+            let mut answer = tokenizer.decode(&generation.tokens)?;
+            answer.truncate(self.stops.cut(&answer).unwrap_or(answer.len()));
             let record = AnswerRecord {
                 id,
                 question,
-                answer: tokenizer.decode(&generation.tokens)?,
+                answer,
                 tokens: &generation.tokens,
+                stop: generation.stop.name(),
                 ttft_ms: generation.time_to_first_token.as_secs_f64() * 1e3,
                 tokens_per_s: generation.tokens_per_second(),
             };

