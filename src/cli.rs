@@ -82,8 +82,14 @@ pub struct AdapterImportArgs {
 /// Which model to run, and where.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A local model directory or a Hugging Face Hub id (owner/name).
-    #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
+    /// A local model directory, a llama.cpp .gguf file (or a directory
+    /// holding one), or a Hugging Face Hub id (owner/name).
+    #[arg(
+        long,
+        short = 'm',
+        env = "SAC_MODEL",
+        value_name = "DIR|FILE.gguf|HUB_ID"
+    )]
     pub model: String,
 
     #[command(flatten)]
@@ -201,8 +207,14 @@ pub struct CompressArgs {
     #[arg(long, short = 'o', value_name = "OUT")]
     pub output: Option<PathBuf>,
 
-    /// Base model: a directory or Hub id. Default: the adapter's base model.
-    #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
+    /// Base model: a directory, a .gguf file or a Hub id. Default: the
+    /// adapter's base model.
+    #[arg(
+        long,
+        short = 'm',
+        env = "SAC_MODEL",
+        value_name = "DIR|FILE.gguf|HUB_ID"
+    )]
     pub model: Option<String>,
 
     #[command(flatten)]
@@ -253,8 +265,14 @@ pub struct AskArgs {
 
     /// Base model. Default: the one named in the .sack header, if it is in
     /// the local Hugging Face cache at the revision the .sack was made with,
-    /// or a directory you have loaded with sac before; see --allow-download.
-    #[arg(long, short = 'm', env = "SAC_MODEL", value_name = "DIR|HUB_ID")]
+    /// or a directory or .gguf file you have loaded with sac before; see
+    /// --allow-download.
+    #[arg(
+        long,
+        short = 'm',
+        env = "SAC_MODEL",
+        value_name = "DIR|FILE.gguf|HUB_ID"
+    )]
     pub model: Option<String>,
 
     #[command(flatten)]

@@ -101,5 +101,8 @@ fn a_squad_paragraph_is_answered_and_the_answer_stops() {
     let answer: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(answer["stop"], "stop_string", "{answer}");
     let text = answer["answer"].as_str().unwrap();
-    assert!(text.ends_with("first ") && !text.contains("oil shock"), "{text:?}");
+    assert!(
+        text.ends_with("first ") && !text.contains("oil shock"),
+        "{text:?}"
+    );
 }

@@ -117,7 +117,7 @@ fn a_header_naming_an_uncached_hub_model_downloads_nothing() {
         "was made with acme/tiny at revision a-branch-name",
         "not in the local Hugging Face cache",
         "`huggingface-cli download acme/tiny --revision a-branch-name",
-        "pass --model DIR|HUB_ID",
+        "pass --model DIR|FILE.gguf|HUB_ID",
         "--allow-download",
     ] {
         assert!(err.contains(what), "{what:?} missing: {err}");

@@ -213,7 +213,7 @@ fn stop_strings(args: &AskArgs, header: &SackHeader) -> StopStrings {
 
 /// Why the model a .sack names cannot be used, and what the user can do.
 fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
-    let pass = "pass --model DIR|HUB_ID";
+    let pass = "pass --model DIR|FILE.gguf|HUB_ID";
     match error {
         Error::NotCached {
             id,

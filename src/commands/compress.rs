@@ -38,7 +38,9 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         (Some(m), _, _) => m.clone(),
         (None, Some(dir), Some(c)) => c.base_model_from(dir),
         _ => {
-            bail!("no model given: pass --model DIR|HUB_ID (or --adapter, or set SAC_MODEL)")
+            bail!(
+                "no model given: pass --model DIR|FILE.gguf|HUB_ID (or --adapter, or set SAC_MODEL)"
+            )
         }
     };
     let method = match (args.compressor, args.adapter.is_some()) {
