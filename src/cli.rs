@@ -171,6 +171,19 @@ pub enum CompressorChoice {
     Streaming,
 }
 
+/// `--prompt` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PromptChoice {
+    /// `raw` with an adapter, `chat` for a model with a chat template, else `raw`.
+    Auto,
+    /// The model's chat template: the document in the user turn, after a
+    /// short instruction to answer from it; each question follows it there.
+    Chat,
+    /// SAC's layout: "### Context:", "### Question:", "### Answer:" (what
+    /// SAC adapters are trained on).
+    Raw,
+}
+
 /// `--kv-encoding` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvEncodingChoice {
@@ -235,6 +248,11 @@ pub struct CompressArgs {
     /// Tokens per chunk. Default: the adapter's, else 510.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: Option<u32>,
+
+    /// How the document and the questions are laid out for the model; the
+    /// .sack records it, so `ask` frames questions the same way.
+    #[arg(long, value_enum, default_value_t = PromptChoice::Auto)]
+    pub prompt: PromptChoice,
 
     /// Storage precision of the kept K/V.
     #[arg(long, value_enum, default_value_t = KvEncodingChoice::Bf16)]

@@ -62,6 +62,10 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A model's chat template cannot be parsed or rendered into a layout.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     /// A `--device` value or device request that cannot be satisfied.
     #[error("device: {0}")]
     Device(String),
@@ -102,6 +106,7 @@ impl Error {
             Error::Hub(_) => "the Hub client failed",
             Error::Adapter(_) => "the adapter does not fit",
             Error::Tokenizer(_) => "its tokenizer cannot be loaded",
+            Error::ChatTemplate(_) => "its chat template cannot be used",
             Error::Device(_) => "the device is not available",
             Error::Data(_) | Error::Training(_) | Error::InvalidInput(_) => "invalid input",
             Error::Sack(_) => "a .sack is unreadable",

@@ -1,7 +1,8 @@
 //! `sac`: Semantic-Anchor Compression of long documents into portable KV files.
 //!
 //! The data flows text -> tokens -> chunks -> compressor -> anchor KV ->
-//! quantized tensors -> .sack -> decoder -> answer; each stage is a module.
+//! quantized tensors -> .sack -> decoder -> answer; each stage is a module
+//! (`prompt` lays out the document and the question for the model).
 
 pub mod adapter;
 pub mod atomic;
@@ -15,6 +16,7 @@ pub mod fingerprint;
 pub mod generate;
 pub mod model;
 pub mod pack;
+pub mod prompt;
 pub mod runtime;
 pub mod sack;
 pub mod select;

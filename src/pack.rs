@@ -11,10 +11,12 @@ use crate::compressor::{ChunkKv, Compressor, Kept};
 use crate::error::{Error, Result};
 use crate::generate::DecoderContext;
 use crate::model::{Decoder, LayerKv, SharedKv};
+use crate::prompt::{PromptFormat, PromptLayout};
 use crate::runtime::LoadedModel;
 use crate::sack::{
     self, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
-    KvSlot, ModelInfo, SackHeader, SackReader, SackWriter, Sink, TokenizerInfo, now_rfc3339,
+    KvSlot, ModelInfo, PromptInfo, SackHeader, SackReader, SackWriter, Sink, TokenizerInfo,
+    now_rfc3339,
 };
 
 /// Position id of a document's first token: SAC numbers positions from 1.
@@ -26,6 +28,8 @@ pub struct DocumentFacts<'a> {
     pub text: &'a str,
     pub tokens: usize,
     pub name: Option<String>,
+    /// How the document (and so every question) is framed.
+    pub layout: &'a PromptLayout,
 }
 
 /// The header of a .sack that `compressor` makes of `document` with `model`.
@@ -80,8 +84,38 @@ pub fn header(
         decoder: DecoderInfo {
             first_position: FIRST_POSITION,
             prefix_embeddings: prefix,
+            // The raw layout is what a header without `prompt` means, so
+            // such files stay readable by readers older than minor version 2.
+            prompt: (*document.layout != PromptLayout::raw()).then(|| PromptInfo {
+                format: match document.layout.format {
+                    PromptFormat::Raw => "raw",
+                    PromptFormat::Chat => "chat",
+                }
+                .into(),
+                before_document: document.layout.before_document.clone(),
+                before_question: document.layout.before_question.clone(),
+                after_question: document.layout.after_question.clone(),
+            }),
         },
     })
+}
+
+/// How the document of `header` was framed, so questions are framed alike.
+pub fn layout(header: &SackHeader) -> PromptLayout {
+    match &header.decoder.prompt {
+        None => PromptLayout::raw(),
+        Some(p) => PromptLayout {
+            // `validate` admits only "raw" and "chat".
+            format: if p.format == "chat" {
+                PromptFormat::Chat
+            } else {
+                PromptFormat::Raw
+            },
+            before_document: p.before_document.clone(),
+            before_question: p.before_question.clone(),
+            after_question: p.after_question.clone(),
+        },
+    }
 }
 
 /// Writes one chunk's kept K/V as segment `chunk.index`, in the layout its

@@ -7,30 +7,16 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::model::source::HfFiles;
+use crate::prompt::{ChatTemplate, PromptLayout};
 
-/// What precedes the document in the compressor's input (after BOS).
-pub const CONTEXT_PREFIX: &str = "### Context:\n";
-
-/// What precedes a question in the decoder's input.
-pub const QUESTION_HEAD: &str = "\n### Question:\n";
-
-/// What follows a question; the answer comes after it.
-pub const ANSWER_HEAD: &str = "\n### Answer:\n";
-
-/// Where a new turn of the `raw` layout starts.
-pub const RAW_TURN: &str = "\n###";
-
-/// The question prompt of the reference implementation.
-pub fn question_prompt(question: &str) -> String {
-    format!("{QUESTION_HEAD}{question}{ANSWER_HEAD}")
-}
-
-/// A model's tokenizer plus the special ids that frame a prompt.
+/// A model's tokenizer plus the special ids that frame a prompt, and its
+/// chat template if it has one.
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Vec<u32>,
+    chat_template: Option<ChatTemplate>,
 }
 
 impl TextTokenizer {
@@ -67,14 +53,60 @@ impl TextTokenizer {
             }
         }
         eos.extend(special("eos_token"));
-        Ok(Self::new(inner, bos, eos))
+        let token = |key: &str| match tok_config.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Object(o)) => o
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            _ => String::new(),
+        };
+        let template = chat_template_of(&tok_config).map(|source| ChatTemplate {
+            source,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        });
+        Ok(Self::new(inner, bos, eos).with_chat_template(template))
     }
 
     /// A tokenizer with its BOS id (if prompts start with one) and EOS ids.
     pub fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, mut eos: Vec<u32>) -> Self {
         eos.sort_unstable();
         eos.dedup();
-        TextTokenizer { inner, bos, eos }
+        TextTokenizer {
+            inner,
+            bos,
+            eos,
+            chat_template: None,
+        }
+    }
+
+    /// Adds the model's chat template; the token that ends its turns (if the
+    /// template prints one the vocabulary knows) becomes an EOS id too. A
+    /// template that does not render is kept, to be refused where the chat
+    /// layout is asked for.
+    pub fn with_chat_template(mut self, template: Option<ChatTemplate>) -> Self {
+        let end = template
+            .as_ref()
+            .and_then(|t| t.end_of_turn().ok().flatten());
+        if let Some(id) = end.and_then(|end| self.inner.token_to_id(&end)) {
+            if !self.eos.contains(&id) {
+                self.eos.push(id);
+                self.eos.sort_unstable();
+            }
+        }
+        self.chat_template = template;
+        self
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// The text of token `id`, special tokens included.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Token ids of `text`, without any special tokens added.
@@ -86,17 +118,14 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The context as the compressor reads it: BOS (when the tokenizer has
-    /// one), then the tokens of `"### Context:\n" + text`, at positions 1..=L.
+    /// The context in the raw layout ([`PromptLayout::context_ids`]).
     pub fn context_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids: Vec<u32> = self.bos.into_iter().collect();
-        ids.extend(self.encode(&format!("{CONTEXT_PREFIX}{text}"))?);
-        Ok(ids)
+        PromptLayout::raw().context_ids(self, text)
     }
 
-    /// The tokens of the question prompt the decoder reads after the context.
+    /// The question in the raw layout ([`PromptLayout::question_ids`]).
     pub fn question_ids(&self, question: &str) -> Result<Vec<u32>> {
-        self.encode(&question_prompt(question))
+        PromptLayout::raw().question_ids(self, question)
     }
 
     /// The text of `ids`, special tokens left out.
@@ -112,6 +141,20 @@ impl TextTokenizer {
 
     pub fn eos(&self) -> &[u32] {
         &self.eos
+    }
+}
+
+/// `chat_template` of a `tokenizer_config.json`: a string, or a list of
+/// named templates of which the one named `default` is taken.
+fn chat_template_of(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_string),
+        _ => None,
     }
 }
 
@@ -265,7 +308,7 @@ mod tests {
         let inner: tokenizers::Tokenizer = tokenizer.into();
         let bos = inner.token_to_id("<s>");
         let eos = inner.token_to_id("</s>").into_iter().collect();
-        TextTokenizer { inner, bos, eos }
+        TextTokenizer::new(inner, bos, eos)
     }
 
     #[test]

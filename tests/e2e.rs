@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use common::{failing, fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
 use sac::model::{ForwardInput, SharedKv};
+use sac::prompt::PromptLayout;
 
 fn model(name: &str) -> String {
     fixture_dir(name).to_string_lossy().into_owned()
@@ -36,17 +37,18 @@ fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
 }
 
 /// Greedy tokens from one causal pass over the whole prompt (context then
-/// question at positions 1, 2, ...), with no compression and no file.
+/// question at positions 1, 2, ..., in `layout`), with no compression and
+/// no file.
 fn uncompressed_greedy(
-    model_name: &str,
+    m: &sac::runtime::LoadedModel,
+    layout: &PromptLayout,
     text: &str,
     question: &str,
     max_tokens: usize,
 ) -> Vec<u32> {
-    let m = common::load_model(model_name);
-    let mut ids = m.tokenizer.context_ids(text).unwrap();
+    let mut ids = layout.context_ids(&m.tokenizer, text).unwrap();
     let context_len = ids.len();
-    ids.extend(m.tokenizer.question_ids(question).unwrap());
+    ids.extend(layout.question_ids(&m.tokenizer, question).unwrap());
     let dev = Device::Cpu;
     let prompt = Tensor::new(ids.as_slice(), &dev)
         .unwrap()
@@ -109,7 +111,8 @@ fn full_compressor_is_lossless_in_f32() {
             .map(|t| t.as_u64().unwrap() as u32)
             .collect();
         let text = std::fs::read_to_string(&doc).unwrap();
-        let expected = uncompressed_greedy(name, &text, question, 12);
+        let m = common::load_model(name);
+        let expected = uncompressed_greedy(&m, &PromptLayout::raw(), &text, question, 12);
         assert!(
             expected
                 .iter()
@@ -120,6 +123,90 @@ fn full_compressor_is_lossless_in_f32() {
         );
         assert_eq!(tokens, expected, "{name}");
     }
+}
+
+/// A chat template in the spirit of the fixtures' special tokens.
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{{ m.role | upper }}: {{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
+
+#[test]
+fn the_chat_layout_is_recorded_and_answers_as_one_causal_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen2");
+    std::fs::create_dir(&model).unwrap();
+    for file in common::MODEL_FILES {
+        std::fs::copy(fixture_dir("qwen2").join(file), model.join(file)).unwrap();
+    }
+    let config = model.join("tokenizer_config.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    tok["chat_template"] = TEMPLATE.into();
+    std::fs::write(&config, tok.to_string()).unwrap();
+
+    let doc = sac_fixture("doc_edge.txt");
+    let sack = dir.path().join("chat.sack");
+    run_ok(
+        sac()
+            .arg("compress")
+            .arg(&doc)
+            .arg("-m")
+            .arg(&model)
+            .args(["--compressor", "full", "--kv-encoding", "f32", "-q", "-o"])
+            .arg(&sack),
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&run_ok(sac().arg("info").arg(&sack).arg("--json"))).unwrap();
+    let prompt = &info["header"]["decoder"]["prompt"];
+    assert_eq!(prompt["format"], "chat", "{info}");
+    assert_eq!(prompt["after_question"], "<|end_of_text|>ASSISTANT:");
+    let question = "What is the first word?";
+    let out =
+        run_ok(
+            sac()
+                .arg("ask")
+                .arg(&sack)
+                .arg(question)
+                .args(["--json", "--max-tokens", "12"]),
+        );
+    let answer = &json_lines(&out)[0];
+    let tokens: Vec<u32> = answer["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let m = common::load_model_at(&model);
+    let layout = PromptLayout::chat(m.tokenizer.chat_template().unwrap()).unwrap();
+    let text = std::fs::read_to_string(&doc).unwrap();
+    assert_eq!(
+        tokens,
+        uncompressed_greedy(&m, &layout, &text, question, 12)
+    );
+
+    // Raw on request: no prompt in the header, a 1.0 file as before.
+    let raw = dir.path().join("raw.sack");
+    run_ok(
+        sac()
+            .arg("compress")
+            .arg(&doc)
+            .arg("-m")
+            .arg(&model)
+            .args(["--prompt", "raw", "--compressor", "uniform", "-q", "-o"])
+            .arg(&raw),
+    );
+    let info = String::from_utf8(run_ok(sac().arg("info").arg(&raw))).unwrap();
+    assert!(
+        info.contains(".sack 1.0") && info.contains("prompt      raw"),
+        "{info}"
+    );
+    // A model without a template cannot be asked for one.
+    let err = failing(
+        sac()
+            .arg("compress")
+            .arg(&doc)
+            .args(["-m", &self::model("qwen2"), "--prompt", "chat", "-o"])
+            .arg(dir.path().join("x.sack")),
+    );
+    assert!(err.contains("has no chat template"), "{err}");
 }
 
 #[test]

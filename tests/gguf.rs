@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
+use common::{compress_edge, fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
 use sac::model::ForwardInput;
 use sac::runtime::{LoadedModel, ModelSpec};
 
@@ -234,15 +234,7 @@ fn a_gguf_compresses_and_answers_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = write_gguf("mistral", "llama", GgmlDType::Q8_0, dir.path());
     let sack = dir.path().join("d.sack");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .arg("-m")
-            .arg(&gguf)
-            .args(["--compressor", "kvzip", "-q", "-o"])
-            .arg(&sack),
-    );
+    compress_edge(sac(), &gguf, "kvzip", &sack);
     // No --model: the .gguf was named on a command line before.
     let out = run_ok(
         sac()

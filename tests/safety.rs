@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{MODEL_FILES, fixture_dir, hub_cache, run_ok, sac, sac_fixture, sac_offline};
+use common::{
+    MODEL_FILES, compress_edge, fixture_dir, hub_cache, run_ok, sac, sac_fixture, sac_offline,
+};
 use serde_json::Value;
 
 /// A ref name long enough that a patched header fits in its place.
@@ -169,15 +171,7 @@ fn a_directory_the_user_loaded_answers_without_model() {
     let home = tempfile::tempdir().unwrap();
     let model = model_copy("qwen2", &home.path().join("m"));
     let sack = home.path().join("d.sack");
-    run_ok(
-        sac_offline(home.path())
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .arg("-m")
-            .arg(&model)
-            .args(["--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
-    );
+    compress_edge(sac_offline(home.path()), &model, "uniform", &sack);
     run_ok(
         sac_offline(home.path())
             .arg("ask")
@@ -195,13 +189,7 @@ fn errors_do_not_quote_files_a_header_pointed_at() {
     let home = tempfile::tempdir().unwrap();
     hub_cache(home.path(), "main");
     let sack = home.path().join("d.sack");
-    run_ok(
-        sac_offline(home.path())
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .args(["-m", "acme/tiny", "--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
-    );
+    compress_edge(sac_offline(home.path()), "acme/tiny", "uniform", &sack);
     // The cached config changes under the name its fingerprint is read from.
     let config = home
         .path()
@@ -316,15 +304,7 @@ fn empty_questions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sack = dir.path().join("d.sack");
     let model = fixture_dir("llama3");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .arg("-m")
-            .arg(&model)
-            .args(["--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
-    );
+    compress_edge(sac(), &model, "uniform", &sack);
     let err = failure(sac().arg("ask").arg(&sack).arg(" "));
     assert!(err.contains("the question is empty"), "{err}");
     let err = failure(sac().arg("ask").arg(&sack).args(["Q?", "", "--json"]));
@@ -492,15 +472,7 @@ fn an_adapter_for_another_model_names_both() {
 fn force_warns_on_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let sack = dir.path().join("d.sack");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .arg("-m")
-            .arg(fixture_dir("llama3"))
-            .args(["--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
-    );
+    compress_edge(sac(), fixture_dir("llama3"), "uniform", &sack);
     // The same model with another tokenizer_config.json: a tokenizer that
     // differs, as a re-saved copy's might.
     let other = model_copy("llama3", &dir.path().join("m"));

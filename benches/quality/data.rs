@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sac::tokens::{CONTEXT_PREFIX, question_prompt};
+use sac::prompt::{CONTEXT_PREFIX, PromptLayout};
 
 /// One question about one document.
 #[derive(Debug, Clone)]
@@ -297,7 +297,7 @@ impl Task {
             .flat_map(|e| {
                 [
                     format!("{CONTEXT_PREFIX}{}", e.context),
-                    question_prompt(&e.question),
+                    PromptLayout::raw().question_text(&e.question),
                     e.answer.clone(),
                 ]
             })

@@ -14,10 +14,11 @@ use crate::generate::{Answerer, Generation, SamplingSettings, Stop};
 use crate::model::known::{NamedModel, Trusted};
 use crate::model::source::Network;
 use crate::pack;
+use crate::prompt::{PromptFormat, PromptLayout, RAW_TURN};
 use crate::runtime::{LoadedModel, ResolvedModel};
 use crate::sack::info::clean;
 use crate::sack::{InfoFormat, SackHeader, SackReader, info};
-use crate::tokens::{RAW_TURN, StopStrings, TextStream};
+use crate::tokens::{StopStrings, TextStream};
 
 /// One answered question, as `--json` and `--batch` print it.
 #[derive(Debug, Serialize)]
@@ -35,6 +36,8 @@ struct AnswerRecord<'a> {
 /// The loaded .sack and model, ready for questions.
 struct Session<'a> {
     model: &'a LoadedModel,
+    /// How the document was framed; questions follow it alike.
+    layout: &'a PromptLayout,
     stops: &'a StopStrings,
     answerer: Answerer<'a>,
     sampling: SamplingSettings,
@@ -71,7 +74,8 @@ fn ask<R: Read + Seek>(
     repl: bool,
 ) -> anyhow::Result<()> {
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
-    let stops = stop_strings(args, reader.header());
+    let layout = pack::layout(reader.header());
+    let stops = stop_strings(args, reader.header(), &layout);
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
     let context = pack::load_context(&mut reader, &model.decoder)?;
@@ -91,6 +95,7 @@ fn ask<R: Read + Seek>(
     );
     let mut session = Session {
         model: &model,
+        layout: &layout,
         stops: &stops,
         answerer,
         sampling,
@@ -202,10 +207,10 @@ fn load_model(
 
 /// `--stop` strings, and for the `raw` layout without a trained adapter the
 /// start of a new `###` line: such a model, once it has answered, goes on
-/// with turns of its own.
-fn stop_strings(args: &AskArgs, header: &SackHeader) -> StopStrings {
+/// with turns of its own. (A chat template's end of turn is an EOS id.)
+fn stop_strings(args: &AskArgs, header: &SackHeader, layout: &PromptLayout) -> StopStrings {
     let mut strings = args.stop.clone();
-    if header.compressor.method != "sac" {
+    if layout.format == PromptFormat::Raw && header.compressor.method != "sac" {
         strings.push(RAW_TURN.to_string());
     }
     StopStrings::new(strings)
@@ -244,7 +249,7 @@ impl Session<'_> {
         question: &str,
         mut on_token: impl FnMut(u32) -> anyhow::Result<bool>,
     ) -> anyhow::Result<Generation> {
-        let ids = self.model.tokenizer.question_ids(question)?;
+        let ids = self.layout.question_ids(&self.model.tokenizer, question)?;
         let mut failure = None;
         let generation =
             self.answerer
@@ -300,7 +305,7 @@ impl Session<'_> {
         let tokenizer = &self.model.tokenizer;
         let ids = questions
             .iter()
-            .map(|(_, q)| tokenizer.question_ids(q))
+            .map(|(_, q)| self.layout.question_ids(tokenizer, q))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let generations = self

@@ -8,14 +8,16 @@ use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
-use crate::cli::{CompressArgs, CompressorChoice};
+use crate::cli::{CompressArgs, CompressorChoice, PromptChoice};
 use crate::compressor::{Compressor, Cost, Method, check_settings};
 use crate::error::Error;
 use crate::fingerprint::DigestCache;
 use crate::pack::{self, DocumentFacts};
+use crate::prompt::PromptLayout;
 use crate::runtime::LoadedModel;
 use crate::sack::{SackWriter, Sink, WriteOptions};
 use crate::select::RepeatPrompt;
+use crate::tokens::TextTokenizer;
 
 /// Where the .sack goes.
 enum Output {
@@ -90,7 +92,8 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let ids = model.tokenizer.context_ids(&text)?;
+    let layout = prompt_layout(args.prompt, method, &model.tokenizer)?;
+    let ids = layout.context_ids(&model.tokenizer, &text)?;
     if ratio > ids.len() {
         bail!(
             "--ratio {ratio} is more than the document's {} tokens (with the prompt's): \
@@ -112,12 +115,13 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         ratio,
         chunk_size,
     )?
-    .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer)?);
+    .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer, &layout)?);
     compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,
         tokens: ids.len(),
         name: args.name.clone().or(file_name),
+        layout: &layout,
     };
     let header = pack::header(
         &model,
@@ -170,6 +174,32 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The layout `choice` asks for: `sac` adapters were trained on `raw`;
+/// `auto` takes the model's chat template when it has one that renders.
+fn prompt_layout(
+    choice: PromptChoice,
+    method: Method,
+    tokenizer: &TextTokenizer,
+) -> anyhow::Result<PromptLayout> {
+    let template = tokenizer.chat_template();
+    match (choice, method, template) {
+        (PromptChoice::Raw, ..)
+        | (PromptChoice::Auto, Method::Sac, _)
+        | (PromptChoice::Auto, _, None) => Ok(PromptLayout::raw()),
+        (PromptChoice::Chat, Method::Sac, _) => {
+            bail!("SAC adapters are trained on the raw layout; pass --prompt raw (or auto)")
+        }
+        (PromptChoice::Chat, _, None) => {
+            bail!("the model has no chat template; pass --prompt raw (or auto)")
+        }
+        (PromptChoice::Chat, _, Some(t)) => Ok(PromptLayout::chat(t)?),
+        (PromptChoice::Auto, _, Some(t)) => Ok(PromptLayout::chat(t).unwrap_or_else(|e| {
+            eprintln!("sac: warning: {e}; using the raw layout");
+            PromptLayout::raw()
+        })),
+    }
 }
 
 /// What a compression kept and cost.

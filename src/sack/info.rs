@@ -249,6 +249,19 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         KeyRope::Sequential => "RoPE applied at 0, 1, 2, … in kept order",
     };
     writeln!(out, "keys        {rope}")?;
+    match &h.decoder.prompt {
+        None => writeln!(
+            out,
+            "prompt      raw (### Context / ### Question / ### Answer)"
+        )?,
+        Some(p) => writeln!(
+            out,
+            "prompt      {}: question between {:?} and {:?}",
+            clean(&p.format),
+            p.before_question,
+            p.after_question
+        )?,
+    }
     for (i, line) in s.storage.iter().enumerate() {
         writeln!(
             out,

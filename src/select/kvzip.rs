@@ -35,7 +35,8 @@ use super::{KeptOffsets, SINKS, Selection};
 use crate::compressor::Compressor;
 use crate::error::{Error, Result};
 use crate::model::{AttentionProbe, KvCache, Reduce};
-use crate::tokens::{ANSWER_HEAD, QUESTION_HEAD, TextTokenizer, question_prompt};
+use crate::prompt::PromptLayout;
+use crate::tokens::TextTokenizer;
 
 /// KVzip's instruction before the first chunk.
 pub const REPEAT_FIRST: &str = "Repeat the previous context exactly.";
@@ -48,23 +49,24 @@ pub const REPEAT_NEXT: &str = "Repeat the part of the previous context exactly, 
 /// `prev_postfix_size`).
 pub const PREVIOUS_TOKENS: usize = 8;
 
-/// The token ids the repeat inputs are built from.
+/// The token ids the repeat inputs are built from, asked as a question in
+/// the document's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepeatPrompt {
     /// Before the first chunk: the question prompt of [`REPEAT_FIRST`].
     pub first: Vec<u32>,
-    /// Before later chunks: `### Question:` and [`REPEAT_NEXT`].
+    /// Before later chunks: the text before a question, and [`REPEAT_NEXT`].
     pub next: Vec<u32>,
-    /// After the previous chunk's tokens: `### Answer:`.
+    /// After the previous chunk's tokens: the text after a question.
     pub answer: Vec<u32>,
 }
 
 impl RepeatPrompt {
-    pub fn new(tokenizer: &TextTokenizer) -> Result<Self> {
+    pub fn new(tokenizer: &TextTokenizer, layout: &PromptLayout) -> Result<Self> {
         Ok(RepeatPrompt {
-            first: tokenizer.encode(&question_prompt(REPEAT_FIRST))?,
-            next: tokenizer.encode(&format!("{QUESTION_HEAD}{REPEAT_NEXT}"))?,
-            answer: tokenizer.encode(ANSWER_HEAD)?,
+            first: layout.question_ids(tokenizer, REPEAT_FIRST)?,
+            next: tokenizer.encode(&format!("{}{REPEAT_NEXT}", layout.before_question))?,
+            answer: tokenizer.encode(&layout.after_question)?,
         })
     }
 

@@ -122,6 +122,24 @@ pub fn sac_offline(home: &std::path::Path) -> std::process::Command {
     command
 }
 
+/// `cmd` (a `sac` command with its environment) compresses
+/// `tests/fixtures/sac/doc_edge.txt` with `model` and `compressor` into `out`.
+pub fn compress_edge(
+    mut cmd: std::process::Command,
+    model: impl AsRef<std::ffi::OsStr>,
+    compressor: &str,
+    out: &std::path::Path,
+) {
+    run_ok(
+        cmd.arg("compress")
+            .arg(sac_fixture("doc_edge.txt"))
+            .arg("-m")
+            .arg(model)
+            .args(["--compressor", compressor, "-q", "-o"])
+            .arg(out),
+    );
+}
+
 /// Runs `cmd`, panicking with its stderr unless it succeeds; returns stdout.
 pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
     let out = cmd.output().expect("run sac");
@@ -152,8 +170,13 @@ pub fn sac_fixture(name: &str) -> PathBuf {
 
 /// A parity fixture model loaded for the CPU in f32.
 pub fn load_model(name: &str) -> sac::runtime::LoadedModel {
+    load_model_at(&fixture_dir(name))
+}
+
+/// The model at `path` loaded for the CPU in f32.
+pub fn load_model_at(path: &std::path::Path) -> sac::runtime::LoadedModel {
     sac::runtime::LoadedModel::load(&sac::runtime::ModelSpec {
-        model: fixture_dir(name).to_string_lossy().into_owned(),
+        model: path.to_string_lossy().into_owned(),
         revision: None,
         device: sac::device::DeviceSpec::Cpu,
         dtype: sac::device::DTypeSpec::F32,

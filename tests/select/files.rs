@@ -23,11 +23,14 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let ids = m.tokenizer.context_ids(&text).unwrap();
     let compressor = Compressor::new(&m.decoder, Method::Kvzip, None, RATIO, CHUNK)
         .unwrap()
-        .with_repeat_prompt(RepeatPrompt::new(&m.tokenizer).unwrap());
+        .with_repeat_prompt(
+            RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
+        );
     let facts = DocumentFacts {
         text: &text,
         tokens: ids.len(),
         name: None,
+        layout: &sac::prompt::PromptLayout::raw(),
     };
     let header = pack::header(m, &compressor, None, &facts).unwrap();
     assert_eq!(header.kv.layout, KeptLayout::PerHead);

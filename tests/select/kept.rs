@@ -21,7 +21,9 @@ pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<u
     let c = &m.config;
     let compressor = Compressor::new(&m.decoder, method, None, RATIO, CHUNK)
         .unwrap()
-        .with_repeat_prompt(RepeatPrompt::new(&m.tokenizer).unwrap());
+        .with_repeat_prompt(
+            RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
+        );
     let mut kept = vec![vec![Vec::new(); c.num_kv_heads]; c.num_layers];
     compressor
         .compress(ids, |chunk| {
@@ -142,7 +144,9 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
         let ratio = if method == Method::Full { 1 } else { RATIO };
         let compressor = Compressor::new(&m.decoder, method, None, ratio, CHUNK)
             .unwrap()
-            .with_repeat_prompt(RepeatPrompt::new(&m.tokenizer).unwrap())
+            .with_repeat_prompt(
+                RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
+            )
             .with_progress(&report);
         let mut at_first_chunk = None;
         compressor

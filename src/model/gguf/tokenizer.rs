@@ -2,7 +2,7 @@
 //! tokenizer laid out as the model's published `tokenizer.json` is:
 //! byte-level BPE ("gpt2") with the vocabulary and merges of the file, the
 //! pre-tokenizer `tokenizer.ggml.pre` names, and the control tokens as
-//! special tokens.
+//! special tokens; `tokenizer.chat_template` is the chat template.
 
 use tokenizers::models::bpe::Vocab;
 
@@ -18,6 +18,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use super::GgufModel;
 use crate::error::{Error, Result};
+use crate::prompt::ChatTemplate;
 use crate::tokens::TextTokenizer;
 
 /// Llama 3's split, as its `tokenizer.json` (and llama.cpp's "llama-bpe") has it.
@@ -170,5 +171,19 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
     .filter_map(|key| model.id(key))
     .filter(|&id| (id as usize) < tokens.len())
     .collect();
-    Ok(TextTokenizer::new(inner, bos, eos))
+    let token = |key: &str| {
+        model
+            .id(key)
+            .and_then(|id| tokens.get(id as usize))
+            .map_or(String::new(), |t| t.to_string())
+    };
+    let template = match model.meta("tokenizer.chat_template") {
+        Some(Value::String(source)) => Some(ChatTemplate {
+            source: source.clone(),
+            bos_token: token("tokenizer.ggml.bos_token_id"),
+            eos_token: token("tokenizer.ggml.eos_token_id"),
+        }),
+        _ => None,
+    };
+    Ok(TextTokenizer::new(inner, bos, eos).with_chat_template(template))
 }

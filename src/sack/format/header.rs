@@ -47,7 +47,26 @@ pub struct DecoderInfo {
     /// last position. Each has the model's hidden size.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefix_embeddings: Vec<Vec<f32>>,
+    /// The text around the document and the question; absent for the `raw`
+    /// layout. Since minor version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<PromptInfo>,
 }
+
+/// How the document and a question were framed: the text before the
+/// document (after BOS in the `raw` layout), between the document and the
+/// question, and after the question, where the answer starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptInfo {
+    /// `raw` or `chat`.
+    pub format: String,
+    pub before_document: String,
+    pub before_question: String,
+    pub after_question: String,
+}
+
+/// Longest text a [`PromptInfo`] member may hold, in bytes.
+pub const MAX_PROMPT_TEXT: usize = 65536;
 
 /// Most learned prefix embeddings a header may hold.
 pub const MAX_PREFIX_EMBEDDINGS: usize = 16;
@@ -178,7 +197,13 @@ pub const MAX_TOKENS: u64 = 1 << 32;
 impl SackHeader {
     /// The lowest format minor version whose members this header uses.
     pub fn minor_version(&self) -> u16 {
-        if self.model.revision.is_some() { 1 } else { 0 }
+        if self.decoder.prompt.is_some() {
+            2
+        } else if self.model.revision.is_some() {
+            1
+        } else {
+            0
+        }
     }
 
     /// Checks the rules the JSON schema alone cannot express.
@@ -236,6 +261,24 @@ impl SackHeader {
         }
         if (prefix.len() as u64) > u64::from(self.decoder.first_position) + self.document.tokens {
             return Err("header decoder.prefix_embeddings would sit before position 0".into());
+        }
+        if let Some(prompt) = &self.decoder.prompt {
+            if !matches!(prompt.format.as_str(), "raw" | "chat") {
+                return Err(format!(
+                    "header decoder.prompt.format = {:?} is neither \"raw\" nor \"chat\"",
+                    prompt.format
+                ));
+            }
+            let texts = [
+                &prompt.before_document,
+                &prompt.before_question,
+                &prompt.after_question,
+            ];
+            if texts.iter().any(|t| t.len() > MAX_PROMPT_TEXT) {
+                return Err(format!(
+                    "header decoder.prompt holds a text over {MAX_PROMPT_TEXT} bytes"
+                ));
+            }
         }
         chrono::DateTime::parse_from_rfc3339(&self.created).map_err(|e| {
             format!(
@@ -322,7 +365,28 @@ pub(crate) mod tests {
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains(r#""revision":"v1.2""#), "{json}");
         assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
+        assert_eq!(h.minor_version(), 1);
+    }
+
+    #[test]
+    fn a_prompt_round_trips_needs_minor_version_2_and_is_checked() {
+        let mut h = sample(KeptLayout::Shared);
+        h.decoder.prompt = Some(PromptInfo {
+            format: "chat".into(),
+            before_document: "<|im_start|>user\n".into(),
+            before_question: "\n\nQuestion: ".into(),
+            after_question: "<|im_end|>\n<|im_start|>assistant\n".into(),
+        });
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
         assert_eq!(h.minor_version(), crate::sack::format::FORMAT_MINOR);
+        assert!(h.validate().is_ok());
+        let mut odd = h.clone();
+        odd.decoder.prompt.as_mut().unwrap().format = "jinja".into();
+        assert!(odd.validate().unwrap_err().contains("neither"));
+        let mut long = h.clone();
+        long.decoder.prompt.as_mut().unwrap().after_question = "x".repeat(MAX_PROMPT_TEXT + 1);
+        assert!(long.validate().unwrap_err().contains("over"));
     }
 
     #[test]
