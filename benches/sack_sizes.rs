@@ -44,6 +44,7 @@ fn header() -> SackHeader {
         model: ModelInfo {
             id: "meta-llama/Llama-3.2-1B".into(),
             revision: None,
+            file: None,
             fingerprint: "random".into(),
             layers: LAYERS,
             kv_heads: KV_HEADS,

@@ -103,6 +103,11 @@ pub struct Placement {
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
 
+    /// The GGUF file to use in a Hub repository of GGUF files (Hub ids only),
+    /// e.g. SmolLM2-135M-Instruct.Q4_1.gguf.
+    #[arg(long, value_name = "NAME")]
+    pub gguf_file: Option<String>,
+
     /// Device to run on: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value_t = DeviceSpec::Auto, value_name = "DEVICE")]
     pub device: DeviceSpec,
@@ -124,6 +129,7 @@ impl Placement {
         ModelSpec {
             model: model.to_string(),
             revision: self.revision.clone(),
+            gguf_file: self.gguf_file.clone(),
             device: self.device,
             dtype: self.dtype,
         }

@@ -55,6 +55,7 @@ pub fn header(
         model: ModelInfo {
             id: model.files.id.clone(),
             revision: model.files.revision.clone(),
+            file: model.files.hub_gguf_file(),
             fingerprint: model.fingerprint.model.clone(),
             layers: c.num_layers as u32,
             kv_heads: c.num_kv_heads as u32,

@@ -19,6 +19,8 @@ pub struct ModelSpec {
     /// A local directory or a Hub id.
     pub model: String,
     pub revision: Option<String>,
+    /// The GGUF file in the Hub repository `model`.
+    pub gguf_file: Option<String>,
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
 }
@@ -43,8 +45,13 @@ impl ResolvedModel {
     /// The model the user named: a directory, or a Hub id (which may be
     /// downloaded). A directory is noted in [`KnownModels`], so that a .sack
     /// made with it can find it again.
-    pub fn named(model: &str, revision: Option<&str>) -> Result<Self> {
-        let resolved = Self::from_files(source::resolve(model, revision)?)?;
+    pub fn named(spec: &ModelSpec) -> Result<Self> {
+        let files = source::resolve(
+            &spec.model,
+            spec.revision.as_deref(),
+            spec.gguf_file.as_deref(),
+        )?;
+        let resolved = Self::from_files(files)?;
         if resolved.files.revision.is_none() {
             KnownModels::open_default()
                 .remember(&resolved.fingerprint.model, Path::new(&resolved.files.id));
@@ -96,6 +103,6 @@ impl ResolvedModel {
 impl LoadedModel {
     /// Loads the model the user named in `spec` ([`ResolvedModel::named`]).
     pub fn load(spec: &ModelSpec) -> Result<Self> {
-        ResolvedModel::named(&spec.model, spec.revision.as_deref())?.load(spec.device, spec.dtype)
+        ResolvedModel::named(spec)?.load(spec.device, spec.dtype)
     }
 }

@@ -175,6 +175,7 @@ fn load(model: &Path) -> LoadedModel {
     LoadedModel::load(&ModelSpec {
         model: model.to_string_lossy().into_owned(),
         revision: None,
+        gguf_file: None,
         device: sac::device::DeviceSpec::Cpu,
         dtype: sac::device::DTypeSpec::F32,
     })
@@ -323,4 +324,68 @@ fn bad_gguf_files_are_one_clear_line() {
         assert_eq!(err.lines().count(), 1, "{name}: {err}");
         assert!(err.contains(why), "{name}: {err}");
     }
+}
+
+#[test]
+fn a_gguf_file_of_a_hub_repository_is_named_with_gguf_file() {
+    let home = tempfile::tempdir().unwrap();
+    let gguf = write_gguf("mistral", "llama", GgmlDType::Q8_0, home.path());
+    let bytes = std::fs::read(&gguf).unwrap();
+    let sha = sha256_hex(&bytes);
+    // The Hub cache layout: a blob named by its SHA-256, a snapshot link, a ref.
+    let repo = home.path().join("hub/models--acme--tiny-gguf");
+    let snapshot = repo.join("snapshots").join("b".repeat(40));
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "b".repeat(40)).unwrap();
+    std::fs::write(repo.join("blobs").join(&sha), &bytes).unwrap();
+    std::os::unix::fs::symlink(
+        repo.join("blobs").join(&sha),
+        snapshot.join("tiny.Q8_0.gguf"),
+    )
+    .unwrap();
+    let named = ["-m", "acme/tiny-gguf", "--gguf-file", "tiny.Q8_0.gguf"];
+
+    let info = run_ok(
+        common::sac_offline(home.path())
+            .arg("model-info")
+            .args(named)
+            .arg("--json"),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["fingerprint"]["model"], format!("sha256:{sha}"));
+    let sack = home.path().join("d.sack");
+    run_ok(
+        common::sac_offline(home.path())
+            .arg("compress")
+            .arg(sac_fixture("doc_edge.txt"))
+            .args(named)
+            .args(["--compressor", "uniform", "-q", "-o"])
+            .arg(&sack),
+    );
+    let text = run_ok(common::sac_offline(home.path()).arg("info").arg(&sack));
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("acme/tiny-gguf at revision main, file tiny.Q8_0.gguf"),
+        "{text}"
+    );
+    // The header names the file: ask finds it in the cache, and only there.
+    run_ok(
+        common::sac_offline(home.path())
+            .arg("ask")
+            .arg(&sack)
+            .args(["Q?", "--max-tokens", "2"]),
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let err = common::failing(
+        common::sac_offline(elsewhere.path())
+            .arg("ask")
+            .arg(&sack)
+            .arg("Q?"),
+    );
+    assert!(
+        err.contains("huggingface-cli download acme/tiny-gguf tiny.Q8_0.gguf --revision main"),
+        "{err}"
+    );
 }

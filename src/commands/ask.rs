@@ -139,13 +139,21 @@ fn load_model(
     header: &SackHeader,
     file: &str,
 ) -> anyhow::Result<(LoadedModel, Option<String>)> {
-    let revision = args.placement.revision.as_deref();
     let (resolved, by_header) = match &args.model {
-        Some(model) => (ResolvedModel::named(model, revision)?, false),
+        Some(model) => (ResolvedModel::named(&args.placement.spec(model))?, false),
         None => {
             let named = NamedModel {
                 id: &header.model.id,
-                revision: revision.or(header.model.revision.as_deref()),
+                revision: args
+                    .placement
+                    .revision
+                    .as_deref()
+                    .or(header.model.revision.as_deref()),
+                gguf_file: args
+                    .placement
+                    .gguf_file
+                    .as_deref()
+                    .or(header.model.file.as_deref()),
                 fingerprint: &header.model.fingerprint,
             };
             let trusted = Trusted {
@@ -225,12 +233,18 @@ fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
             revision,
             cache,
             ..
-        } => format!(
-            "{file} was made with {id} at revision {revision}, which is not in the local \
-             Hugging Face cache ({}); fetch it with `huggingface-cli download {id} --revision \
-             {revision}`, {pass}, or add --allow-download",
-            cache.display()
-        ),
+        } => {
+            let (what, gguf) = match named.gguf_file {
+                Some(name) => (format!("{id} ({name})"), format!(" {name}")),
+                None => (id.clone(), String::new()),
+            };
+            format!(
+                "{file} was made with {what} at revision {revision}, which is not in the local \
+                 Hugging Face cache ({}); fetch it with `huggingface-cli download {id}{gguf} \
+                 --revision {revision}`, {pass}, or add --allow-download",
+                cache.display()
+            )
+        }
         Error::UnknownLocalModel(dir) => format!(
             "{file} was made with the model in {dir:?}, and sac loads a directory that a .sack \
              names only once you have named it yourself: pass --model {dir:?}"

@@ -75,6 +75,8 @@ impl KnownModels {
 pub struct NamedModel<'a> {
     pub id: &'a str,
     pub revision: Option<&'a str>,
+    /// The GGUF file in the Hub repository `id`, if the model is one.
+    pub gguf_file: Option<&'a str>,
     pub fingerprint: &'a str,
 }
 
@@ -104,7 +106,13 @@ impl Trusted {
     pub fn resolve(&self, named: NamedModel) -> Result<ModelFiles> {
         if named.revision.is_some() || source::looks_like_hub_id(named.id) {
             let revision = named.revision.unwrap_or("main");
-            return source::resolve_hub_in(&self.hub_cache, named.id, revision, self.network);
+            return source::resolve_hub_in(
+                &self.hub_cache,
+                named.id,
+                revision,
+                named.gguf_file,
+                self.network,
+            );
         }
         if !Path::new(named.id).is_absolute() {
             return Err(Error::ModelName(format!(
@@ -183,6 +191,7 @@ mod tests {
         let named = |id, revision, fingerprint| NamedModel {
             id,
             revision,
+            gguf_file: None,
             fingerprint,
         };
         let hub = trusted.resolve(named("acme/tiny", None, "x")).unwrap();
@@ -209,6 +218,7 @@ mod tests {
         fn no_header_reaches_outside_the_cache_or_the_notes(
             id in header_string(),
             revision in proptest::option::of(header_string()),
+            gguf_file in proptest::option::of(header_string()),
             fingerprint in proptest::prop_oneof![
                 proptest::strategy::Just(FP.to_string()),
                 "sha256:[0-9a-f]{0,70}",
@@ -217,7 +227,12 @@ mod tests {
         ) {
             let root = tempfile::tempdir().unwrap();
             let (trusted, noted) = trusted(root.path());
-            let named = NamedModel { id: &id, revision: revision.as_deref(), fingerprint: &fingerprint };
+            let named = NamedModel {
+                id: &id,
+                revision: revision.as_deref(),
+                gguf_file: gguf_file.as_deref(),
+                fingerprint: &fingerprint,
+            };
             if let Ok(files) = trusted.resolve(named) {
                 let allowed = [root.path().join("hub").canonicalize().unwrap(), noted.canonicalize().unwrap()];
                 for path in files.paths() {

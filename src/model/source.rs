@@ -54,6 +54,14 @@ pub struct HfFiles {
 }
 
 impl ModelFiles {
+    /// The GGUF file's name in its Hub repository, for a Hub GGUF model.
+    pub fn hub_gguf_file(&self) -> Option<String> {
+        match (&self.revision, &self.layout) {
+            (Some(_), Layout::Gguf(path)) => Some(path.file_name()?.to_string_lossy().into_owned()),
+            _ => None,
+        }
+    }
+
     /// The files holding the weights.
     pub fn weight_files(&self) -> Vec<&Path> {
         match &self.layout {
@@ -91,20 +99,21 @@ pub enum Network {
 }
 
 /// Resolves `model` (a directory, a `.gguf` file, or a Hub id such as
-/// `meta-llama/Llama-3.2-1B`) as the user named it: a Hub model may be
-/// downloaded.
-pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
+/// `meta-llama/Llama-3.2-1B`, with `gguf_file` naming a GGUF file in a Hub
+/// repository) as the user named it: a Hub model may be downloaded.
+pub fn resolve(model: &str, revision: Option<&str>, gguf_file: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
     if path.exists() {
-        if revision.is_some() {
+        if revision.is_some() || gguf_file.is_some() {
             return Err(Error::MissingModelFile(format!(
-                "--revision applies to Hub ids, and `{model}` is a local model"
+                "--revision and --gguf-file apply to Hub ids, and `{model}` is a local model"
             )));
         }
         return resolve_local(path);
     }
     if looks_like_hub_id(model) {
-        return resolve_hub(model, revision.unwrap_or("main"), Network::Allowed);
+        let revision = revision.unwrap_or("main");
+        return resolve_hub(model, revision, gguf_file, Network::Allowed);
     }
     Err(Error::MissingModelFile(format!(
         "model `{model}` is neither a directory, a .gguf file nor a Hugging Face Hub id (owner/name)"
@@ -137,6 +146,17 @@ fn hub_name_part(p: &str, max_len: usize) -> bool {
         && !p.ends_with(['.', '-'])
         && !p.contains("..")
         && !p.contains("--")
+}
+
+/// A GGUF file name in a Hub repository: a plain file name ending in
+/// `.gguf`, at most 255 bytes, of the characters Hub names use.
+pub fn looks_like_gguf_file(s: &str) -> bool {
+    s.len() <= 255
+        && s.len() > ".gguf".len()
+        && s.to_ascii_lowercase().ends_with(".gguf")
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Refuses a Hub id or revision that is not a Hub name, quoting it escaped.
@@ -394,10 +414,16 @@ impl HubRepo {
     }
 }
 
-/// Resolves Hub model `id` at `revision` in the user's cache, downloading
-/// what it lacks only if `network` allows it.
-pub fn resolve_hub(id: &str, revision: &str, network: Network) -> Result<ModelFiles> {
-    resolve_hub_in(&hub_cache(), id, revision, network)
+/// Resolves Hub model `id` at `revision` in the user's cache (its GGUF file
+/// `gguf_file`, if given), downloading what it lacks only if `network`
+/// allows it.
+pub fn resolve_hub(
+    id: &str,
+    revision: &str,
+    gguf_file: Option<&str>,
+    network: Network,
+) -> Result<ModelFiles> {
+    resolve_hub_in(&hub_cache(), id, revision, gguf_file, network)
 }
 
 /// [`resolve_hub`] with the Hub cache `cache`.
@@ -405,9 +431,22 @@ pub fn resolve_hub_in(
     cache: &Cache,
     id: &str,
     revision: &str,
+    gguf_file: Option<&str>,
     network: Network,
 ) -> Result<ModelFiles> {
     let repo = HubRepo::new(cache, id, revision, network)?;
+    if let Some(name) = gguf_file {
+        if !looks_like_gguf_file(name) {
+            return Err(Error::ModelName(format!(
+                "{name:?} is not a GGUF file name (a plain name ending in .gguf)"
+            )));
+        }
+        return Ok(ModelFiles {
+            id: id.to_string(),
+            revision: Some(revision.to_string()),
+            layout: Layout::Gguf(repo.get(name)?),
+        });
+    }
     let config = repo.get(CONFIG)?;
     let weights = match repo.cached(WEIGHTS).or_else(|| repo.try_get(WEIGHTS_INDEX)) {
         Some(index) if index.ends_with(WEIGHTS_INDEX) => shard_names(&index)?
@@ -483,17 +522,23 @@ mod tests {
 
     #[test]
     fn bad_revisions_are_refused_before_any_path_is_built() {
-        let err = resolve_hub("acme/tiny", "/some/dir", Network::CacheOnly).unwrap_err();
+        let err = resolve_hub("acme/tiny", "/some/dir", None, Network::CacheOnly).unwrap_err();
         assert!(matches!(err, Error::ModelName(_)), "{err}");
-        let err = resolve_hub("../x", "main", Network::CacheOnly).unwrap_err();
+        let err = resolve_hub("../x", "main", None, Network::CacheOnly).unwrap_err();
         assert!(matches!(err, Error::ModelName(_)), "{err}");
+        for name in ["../x.gguf", "/etc/x.gguf", "a/b.gguf", "x.bin", ".gguf"] {
+            assert!(!looks_like_gguf_file(name), "{name}");
+            let err = resolve_hub("acme/tiny", "main", Some(name), Network::CacheOnly);
+            assert!(matches!(err, Err(Error::ModelName(_))), "{name}");
+        }
+        assert!(looks_like_gguf_file("SmolLM2-135M-Instruct.Q4_1.gguf"));
     }
 
     #[test]
     fn local_dir_missing_file_names_it() {
         let dir = tempfile::tempdir().unwrap();
         touch(dir.path(), &[CONFIG, TOKENIZER_CONFIG, WEIGHTS]);
-        let err = resolve(dir.path().to_str().unwrap(), None)
+        let err = resolve(dir.path().to_str().unwrap(), None, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("`tokenizer.json`"), "{err}");
@@ -518,14 +563,14 @@ mod tests {
             r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors", "z": "a.safetensors"}}"#,
         )
         .unwrap();
-        let files = resolve(dir.path().to_str().unwrap(), None).unwrap();
+        let files = resolve(dir.path().to_str().unwrap(), None, None).unwrap();
         assert_eq!(files.weight_files().len(), 2);
         std::fs::write(
             dir.path().join(WEIGHTS_INDEX),
             r#"{"weight_map": {"x": "../evil.safetensors"}}"#,
         )
         .unwrap();
-        assert!(resolve(dir.path().to_str().unwrap(), None).is_err());
+        assert!(resolve(dir.path().to_str().unwrap(), None, None).is_err());
     }
 
     #[test]

@@ -196,11 +196,14 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         clean(&h.producer),
         clean(&h.created)
     )?;
-    let revision = m
+    let mut revision = m
         .revision
         .as_deref()
         .map(|r| format!(" at revision {}", clean(r)))
         .unwrap_or_default();
+    if let Some(file) = &m.file {
+        revision.push_str(&format!(", file {}", clean(file)));
+    }
     writeln!(
         out,
         "model       {}{revision} ({})",

@@ -30,7 +30,7 @@ pub struct Fixture {
 impl Fixture {
     pub fn load(name: &str, dtype: DType) -> Fixture {
         let dir = fixture_dir(name);
-        let files = model::source::resolve(dir.to_str().unwrap(), None).unwrap();
+        let files = model::source::resolve(dir.to_str().unwrap(), None, None).unwrap();
         let model::Layout::Hf(files) = files.layout else {
             panic!("{name} is not a Hugging Face model directory")
         };
@@ -178,6 +178,7 @@ pub fn load_model_at(path: &std::path::Path) -> sac::runtime::LoadedModel {
     sac::runtime::LoadedModel::load(&sac::runtime::ModelSpec {
         model: path.to_string_lossy().into_owned(),
         revision: None,
+        gguf_file: None,
         device: sac::device::DeviceSpec::Cpu,
         dtype: sac::device::DTypeSpec::F32,
     })

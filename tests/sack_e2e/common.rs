@@ -38,6 +38,7 @@ pub fn header(layout: KeptLayout, layers: u32, kv_heads: u32, head_dim: u32) -> 
         model: ModelInfo {
             id: "test/tiny".into(),
             revision: None,
+            file: None,
             fingerprint: "blake3:0123".into(),
             layers,
             kv_heads,

@@ -84,6 +84,10 @@ pub struct ModelInfo {
     /// Since minor version 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// The GGUF file within the Hub repository `id`, for a model that is one
+    /// file of a repository of GGUF files. Since minor version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// Fingerprint of the weights, e.g. `blake3:…`; opaque to this module.
     pub fingerprint: String,
     /// Number of transformer layers that have a KV cache.
@@ -197,7 +201,7 @@ pub const MAX_TOKENS: u64 = 1 << 32;
 impl SackHeader {
     /// The lowest format minor version whose members this header uses.
     pub fn minor_version(&self) -> u16 {
-        if self.decoder.prompt.is_some() {
+        if self.decoder.prompt.is_some() || self.model.file.is_some() {
             2
         } else if self.model.revision.is_some() {
             1
@@ -324,6 +328,7 @@ pub(crate) mod tests {
             model: ModelInfo {
                 id: "meta-llama/Llama-3.2-1B".into(),
                 revision: None,
+                file: None,
                 fingerprint: "blake3:00".into(),
                 layers: 16,
                 kv_heads: 8,
