@@ -17,8 +17,7 @@ tests/fixtures/squad/black_death.txt (SQuAD v1.1 dev, CC BY-SA 4.0):
 Run from the repository root:
 
     bash scripts/fetch_smollm2.sh
-    python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements-fixtures.txt \
-        accelerate==1.16.0 gguf==0.19.0 llama-cpp-python==0.3.36
+    python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements-fixtures.txt
     .venv/bin/python scripts/make_smollm2_fixtures.py
 
 Writes tests/fixtures/smollm2/reference.safetensors.

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{run_ok, sac};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{max_abs_diff, run_ok, sac};
+use sac::model::ForwardInput;
 use serde_json::Value;
 
 /// The SHA-256 of the Q4_1 file, hence its model fingerprint.
@@ -104,5 +106,63 @@ fn a_squad_paragraph_is_answered_and_the_answer_stops() {
     assert!(
         text.ends_with("first ") && !text.contains("oil shock"),
         "{text:?}"
+    );
+}
+
+/// Token ids equal llama.cpp's, and f32 logits equal HF transformers' on the
+/// same dequantized weights (scripts/make_smollm2_fixtures.py).
+#[test]
+fn token_ids_and_logits_match_llama_cpp_and_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/fixtures/squad/black_death.txt")).unwrap();
+    let reference = candle_core::safetensors::load(
+        root.join("tests/fixtures/smollm2/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let r = |name: &str| reference[name].clone();
+    let model = common::load_model_at(smollm2());
+    let ids = model.tokenizer.encode(&text).unwrap();
+    let expected: Vec<u32> = r("ids")
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|id| id as u32)
+        .collect();
+    assert_eq!(ids, expected, "token ids differ from llama.cpp's");
+    assert!(ids.len() >= 300, "{} tokens", ids.len());
+
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions = Tensor::arange(0u32, ids.len() as u32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = model.decoder.embed(&input).unwrap();
+    let out = model
+        .decoder
+        .forward(ForwardInput::causal(&embeds, &positions))
+        .unwrap();
+    let logits = model
+        .decoder
+        .logits(&out.hidden)
+        .unwrap()
+        .i(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let index = |t: Tensor| t.to_dtype(DType::U32).unwrap();
+    let rows = logits.index_select(&index(r("rows")), 0).unwrap();
+    let columns = logits.index_select(&index(r("columns")), 1).unwrap();
+    let (row_diff, column_diff) = (
+        max_abs_diff(&rows, &r("row_logits")),
+        max_abs_diff(&columns, &r("column_logits")),
+    );
+    eprintln!("logits vs transformers: max |diff| {row_diff} (rows), {column_diff} (columns)");
+    assert!(
+        row_diff < 1e-3 && column_diff < 1e-3,
+        "logits differ from transformers' by {row_diff} (rows) and {column_diff} (columns)"
     );
 }
