@@ -389,3 +389,40 @@ fn a_gguf_file_of_a_hub_repository_is_named_with_gguf_file() {
         "{err}"
     );
 }
+
+/// A SentencePiece ("llama") vocabulary tokenizes as SentencePiece itself
+/// does (scripts/make_spm_fixture.py: a tiny BPE vocabulary with byte
+/// fallback and Llama's normalization, none).
+#[test]
+fn a_sentencepiece_vocabulary_tokenizes_as_sentencepiece() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tokenizer = sac::model::gguf::GgufModel::open(&dir.join("vocab.gguf"))
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    assert_eq!(tokenizer.bos(), reference["bos"].as_u64().map(|b| b as u32));
+    assert!(
+        tokenizer
+            .eos()
+            .contains(&(reference["eos"].as_u64().unwrap() as u32))
+    );
+    for case in reference["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect();
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(ids, expected, "{text:?}");
+        assert_eq!(
+            tokenizer.decode(&ids).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}

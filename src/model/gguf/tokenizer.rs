@@ -1,15 +1,25 @@
 //! A GGUF file's tokenizer, built from `tokenizer.ggml.*` as a `tokenizers`
 //! tokenizer laid out as the model's published `tokenizer.json` is:
-//! byte-level BPE ("gpt2") with the vocabulary and merges of the file, the
-//! pre-tokenizer `tokenizer.ggml.pre` names, and the control tokens as
-//! special tokens; `tokenizer.chat_template` is the chat template.
+//! byte-level BPE ("gpt2") with the vocabulary and merges of the file and the
+//! pre-tokenizer `tokenizer.ggml.pre` names, or SentencePiece BPE ("llama")
+//! with merges ranked by the pieces' scores and byte fallback; the control
+//! tokens are special tokens; `tokenizer.chat_template` is the chat template.
 
 use tokenizers::models::bpe::Vocab;
 
 use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -27,7 +37,11 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's split (llama.cpp's "qwen2"): single digits.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// SentencePiece's space.
+const SPACE: &str = "\u{2581}";
+
 /// llama.cpp's token types.
+const UNKNOWN: i64 = 2;
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
@@ -62,6 +76,20 @@ fn integers(model: &GgufModel, key: &str) -> Vec<i64> {
                 Value::I8(n) => i64::from(*n),
                 Value::U8(n) => i64::from(*n),
                 _ => 0,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn floats(model: &GgufModel, key: &str) -> Vec<f32> {
+    match model.meta(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => *x,
+                Value::F64(x) => *x as f32,
+                _ => 0.0,
             })
             .collect(),
         _ => Vec::new(),
@@ -104,50 +132,21 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
     let kind = model
         .string("tokenizer.ggml.model")
         .map_err(|_| tokenizer_error(model, "has no `tokenizer.ggml.model`"))?;
-    if kind != "gpt2" {
-        return Err(tokenizer_error(
-            model,
-            format!(
-                "tokenizer model {kind:?} is not supported (sac reads byte-level BPE, \"gpt2\")"
-            ),
-        ));
-    }
-    let pre = model.string("tokenizer.ggml.pre").unwrap_or("default");
-    let (pre_tokenizer, nfc) = pre_tokenizer(pre).ok_or_else(|| {
-        tokenizer_error(
-            model,
-            format!(
-                "pre-tokenizer {pre:?} is not supported (sac knows default, gpt-2, smollm, llama-bpe and qwen2)"
-            ),
-        )
-    })?;
     let tokens = strings(model, "tokenizer.ggml.tokens")?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, token)| (token.to_string(), id as u32))
-        .collect();
-    let merges = strings(model, "tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|merge| {
-            merge
-                .split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| tokenizer_error(model, format!("merge {merge:?} is not two tokens")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(pre == "llama-bpe" || pre == "llama3")
-        .build()
-        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
-    let mut inner = Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(pre_tokenizer));
-    inner.with_decoder(Some(ByteLevelDecoder::default()));
-    if nfc {
-        inner.with_normalizer(Some(NFC));
-    }
     let types = integers(model, "tokenizer.ggml.token_type");
+    let mut inner = match kind {
+        "gpt2" => byte_level_bpe(model, &tokens)?,
+        "llama" => sentencepiece_bpe(model, &tokens, &types)?,
+        _ => {
+            return Err(tokenizer_error(
+                model,
+                format!(
+                    "tokenizer model {kind:?} is not supported (sac reads byte-level BPE, \
+                     \"gpt2\", and SentencePiece BPE, \"llama\")"
+                ),
+            ));
+        }
+    };
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
@@ -155,10 +154,11 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
         .map(|(token, t)| AddedToken::from(token.to_string(), *t == CONTROL))
         .collect();
     inner.add_special_tokens(&added);
-    let add_bos = matches!(
-        model.meta("tokenizer.ggml.add_bos_token"),
-        Some(Value::Bool(true))
-    );
+    // llama.cpp's default: BOS for SentencePiece vocabularies, none for BPE.
+    let add_bos = match model.meta("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(add)) => *add,
+        _ => kind == "llama",
+    };
     let bos = add_bos
         .then(|| model.id("tokenizer.ggml.bos_token_id"))
         .flatten();
@@ -186,4 +186,122 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
         _ => None,
     };
     Ok(TextTokenizer::new(inner, bos, eos).with_chat_template(template))
+}
+
+/// Byte-level BPE ("gpt2"): the vocabulary and merges of the file, and the
+/// pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_bpe(model: &GgufModel, tokens: &[&str]) -> Result<Tokenizer> {
+    let pre = model.string("tokenizer.ggml.pre").unwrap_or("default");
+    let (pre_tokenizer, nfc) = pre_tokenizer(pre).ok_or_else(|| {
+        tokenizer_error(
+            model,
+            format!(
+                "pre-tokenizer {pre:?} is not supported (sac knows default, gpt-2, smollm, llama-bpe and qwen2)"
+            ),
+        )
+    })?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.to_string(), id as u32))
+        .collect();
+    let merges = strings(model, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| tokenizer_error(model, format!("merge {merge:?} is not two tokens")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == "llama-bpe" || pre == "llama3")
+        .build()
+        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    if nfc {
+        inner.with_normalizer(Some(NFC));
+    }
+    Ok(inner)
+}
+
+/// SentencePiece BPE ("llama"), laid out as Hugging Face's conversion of a
+/// `tokenizer.model` is: spaces as `▁` (and one before the text when
+/// `add_space_prefix`, the default), merges ranked by the merged piece's
+/// score, unknown characters spelled in `<0xXX>` byte pieces.
+fn sentencepiece_bpe(model: &GgufModel, tokens: &[&str], types: &[i64]) -> Result<Tokenizer> {
+    let scores = floats(model, "tokenizer.ggml.scores");
+    if scores.len() != tokens.len() {
+        return Err(tokenizer_error(model, "has no score for every token"));
+    }
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.to_string(), id as u32))
+        .collect();
+    let merges = sentencepiece_merges(tokens, &scores);
+    let unk = model
+        .id("tokenizer.ggml.unknown_token_id")
+        .or_else(|| types.iter().position(|t| *t == UNKNOWN).map(|i| i as u32))
+        .and_then(|id| tokens.get(id as usize));
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk.to_string());
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
+    let prefix = !matches!(
+        model.meta("tokenizer.ggml.add_space_prefix"),
+        Some(Value::Bool(false))
+    );
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to)
+            .map_err(|e| tokenizer_error(model, format!("cannot build its normalizer: {e}")))
+    };
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if prefix {
+        normalizers.push(Prepend::new(SPACE.into()).into());
+    }
+    normalizers.push(replace(" ", SPACE)?.into());
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace(SPACE, " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
+/// The merges a SentencePiece BPE vocabulary implies: every split of a
+/// piece into two pieces of the vocabulary, ranked by the whole piece's
+/// score (highest first), ties in vocabulary order.
+fn sentencepiece_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        for (split, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(split);
+            if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
+                merges.push((score, l, r, left, right));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
 }
