@@ -55,6 +55,7 @@ fn model_info_reads_the_gguf_metadata() {
     assert_eq!(info["max_position_embeddings"], 8192);
     assert_eq!(info["bos_token_id"], Value::Null, "add_bos_token is false");
     assert_eq!(info["eos_token_ids"], serde_json::json!([2]), "<|im_end|>");
+    assert_eq!(info["chat_template"], true);
     assert_eq!(info["fingerprint"]["model"], format!("sha256:{SHA256}"));
 }
 

@@ -26,6 +26,8 @@ struct ModelInfo {
     rope_scaling: String,
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
+    /// Whether the model has a chat template (`compress --prompt auto` uses it).
+    chat_template: bool,
     weight_files: usize,
     weight_bytes: u64,
     device: String,
@@ -73,6 +75,7 @@ pub fn run(args: &ModelInfoArgs) -> anyhow::Result<()> {
         },
         bos_token_id: tokenizer.bos(),
         eos_token_ids: tokenizer.eos().to_vec(),
+        chat_template: tokenizer.chat_template().is_some(),
         weight_files: weight_files.len(),
         weight_bytes,
         device: match device.location() {
@@ -112,6 +115,15 @@ fn write_text(out: &mut impl Write, i: &ModelInfo) -> std::io::Result<()> {
         "vocabulary    {} tokens, BOS {bos}, EOS {}",
         i.vocab_size,
         eos.join(" ")
+    )?;
+    writeln!(
+        out,
+        "prompt        {}",
+        if i.chat_template {
+            "a chat template (compress uses the chat layout by default)"
+        } else {
+            "no chat template (the raw layout)"
+        }
     )?;
     writeln!(
         out,
