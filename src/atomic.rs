@@ -36,7 +36,9 @@ fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// use for those signals.
 pub fn remove_temp_files_on_signal() -> Result<()> {
     ctrlc::set_handler(|| {
-        for path in pending().iter() {
+        // Held through `exit`, so no temp file is created after the sweep.
+        let pending = pending();
+        for path in pending.iter() {
             let _ = std::fs::remove_file(path);
         }
         std::process::exit(130);
@@ -145,12 +147,18 @@ fn remove_stale(dir: &Path, prefix: &str) {
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
+        // Where a live writer cannot be told from a dead one, only an hour
+        // without a write makes a file stale.
+        let stale_after = match cfg!(target_os = "linux") {
+            true => STALE_AFTER,
+            false => 60 * STALE_AFTER,
+        };
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= STALE_AFTER);
+            .is_some_and(|age| age >= stale_after);
         if ours && old && !process_alive(pid) {
             let _ = std::fs::remove_file(entry.path());
         }

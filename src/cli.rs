@@ -319,8 +319,8 @@ pub struct AskArgs {
     pub seed: u64,
 
     /// End each answer where this text appears (repeatable). Answers also
-    /// end at the model's end-of-sequence ids and, from a .sack made without
-    /// a SAC adapter, at a new "###" line.
+    /// end at the model's end-of-sequence ids and, from a .sack in the raw
+    /// layout made without a SAC adapter, at a new "###" line.
     #[arg(long, value_name = "STRING")]
     pub stop: Vec<String>,
 

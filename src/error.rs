@@ -101,7 +101,7 @@ impl Error {
             Error::Io { .. } => "a file could not be read",
             Error::MissingModelFile(_) | Error::NotCached { .. } => "a file is missing",
             Error::ModelName(_) | Error::UnknownLocalModel(_) => "not a model sac may load",
-            Error::Config { .. } => "its config.json is not one sac can run",
+            Error::Config { .. } => "its config is not one sac can run",
             Error::Weights(_) => "its weights do not fit its config.json",
             Error::Hub(_) => "the Hub client failed",
             Error::Adapter(_) => "the adapter does not fit",

@@ -54,7 +54,7 @@ impl ResolvedModel {
         let resolved = Self::from_files(files)?;
         if resolved.files.revision.is_none() {
             KnownModels::open_default()
-                .remember(&resolved.fingerprint.model, Path::new(&resolved.files.id));
+                .remember(&resolved.fingerprint, Path::new(&resolved.files.id));
         }
         Ok(resolved)
     }

@@ -90,7 +90,12 @@ impl TextTokenizer {
         let end = template
             .as_ref()
             .and_then(|t| t.end_of_turn().ok().flatten());
-        if let Some(id) = end.and_then(|end| self.inner.token_to_id(&end)) {
+        // Only a special token: an ordinary word after the answer is no end.
+        let special = |id: &u32| self.inner.decode(&[*id], true).is_ok_and(|t| t.is_empty());
+        let id = end
+            .and_then(|end| self.inner.token_to_id(&end))
+            .filter(special);
+        if let Some(id) = id {
             if !self.eos.contains(&id) {
                 self.eos.push(id);
                 self.eos.sort_unstable();
@@ -102,11 +107,6 @@ impl TextTokenizer {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
-    }
-
-    /// The text of token `id`, special tokens included.
-    pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
     }
 
     /// Token ids of `text`, without any special tokens added.

@@ -447,7 +447,7 @@ fn conflicting_flags_are_refused_before_any_work() {
         (&["--compressor", "sac"][..], "needs an adapter"),
         (
             &["--compressor", "uniform", "--revision", "main"][..],
-            "--revision applies to Hub ids",
+            "--revision and --gguf-file apply to Hub ids",
         ),
     ] {
         let err = failing(

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::cli::AskArgs;
 use crate::error::Error;
+use crate::fingerprint::ModelFingerprint;
 use crate::generate::{Answerer, Generation, SamplingSettings, Stop};
 use crate::model::known::{NamedModel, Trusted};
 use crate::model::source::Network;
@@ -90,9 +91,12 @@ fn ask<R: Read + Seek>(
         max_tokens: args.max_tokens as usize,
     };
     let tokenizer = &model.tokenizer;
-    let answerer = Answerer::new(&model.decoder, context, tokenizer.eos())?.with_stop_rule(
-        Box::new(|ids: &[u32]| Ok(stops.cut(&tokenizer.decode(ids)?).is_some())),
-    );
+    let mut answerer = Answerer::new(&model.decoder, context, tokenizer.eos())?;
+    if !stops.is_empty() {
+        answerer = answerer.with_stop_rule(Box::new(|ids: &[u32]| {
+            Ok(stops.cut(&tokenizer.decode(ids)?).is_some())
+        }));
+    }
     let mut session = Session {
         model: &model,
         layout: &layout,
@@ -142,6 +146,10 @@ fn load_model(
     let (resolved, by_header) = match &args.model {
         Some(model) => (ResolvedModel::named(&args.placement.spec(model))?, false),
         None => {
+            let fingerprint = ModelFingerprint {
+                model: header.model.fingerprint.clone(),
+                tokenizer: header.tokenizer.fingerprint.clone(),
+            };
             let named = NamedModel {
                 id: &header.model.id,
                 revision: args
@@ -154,7 +162,7 @@ fn load_model(
                     .gguf_file
                     .as_deref()
                     .or(header.model.file.as_deref()),
-                fingerprint: &header.model.fingerprint,
+                fingerprint: &fingerprint,
             };
             let trusted = Trusted {
                 network: if args.allow_download {
@@ -197,13 +205,19 @@ fn load_model(
         forced.get_or_insert(differs);
     }
     let id = resolved.files.id.clone();
-    let revision = resolved.files.revision.clone();
+    let mut at = resolved
+        .files
+        .revision
+        .as_ref()
+        .map_or(String::new(), |r| format!(" --revision {r}"));
+    if let Some(file) = resolved.files.hub_gguf_file() {
+        at.push_str(&format!(" --gguf-file {file}"));
+    }
     match resolved.load(args.placement.device, args.placement.dtype) {
         Ok(model) => Ok((model, forced)),
         // The files came from the cache on the header's word: say what failed,
         // not what they hold.
         Err(e) if by_header => {
-            let at = revision.map_or(String::new(), |r| format!(" --revision {r}"));
             bail!(
                 "cannot load {id} as a model ({}); `sac model-info -m {id}{at}` shows why",
                 e.kind()
@@ -251,8 +265,9 @@ fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
         ),
         Error::ModelName(why) => format!("{file} names its model oddly: {why}; {pass}"),
         other => format!(
-            "cannot find the model {file} was made with ({}): {other}; {pass}",
-            clean(named.id)
+            "cannot find the model {file} was made with ({}): {}; {pass}",
+            clean(named.id),
+            clean(&other.to_string())
         ),
     }
 }
@@ -348,22 +363,23 @@ impl Session<'_> {
 /// A question, or why its batch line is not one; both carry the line's id.
 type BatchItem = Result<(Value, String), (Value, String)>;
 
-/// A batch line: plain text, or (starting with `{`, `[` or `"`) JSON, which
-/// must be an object with a non-empty string `question` and an optional
-/// `id` (a string or a number; the line number by default). Blank lines are
-/// skipped.
+/// A batch line: plain text, or JSON, which must be an object with a
+/// non-empty string `question` and an optional `id` (a string or a number;
+/// the line number by default). A line starting with `{` is JSON; one
+/// starting with `[` or `"` is JSON when it parses as such (then not an
+/// object, so an error), else text. Blank lines are skipped.
 fn parse_batch_line(line: &str, number: usize) -> Option<BatchItem> {
     let trimmed = line.trim();
     if trimmed.is_empty() {
         return None;
     }
     let line_id = Value::from(number);
-    if !trimmed.starts_with(['{', '[', '"']) {
-        return Some(Ok((line_id, trimmed.to_string())));
-    }
     let fail = |id: Value, why: &str| Some(Err((id, format!("batch line {number} {why}"))));
-    let Ok(value) = serde_json::from_str::<Value>(trimmed) else {
-        return fail(line_id, "is not valid JSON");
+    let value = match serde_json::from_str::<Value>(trimmed) {
+        Ok(value) if trimmed.starts_with(['{', '[', '"']) => value,
+        // `{...` must be JSON; `"Dune" was written by whom?` is a question.
+        Err(_) if trimmed.starts_with('{') => return fail(line_id, "is not valid JSON"),
+        _ => return Some(Ok((line_id, trimmed.to_string()))),
     };
     let Value::Object(object) = value else {
         return fail(line_id, "is not a JSON object {\"question\": ...}");
@@ -478,6 +494,10 @@ mod tests {
             Ok((Value::from("a7"), "where?".into()))
         );
         assert_eq!(q("42", 5), Ok((Value::from(5), "42".into())));
+        assert_eq!(
+            q(r#""Dune" was written by whom?"#, 5),
+            Ok((Value::from(5), r#""Dune" was written by whom?"#.into()))
+        );
         for (line, why) in [
             (r#"{"id": 1}"#, "no string"),
             ("{oops", "not valid JSON"),

@@ -7,8 +7,8 @@
 //! - as a local directory or `.gguf` file that the user has loaded before,
 //!   named on the command line of `compress`, `ask`, `model-info` or
 //!   `train`: each such load leaves a note under the sac cache directory
-//!   (`models/<fingerprint>` holding the path), and the header's fingerprint
-//!   finds it.
+//!   (`models/<digest of the model and tokenizer fingerprints>` holding the
+//!   path), and the header's fingerprints find it.
 //!
 //! The caller then checks the files' fingerprints against the header's before
 //! reading any of them as a model.
@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::Cache;
 
 use crate::error::{Error, Result};
+use crate::fingerprint::ModelFingerprint;
 use crate::model::source::{self, ModelFiles, Network};
 
 /// Local models (directories, `.gguf` files) the user has loaded, by model
@@ -40,16 +41,23 @@ impl KnownModels {
         Self { dir: Some(dir) }
     }
 
-    fn note(&self, fingerprint: &str) -> Option<PathBuf> {
-        let hex = fingerprint.strip_prefix("sha256:")?;
-        let plain = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
-        plain.then(|| self.dir.as_ref().map(|d| d.join(hex)))?
+    /// The note of a model: named by the SHA-256 of its two fingerprints,
+    /// so that a fingerprint (from a .sack) is never part of a path, and two
+    /// copies of one model with different tokenizer files are two models.
+    fn note(&self, fingerprint: &ModelFingerprint) -> Option<PathBuf> {
+        use sha2::{Digest, Sha256};
+        let key = format!("{}\n{}", fingerprint.model, fingerprint.tokenizer);
+        let hex: String = Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.dir.as_ref().map(|d| d.join(hex))
     }
 
     /// Notes that the model with `fingerprint` is at `path`. A note that
     /// cannot be written only costs a `--model` later, so failures are
     /// ignored.
-    pub fn remember(&self, fingerprint: &str, path: &Path) {
+    pub fn remember(&self, fingerprint: &ModelFingerprint, path: &Path) {
         let (Some(note), Some(text)) = (self.note(fingerprint), path.to_str()) else {
             return;
         };
@@ -63,7 +71,7 @@ impl KnownModels {
     }
 
     /// Where the model with `fingerprint` was loaded from, if noted.
-    pub fn recall(&self, fingerprint: &str) -> Option<PathBuf> {
+    pub fn recall(&self, fingerprint: &ModelFingerprint) -> Option<PathBuf> {
         let text = std::fs::read_to_string(self.note(fingerprint)?).ok()?;
         let dir = PathBuf::from(text);
         dir.is_absolute().then_some(dir)
@@ -77,7 +85,7 @@ pub struct NamedModel<'a> {
     pub revision: Option<&'a str>,
     /// The GGUF file in the Hub repository `id`, if the model is one.
     pub gguf_file: Option<&'a str>,
-    pub fingerprint: &'a str,
+    pub fingerprint: &'a ModelFingerprint,
 }
 
 /// Where a header-named model may come from.
@@ -131,26 +139,36 @@ impl Trusted {
 mod tests {
     use super::*;
 
+    fn fp(model: &str) -> ModelFingerprint {
+        ModelFingerprint {
+            model: model.into(),
+            tokenizer: "sha256:0".into(),
+        }
+    }
+
     const FP: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     #[test]
-    fn notes_are_recalled_by_fingerprint_only() {
+    fn notes_are_recalled_by_both_fingerprints() {
         let dir = tempfile::tempdir().unwrap();
         let known = KnownModels::at(dir.path().join("models"));
-        assert_eq!(known.recall(FP), None);
-        known.remember(FP, Path::new("/models/tiny"));
-        assert_eq!(known.recall(FP), Some(PathBuf::from("/models/tiny")));
+        assert_eq!(known.recall(&fp(FP)), None);
+        known.remember(&fp(FP), Path::new("/models/tiny"));
+        assert_eq!(known.recall(&fp(FP)), Some(PathBuf::from("/models/tiny")));
+        let other_tokenizer = ModelFingerprint {
+            tokenizer: "sha256:1".into(),
+            ..fp(FP)
+        };
+        assert_eq!(known.recall(&other_tokenizer), None);
         // A fingerprint is no path: nothing outside the notes is read or written.
-        for odd in ["sha256:../../etc/passwd", "../x", "", "sha256:"] {
-            known.remember(odd, Path::new("/x"));
-            assert_eq!(known.recall(odd), None);
+        for odd in ["sha256:../../etc/passwd", "../x", "", "/etc/passwd"] {
+            known.remember(&fp(odd), Path::new("/x"));
         }
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("models"))
-                .unwrap()
-                .count(),
-            1
-        );
+        for entry in std::fs::read_dir(dir.path().join("models")).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert_eq!(name.len(), 64, "{name:?}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     /// A Hub cache holding the fixture model `mistral` as `acme/tiny` at
@@ -175,7 +193,7 @@ mod tests {
             std::fs::copy(fixture.join(name), noted.join(name)).unwrap();
         }
         let known = KnownModels::at(root.join("notes"));
-        known.remember(FP, &noted);
+        known.remember(&fp(FP), &noted);
         let trusted = Trusted {
             hub_cache: Cache::new(root.join("hub")),
             known,
@@ -188,23 +206,26 @@ mod tests {
     fn the_cache_and_noted_directories_resolve() {
         let root = tempfile::tempdir().unwrap();
         let (trusted, noted) = trusted(root.path());
+        let (known_fp, zero_fp, x_fp) = (fp(FP), fp("sha256:0"), fp("x"));
         let named = |id, revision, fingerprint| NamedModel {
             id,
             revision,
             gguf_file: None,
             fingerprint,
         };
-        let hub = trusted.resolve(named("acme/tiny", None, "x")).unwrap();
+        let hub = trusted.resolve(named("acme/tiny", None, &x_fp)).unwrap();
         assert!(
             hub.paths()
                 .iter()
                 .all(|p| p.starts_with(root.path().join("hub")))
         );
-        let dir = trusted.resolve(named("/anywhere", None, FP)).unwrap();
+        let dir = trusted
+            .resolve(named("/anywhere", None, &known_fp))
+            .unwrap();
         assert_eq!(dir.id, noted.canonicalize().unwrap().to_str().unwrap());
         let fixture = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/parity/llama3";
         let err = trusted
-            .resolve(named(&fixture, None, "sha256:0"))
+            .resolve(named(&fixture, None, &zero_fp))
             .unwrap_err();
         assert!(matches!(err, Error::UnknownLocalModel(_)), "{err}");
     }
@@ -231,7 +252,7 @@ mod tests {
                 id: &id,
                 revision: revision.as_deref(),
                 gguf_file: gguf_file.as_deref(),
-                fingerprint: &fingerprint,
+                fingerprint: &fp(&fingerprint),
             };
             if let Ok(files) = trusted.resolve(named) {
                 let allowed = [root.path().join("hub").canonicalize().unwrap(), noted.canonicalize().unwrap()];

@@ -278,7 +278,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     })?;
     let mut names: Vec<String> = Vec::new();
     for shard in parsed.weight_map.into_values() {
-        if shard.contains(['/', '\\']) || shard.starts_with('.') {
+        if shard.is_empty() || shard.contains(['/', '\\']) || shard.starts_with('.') {
             return Err(Error::Config {
                 path: index.to_path_buf(),
                 message: format!("shard name `{shard}` is not a plain file name"),

@@ -160,6 +160,8 @@ impl GgufModel {
             "max_position_embeddings": count("context_length")?,
             "vocab_size": vocab.ok_or_else(|| self.error("has no vocabulary size"))?,
             "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "attention_bias": self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+            "mlp_bias": self.content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             "bos_token_id": self.id("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.id("tokenizer.ggml.eos_token_id"),
         });
@@ -187,12 +189,8 @@ impl GgufModel {
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
             let tensor = match (permuted, hf.rsplit('.').nth(1)) {
-                (true, Some("q_proj")) if hf.ends_with(".weight") => {
-                    unpermute(&read, config.num_heads)?
-                }
-                (true, Some("k_proj")) if hf.ends_with(".weight") => {
-                    unpermute(&read, config.num_kv_heads)?
-                }
+                (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
+                (true, Some("k_proj")) => unpermute(&read, config.num_kv_heads)?,
                 _ => read,
             };
             tensors.insert(hf, tensor.to_dtype(dtype)?.to_device(device)?);
@@ -242,16 +240,19 @@ fn hf_name(name: &str) -> Option<String> {
 }
 
 /// Undoes llama.cpp's row permutation of a `[heads * head_dim, in]` query
-/// or key weight: within each head, rows `0, 2, 4, ...` then `1, 3, 5, ...`
-/// become the halves Hugging Face's RoPE rotates.
-fn unpermute(weight: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = weight.dims2()?;
+/// or key weight (or `[heads * head_dim]` bias): within each head, rows
+/// `0, 2, 4, ...` then `1, 3, 5, ...` become the halves Hugging Face's RoPE
+/// rotates.
+fn unpermute(tensor: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = tensor.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
     let half = rows / heads / 2;
-    Ok(weight
+    Ok(tensor
         .reshape((heads, half, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
-        .reshape((rows, cols))?)
+        .reshape(dims)?)
 }
 
 #[cfg(test)]

@@ -161,7 +161,8 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
     };
     let bos = add_bos
         .then(|| model.id("tokenizer.ggml.bos_token_id"))
-        .flatten();
+        .flatten()
+        .filter(|&id| (id as usize) < tokens.len());
     let eos = [
         "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.eot_token_id",
