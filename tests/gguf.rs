@@ -60,7 +60,12 @@ fn permute(w: &Tensor, heads: usize) -> Tensor {
 /// Writes fixture model `name` (architecture `arch`) as a GGUF file in `dir`,
 /// matrices in `dtype` (norms and biases stay f32, as llama.cpp keeps them).
 fn write_gguf(name: &str, arch: &str, dtype: GgmlDType, dir: &Path) -> PathBuf {
-    let src = fixture_dir(name);
+    write_gguf_of(&fixture_dir(name), arch, dtype, dir)
+}
+
+/// [`write_gguf`] of the model directory `src`.
+fn write_gguf_of(src: &Path, arch: &str, dtype: GgmlDType, dir: &Path) -> PathBuf {
+    let name = src.file_name().unwrap().to_string_lossy();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let tokenizer: serde_json::Value =
@@ -227,6 +232,96 @@ fn a_gguf_runs_as_its_safetensors_do() {
                 "{name} {dtype:?}: logits differ by {diff} of their range"
             );
         }
+    }
+}
+
+/// The mistral fixture widened to 256 (the k-quants' block), with seeded
+/// random weights of its initializer's scale, as a model directory in `dir`.
+fn wide_model(dir: &Path) -> PathBuf {
+    let src = fixture_dir("mistral");
+    let out = dir.join("wide");
+    std::fs::create_dir_all(&out).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(file), out.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_size"] = 256.into();
+    config["intermediate_size"] = 512.into();
+    config["head_dim"] = 64.into();
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    let (h, i, v, q, kv) = (256, 512, 300, 4 * 64, 2 * 64);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("lm_head.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..2 {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        shapes.extend([
+            (p("input_layernorm.weight"), vec![h]),
+            (p("post_attention_layernorm.weight"), vec![h]),
+            (p("self_attn.q_proj.weight"), vec![q, h]),
+            (p("self_attn.k_proj.weight"), vec![kv, h]),
+            (p("self_attn.v_proj.weight"), vec![kv, h]),
+            (p("self_attn.o_proj.weight"), vec![h, q]),
+            (p("mlp.gate_proj.weight"), vec![i, h]),
+            (p("mlp.up_proj.weight"), vec![i, h]),
+            (p("mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    // splitmix64: the same weights on every run.
+    let mut state = 7u64;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let tensors: std::collections::HashMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if shape.len() == 1 {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| uniform() * 0.2).collect()
+            };
+            (name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).unwrap();
+    out
+}
+
+/// Every quantization type the issue names loads through candle's
+/// dequantizers, and runs close to the f32 weights it was made from.
+#[test]
+fn every_common_quantization_type_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = wide_model(dir.path());
+    let text = std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap();
+    let (_, reference) = logits(&load(&src), &text);
+    let f32_gguf = load(&write_gguf_of(&src, "llama", GgmlDType::F32, dir.path()));
+    assert!(max_abs_diff(&logits(&f32_gguf, &text).1, &reference) < 1e-4);
+    let range = max_abs_diff(&reference, &reference.zeros_like().unwrap());
+    for (dtype, bound) in [
+        (GgmlDType::F16, 0.01),
+        (GgmlDType::BF16, 0.05),
+        (GgmlDType::Q8_0, 0.05),
+        (GgmlDType::Q6K, 0.1),
+        (GgmlDType::Q5K, 0.2),
+        (GgmlDType::Q4K, 0.3),
+        (GgmlDType::Q4_0, 0.6),
+        (GgmlDType::Q4_1, 0.6),
+    ] {
+        let q = load(&write_gguf_of(&src, "llama", dtype, dir.path()));
+        let diff = max_abs_diff(&logits(&q, &text).1, &reference) / range;
+        assert!(
+            diff < bound,
+            "{dtype:?}: logits differ by {diff} of their range"
+        );
     }
 }
 
