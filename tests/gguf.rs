@@ -14,6 +14,42 @@ use common::{compress_edge, fixture_dir, max_abs_diff, run_ok, sac, sac_fixture}
 use sac::model::ForwardInput;
 use sac::runtime::{LoadedModel, ModelSpec};
 
+/// llama.cpp's converter for a config with Llama 3.1's RoPE scaling: one
+/// divisor per rotation pair, stored as the tensor `rope_freqs.weight`.
+fn llama3_rope_factors(config: &serde_json::Value) -> Option<Vec<f32>> {
+    let scaling = &config["rope_scaling"];
+    if scaling["rope_type"] != "llama3" {
+        return None;
+    }
+    let f = |key: &str| scaling[key].as_f64().unwrap();
+    let (factor, low, high, old) = (
+        f("factor"),
+        f("low_freq_factor"),
+        f("high_freq_factor"),
+        f("original_max_position_embeddings"),
+    );
+    let dim = config["head_dim"].as_u64().unwrap() as usize;
+    let base = config["rope_theta"].as_f64().unwrap();
+    let (low_wavelen, high_wavelen) = (old / low, old / high);
+    Some(
+        (0..dim / 2)
+            .map(|i| {
+                let freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let divisor = if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                divisor as f32
+            })
+            .collect(),
+    )
+}
+
 /// The GGUF name of a Hugging Face tensor name.
 fn gguf_name(hf: &str) -> String {
     let global = [
@@ -167,6 +203,13 @@ fn write_gguf_of(src: &Path, arch: &str, dtype: GgmlDType, dir: &Path) -> PathBu
             (gguf_name(hf), QTensor::quantize(&t, kind).unwrap())
         })
         .collect();
+    if let Some(factors) = llama3_rope_factors(&config) {
+        let t = Tensor::new(factors, &Device::Cpu).unwrap();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let path = dir.join(format!("{name}-{dtype:?}.gguf"));
     let mut file = std::fs::File::create(&path).unwrap();
@@ -210,9 +253,14 @@ fn logits(model: &LoadedModel, text: &str) -> (Vec<u32>, Tensor) {
 fn a_gguf_runs_as_its_safetensors_do() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap();
-    // llama.cpp converts Mistral models as "llama" (the llama3 fixture scales
-    // RoPE by llama3's rule, which GGUF stores as a tensor sac refuses).
-    for (name, arch) in [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")] {
+    // llama.cpp converts Mistral models as "llama"; the llama3 fixture scales
+    // RoPE by Llama 3.1's rule, which GGUF stores as the tensor rope_freqs.
+    for (name, arch) in [
+        ("llama3", "llama"),
+        ("mistral", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+    ] {
         let hf = load(&fixture_dir(name));
         let (hf_ids, hf_logits) = logits(&hf, &text);
         let gguf = load(&write_gguf(name, arch, GgmlDType::F32, dir.path()));

@@ -68,10 +68,11 @@ pub fn run(args: &ModelInfoArgs) -> anyhow::Result<()> {
         vocab_size: config.vocab_size,
         max_position_embeddings: config.max_position_embeddings,
         rope_theta: config.rope_theta,
-        rope_scaling: match config.rope_scaling {
+        rope_scaling: match &config.rope_scaling {
             RopeScaling::None => "none".into(),
             RopeScaling::Linear { factor } => format!("linear x{factor}"),
             RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
+            RopeScaling::Factors(f) => format!("{} frequency factors (GGUF rope_freqs)", f.len()),
         },
         bos_token_id: tokenizer.bos(),
         eos_token_ids: tokenizer.eos().to_vec(),

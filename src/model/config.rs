@@ -55,6 +55,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// The i-th frequency divided by the i-th factor: llama.cpp's
+    /// `rope_freqs` tensor, in which a GGUF file stores Llama 3.1's scaling.
+    Factors(Vec<f64>),
 }
 
 /// The validated description of a model, everything the forward pass needs.

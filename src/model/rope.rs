@@ -74,6 +74,7 @@ fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Ve
     match *scaling {
         RopeScaling::None => base.collect(),
         RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
+        RopeScaling::Factors(ref factors) => base.zip(factors).map(|(f, k)| f / k).collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

@@ -20,6 +20,7 @@ use candle_nn::VarBuilder;
 use serde_json::json;
 
 use crate::error::{Error, Result};
+use crate::model::config::RopeScaling;
 use crate::model::{Decoder, ModelConfig};
 use crate::tokens::TextTokenizer;
 
@@ -29,6 +30,9 @@ pub struct GgufModel {
     path: PathBuf,
     content: Content,
 }
+
+/// The tensor in which llama.cpp stores per-pair RoPE frequency divisors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The architectures sac runs, as GGUF names them, and whether llama.cpp
 /// permuted their query and key rows.
@@ -123,11 +127,6 @@ impl GgufModel {
                 .ok_or_else(|| self.error(format!("has no count `{key}`")))
         };
         let optional_count = |key: &str| self.id(&format!("{arch}.{key}")).map(u64::from);
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(self.error(
-                "scales RoPE by a rope_freqs tensor (Llama 3.1 style), which sac does not read from GGUF",
-            ));
-        }
         let rope_scaling = match self.meta(&format!("{arch}.rope.scaling.type")) {
             None => serde_json::Value::Null,
             Some(Value::String(kind)) if kind == "none" => serde_json::Value::Null,
@@ -165,7 +164,33 @@ impl GgufModel {
             "bos_token_id": self.id("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.id("tokenizer.ggml.eos_token_id"),
         });
-        ModelConfig::from_json(&config.to_string()).map_err(|m| self.error(m))
+        let mut config = ModelConfig::from_json(&config.to_string()).map_err(|m| self.error(m))?;
+        if let Some(factors) = self.rope_factors(config.head_dim)? {
+            config.rope_scaling = RopeScaling::Factors(factors);
+        }
+        Ok(config)
+    }
+
+    /// `rope_freqs.weight`, one divisor per rotation pair, in which llama.cpp
+    /// stores Llama 3.1's RoPE scaling.
+    fn rope_factors(&self, head_dim: usize) -> Result<Option<Vec<f64>>> {
+        let Some(info) = self.content.tensor_infos.get(ROPE_FREQS) else {
+            return Ok(None);
+        };
+        let mut file =
+            File::open(&self.path).map_err(|e| Error::io("cannot open", &self.path, e))?;
+        let factors: Vec<f32> = info
+            .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(|e| self.error(format!("tensor `{ROPE_FREQS}`: {e}")))?;
+        if factors.len() != head_dim / 2 || factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+            return Err(self.error(format!(
+                "`{ROPE_FREQS}` is not {} positive factors",
+                head_dim / 2
+            )));
+        }
+        Ok(Some(factors.into_iter().map(f64::from).collect()))
     }
 
     /// The tokenizer from `tokenizer.ggml.*`, with BOS (when
@@ -182,6 +207,9 @@ impl GgufModel {
             File::open(&self.path).map_err(|e| Error::io("cannot open", &self.path, e))?;
         let mut tensors = HashMap::new();
         for (name, info) in &self.content.tensor_infos {
+            if name == ROPE_FREQS {
+                continue; // read into the config
+            }
             let hf = hf_name(name)
                 .ok_or_else(|| self.error(format!("holds a tensor `{name}` sac does not know")))?;
             let read = info
