@@ -11,7 +11,6 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::{compress_edge, fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
-use sac::model::ForwardInput;
 use sac::runtime::{LoadedModel, ModelSpec};
 
 /// llama.cpp's converter for a config with Llama 3.1's RoPE scaling: one
@@ -233,20 +232,8 @@ fn load(model: &Path) -> LoadedModel {
 /// Logits of the context ids of `text` under `model`.
 fn logits(model: &LoadedModel, text: &str) -> (Vec<u32>, Tensor) {
     let ids = model.tokenizer.context_ids(text).unwrap();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions = Tensor::arange(1u32, ids.len() as u32 + 1, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let embeds = model.decoder.embed(&input).unwrap();
-    let out = model
-        .decoder
-        .forward(ForwardInput::causal(&embeds, &positions))
-        .unwrap();
-    (ids, model.decoder.logits(&out.hidden).unwrap())
+    let logits = common::causal_logits(model, &ids, 1);
+    (ids, logits)
 }
 
 #[test]

@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{max_abs_diff, run_ok, sac};
-use sac::model::ForwardInput;
 use serde_json::Value;
 
 /// The SHA-256 of the Q4_1 file, hence its model fingerprint.
@@ -133,23 +132,7 @@ fn token_ids_and_logits_match_llama_cpp_and_transformers() {
     assert_eq!(ids, expected, "token ids differ from llama.cpp's");
     assert!(ids.len() >= 300, "{} tokens", ids.len());
 
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions = Tensor::arange(0u32, ids.len() as u32, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let embeds = model.decoder.embed(&input).unwrap();
-    let out = model
-        .decoder
-        .forward(ForwardInput::causal(&embeds, &positions))
-        .unwrap();
-    let logits = model
-        .decoder
-        .logits(&out.hidden)
-        .unwrap()
+    let logits = common::causal_logits(&model, &ids, 0)
         .i(0)
         .unwrap()
         .to_dtype(DType::F32)

@@ -58,6 +58,33 @@ impl Fixture {
     }
 }
 
+/// The logits `[1, n, vocab]` of one causal pass of `model` over `ids` at
+/// positions `first_position..`.
+pub fn causal_logits(
+    model: &sac::runtime::LoadedModel,
+    ids: &[u32],
+    first_position: u32,
+) -> Tensor {
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions = Tensor::arange(
+        first_position,
+        first_position + ids.len() as u32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .unsqueeze(0)
+    .unwrap();
+    let embeds = model.decoder.embed(&input).unwrap();
+    let out = model
+        .decoder
+        .forward(sac::model::ForwardInput::causal(&embeds, &positions))
+        .unwrap();
+    model.decoder.logits(&out.hidden).unwrap()
+}
+
 /// max |a - b| over all elements, compared in f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
