@@ -13,7 +13,6 @@
 //!   positions per layer and KV head.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use candle_core::{D, Device, Tensor};
@@ -55,24 +54,6 @@ impl Method {
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for Method {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "sac" => Ok(Method::Sac),
-            "uniform" => Ok(Method::Uniform),
-            "full" => Ok(Method::Full),
-            "kvzip" => Ok(Method::Kvzip),
-            "snapkv" => Ok(Method::Snapkv),
-            "streaming" => Ok(Method::Streaming),
-            other => Err(format!(
-                "`{other}` is not a compressor; use sac, uniform, full, kvzip, snapkv or streaming"
-            )),
-        }
     }
 }
 

@@ -52,8 +52,8 @@ impl From<LayerKv> for SharedKv {
 /// A cache for incremental decoding. Each layer's K/V live in a buffer with
 /// room to grow; appending writes in place, and the past handed to a forward
 /// pass is a view, so a decoding step costs no copy of the (possibly long)
-/// past. Truncating back to a prefix lets many questions share one loaded
-/// context.
+/// past. Questions share one loaded context through [`SharedKv`], not by
+/// rewinding a cache.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     buffers: Vec<LayerKv>,
@@ -152,11 +152,6 @@ impl KvCache {
         }
         Ok(())
     }
-
-    /// Forgets every position from `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
 }
 
 /// A contiguous copy of `t` with `extra` zeroed positions after its own.
@@ -191,16 +186,13 @@ mod tests {
     }
 
     #[test]
-    fn append_grows_and_truncate_rewinds() -> Result<()> {
+    fn append_grows_past_its_room() -> Result<()> {
         let mut cache = KvCache::new(vec![kv(&[1.0, 2.0])], 1)?;
         cache.append(&[kv(&[3.0])])?;
         cache.append(&[kv(&[4.0, 5.0])])?;
         assert_eq!(keys(&cache), [1.0, 2.0, 3.0, 4.0, 5.0]);
-        cache.truncate(2);
-        cache.append(&[kv(&[9.0])])?;
-        assert_eq!(keys(&cache), [1.0, 2.0, 9.0]);
         let v: Vec<f32> = cache.past()?.unwrap()[0].v.flatten_all()?.to_vec1()?;
-        assert_eq!(v, [10.0, 20.0, 90.0]);
+        assert_eq!(v, [10.0, 20.0, 30.0, 40.0, 50.0]);
         Ok(())
     }
 
