@@ -18,15 +18,7 @@ fn model(name: &str) -> String {
 }
 
 fn compress_to(doc: &Path, out: &Path, model_name: &str, extra: &[&str]) {
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(doc)
-            .arg("-o")
-            .arg(out)
-            .args(["-m", &model(model_name), "-q"])
-            .args(extra),
-    );
+    common::compress(sac(), doc, model(model_name), extra, out);
 }
 
 fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
@@ -104,12 +96,7 @@ fn full_compressor_is_lossless_in_f32() {
             "--max-tokens",
             "12",
         ]));
-        let tokens: Vec<u32> = json_lines(&out)[0]["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
+        let tokens = common::json_ids(&json_lines(&out)[0]["tokens"]);
         let text = std::fs::read_to_string(&doc).unwrap();
         let m = common::load_model(name);
         let expected = uncompressed_greedy(&m, &PromptLayout::raw(), &text, question, 12);
@@ -144,15 +131,8 @@ fn the_chat_layout_is_recorded_and_answers_as_one_causal_pass() {
 
     let doc = sac_fixture("doc_edge.txt");
     let sack = dir.path().join("chat.sack");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(&doc)
-            .arg("-m")
-            .arg(&model)
-            .args(["--compressor", "full", "--kv-encoding", "f32", "-q", "-o"])
-            .arg(&sack),
-    );
+    let flags = ["--compressor", "full", "--kv-encoding", "f32"];
+    common::compress(sac(), &doc, &model, &flags, &sack);
     let info: serde_json::Value =
         serde_json::from_slice(&run_ok(sac().arg("info").arg(&sack).arg("--json"))).unwrap();
     let prompt = &info["header"]["decoder"]["prompt"];
@@ -168,12 +148,7 @@ fn the_chat_layout_is_recorded_and_answers_as_one_causal_pass() {
                 .args(["--json", "--max-tokens", "12"]),
         );
     let answer = &json_lines(&out)[0];
-    let tokens: Vec<u32> = answer["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
+    let tokens = common::json_ids(&answer["tokens"]);
     let m = common::load_model_at(&model);
     let layout = PromptLayout::chat(m.tokenizer.chat_template().unwrap()).unwrap();
     let text = std::fs::read_to_string(&doc).unwrap();
@@ -184,15 +159,8 @@ fn the_chat_layout_is_recorded_and_answers_as_one_causal_pass() {
 
     // Raw on request: no prompt in the header, a 1.0 file as before.
     let raw = dir.path().join("raw.sack");
-    run_ok(
-        sac()
-            .arg("compress")
-            .arg(&doc)
-            .arg("-m")
-            .arg(&model)
-            .args(["--prompt", "raw", "--compressor", "uniform", "-q", "-o"])
-            .arg(&raw),
-    );
+    let flags = ["--prompt", "raw", "--compressor", "uniform"];
+    common::compress(sac(), &doc, &model, &flags, &raw);
     let info = String::from_utf8(run_ok(sac().arg("info").arg(&raw))).unwrap();
     assert!(
         info.contains(".sack 1.0") && info.contains("prompt      raw"),

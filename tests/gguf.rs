@@ -486,13 +486,14 @@ fn a_gguf_file_of_a_hub_repository_is_named_with_gguf_file() {
     let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
     assert_eq!(info["fingerprint"]["model"], format!("sha256:{sha}"));
     let sack = home.path().join("d.sack");
-    run_ok(
-        common::sac_offline(home.path())
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .args(named)
-            .args(["--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
+    let flags = ["--gguf-file", "tiny.Q8_0.gguf", "--compressor", "uniform"];
+    let doc = sac_fixture("doc_edge.txt");
+    common::compress(
+        common::sac_offline(home.path()),
+        &doc,
+        "acme/tiny-gguf",
+        &flags,
+        &sack,
     );
     let text = run_ok(common::sac_offline(home.path()).arg("info").arg(&sack));
     let text = String::from_utf8_lossy(&text);
@@ -541,12 +542,7 @@ fn a_sentencepiece_vocabulary_tokenizes_as_sentencepiece() {
     );
     for case in reference["texts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|id| id.as_u64().unwrap() as u32)
-            .collect();
+        let expected = common::json_ids(&case["ids"]);
         let ids = tokenizer.encode(text).unwrap();
         assert_eq!(ids, expected, "{text:?}");
         assert_eq!(

@@ -68,15 +68,7 @@ fn a_squad_paragraph_is_answered_and_the_answer_stops() {
     let max_tokens = 96;
     for compressor in ["full", "kvzip"] {
         let sack = dir.path().join(format!("{compressor}.sack"));
-        run_ok(
-            sac()
-                .arg("compress")
-                .arg(&doc)
-                .arg("-m")
-                .arg(smollm2())
-                .args(["--compressor", compressor, "-q", "-o"])
-                .arg(&sack),
-        );
+        common::compress(sac(), &doc, smollm2(), &["--compressor", compressor], &sack);
         let out = run_ok(sac().arg("ask").arg(&sack).arg(question).args([
             "--json",
             "--max-tokens",

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{
-    MODEL_FILES, compress_edge, fixture_dir, hub_cache, run_ok, sac, sac_fixture, sac_offline,
+    MODEL_FILES, compress, compress_edge, fixture_dir, hub_cache, run_ok, sac, sac_fixture,
+    sac_offline,
 };
 use serde_json::Value;
 
@@ -40,13 +41,13 @@ fn patch_header(path: &Path, edit: impl FnOnce(&mut Value)) {
 fn sack_of_uncached_hub_model(home: &Path) -> PathBuf {
     hub_cache(home, LONG_REF);
     let sack = home.join("d.sack");
-    run_ok(
-        sac_offline(home)
-            .arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
-            .args(["-m", "acme/tiny", "--revision", LONG_REF])
-            .args(["--compressor", "uniform", "-q", "-o"])
-            .arg(&sack),
+    let flags = ["--revision", LONG_REF, "--compressor", "uniform"];
+    compress(
+        sac_offline(home),
+        &sac_fixture("doc_edge.txt"),
+        "acme/tiny",
+        &flags,
+        &sack,
     );
     std::fs::remove_dir_all(home.join("hub")).unwrap();
     sack
@@ -427,22 +428,8 @@ fn a_chunk_longer_than_the_document_is_the_document() {
     let doc = write(dir.path(), "short.txt", "A short document of a few tokens.");
     for compressor in ["kvzip", "snapkv", "streaming", "uniform", "full"] {
         let out = dir.path().join(format!("{compressor}.sack"));
-        run_ok(
-            sac()
-                .arg("compress")
-                .arg(&doc)
-                .arg("-m")
-                .arg(&model)
-                .args([
-                    "--compressor",
-                    compressor,
-                    "--chunk-size",
-                    "100000",
-                    "-q",
-                    "-o",
-                ])
-                .arg(&out),
-        );
+        let flags = ["--compressor", compressor, "--chunk-size", "100000"];
+        compress(sac(), &doc, &model, &flags, &out);
         let info = run_ok(sac().arg("info").arg(&out).arg("--json"));
         let info: Value = serde_json::from_slice(&info).unwrap();
         let chunk = info["header"]["compressor"]["chunk_size"].as_u64().unwrap();

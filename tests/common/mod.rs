@@ -149,22 +149,45 @@ pub fn sac_offline(home: &std::path::Path) -> std::process::Command {
     command
 }
 
-/// `cmd` (a `sac` command with its environment) compresses
-/// `tests/fixtures/sac/doc_edge.txt` with `model` and `compressor` into `out`.
-pub fn compress_edge(
+/// `cmd` (a `sac` command with its environment) compresses `doc` with
+/// `model` into `out`, quietly, with `flags`.
+pub fn compress(
     mut cmd: std::process::Command,
+    doc: &std::path::Path,
     model: impl AsRef<std::ffi::OsStr>,
-    compressor: &str,
+    flags: &[&str],
     out: &std::path::Path,
 ) {
     run_ok(
         cmd.arg("compress")
-            .arg(sac_fixture("doc_edge.txt"))
+            .arg(doc)
             .arg("-m")
             .arg(model)
-            .args(["--compressor", compressor, "-q", "-o"])
+            .args(flags)
+            .args(["-q", "-o"])
             .arg(out),
     );
+}
+
+/// [`compress`] of `tests/fixtures/sac/doc_edge.txt` with `compressor`.
+pub fn compress_edge(
+    cmd: std::process::Command,
+    model: impl AsRef<std::ffi::OsStr>,
+    compressor: &str,
+    out: &std::path::Path,
+) {
+    let doc = sac_fixture("doc_edge.txt");
+    compress(cmd, &doc, model, &["--compressor", compressor], out);
+}
+
+/// Token ids as `--json` prints them (`"tokens": [...]`) or a fixture
+/// stores them.
+pub fn json_ids(ids: &serde_json::Value) -> Vec<u32> {
+    ids.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Runs `cmd`, panicking with its stderr unless it succeeds; returns stdout.
