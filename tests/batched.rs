@@ -20,21 +20,8 @@ const QUESTIONS: [&str; 5] = [
 /// The K/V of a causal pass over `text` at positions 1..=L.
 fn context_kv(m: &LoadedModel, text: &str) -> (Vec<LayerKv>, u32) {
     let ids = m.tokenizer.context_ids(text).unwrap();
-    let n = ids.len() as u32;
-    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions = Tensor::arange(1, n + 1, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let embeds = m.decoder.embed(&ids).unwrap();
-    let out = m
-        .decoder
-        .forward(ForwardInput::causal(&embeds, &positions))
-        .unwrap();
-    (out.kv, n)
+    let out = common::causal_pass(m, &ids, 1);
+    (out.kv, ids.len() as u32)
 }
 
 fn shared(past: &[LayerKv]) -> Vec<SharedKv> {

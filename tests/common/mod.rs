@@ -58,13 +58,12 @@ impl Fixture {
     }
 }
 
-/// The logits `[1, n, vocab]` of one causal pass of `model` over `ids` at
-/// positions `first_position..`.
-pub fn causal_logits(
+/// One causal pass of `model` over `ids` at positions `first_position..`.
+pub fn causal_pass(
     model: &sac::runtime::LoadedModel,
     ids: &[u32],
     first_position: u32,
-) -> Tensor {
+) -> sac::model::ForwardOutput {
     let input = Tensor::new(ids, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -78,10 +77,19 @@ pub fn causal_logits(
     .unsqueeze(0)
     .unwrap();
     let embeds = model.decoder.embed(&input).unwrap();
-    let out = model
+    model
         .decoder
         .forward(sac::model::ForwardInput::causal(&embeds, &positions))
-        .unwrap();
+        .unwrap()
+}
+
+/// The logits `[1, n, vocab]` of [`causal_pass`].
+pub fn causal_logits(
+    model: &sac::runtime::LoadedModel,
+    ids: &[u32],
+    first_position: u32,
+) -> Tensor {
+    let out = causal_pass(model, ids, first_position);
     model.decoder.logits(&out.hidden).unwrap()
 }
 
