@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
@@ -38,6 +38,10 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 /// permuted their query and key rows.
 const ARCHITECTURES: [(&str, bool); 3] = [("llama", true), ("qwen2", false), ("qwen3", false)];
 
+fn open_file(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::io("cannot open", path, e))
+}
+
 /// One line about `path`: candle's errors carry a backtrace on the lines
 /// after the first when `RUST_BACKTRACE` is set.
 fn gguf_error(path: &Path, message: impl std::fmt::Display) -> Error {
@@ -51,7 +55,7 @@ fn gguf_error(path: &Path, message: impl std::fmt::Display) -> Error {
 impl GgufModel {
     /// Reads the metadata and tensor directory of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let mut file = open_file(path)?;
         let content = Content::read(&mut file)
             .map_err(|e| gguf_error(path, format!("not a GGUF file sac can read: {e}")))?;
         Ok(GgufModel {
@@ -177,13 +181,10 @@ impl GgufModel {
         let Some(info) = self.content.tensor_infos.get(ROPE_FREQS) else {
             return Ok(None);
         };
-        let mut file =
-            File::open(&self.path).map_err(|e| Error::io("cannot open", &self.path, e))?;
-        let factors: Vec<f32> = info
-            .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .and_then(|t| t.flatten_all()?.to_vec1())
-            .map_err(|e| self.error(format!("tensor `{ROPE_FREQS}`: {e}")))?;
+        let factors: Vec<f32> = self
+            .dequantized(&mut open_file(&self.path)?, ROPE_FREQS, info)?
+            .flatten_all()?
+            .to_vec1()?;
         if factors.len() != head_dim / 2 || factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
             return Err(self.error(format!(
                 "`{ROPE_FREQS}` is not {} positive factors",
@@ -203,8 +204,7 @@ impl GgufModel {
     /// Llama family) unpermuted, as the decoder `config` describes.
     pub fn decoder(&self, config: ModelConfig, device: &Device, dtype: DType) -> Result<Decoder> {
         let (_, permuted) = self.architecture()?;
-        let mut file =
-            File::open(&self.path).map_err(|e| Error::io("cannot open", &self.path, e))?;
+        let mut file = open_file(&self.path)?;
         let mut tensors = HashMap::new();
         for (name, info) in &self.content.tensor_infos {
             if name == ROPE_FREQS {
@@ -212,10 +212,7 @@ impl GgufModel {
             }
             let hf = hf_name(name)
                 .ok_or_else(|| self.error(format!("holds a tensor `{name}` sac does not know")))?;
-            let read = info
-                .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+            let read = self.dequantized(&mut file, name, info)?;
             let tensor = match (permuted, hf.rsplit('.').nth(1)) {
                 (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
                 (true, Some("k_proj")) => unpermute(&read, config.num_kv_heads)?,
@@ -228,6 +225,14 @@ impl GgufModel {
             Error::Candle(e) => self.error(format!("weights: {e}")),
             other => other,
         })
+    }
+
+    /// Tensor `name` (described by `info`) read from `file`, this model's
+    /// file, and dequantized to f32 on the CPU by candle.
+    fn dequantized(&self, file: &mut File, name: &str, info: &TensorInfo) -> Result<Tensor> {
+        info.read(file, self.content.tensor_data_offset, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))
     }
 
     pub(crate) fn path(&self) -> &Path {
