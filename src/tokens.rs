@@ -28,14 +28,15 @@ impl TextTokenizer {
             Error::Tokenizer(format!("cannot load {}: {e}", files.tokenizer.display()))
         })?;
         let tok_config = read_json(&files.tokenizer_config)?;
-        let special = |key: &str| -> Option<u32> {
-            let token = match tok_config.get(key)? {
-                Value::String(s) => s.as_str(),
-                Value::Object(o) => o.get("content")?.as_str()?,
-                _ => return None,
-            };
-            inner.token_to_id(token)
+        // A special token is written as its text or as `{"content": text}`.
+        let token = |key: &str| -> Option<&str> {
+            match tok_config.get(key)? {
+                Value::String(s) => Some(s.as_str()),
+                Value::Object(o) => o.get("content")?.as_str(),
+                _ => None,
+            }
         };
+        let special = |key: &str| inner.token_to_id(token(key)?);
         // tokenizer_config.json decides: `add_bos_token: false` or an explicit
         // `bos_token: null` (Qwen) means no BOS, whatever config.json says.
         let bos = match (tok_config.get("add_bos_token"), tok_config.get("bos_token")) {
@@ -53,19 +54,10 @@ impl TextTokenizer {
             }
         }
         eos.extend(special("eos_token"));
-        let token = |key: &str| match tok_config.get(key) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Object(o)) => o
-                .get("content")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            _ => String::new(),
-        };
         let template = chat_template_of(&tok_config).map(|source| ChatTemplate {
             source,
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
+            bos_token: token("bos_token").unwrap_or_default().to_string(),
+            eos_token: token("eos_token").unwrap_or_default().to_string(),
         });
         Ok(Self::new(inner, bos, eos).with_chat_template(template))
     }
