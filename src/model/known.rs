@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::fingerprint::ModelFingerprint;
 use crate::model::source::{self, ModelFiles, Network};
 
-/// Local models (directories, `.gguf` files) the user has loaded, by model
-/// fingerprint.
+/// Local models (directories, `.gguf` files) the user has loaded, by their
+/// model and tokenizer fingerprints.
 #[derive(Debug, Clone)]
 pub struct KnownModels {
     dir: Option<PathBuf>,
@@ -47,11 +47,8 @@ impl KnownModels {
     fn note(&self, fingerprint: &ModelFingerprint) -> Option<PathBuf> {
         use sha2::{Digest, Sha256};
         let key = format!("{}\n{}", fingerprint.model, fingerprint.tokenizer);
-        let hex: String = Sha256::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        self.dir.as_ref().map(|d| d.join(hex))
+        let name = crate::fingerprint::hex(&Sha256::digest(key.as_bytes()));
+        self.dir.as_ref().map(|d| d.join(name))
     }
 
     /// Notes that the model with `fingerprint` is at `path`. A note that
