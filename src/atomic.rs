@@ -36,7 +36,7 @@ fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// use for those signals.
 pub fn remove_temp_files_on_signal() -> Result<()> {
     ctrlc::set_handler(|| {
-        // Held through `exit`, so no temp file is created after the sweep.
+        // Held through `exit`, so the list cannot change under the sweep.
         let pending = pending();
         for path in pending.iter() {
             let _ = std::fs::remove_file(path);
@@ -76,10 +76,7 @@ impl AtomicFile {
     /// Creates the temporary file next to `target`, first deleting stale ones
     /// of ours for the same target.
     pub fn create(target: &Path) -> io::Result<Self> {
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = directory_of(target);
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy())
@@ -116,6 +113,14 @@ impl AtomicFile {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+/// The directory a file at `path` goes into (`.` for a bare name).
+pub fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 

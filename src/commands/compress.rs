@@ -297,10 +297,7 @@ fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
 /// Refuses, before any work, an output that cannot be written or that is the
 /// input itself (by any name: a link, a hard link, another spelling).
 fn check_output_file(path: &Path, input: &Path) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = crate::atomic::directory_of(path);
     if !dir.is_dir() {
         bail!(
             "cannot write {}: the directory {} does not exist",
