@@ -38,6 +38,23 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 /// permuted their query and key rows.
 const ARCHITECTURES: [(&str, bool); 3] = [("llama", true), ("qwen2", false), ("qwen3", false)];
 
+/// A metadata value as a number, whatever its numeric type.
+fn numeric(value: &Value) -> Option<f64> {
+    match value {
+        Value::U8(v) => Some(f64::from(*v)),
+        Value::I8(v) => Some(f64::from(*v)),
+        Value::U16(v) => Some(f64::from(*v)),
+        Value::I16(v) => Some(f64::from(*v)),
+        Value::U32(v) => Some(f64::from(*v)),
+        Value::I32(v) => Some(f64::from(*v)),
+        Value::U64(v) => Some(*v as f64),
+        Value::I64(v) => Some(*v as f64),
+        Value::F32(v) => Some(f64::from(*v)),
+        Value::F64(v) => Some(*v),
+        _ => None,
+    }
+}
+
 fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::io("cannot open", path, e))
 }
@@ -81,18 +98,15 @@ impl GgufModel {
     }
 
     fn number(&self, key: &str) -> Option<f64> {
-        match self.meta(key)? {
-            Value::U8(v) => Some(f64::from(*v)),
-            Value::I8(v) => Some(f64::from(*v)),
-            Value::U16(v) => Some(f64::from(*v)),
-            Value::I16(v) => Some(f64::from(*v)),
-            Value::U32(v) => Some(f64::from(*v)),
-            Value::I32(v) => Some(f64::from(*v)),
-            Value::U64(v) => Some(*v as f64),
-            Value::I64(v) => Some(*v as f64),
-            Value::F32(v) => Some(f64::from(*v)),
-            Value::F64(v) => Some(*v),
-            _ => None,
+        numeric(self.meta(key)?)
+    }
+
+    /// The numbers of array `key` (a non-number counts as 0); empty when
+    /// there is no such array.
+    fn numbers(&self, key: &str) -> Vec<f64> {
+        match self.meta(key) {
+            Some(Value::Array(items)) => items.iter().map(|v| numeric(v).unwrap_or(0.0)).collect(),
+            _ => Vec::new(),
         }
     }
 

@@ -66,34 +66,13 @@ fn strings<'a>(model: &'a GgufModel, key: &str) -> Result<Vec<&'a str>> {
     }
 }
 
-fn integers(model: &GgufModel, key: &str) -> Vec<i64> {
-    match model.meta(key) {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::I32(n) => i64::from(*n),
-                Value::U32(n) => i64::from(*n),
-                Value::I8(n) => i64::from(*n),
-                Value::U8(n) => i64::from(*n),
-                _ => 0,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn floats(model: &GgufModel, key: &str) -> Vec<f32> {
-    match model.meta(key) {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => *x,
-                Value::F64(x) => *x as f32,
-                _ => 0.0,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+/// Token to id, the ids being the positions in `tokenizer.ggml.tokens`.
+fn vocabulary(tokens: &[&str]) -> Vocab {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.to_string(), id as u32))
+        .collect()
 }
 
 /// The pre-tokenizer of llama.cpp's pre-tokenizer type `pre`, and whether
@@ -133,7 +112,11 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
         .string("tokenizer.ggml.model")
         .map_err(|_| tokenizer_error(model, "has no `tokenizer.ggml.model`"))?;
     let tokens = strings(model, "tokenizer.ggml.tokens")?;
-    let types = integers(model, "tokenizer.ggml.token_type");
+    let types: Vec<i64> = model
+        .numbers("tokenizer.ggml.token_type")
+        .into_iter()
+        .map(|t| t as i64)
+        .collect();
     let mut inner = match kind {
         "gpt2" => byte_level_bpe(model, &tokens)?,
         "llama" => sentencepiece_bpe(model, &tokens, &types)?,
@@ -201,11 +184,7 @@ fn byte_level_bpe(model: &GgufModel, tokens: &[&str]) -> Result<Tokenizer> {
             ),
         )
     })?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, token)| (token.to_string(), id as u32))
-        .collect();
+    let vocab = vocabulary(tokens);
     let merges = strings(model, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|merge| {
@@ -234,16 +213,16 @@ fn byte_level_bpe(model: &GgufModel, tokens: &[&str]) -> Result<Tokenizer> {
 /// `add_space_prefix`, the default), merges ranked by the merged piece's
 /// score, unknown characters spelled in `<0xXX>` byte pieces.
 fn sentencepiece_bpe(model: &GgufModel, tokens: &[&str], types: &[i64]) -> Result<Tokenizer> {
-    let scores = floats(model, "tokenizer.ggml.scores");
+    let scores: Vec<f32> = model
+        .numbers("tokenizer.ggml.scores")
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
     if scores.len() != tokens.len() {
         return Err(tokenizer_error(model, "has no score for every token"));
     }
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, token)| (token.to_string(), id as u32))
-        .collect();
-    let merges = sentencepiece_merges(tokens, &scores);
+    let vocab = vocabulary(tokens);
+    let merges = sentencepiece_merges(tokens, &scores, &vocab);
     let unk = model
         .id("tokenizer.ggml.unknown_token_id")
         .or_else(|| types.iter().position(|t| *t == UNKNOWN).map(|i| i as u32))
@@ -288,10 +267,12 @@ fn sentencepiece_bpe(model: &GgufModel, tokens: &[&str], types: &[i64]) -> Resul
 /// The merges a SentencePiece BPE vocabulary implies: every split of a
 /// piece into two pieces of the vocabulary, ranked by the whole piece's
 /// score (highest first), ties in vocabulary order.
-fn sentencepiece_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
-    let ids: std::collections::HashMap<&str, usize> =
-        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+fn sentencepiece_merges<'t>(
+    tokens: &[&'t str],
+    scores: &[f32],
+    ids: &Vocab,
+) -> Vec<(String, String)> {
+    let mut merges: Vec<(f32, u32, u32, &'t str, &'t str)> = Vec::new();
     for (piece, &score) in tokens.iter().zip(scores) {
         for (split, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(split);
