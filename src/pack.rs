@@ -88,11 +88,7 @@ pub fn header(
             // The raw layout is what a header without `prompt` means, so
             // such files stay readable by readers older than minor version 2.
             prompt: (*document.layout != PromptLayout::raw()).then(|| PromptInfo {
-                format: match document.layout.format {
-                    PromptFormat::Raw => "raw",
-                    PromptFormat::Chat => "chat",
-                }
-                .into(),
+                format: document.layout.format.name().into(),
                 before_document: document.layout.before_document.clone(),
                 before_question: document.layout.before_question.clone(),
                 after_question: document.layout.after_question.clone(),
@@ -107,11 +103,7 @@ pub fn layout(header: &SackHeader) -> PromptLayout {
         None => PromptLayout::raw(),
         Some(p) => PromptLayout {
             // `validate` admits only "raw" and "chat".
-            format: if p.format == "chat" {
-                PromptFormat::Chat
-            } else {
-                PromptFormat::Raw
-            },
+            format: PromptFormat::from_name(&p.format).unwrap_or(PromptFormat::Raw),
             before_document: p.before_document.clone(),
             before_question: p.before_question.clone(),
             after_question: p.after_question.clone(),

@@ -13,7 +13,6 @@
 //!   question; the .sack keeps those pieces, never the template.
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::tokens::TextTokenizer;
@@ -44,15 +43,31 @@ const ANSWER: &str = "\u{e000}sac-answer\u{e000}";
 const FUEL: u64 = 1_000_000;
 
 /// Which layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PromptFormat {
     Raw,
     Chat,
 }
 
+impl PromptFormat {
+    /// How a .sack header names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptFormat::Raw => "raw",
+            PromptFormat::Chat => "chat",
+        }
+    }
+
+    /// The format a header names `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [PromptFormat::Raw, PromptFormat::Chat]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+}
+
 /// The text around the document and the question.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptLayout {
     pub format: PromptFormat,
     /// Before the document (after BOS in the raw layout).
@@ -180,8 +195,8 @@ mod tests {
     /// SmolLM2-Instruct's template (ChatML with a default system turn).
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-    /// Llama 3's, in short: BOS from the variable, `.strip()` (a Python
-    /// method), and an error for a bad role.
+    /// Llama 3's, in short: BOS from the variable, the `trim` filter, and
+    /// an error for a bad role.
     const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['user', 'assistant', 'system'] %}{{ raise_exception('bad role') }}{% endif %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
     fn template(source: &str) -> ChatTemplate {
