@@ -58,6 +58,23 @@ pub fn anchor_offsets(len: usize, ratio: usize) -> Vec<usize> {
     (first..len).step_by(ratio).collect()
 }
 
+/// 0-based offsets `uniform` keeps in a chunk of `len` tokens at `ratio`
+/// when the chunk, encoded without its predecessors, keeps its own first
+/// `sinks` tokens (its attention sinks): ceil(len / ratio) in all, the sinks
+/// and then the middles of equal stretches of the rest. No sinks gives the
+/// anchors ([`anchor_offsets`]), the reference's uniform ablation.
+pub fn uniform_offsets(len: usize, ratio: usize, sinks: usize) -> Vec<usize> {
+    if sinks == 0 {
+        return anchor_offsets(len, ratio);
+    }
+    let kept = len.div_ceil(ratio);
+    let sinks = sinks.min(kept);
+    let (spread, rest) = (kept - sinks, len - sinks);
+    (0..sinks)
+        .chain((0..spread).map(|i| sinks + (2 * i + 1) * rest / (2 * spread)))
+        .collect()
+}
+
 /// Anchors in a full chunk, i.e. how many role embeddings an adapter needs.
 pub fn mem_size(chunk_size: usize, ratio: usize) -> usize {
     chunk_size.div_ceil(ratio)
@@ -147,6 +164,19 @@ mod tests {
                     "len {len} ratio {ratio}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn uniform_keeps_the_sinks_then_spreads_the_rest() {
+        assert_eq!(uniform_offsets(20, 4, 2), [0, 1, 5, 11, 17]);
+        assert_eq!(uniform_offsets(510, 5, 0), anchor_offsets(510, 5));
+        for (len, ratio) in [(510, 2), (510, 16), (7, 3), (3, 16), (1, 1), (9, 1)] {
+            let kept = uniform_offsets(len, ratio, 4);
+            assert_eq!(kept.len(), len.div_ceil(ratio), "{len} {ratio}");
+            assert_eq!(kept[0], 0);
+            assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
+            assert!(kept.last().is_some_and(|&o| o < len));
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::LoraTarget;
 use crate::runtime::ModelSpec;
 use crate::sack::KvEncoding;
+use crate::select::budget::HeadBudget;
 use crate::train::{Length, PretrainWindow, Stage, TrainSettings};
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
@@ -215,6 +216,24 @@ impl KvEncodingChoice {
     }
 }
 
+/// `--head-budget` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HeadBudgetChoice {
+    /// One budget for the whole model: heads that matter keep more.
+    Shared,
+    /// Every layer and KV head keeps the same number of tokens.
+    Even,
+}
+
+impl HeadBudgetChoice {
+    pub fn spread(self) -> HeadBudget {
+        match self {
+            Self::Shared => HeadBudget::Shared,
+            Self::Even => HeadBudget::Even,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CompressArgs {
     /// The text file to compress, or `-` for standard input.
@@ -254,6 +273,17 @@ pub struct CompressArgs {
     /// Tokens per chunk. Default: the adapter's, else 510.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: Option<u32>,
+
+    /// Training-free compressors keep the document's first N tokens (the
+    /// attention sinks; `uniform`: each chunk's); 0 keeps none, as the SAC
+    /// reference's `uniform` does. Default: 4.
+    #[arg(long, value_name = "N")]
+    pub sinks: Option<u32>,
+
+    /// How `kvzip` and `snapkv` spread the kept tokens over layers and KV
+    /// heads. Default: shared for kvzip, even for snapkv.
+    #[arg(long, value_enum)]
+    pub head_budget: Option<HeadBudgetChoice>,
 
     /// How the document and the questions are laid out for the model; the
     /// .sack records it, so `ask` frames questions the same way.

@@ -21,6 +21,7 @@ use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::chunk::{self, Chunk};
 use crate::error::{Error, Result};
 use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, LayerKv, ModelConfig, Path};
+use crate::select::budget::HeadBudget;
 
 /// Which compressor `sac compress` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +148,8 @@ pub struct Compressor<'a> {
     ratio: usize,
     chunk_size: usize,
     repeat_prompt: Option<crate::select::RepeatPrompt>,
+    sinks: usize,
+    head_budget: Option<HeadBudget>,
     path: Path,
     progress: Option<Progress<'a>>,
 }
@@ -157,6 +160,8 @@ impl std::fmt::Debug for Compressor<'_> {
             .field("method", &self.method)
             .field("ratio", &self.ratio)
             .field("chunk_size", &self.chunk_size)
+            .field("sinks", &self.sinks)
+            .field("head_budget", &self.head_budget())
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
@@ -180,6 +185,8 @@ impl<'a> Compressor<'a> {
             ratio,
             chunk_size,
             repeat_prompt: None,
+            sinks: crate::select::SINKS,
+            head_budget: None,
             path: Path::Inference,
             progress: None,
         })
@@ -197,7 +204,7 @@ impl<'a> Compressor<'a> {
     /// model: each once, and for `kvzip` once more, the chunks it repeats.
     pub fn work(&self, len: usize) -> u64 {
         let repeated: usize = match self.method {
-            Method::Kvzip => crate::select::kvzip::scored_chunks(len, self.chunk_size)
+            Method::Kvzip => crate::select::kvzip::scored_chunks(len, self.chunk_size, self.sinks)
                 .iter()
                 .map(|range| range.len())
                 .sum(),
@@ -247,6 +254,35 @@ impl<'a> Compressor<'a> {
         self.decoder
     }
 
+    /// Tokens at the start of the context (for `uniform`, of every chunk)
+    /// that every head keeps: the attention sinks. Not used by `sac` and
+    /// `full`.
+    pub fn sinks(&self) -> usize {
+        self.sinks
+    }
+
+    /// Keeps the first `sinks` tokens ([`crate::select::SINKS`] unless
+    /// told); 0 gives the reference's `uniform` and kvpress's `SnapKVPress`.
+    pub fn with_sinks(mut self, sinks: usize) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// How `kvzip` and `snapkv` spread their budget over layers and heads:
+    /// as told, else `kvzip` shares one budget (as KVzip does) and `snapkv`
+    /// gives every head the same (as kvpress's `SnapKVPress` does).
+    pub fn head_budget(&self) -> HeadBudget {
+        self.head_budget.unwrap_or(match self.method {
+            Method::Kvzip => HeadBudget::Shared,
+            _ => HeadBudget::Even,
+        })
+    }
+
+    pub fn with_head_budget(mut self, spread: HeadBudget) -> Self {
+        self.head_budget = Some(spread);
+        self
+    }
+
     pub fn repeat_prompt(&self) -> Option<&crate::select::RepeatPrompt> {
         self.repeat_prompt.as_ref()
     }
@@ -284,6 +320,7 @@ impl<'a> Compressor<'a> {
             let chunk_ids = &ids[chunk.start..chunk.start + chunk.len];
             let kept = match self.method {
                 Method::Full => (0..chunk.len).collect(),
+                Method::Uniform => chunk::uniform_offsets(chunk.len, self.ratio, self.sinks),
                 _ => chunk::anchor_offsets(chunk.len, self.ratio),
             };
             let layers = self.run_chunk(&chunk, chunk_ids, &kept, &mut cache)?;

@@ -1,8 +1,9 @@
-//! Step 4 of the quality benchmark: every compressor on the test documents,
-//! through the real `sac` binary (`compress`, then `ask --batch`), scored
-//! with SQuAD's exact match and F1, and by whether the answer ends in the
-//! asked value.
+//! One row of the quality table: a compressor setting run through the real
+//! `sac` binary (`compress` once per document, then `ask --batch` with every
+//! question of it), or a peer's answers read back, scored against SQuAD's
+//! gold answers.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,34 +12,110 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::common::run;
-use crate::data::Example;
+use crate::squad::{Document, Question};
 
-/// One compressor at one ratio.
+/// A `--compressor` value with extra `compress` flags, written
+/// `METHOD[+FLAG=VALUE...]` (`snapkv+head-budget=shared`), or `none` for no
+/// document at all.
 #[derive(Debug, Clone)]
 pub struct Setting {
-    /// A `--compressor` value, or `none` for no context at all.
-    pub method: &'static str,
+    pub spec: String,
     pub ratio: Option<usize>,
-    pub adapter: Option<PathBuf>,
 }
 
-/// One row of the table.
-#[derive(Debug, Serialize)]
+impl Setting {
+    fn method(&self) -> &str {
+        self.spec.split('+').next().unwrap_or_default()
+    }
+
+    fn flags(&self) -> Vec<String> {
+        self.spec
+            .split('+')
+            .skip(1)
+            .map(|flag| format!("--{flag}"))
+            .collect()
+    }
+}
+
+/// How answers are asked for.
+#[derive(Debug, Clone)]
+pub struct Asking {
+    pub layout: &'static str,
+    pub max_tokens: usize,
+    /// Answers end at the first line break.
+    pub stop: &'static str,
+}
+
+/// What a row measures.
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    pub method: &'static str,
+    pub row: String,
+    pub layout: String,
     pub ratio: Option<usize>,
     pub em: f64,
     pub f1: f64,
-    /// Answers whose last word is the value's (the values are one word).
-    /// In the fact form the answer starts with the name, copied from the
-    /// question, and a garbled copy of an unseen name fails EM while the
-    /// value, what the question asks for, is right.
-    pub value: f64,
-    /// .sack bytes per document token (none without a document).
+    /// Standard error of the mean F1.
+    pub f1_se: f64,
+    /// Answers holding a gold answer (normalised, as whole words).
+    pub contains: f64,
+    pub contains_se: f64,
+    /// Mean answer length in words.
+    pub words: f64,
     pub bytes_per_token: Option<f64>,
-    /// Document tokens per second of `sac compress`'s own timing.
     pub compress_tokens_per_s: Option<f64>,
-    pub ttft_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub questions: usize,
+}
+
+/// Mean and standard error of the mean, both in percent.
+fn mean_se(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (100.0 * mean, 100.0 * (var / n).sqrt())
+}
+
+/// 1 when the normalised `answer` holds the normalised `gold` as whole words.
+fn contains(answer: &str, gold: &str) -> f64 {
+    let (answer, gold) = (metrics::normalize(answer), metrics::normalize(gold));
+    let found = !gold.is_empty() && answer.windows(gold.len()).any(|w| w == gold.as_slice());
+    f64::from(u8::from(found))
+}
+
+/// Scores `answers` (question, answer) into a row named `row`.
+pub fn score(
+    row: &str,
+    layout: &str,
+    ratio: Option<usize>,
+    answers: &[(&Question, String)],
+) -> Row {
+    let collect = |f: &dyn Fn(&Question, &str) -> f64| -> Vec<f64> {
+        answers.iter().map(|(q, a)| f(q, a)).collect()
+    };
+    let em = collect(&|q, a| metrics::best_of(metrics::exact_match, a, &q.answers));
+    let f1 = collect(&|q, a| metrics::best_of(metrics::f1, a, &q.answers));
+    let hit = collect(&|q, a| metrics::best_of(contains, a, &q.answers));
+    let words: usize = answers
+        .iter()
+        .map(|(_, a)| a.split_whitespace().count())
+        .sum();
+    let (f1, f1_se) = mean_se(&f1);
+    let (contains, contains_se) = mean_se(&hit);
+    Row {
+        row: row.to_string(),
+        layout: layout.to_string(),
+        ratio,
+        em: mean_se(&em).0,
+        f1,
+        f1_se,
+        contains,
+        contains_se,
+        words: words as f64 / answers.len().max(1) as f64,
+        bytes_per_token: None,
+        compress_tokens_per_s: None,
+        ttft_ms: None,
+        questions: answers.len(),
+    }
 }
 
 /// The number just before `unit` in `sac compress`'s summary line
@@ -49,43 +126,28 @@ fn summary_number(stderr: &[u8], unit: &str) -> Option<f64> {
     before.rsplit(' ').next()?.parse().ok()
 }
 
-/// 1 when the normalised answers end in the same word, else 0.
-fn same_last_word(prediction: &str, answer: &str) -> f64 {
-    let last = |text| metrics::normalize(text).pop();
-    f64::from(u8::from(last(prediction) == last(answer)))
-}
-
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len().max(1) as f64
-}
-
-/// Evaluates `setting` with `model` on `test`, working in `work`; answers
-/// stop after `max_tokens`. Every answer goes to `work/answers.jsonl` beside
-/// its question and the expected answer, so that a table can be read back
-/// answer by answer.
+/// Runs `setting` over `documents` with `model`, working in `work`; every
+/// answer goes to `work/answers.jsonl`. Returns the row and the answers by
+/// question id.
 pub fn evaluate(
     sac: &Path,
     model: &Path,
-    test: &[Example],
+    documents: &[Document],
     setting: &Setting,
+    asking: &Asking,
     work: &Path,
-    max_tokens: usize,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, Answers)> {
     std::fs::create_dir_all(work)?;
-    let (mut em, mut f1, mut value, mut ttft) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut bytes, mut tokens, mut speed) = (0u64, 0u64, Vec::new());
+    let (mut bytes, mut tokens, mut speed, mut ttft) = (0u64, 0u64, Vec::new(), Vec::new());
     let mut answers = Vec::new();
-    for (i, doc) in test.chunk_by(|a, b| a.context == b.context).enumerate() {
+    let mut lines = Vec::new();
+    for (i, doc) in documents.iter().enumerate() {
         let text = work.join(format!("doc{i}.txt"));
         let sack = work.join(format!("doc{i}.sack"));
-        // No context at all: the prompt layout around a document of one full
-        // stop (`sac compress` refuses an empty or blank one).
-        let context = if setting.method == "none" {
-            "."
-        } else {
-            doc[0].context.as_str()
-        };
-        std::fs::write(&text, context)?;
+        // No document: the layout around one full stop (`compress` refuses
+        // a blank one).
+        let closed_book = setting.method() == "none";
+        std::fs::write(&text, if closed_book { "." } else { &doc.text })?;
         let mut compress = Command::new(sac);
         compress
             .arg("compress")
@@ -94,87 +156,150 @@ pub fn evaluate(
             .arg(&sack)
             .arg("-m")
             .arg(model)
+            .args(["--prompt", asking.layout])
             .args([
                 "--compressor",
-                if setting.method == "none" {
+                if closed_book {
                     "full"
                 } else {
-                    setting.method
+                    setting.method()
                 },
-            ]);
+            ])
+            .args(setting.flags());
         if let Some(ratio) = setting.ratio {
             compress.args(["--ratio", &ratio.to_string()]);
         }
-        if let Some(adapter) = &setting.adapter {
-            compress.arg("--adapter").arg(adapter);
-        }
         let out = run(&mut compress)?;
-        speed.extend(summary_number(&out.stderr, " tokens/s"));
-        tokens += summary_number(&out.stderr, " tokens,").unwrap_or(0.0) as u64;
-        bytes += std::fs::metadata(&sack)?.len();
+        if !closed_book {
+            speed.extend(summary_number(&out.stderr, " tokens/s"));
+            tokens += summary_number(&out.stderr, " tokens,").unwrap_or(0.0) as u64;
+            bytes += std::fs::metadata(&sack)?.len();
+        }
 
         let questions = work.join(format!("doc{i}.jsonl"));
-        let lines: Vec<String> = doc
+        let batch: Vec<String> = doc
+            .questions
             .iter()
-            .enumerate()
-            .map(|(j, e)| json!({"id": j, "question": e.question}).to_string())
+            .map(|q| json!({"id": q.id, "question": q.question}).to_string())
             .collect();
-        std::fs::write(&questions, lines.join("\n"))?;
+        std::fs::write(&questions, batch.join("\n"))?;
         let out = run(Command::new(sac)
             .arg("ask")
             .arg(&sack)
+            .args(["-m".as_ref(), model.as_os_str()])
             .arg("--batch")
             .arg(&questions)
-            .args(["--max-tokens", &max_tokens.to_string()]))?;
-        for (line, example) in String::from_utf8_lossy(&out.stdout).lines().zip(doc) {
-            let record: Value = serde_json::from_str(line)?;
-            let answer = record["answer"].as_str().unwrap_or_default();
-            em.push(metrics::exact_match(answer, &example.answer));
-            f1.push(metrics::f1(answer, &example.answer));
-            value.push(same_last_word(answer, &example.answer));
+            .args(["--max-tokens", &asking.max_tokens.to_string()])
+            .args(["--stop", asking.stop]))?;
+        let by_id: HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let record: Value = serde_json::from_str(line)?;
+                Ok((
+                    record["id"].as_str().unwrap_or_default().to_string(),
+                    record,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for q in &doc.questions {
+            let record = by_id
+                .get(&q.id)
+                .ok_or_else(|| anyhow::anyhow!("no answer to {}", q.id))?;
+            let answer = record["answer"]
+                .as_str()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             ttft.push(record["ttft_ms"].as_f64().unwrap_or(0.0));
-            answers.push(
-                json!({"document": i, "question": example.question,
-                       "expected": example.answer, "answer": answer})
-                .to_string(),
+            lines.push(
+                json!({"id": q.id, "question": q.question, "gold": q.answers, "answer": answer})
+                    .to_string(),
             );
+            answers.push((q, answer));
         }
     }
     sac::atomic::write_bytes(
         &work.join("answers.jsonl"),
-        (answers.join("\n") + "\n").as_bytes(),
+        (lines.join("\n") + "\n").as_bytes(),
     )?;
-    let document = setting.method != "none";
-    Ok(Row {
-        method: setting.method,
-        ratio: setting.ratio,
-        em: 100.0 * mean(&em),
-        f1: 100.0 * mean(&f1),
-        value: 100.0 * mean(&value),
-        bytes_per_token: document.then(|| bytes as f64 / tokens.max(1) as f64),
-        compress_tokens_per_s: document.then(|| mean(&speed)),
-        ttft_ms: mean(&ttft),
-    })
+    let mut row = score(&setting.spec, asking.layout, setting.ratio, &answers);
+    if setting.method() != "none" {
+        row.bytes_per_token = Some(bytes as f64 / tokens.max(1) as f64);
+        row.compress_tokens_per_s = Some(speed.iter().sum::<f64>() / speed.len().max(1) as f64);
+    }
+    row.ttft_ms = Some(ttft.iter().sum::<f64>() / ttft.len().max(1) as f64);
+    let by_id = answers
+        .into_iter()
+        .map(|(q, a)| (q.id.clone(), a))
+        .collect();
+    Ok((row, by_id))
+}
+
+/// A peer's row: its name, layout and ratio.
+pub type PeerRow = (String, String, Option<usize>);
+
+/// Answers by question id.
+pub type Answers = HashMap<String, String>;
+
+/// A peer's answers: JSON lines `{"row", "layout", "ratio", "id", "answer"}`
+/// (scripts/quality_hf.py, scripts/quality_kvpress.py), grouped by row,
+/// layout and ratio.
+pub fn peer_answers(path: &PathBuf) -> anyhow::Result<Vec<(PeerRow, Answers)>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut groups: Vec<(PeerRow, Answers)> = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)?;
+        let key = (
+            v["row"].as_str().unwrap_or_default().to_string(),
+            v["layout"].as_str().unwrap_or_default().to_string(),
+            v["ratio"].as_u64().map(|r| r as usize),
+        );
+        let answer = v["answer"].as_str().unwrap_or_default().trim().to_string();
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, answers)) => {
+                answers.insert(id, answer);
+            }
+            None => groups.push((key, HashMap::from([(id, answer)]))),
+        }
+    }
+    Ok(groups)
+}
+
+/// The share (percent) of `questions` both answer alike (after trimming),
+/// over those both answered.
+pub fn agreement(a: &Answers, b: &Answers) -> (f64, usize) {
+    let both: Vec<_> = a
+        .iter()
+        .filter_map(|(id, x)| b.get(id).map(|y| x == y))
+        .collect();
+    let same = both.iter().filter(|&&s| s).count();
+    (100.0 * same as f64 / both.len().max(1) as f64, both.len())
 }
 
 /// The table as markdown.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| compressor | ratio | EM | F1 | value | .sack bytes / doc token | compress tokens/s | TTFT ms |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| layout | compressor | ratio | EM | F1 (± se) | contains (± se) | words | .sack bytes / doc token | compress tokens/s | TTFT ms | questions |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    let cell = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} |\n",
-            r.method,
+            "| {} | {} | {} | {:.1} | {:.1} ± {:.1} | {:.1} ± {:.1} | {:.1} | {} | {} | {} | {} |\n",
+            r.layout,
+            r.row,
             r.ratio.map_or("-".into(), |r| r.to_string()),
             r.em,
             r.f1,
-            r.value,
-            cell(r.bytes_per_token),
-            cell(r.compress_tokens_per_s),
-            r.ttft_ms
+            r.f1_se,
+            r.contains,
+            r.contains_se,
+            r.words,
+            cell(r.bytes_per_token, 1),
+            cell(r.compress_tokens_per_s, 0),
+            cell(r.ttft_ms, 0),
+            r.questions,
         ));
     }
     out

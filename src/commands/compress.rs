@@ -69,6 +69,12 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         .or(adapter_config.as_ref().map(|c| c.chunk_size))
         .unwrap_or(DEFAULT_CHUNK_SIZE);
     check_settings(method, adapter_config.as_ref(), ratio, chunk_size)?;
+    if args.sinks.is_some() && matches!(method, Method::Sac | Method::Full) {
+        bail!("--sinks applies to the training-free compressors, not to {method}");
+    }
+    if args.head_budget.is_some() && !method.keeps_per_head() {
+        bail!("--head-budget applies to kvzip and snapkv, not to {method}");
+    }
     let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
@@ -116,6 +122,14 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         chunk_size,
     )?
     .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer, &layout)?);
+    let compressor = match args.sinks {
+        Some(sinks) => compressor.with_sinks(sinks as usize),
+        None => compressor,
+    };
+    let compressor = match args.head_budget {
+        Some(choice) => compressor.with_head_budget(choice.spread()),
+        None => compressor,
+    };
     compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,

@@ -18,9 +18,10 @@
 //! - a chunk's scores are the softmax of every repeat query over the sinks,
 //!   that chunk's keys and the repeat tokens (causally), taken on the chunk's
 //!   keys, maxed over the queries and over the query heads of each GQA group;
-//! - the sinks ([`super::SINKS`]) are always kept and count against the
-//!   budget, as kvpress scores them 1.0; the budget is shared across layers
-//!   and heads ([`super::budget`]).
+//! - the sinks ([`Compressor::sinks`], [`super::SINKS`] by default) are
+//!   always kept and count against the budget, as kvpress scores them 1.0;
+//!   the budget is shared across layers and heads ([`super::budget`]) unless
+//!   the compressor is told otherwise ([`Compressor::head_budget`]).
 //!
 //! KVzip repeats 2000-token chunks with FlashAttention; this decoder
 //! materializes each pass's attention, `[heads, q, L + q]` per layer for a
@@ -31,7 +32,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::budget::{self, Scores};
-use super::{KeptOffsets, SINKS, Selection};
+use super::{KeptOffsets, Selection};
 use crate::compressor::Compressor;
 use crate::error::{Error, Result};
 use crate::model::{AttentionProbe, KvCache, Reduce};
@@ -101,8 +102,8 @@ pub(crate) fn prompt<'c>(compressor: &'c Compressor) -> Result<&'c RepeatPrompt>
 }
 
 /// The context ranges scored together: `sinks..len` in chunks of `chunk_size`.
-pub fn scored_chunks(len: usize, chunk_size: usize) -> Vec<Range<usize>> {
-    let sinks = SINKS.min(len);
+pub fn scored_chunks(len: usize, chunk_size: usize, sinks: usize) -> Vec<Range<usize>> {
+    let sinks = sinks.min(len);
     (sinks..len)
         .step_by(chunk_size)
         .map(|start| start..(start + chunk_size).min(len))
@@ -120,9 +121,9 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
     let prefill = started.elapsed();
 
     let past = cache.past()?;
-    let sinks = SINKS.min(len);
+    let sinks = compressor.sinks().min(len);
     let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
-    let chunks = scored_chunks(len, compressor.chunk_size());
+    let chunks = scored_chunks(len, compressor.chunk_size(), sinks);
     for (i, range) in chunks.iter().enumerate() {
         let previous = i.checked_sub(1).map(|p| &ids[chunks[p].clone()]);
         let input = prompt.input(&ids[range.clone()], previous);
@@ -138,7 +139,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
         compressor.report(range.len());
     }
     let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
-    let kept = budget::top_k(&scores, 0..sinks, budget)?;
+    let kept = budget::top_k(&scores, &|p| p < sinks, budget, compressor.head_budget())?;
     Ok(Selection {
         cache,
         kept: KeptOffsets::PerHead(kept),

@@ -27,9 +27,11 @@ use crate::error::{Error, Result};
 use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv};
 
 /// Tokens at the start of the context that every head keeps (attention
-/// sinks): kvpress's `n_sink` for `KVzipPress` and `StreamingLLMPress`. Here
-/// they are BOS and the start of `### Context:\n`, the analogue of the system
-/// prompt KVzip never evicts.
+/// sinks) by default, for every training-free compressor (`uniform` in each
+/// chunk): kvpress's `n_sink` for `KVzipPress` and `StreamingLLMPress`. Here
+/// they are BOS and the start of `### Context:\n` (or of the chat
+/// template's system turn), the analogue of the system prompt KVzip never
+/// evicts.
 pub const SINKS: usize = 4;
 
 /// How a selecting compressor chooses from the prefilled context.

@@ -6,11 +6,12 @@
 //! Followed from kvpress's `SnapKVPress`: a 64-token window, its weights
 //! averaged over the window's queries, smoothed by an average pool of width 5
 //! (zero padding counted, PyTorch's default) and averaged over the query
-//! heads of each GQA group; the window itself is always kept. Unlike
-//! `SnapKVPress`, which gives every head the same count, the budget is shared
-//! across layers and heads like KVzip's ([`super::budget`]), and the window
-//! shrinks to each head's share of the budget when that is smaller, so the
-//! window alone never exceeds the ratio.
+//! heads of each GQA group; the window itself is always kept, and every
+//! head keeps the same count ([`budget::HeadBudget::Even`], `SnapKVPress`'s way;
+//! [`budget::HeadBudget::Shared`] pools the budget as KVzip does). Unlike
+//! `SnapKVPress`, the attention sinks ([`Compressor::sinks`]) are kept too,
+//! and the window shrinks to each head's share of the budget when that is
+//! smaller, so the window alone never exceeds the ratio.
 
 use std::time::Instant;
 
@@ -27,10 +28,14 @@ pub const WINDOW: usize = 64;
 pub const KERNEL: usize = 5;
 
 /// The observation window for a context of `len` tokens when `budget` pairs
-/// are kept over `slots` (layers x KV heads): at most [`WINDOW`] and each
-/// head's share, at least one token.
-pub fn window(len: usize, budget: usize, slots: usize) -> usize {
-    (budget / slots).clamp(1, WINDOW).min(len)
+/// are kept over `slots` (layers x KV heads) and `sinks` tokens are kept
+/// anyway: at most [`WINDOW`] and what is left of each head's share, at
+/// least one token.
+pub fn window(len: usize, budget: usize, slots: usize, sinks: usize) -> usize {
+    (budget / slots)
+        .saturating_sub(sinks)
+        .clamp(1, WINDOW)
+        .min(len)
 }
 
 /// PyTorch's `avg_pool1d(kernel_size=KERNEL, stride=1, padding=KERNEL / 2)`.
@@ -49,7 +54,8 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
     let c = decoder.config();
     let len = ids.len();
     let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
-    let observed = len - window(len, budget, c.num_layers * c.num_kv_heads);
+    let slots = c.num_layers * c.num_kv_heads;
+    let observed = len - window(len, budget, slots, compressor.sinks());
     let started = Instant::now();
     let mut cache = KvCache::default();
     super::prefill(compressor, &ids[..observed], &mut cache)?;
@@ -75,7 +81,13 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
         let rows: Vec<Vec<f32>> = super::rows(measured)?.iter().map(|r| pool(r)).collect();
         scores.set(layer, 0, &rows);
     }
-    let kept = budget::top_k(&scores, observed..len, budget)?;
+    let sinks = compressor.sinks().min(observed);
+    let kept = budget::top_k(
+        &scores,
+        &|p| p < sinks || p >= observed,
+        budget,
+        compressor.head_budget(),
+    )?;
     Ok(Selection {
         cache,
         kept: KeptOffsets::PerHead(kept),
@@ -95,9 +107,10 @@ mod tests {
 
     #[test]
     fn window_fits_each_heads_share() {
-        assert_eq!(window(1000, 4 * 200, 4), WINDOW);
-        assert_eq!(window(1000, 4 * 20, 4), 20);
-        assert_eq!(window(3, 1, 4), 1);
-        assert_eq!(window(1, 100, 1), 1);
+        assert_eq!(window(1000, 4 * 200, 4, 4), WINDOW);
+        assert_eq!(window(1000, 4 * 20, 4, 0), 20);
+        assert_eq!(window(1000, 4 * 20, 4, 4), 16);
+        assert_eq!(window(3, 1, 4, 4), 1);
+        assert_eq!(window(1, 100, 1, 0), 1);
     }
 }

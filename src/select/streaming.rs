@@ -1,21 +1,21 @@
 //! StreamingLLM (Xiao et al., 2024) as a compressor: the attention sinks and
 //! the most recent tokens, the same for every layer and head, from a full
 //! causal prefill (kvpress's `StreamingLLMPress`: `n_sink` = 4, sinks inside
-//! the kept count). Keys keep RoPE at their document positions; kvpress notes
+//! the kept count; [`Compressor::sinks`]). Keys keep RoPE at their document positions; kvpress notes
 //! the paper's re-rotation to contiguous positions, which is not done here.
 
 use std::time::Instant;
 
-use super::{KeptOffsets, SINKS, Selection};
+use super::{KeptOffsets, Selection};
 use crate::compressor::Compressor;
 use crate::error::Result;
 use crate::model::KvCache;
 
 /// Kept 0-based offsets of a context of `len` tokens at `ratio`:
-/// ceil(len / ratio) of them (at least the sinks), the sinks first, the rest
-/// the last tokens.
-pub fn kept(len: usize, ratio: usize) -> Vec<usize> {
-    let sinks = SINKS.min(len);
+/// ceil(len / ratio) of them (at least the `sinks` first tokens), the sinks
+/// first, the rest the last tokens.
+pub fn kept(len: usize, ratio: usize, sinks: usize) -> Vec<usize> {
+    let sinks = sinks.min(len);
     let recent = len.div_ceil(ratio).saturating_sub(sinks);
     (0..sinks)
         .chain(len - recent.min(len - sinks)..len)
@@ -28,7 +28,7 @@ pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> 
     super::prefill(compressor, ids, &mut cache)?;
     Ok(Selection {
         cache,
-        kept: KeptOffsets::Shared(kept(ids.len(), compressor.ratio())),
+        kept: KeptOffsets::Shared(kept(ids.len(), compressor.ratio(), compressor.sinks())),
         prefill: started.elapsed(),
     })
 }
@@ -39,9 +39,10 @@ mod tests {
 
     #[test]
     fn sinks_then_recent() {
-        assert_eq!(kept(100, 10), [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]);
-        assert_eq!(kept(10, 5), [0, 1, 2, 3]);
-        assert_eq!(kept(3, 5), [0, 1, 2]);
-        assert_eq!(kept(6, 1), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(kept(100, 10, 4), [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]);
+        assert_eq!(kept(10, 5, 4), [0, 1, 2, 3]);
+        assert_eq!(kept(3, 5, 4), [0, 1, 2]);
+        assert_eq!(kept(6, 1, 4), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(kept(10, 5, 0), [8, 9]);
     }
 }

@@ -223,6 +223,14 @@ fn selectors_refuse_what_they_cannot_do_and_write_nothing() {
             vec!["--compressor", "kvzip", "--chunk-size", "3000"],
             "--chunk-size",
         ),
+        (
+            vec!["--compressor", "full", "--sinks", "2"],
+            "--sinks applies to the training-free compressors",
+        ),
+        (
+            vec!["--compressor", "streaming", "--head-budget", "even"],
+            "--head-budget applies to kvzip and snapkv",
+        ),
     ] {
         let doc = dir.path().join("doc.txt");
         let text = std::fs::read_to_string(sac_fixture("doc_long.txt")).unwrap();

@@ -3,6 +3,7 @@
 use sac::compressor::{Compressor, Kept, Method};
 use sac::runtime::LoadedModel;
 use sac::select::RepeatPrompt;
+use sac::select::budget::HeadBudget;
 
 use crate::common::{PARITY_MODELS, load_model, sac_fixture};
 use crate::reference::{Reference, Scores, kvzip_chunk, snapkv, top_k};
@@ -18,12 +19,24 @@ pub fn text() -> String {
 
 /// Offsets kept per layer and KV head, from every emitted chunk.
 pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
+    compressed_with(m, method, ids, |c| c)
+}
+
+/// [`compressed`] by a compressor `configure` has set up.
+pub fn compressed_with<'a>(
+    m: &'a LoadedModel,
+    method: Method,
+    ids: &[u32],
+    configure: impl FnOnce(Compressor<'a>) -> Compressor<'a>,
+) -> Vec<Vec<Vec<usize>>> {
     let c = &m.config;
-    let compressor = Compressor::new(&m.decoder, method, None, RATIO, CHUNK)
-        .unwrap()
-        .with_repeat_prompt(
-            RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
-        );
+    let compressor = configure(
+        Compressor::new(&m.decoder, method, None, RATIO, CHUNK)
+            .unwrap()
+            .with_repeat_prompt(
+                RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
+            ),
+    );
     let mut kept = vec![vec![Vec::new(); c.num_kv_heads]; c.num_layers];
     compressor
         .compress(ids, |chunk| {
@@ -98,6 +111,8 @@ fn kvzip_keeps_the_top_reconstruction_scores() {
     }
 }
 
+/// SnapKV's paper rule with KVzip's shared budget and no sinks
+/// (`--sinks 0 --head-budget shared`).
 #[test]
 fn snapkv_keeps_the_top_window_scores() {
     for name in PARITY_MODELS {
@@ -112,6 +127,47 @@ fn snapkv_keeps_the_top_window_scores() {
         let scores = snapkv(&logits, m.config.num_kv_heads, window);
         let (expected, gap) = top_k(&scores, len - window..len, budget(&m, len));
         assert!(gap > 1e-5, "{name}: near-tie at the budget's edge ({gap})");
+        let kept = compressed_with(&m, Method::Snapkv, &ids, |c| {
+            c.with_sinks(0).with_head_budget(HeadBudget::Shared)
+        });
+        assert_eq!(kept, expected, "{name}");
+    }
+}
+
+/// The default: the 4 sinks and the window for every head, and each head's
+/// equal share filled with its own best window scores (kvpress's
+/// `SnapKVPress`, plus the sinks).
+#[test]
+fn snapkv_gives_every_head_its_share_by_default() {
+    for name in PARITY_MODELS {
+        let m = load_model(name);
+        let ids = m.tokenizer.context_ids(&text()).unwrap();
+        let len = ids.len();
+        let slots = m.config.num_layers * m.config.num_kv_heads;
+        let share = budget(&m, len).div_ceil(slots);
+        let window = budget(&m, len) / slots - 4;
+        let scores = snapkv(
+            &Reference::new(name, &m).logits(&ids),
+            m.config.num_kv_heads,
+            window,
+        );
+        let forced = |p: usize| p < 4 || p >= len - window;
+        let expected: Vec<Vec<Vec<usize>>> = scores
+            .iter()
+            .map(|heads| {
+                heads
+                    .iter()
+                    .map(|row| {
+                        let mut rest: Vec<usize> = (0..len).filter(|&p| !forced(p)).collect();
+                        rest.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                        let mut set: Vec<usize> = (0..len).filter(|&p| forced(p)).collect();
+                        set.extend(&rest[..share - set.len()]);
+                        set.sort_unstable();
+                        set
+                    })
+                    .collect()
+            })
+            .collect();
         assert_eq!(compressed(&m, Method::Snapkv, &ids), expected, "{name}");
     }
 }
