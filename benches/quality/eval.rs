@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sac::train::metrics;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use anyhow::Context;
 
 use crate::common::run;
 use crate::squad::{Document, Question};
@@ -47,7 +49,7 @@ pub struct Asking {
 }
 
 /// What a row measures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub row: String,
     pub layout: String,
@@ -233,6 +235,29 @@ pub fn evaluate(
         .map(|(q, a)| (q.id.clone(), a))
         .collect();
     Ok((row, by_id))
+}
+
+/// The rows of an earlier run's results.json.
+pub fn earlier_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let results: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(serde_json::from_value(results["rows"].clone())?)
+}
+
+/// The answers [`evaluate`] wrote in `work`, by question id.
+pub fn read_answers(work: &Path) -> anyhow::Result<Answers> {
+    let path = work.join("answers.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line)?;
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            Ok((field("id"), field("answer")))
+        })
+        .collect()
 }
 
 /// A peer's row: its name, layout and ratio.

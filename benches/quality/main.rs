@@ -67,6 +67,10 @@ struct Args {
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Rows already in OUT/results.json for the same questions are read
+    /// back (answers from their answers.jsonl), not run again.
+    #[arg(long)]
+    reuse: bool,
     /// Answer files of peers to score beside ours.
     #[arg(long, num_args = 1..)]
     peers: Vec<PathBuf>,
@@ -219,7 +223,12 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
+    let earlier: Vec<Row> = match args.reuse {
+        true => eval::earlier_rows(&args.out.join("results.json"))?,
+        false => Vec::new(),
+    };
     let mut rows: Vec<Row> = Vec::new();
+    let mut reused = 0;
     let mut full: HashMap<&str, HashMap<String, String>> = HashMap::new();
     for &layout in &layouts {
         for setting in &settings {
@@ -228,8 +237,16 @@ fn main() -> anyhow::Result<()> {
                 None => setting.spec.clone(),
             };
             let work = args.out.join(layout).join(name);
-            let (row, answers) =
-                eval::evaluate(&sac, &model_path, &docs, setting, &asking(layout), &work)?;
+            let again = earlier.iter().find(|r| {
+                (r.row.as_str(), r.layout.as_str(), r.ratio)
+                    == (&setting.spec, layout, setting.ratio)
+                    && r.questions == questions.len()
+            });
+            reused += usize::from(again.is_some());
+            let (row, answers) = match again {
+                Some(row) => (row.clone(), eval::read_answers(&work)?),
+                None => eval::evaluate(&sac, &model_path, &docs, setting, &asking(layout), &work)?,
+            };
             eprintln!(
                 "{}",
                 eval::markdown(std::slice::from_ref(&row))
@@ -263,8 +280,12 @@ fn main() -> anyhow::Result<()> {
     for note in &notes {
         table.push_str(&format!("\n{note}."));
     }
+    let reused = match reused {
+        0 => String::new(),
+        n => format!(" ({n} rows read back from an earlier run)"),
+    };
     table.push_str(&format!(
-        "\n\n{} questions about {} documents of the {} split, {minutes:.1} minutes.\n",
+        "\n\n{} questions about {} documents of the {} split, {minutes:.1} minutes{reused}.\n",
         questions.len(),
         docs.len(),
         args.split.name()
