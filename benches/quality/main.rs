@@ -50,7 +50,7 @@ struct Args {
     /// many questions.
     #[arg(long, default_value_t = 500)]
     questions: usize,
-    /// 100 questions of the tune split, ratios 4 and 16, the raw layout.
+    /// 100 questions of the tune split, ratio 4, the raw layout.
     #[arg(long)]
     quick: bool,
     #[arg(long, value_delimiter = ',', default_value = "raw,chat")]
@@ -165,7 +165,7 @@ fn main() -> anyhow::Result<()> {
     }
     if args.quick {
         (args.split, args.questions, args.ratios, args.layouts) =
-            (Split::Tune, 100, vec![4, 16], vec!["raw".into()]);
+            (Split::Tune, 100, vec![4], vec!["raw".into()]);
     }
     let items = root
         .join(ITEMS)
