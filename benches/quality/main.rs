@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sac::device::{DTypeSpec, DeviceSpec};
-use sac::prompt::PromptLayout;
+use sac::prompt::{PromptFormat, PromptLayout};
 use sac::runtime::{LoadedModel, ModelSpec};
 use serde_json::json;
 
@@ -53,8 +53,8 @@ struct Args {
     /// 100 questions of the tune split, ratio 4, the raw layout.
     #[arg(long)]
     quick: bool,
-    #[arg(long, value_delimiter = ',', default_value = "raw,chat")]
-    layouts: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "raw,chat", value_parser = parse_layout)]
+    layouts: Vec<PromptFormat>,
     #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
     ratios: Vec<usize>,
     /// Compressors run at every ratio, as METHOD[+FLAG=VALUE...].
@@ -92,30 +92,33 @@ fn load(model: &Path) -> anyhow::Result<LoadedModel> {
     })?)
 }
 
-fn layout(name: &str, model: &LoadedModel) -> anyhow::Result<PromptLayout> {
-    Ok(match name {
-        "raw" => PromptLayout::raw(),
-        "chat" => PromptLayout::chat(
+fn parse_layout(name: &str) -> Result<PromptFormat, String> {
+    PromptFormat::from_name(name).ok_or_else(|| format!("unknown layout {name}: raw or chat"))
+}
+
+fn layout(format: PromptFormat, model: &LoadedModel) -> anyhow::Result<PromptLayout> {
+    Ok(match format {
+        PromptFormat::Raw => PromptLayout::raw(),
+        PromptFormat::Chat => PromptLayout::chat(
             model
                 .tokenizer
                 .chat_template()
                 .context("the model has no chat template")?,
         )?,
-        other => anyhow::bail!("unknown layout {other}: raw or chat"),
     })
 }
 
 /// The token ids every context and question is read as, per layout.
 fn prompts(
     model: &LoadedModel,
-    layouts: &[String],
+    layouts: &[PromptFormat],
     docs: &[squad::Document],
     asking: &Asking,
 ) -> anyhow::Result<serde_json::Value> {
     let tokenizer = &model.tokenizer;
     let mut by_layout = serde_json::Map::new();
-    for name in layouts {
-        let layout = layout(name, model)?;
+    for &format in layouts {
+        let layout = layout(format, model)?;
         let docs = docs
             .iter()
             .map(|doc| {
@@ -127,7 +130,7 @@ fn prompts(
                 Ok(json!({"context_ids": layout.context_ids(tokenizer, &doc.text)?, "questions": questions}))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        by_layout.insert(name.clone(), docs.into());
+        by_layout.insert(format.name().into(), docs.into());
     }
     Ok(json!({
         "eos": tokenizer.eos(),
@@ -165,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     }
     if args.quick {
         (args.split, args.questions, args.ratios, args.layouts) =
-            (Split::Tune, 100, vec![4], vec!["raw".into()]);
+            (Split::Tune, 100, vec![4], vec![PromptFormat::Raw]);
     }
     let items = root
         .join(ITEMS)
@@ -177,15 +180,6 @@ fn main() -> anyhow::Result<()> {
         .map(|q| (q.id.as_str(), q))
         .collect();
     std::fs::create_dir_all(&args.out)?;
-    let layouts: Vec<&'static str> = args
-        .layouts
-        .iter()
-        .map(|l| match l.as_str() {
-            "raw" => Ok("raw"),
-            "chat" => Ok("chat"),
-            other => anyhow::bail!("unknown layout {other}: raw or chat"),
-        })
-        .collect::<anyhow::Result<_>>()?;
     let asking = |layout| Asking {
         layout,
         max_tokens: args.max_tokens,
@@ -230,7 +224,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut reused = 0;
     let mut full: HashMap<&str, HashMap<String, String>> = HashMap::new();
-    for &layout in &layouts {
+    for layout in args.layouts.iter().map(|f| f.name()) {
         for setting in &settings {
             let name = match setting.ratio {
                 Some(r) => format!("{}-r{r}", setting.spec),

@@ -81,16 +81,6 @@ pub enum HeadBudget {
     Even,
 }
 
-impl HeadBudget {
-    /// How `--head-budget` and `sac info` name it.
-    pub fn name(self) -> &'static str {
-        match self {
-            HeadBudget::Shared => "shared",
-            HeadBudget::Even => "even",
-        }
-    }
-}
-
 /// Kept positions per layer, per KV head, ascending: the positions `forced`
 /// holds, for every head, then, while the `budget` lasts, the highest scores among
 /// the other positions, spread as `spread` says. Forced positions count
