@@ -9,8 +9,8 @@ document's context ids and every question's ids (SQuAD v1.1 dev, CC BY-SA
 ratio r this script prefills each context once under the press at
 compression ratio 1 - 1/r (no press: the whole context), then answers every
 question from that cache the way kvpress's pipeline does (greedy; question at
-the positions after the context; the answer's K/V dropped after each), cuts
-the answer at the stop string, and writes JSON lines {"row", "layout",
+the positions after the context), 16 questions at a time, each reading its own
+copy of the cache (`--batch`), cuts the answer at the stop string, and writes JSON lines {"row", "layout",
 "ratio", "id", "answer"} that the bench scores with `--peers FILE`.
 
 Run from the repository root (kvpress 0.5.5 pins transformers below 5.3; this
@@ -24,6 +24,7 @@ venv takes torch from the fixtures' .venv, see scripts/requirements-peers.txt):
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -62,27 +63,103 @@ ROW = {
 }
 
 
-def answer(model, tokenizer, cache, context_length, question_ids, eos, stop, max_tokens):
-    """kvpress's `generate_answer`, with the answer's K/V dropped after."""
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
-    ids = torch.tensor([question_ids])
-    position_ids = torch.arange(context_length, context_length + ids.shape[1]).unsqueeze(0)
-    generated = []
+def batch_cache(cache, rows):
+    """`cache` (batch 1) repeated for `rows` questions, as a new cache."""
+    batched = copy.deepcopy(cache)
+    for layer in batched.layers:
+        layer.keys = layer.keys.repeat(rows, 1, 1, 1)
+        layer.values = layer.values.repeat(rows, 1, 1, 1)
+    return batched
+
+
+def mask_keys(model, masked, rows):
+    """Heads' evicted keys (KVzipPress masks them instead of dropping them,
+    `module.masked_key_indices`, found at batch 1) for every row of a batch."""
+    for layer, indices in zip(model.model.layers, masked):
+        if indices is None:
+            layer.self_attn.masked_key_indices = None
+            continue
+        batch, heads, seq = indices
+        n = len(batch)
+        layer.self_attn.masked_key_indices = (
+            torch.arange(rows).repeat_interleave(n),
+            heads.repeat(rows),
+            seq.repeat(rows),
+        )
+
+
+def answers(model, tokenizer, cache, context_length, questions, eos, stop, max_tokens, pad):
+    """kvpress's `generate_answer` (greedy, the question at the positions
+    after the whole context, at most `max_tokens`, ending at EOS) for several
+    questions at once: the questions are padded on the left, the padding
+    hidden by the attention mask, and every row reads its own copy of the
+    compressed cache. Each answer is cut at `stop`."""
+    rows, width = len(questions), max(len(q) for q in questions)
+    ids = torch.tensor([[pad] * (width - len(q)) + q for q in questions])
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in questions])
+    position_ids = torch.tensor(
+        [[context_length] * (width - len(q)) + list(range(context_length, context_length + len(q))) for q in questions]
+    )
+    past = cache.get_seq_length()
+    cache = batch_cache(cache, rows)
+    generated = [[] for _ in questions]
+    done = [False] * rows
+    attention = torch.cat([torch.ones(rows, past, dtype=torch.long), mask], dim=1)
     for _ in range(max_tokens):
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, logits_to_keep=1).logits
-        token = int(logits[0, -1].argmax())
-        if token in eos:
+        logits = model(
+            input_ids=ids,
+            attention_mask=attention,
+            past_key_values=cache,
+            position_ids=position_ids,
+            logits_to_keep=1,
+        ).logits
+        tokens = logits[:, -1].argmax(dim=-1).tolist()
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            if token in eos:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            done[row] = stop in tokenizer.decode(generated[row], skip_special_tokens=True)
+        if all(done):
             break
-        generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if stop in text:
-            break
-        ids = torch.tensor([[token]])
+        ids = torch.tensor([[t] for t in tokens])
+        attention = torch.cat([attention, torch.ones(rows, 1, dtype=torch.long)], dim=1)
         position_ids = position_ids[:, -1:] + 1
-    for layer, length in zip(cache.layers, lengths):
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
-    return tokenizer.decode(generated, skip_special_tokens=True).split(stop)[0].strip()
+    return [tokenizer.decode(g, skip_special_tokens=True).split(stop)[0].strip() for g in generated]
+
+
+def compressed(model, context_ids, name, ratios):
+    """The cache of `context_ids` under press `name`, and per ratio the keys
+    each head masks (`masked_key_indices`, None where the press drops keys
+    instead). KVzipPress is run once at the first ratio; its scores, kept,
+    are masked again at the others with its own `compress_post`."""
+    cache = DynamicCache()
+    press = press_for(name, ratios[0])
+    context = torch.tensor([context_ids])
+    if press is None:
+        model(input_ids=context, past_key_values=cache)
+        return cache, {None: [None] * len(model.model.layers)}
+    scores = []
+    if name == "kvzip":
+        compress_post = press.compress_post
+
+        def keep_scores(model):
+            scores.append(press.score_val.clone())
+            compress_post(model)
+
+        press.compress_post = keep_scores
+    with press(model):
+        model(input_ids=context, past_key_values=cache)
+    masks = {}
+    for r in ratios:
+        if r != ratios[0]:
+            press.score_val, press.compression_ratio = scores[0].clone(), 1.0 - 1.0 / r
+            compress_post(model)
+        masks[r] = [getattr(layer.self_attn, "masked_key_indices", None) for layer in model.model.layers]
+    press.score_val = None
+    return cache, masks
 
 
 def main():
@@ -91,6 +168,8 @@ def main():
     parser.add_argument("--presses", default="none,kvzip,snapkv,streaming,random")
     parser.add_argument("--ratios", default="2,4,8,16")
     parser.add_argument("--layouts", default="raw")
+    parser.add_argument("--batch", type=int, default=16, help="questions answered together")
+    parser.add_argument("--only", type=int, help="ask only the first N questions of each document (a check)")
     parser.add_argument("-o", "--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -98,6 +177,7 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     prompts = json.load(open(args.prompts))
     eos, stop, max_tokens = set(prompts["eos"]), prompts["stop"], prompts["max_tokens"]
+    pad = prompts["eos"][0]
 
     tokenizer = AutoTokenizer.from_pretrained(MODELS, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(MODELS, gguf_file=GGUF, dtype=torch.float32)
@@ -115,34 +195,38 @@ def main():
             done.add((r["row"], r["layout"], r["ratio"]))
     presses = args.presses.split(",")
     ratios = [int(r) for r in args.ratios.split(",")]
-    # Every ratio of one press before the next ratio: the lowest ratios of
-    # all presses come first.
-    configs = [("none", None)] * ("none" in presses) + [(p, r) for r in ratios for p in presses if p != "none"]
     out = open(args.out, "a")
     for layout in args.layouts.split(","):
-        for name, ratio in configs:
-            if (ROW[name], layout, ratio) in done:
-                continue
-            started = time.time()
-            lines = []
-            for doc in prompts["layouts"][layout]:
-                context = torch.tensor([doc["context_ids"]])
-                cache = DynamicCache()
-                press = press_for(name, ratio)
-                with torch.no_grad():
-                    if press is None:
-                        model(input_ids=context, past_key_values=cache)
-                    else:
-                        with press(model):
-                            model(input_ids=context, past_key_values=cache)
-                    for q in doc["questions"]:
-                        text = answer(model, tokenizer, cache, context.shape[1], q["ids"], eos, stop, max_tokens)
-                        row = {"row": ROW[name], "layout": layout, "ratio": ratio, "id": q["id"], "answer": text}
-                        lines.append(json.dumps(row) + "\n")
-            # A row is written whole, so that a rerun skips only finished ones.
-            out.writelines(lines)
-            out.flush()
-            print(f"{ROW[name]} {layout} r{ratio}: {len(lines)} answers, {time.time() - started:.0f} s", file=sys.stderr)
+        for name in presses:
+            todo = [r for r in ([None] if name == "none" else ratios) if (ROW[name], layout, r) not in done]
+            # KVzip's scores do not depend on the ratio: each document is
+            # scored once and masked at every ratio.
+            for group in [todo] if name == "kvzip" and todo else [[r] for r in todo]:
+                started = time.time()
+                lines = {r: [] for r in group}
+                for doc in prompts["layouts"][layout]:
+                    with torch.no_grad():
+                        cache, masks = compressed(model, doc["context_ids"], name, group)
+                        for r in group:
+                            questions = doc["questions"][: args.only]
+                            for start in range(0, len(questions), args.batch):
+                                batch = questions[start : start + args.batch]
+                                mask_keys(model, masks[r], len(batch))
+                                texts = answers(
+                                    model, tokenizer, cache, len(doc["context_ids"]), [q["ids"] for q in batch],
+                                    eos, stop, max_tokens, pad,
+                                )
+                                for q, text in zip(batch, texts):
+                                    row = {"row": ROW[name], "layout": layout, "ratio": r, "id": q["id"], "answer": text}
+                                    lines[r].append(json.dumps(row) + "\n")
+                    mask_keys(model, [None] * len(model.model.layers), 0)
+                # A row is written whole, so that a rerun skips only finished ones.
+                for r in group:
+                    out.writelines(lines[r])
+                    out.flush()
+                    print(f"{ROW[name]} {layout} r{r}: {len(lines[r])} answers", file=sys.stderr)
+                print(f"  {time.time() - started:.0f} s", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()

@@ -67,6 +67,9 @@ pub struct Row {
     pub compress_tokens_per_s: Option<f64>,
     pub ttft_ms: Option<f64>,
     pub questions: usize,
+    /// Wall time of the row (every `compress` and `ask`); none for peers.
+    #[serde(default)]
+    pub seconds: Option<f64>,
 }
 
 /// Mean and standard error of the mean, both in percent.
@@ -117,6 +120,7 @@ pub fn score(
         compress_tokens_per_s: None,
         ttft_ms: None,
         questions: answers.len(),
+        seconds: None,
     }
 }
 
@@ -139,6 +143,7 @@ pub fn evaluate(
     asking: &Asking,
     work: &Path,
 ) -> anyhow::Result<(Row, Answers)> {
+    let started = std::time::Instant::now();
     std::fs::create_dir_all(work)?;
     let (mut bytes, mut tokens, mut speed, mut ttft) = (0u64, 0u64, Vec::new(), Vec::new());
     let mut answers = Vec::new();
@@ -230,6 +235,7 @@ pub fn evaluate(
         row.compress_tokens_per_s = Some(speed.iter().sum::<f64>() / speed.len().max(1) as f64);
     }
     row.ttft_ms = Some(ttft.iter().sum::<f64>() / ttft.len().max(1) as f64);
+    row.seconds = Some(started.elapsed().as_secs_f64());
     let by_id = answers
         .into_iter()
         .map(|(q, a)| (q.id.clone(), a))

@@ -252,6 +252,8 @@ fn main() -> anyhow::Result<()> {
                 full.insert(layout, answers);
             }
             rows.push(row);
+            // What is done so far, so that `--reuse` resumes a stopped run.
+            save(&args.out, &rows, &[])?;
         }
     }
     let mut notes = Vec::new();
@@ -270,6 +272,7 @@ fn main() -> anyhow::Result<()> {
     }
     rows.sort_by(|a, b| (&a.layout, a.ratio, &a.row).cmp(&(&b.layout, b.ratio, &b.row)));
     let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let row_minutes = rows.iter().filter_map(|r| r.seconds).sum::<f64>() / 60.0;
     let mut table = eval::markdown(&rows);
     for note in &notes {
         table.push_str(&format!("\n{note}."));
@@ -279,17 +282,25 @@ fn main() -> anyhow::Result<()> {
         n => format!(" ({n} rows read back from an earlier run)"),
     };
     table.push_str(&format!(
-        "\n\n{} questions about {} documents of the {} split, {minutes:.1} minutes{reused}.\n",
+        "\n\n{} questions about {} documents of the {} split; the rows took \
+         {row_minutes:.1} minutes, this run {minutes:.1}{reused}.\n",
         questions.len(),
         docs.len(),
         args.split.name()
     ));
     sac::atomic::write_bytes(&args.out.join("results.md"), table.as_bytes())?;
+    save(&args.out, &rows, &notes)?;
+    println!("{table}");
+    Ok(())
+}
+
+/// Writes `out/results.json`.
+fn save(out: &Path, rows: &[Row], notes: &[String]) -> anyhow::Result<()> {
+    let minutes = rows.iter().filter_map(|r| r.seconds).sum::<f64>() / 60.0;
     sac::atomic::write_bytes(
-        &args.out.join("results.json"),
+        &out.join("results.json"),
         serde_json::to_string_pretty(&json!({"rows": rows, "notes": notes, "minutes": minutes}))?
             .as_bytes(),
     )?;
-    println!("{table}");
     Ok(())
 }
