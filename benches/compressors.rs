@@ -19,9 +19,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::{LLAMA_3_2_1B, Placement, random_weights};
-use sac::compressor::{Compressor, Method};
+use sac::compress::{Compressor, Method, RepeatPrompt, Request, Settings};
 use sac::model::{Decoder, ForwardInput, ModelConfig};
-use sac::select::RepeatPrompt;
 
 #[derive(Parser)]
 struct Args {
@@ -96,8 +95,17 @@ fn main() -> anyhow::Result<()> {
         } else {
             args.ratio
         };
-        let compressor = Compressor::new(&decoder, method, None, ratio, args.chunk_size)?
-            .with_repeat_prompt(repeat_prompt(vocab));
+        let request = Request {
+            ratio: Some(ratio),
+            chunk_size: Some(args.chunk_size),
+            ..Request::new(method)
+        };
+        let strategy = Settings::resolve(&request, None)?.build(
+            None,
+            || Ok(repeat_prompt(vocab)),
+            ids.len(),
+        )?;
+        let compressor = Compressor::new(&decoder, strategy);
         let started = Instant::now();
         let cost = compressor.compress(&ids, |chunk| {
             chunk

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::compress::HeadBudget;
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::LoraTarget;
 use crate::runtime::ModelSpec;
 use crate::sack::KvEncoding;
-use crate::select::budget::HeadBudget;
 use crate::train::{Length, PretrainWindow, Stage, TrainSettings};
 
 /// Semantic-Anchor Compression: compress long documents into small, portable

@@ -17,6 +17,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Compressor settings that do not fit together.
+    #[error(transparent)]
+    Settings(#[from] crate::compress::SettingsError),
+
     /// A model directory or Hub snapshot lacks a file we need.
     #[error("{0}")]
     MissingModelFile(String),
@@ -108,7 +112,9 @@ impl Error {
             Error::Tokenizer(_) => "its tokenizer cannot be loaded",
             Error::ChatTemplate(_) => "its chat template cannot be used",
             Error::Device(_) => "the device is not available",
-            Error::Data(_) | Error::Training(_) | Error::InvalidInput(_) => "invalid input",
+            Error::Data(_) | Error::Training(_) | Error::InvalidInput(_) | Error::Settings(_) => {
+                "invalid input"
+            }
             Error::Sack(_) => "a .sack is unreadable",
             Error::Candle(_) => "a tensor operation failed",
         }

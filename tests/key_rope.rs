@@ -100,7 +100,8 @@ fn pre_rope_keys_are_rotated_on_load() {
         writer.finish().unwrap();
 
         let load = |path| {
-            sac::pack::load_context(&mut SackReader::open(path).unwrap(), &model.decoder).unwrap()
+            sac::from_sack::load_context(&mut SackReader::open(path).unwrap(), &model.decoder)
+                .unwrap()
         };
         let (a, b) = (load(&rotated), load(&plain));
         assert_eq!(a.question_position, b.question_position);

@@ -11,10 +11,10 @@ use serde_json::Value;
 use crate::cli::AskArgs;
 use crate::error::Error;
 use crate::fingerprint::ModelFingerprint;
+use crate::from_sack;
 use crate::generate::{Answerer, Generation, SamplingSettings, Stop};
 use crate::model::known::{NamedModel, Trusted};
 use crate::model::source::Network;
-use crate::pack;
 use crate::prompt::{PromptFormat, PromptLayout, RAW_TURN};
 use crate::runtime::{LoadedModel, ResolvedModel};
 use crate::sack::info::clean;
@@ -75,11 +75,11 @@ fn ask<R: Read + Seek>(
     repl: bool,
 ) -> anyhow::Result<()> {
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
-    let layout = pack::layout(reader.header());
+    let layout = from_sack::layout(reader.header());
     let stops = stop_strings(args, reader.header(), &layout);
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
-    let context = pack::load_context(&mut reader, &model.decoder)?;
+    let context = from_sack::load_context(&mut reader, &model.decoder)?;
     drop(reader);
     if let Some(differs) = forced {
         eprintln!("sac: warning: {differs}; answering anyway (--force)");

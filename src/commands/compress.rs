@@ -7,16 +7,16 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
-use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 use crate::cli::{CompressArgs, CompressorChoice, PromptChoice};
-use crate::compressor::{Compressor, Cost, Method, check_settings};
+use crate::compress::{
+    Compressor, Cost, Method, RepeatPrompt, Request, Settings, SettingsError, Strategy,
+};
 use crate::error::Error;
 use crate::fingerprint::DigestCache;
-use crate::pack::{self, DocumentFacts};
 use crate::prompt::PromptLayout;
 use crate::runtime::LoadedModel;
 use crate::sack::{SackWriter, Sink, WriteOptions};
-use crate::select::RepeatPrompt;
+use crate::to_sack::{self, DocumentFacts};
 use crate::tokens::TextTokenizer;
 
 /// Where the .sack goes.
@@ -53,28 +53,14 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         (CompressorChoice::Snapkv, _) => Method::Snapkv,
         (CompressorChoice::Streaming, _) => Method::Streaming,
     };
-    let default_ratio = if method == Method::Full {
-        1
-    } else {
-        DEFAULT_RATIO
+    let request = Request {
+        method,
+        ratio: args.ratio.map(|r| r as usize),
+        chunk_size: args.chunk_size.map(|c| c as usize),
+        sinks: args.sinks.map(|s| s as usize),
+        head_budget: args.head_budget.map(|choice| choice.spread()),
     };
-    let ratio = args
-        .ratio
-        .map(|r| r as usize)
-        .or(adapter_config.as_ref().map(|c| c.ratio))
-        .unwrap_or(default_ratio);
-    let chunk_size = args
-        .chunk_size
-        .map(|c| c as usize)
-        .or(adapter_config.as_ref().map(|c| c.chunk_size))
-        .unwrap_or(DEFAULT_CHUNK_SIZE);
-    check_settings(method, adapter_config.as_ref(), ratio, chunk_size)?;
-    if args.sinks.is_some() && matches!(method, Method::Sac | Method::Full) {
-        bail!("--sinks applies to the training-free compressors, not to {method}");
-    }
-    if args.head_budget.is_some() && !method.keeps_per_head() {
-        bail!("--head-budget applies to kvzip and snapkv, not to {method}");
-    }
+    let settings = Settings::resolve(&request, adapter_config.as_ref()).map_err(flag_advice)?;
     let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
@@ -98,8 +84,9 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let layout = prompt_layout(args.prompt, method, &model.tokenizer)?;
+    let layout = prompt_layout(args.prompt, &settings, &model.tokenizer)?;
     let ids = layout.context_ids(&model.tokenizer, &text)?;
+    let ratio = settings.ratio();
     if ratio > ids.len() {
         bail!(
             "--ratio {ratio} is more than the document's {} tokens (with the prompt's): \
@@ -108,28 +95,12 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    // A chunk longer than the document is the document: every compressor
-    // takes it so (an adapter's chunk size stays as trained).
-    let chunk_size = match method {
-        Method::Sac => chunk_size,
-        _ => chunk_size.min(ids.len()),
-    };
-    let compressor = Compressor::new(
-        &model.decoder,
-        method,
+    let strategy = settings.build(
         adapter.as_ref().map(|(a, _)| a),
-        ratio,
-        chunk_size,
-    )?
-    .with_repeat_prompt(RepeatPrompt::new(&model.tokenizer, &layout)?);
-    let compressor = match args.sinks {
-        Some(sinks) => compressor.with_sinks(sinks as usize),
-        None => compressor,
-    };
-    let compressor = match args.head_budget {
-        Some(choice) => compressor.with_head_budget(choice.spread()),
-        None => compressor,
-    };
+        || RepeatPrompt::new(&model.tokenizer, &layout),
+        ids.len(),
+    )?;
+    let compressor = Compressor::new(&model.decoder, strategy);
     compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,
@@ -137,9 +108,9 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         name: args.name.clone().or(file_name),
         layout: &layout,
     };
-    let header = pack::header(
+    let header = to_sack::header(
         &model,
-        &compressor,
+        compressor.strategy(),
         adapter.as_ref().map(|(_, fp)| fp.clone()),
         &document,
     )?;
@@ -147,7 +118,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         encoding: args.kv_encoding.encoding(),
         zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
     };
-    let progress = progress_bar(compressor.work(ids.len()), method, args.quiet);
+    let progress = progress_bar(compressor.strategy(), ids.len(), args.quiet);
     let report = |tokens| progress.inc(tokens);
     let compressor = compressor.with_progress(&report);
     let (summary, written) = match &output {
@@ -178,12 +149,12 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             "sac: wrote {written}: {} tokens, {:.0} kept{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s{versus_prefill}",
             ids.len(),
             summary.pairs as f64 / slots as f64,
-            if method.keeps_per_head() {
+            if compressor.strategy().facts().per_head {
                 " per head on average"
             } else {
                 ""
             },
-            compressor.ratio(),
+            ratio,
             ids.len() as f64 / seconds.max(1e-9),
         );
     }
@@ -194,15 +165,15 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
 /// `auto` takes the model's chat template when it has one that renders.
 fn prompt_layout(
     choice: PromptChoice,
-    method: Method,
+    settings: &Settings,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<PromptLayout> {
     let template = tokenizer.chat_template();
-    match (choice, method, template) {
-        (PromptChoice::Raw, ..)
-        | (PromptChoice::Auto, Method::Sac, _)
-        | (PromptChoice::Auto, _, None) => Ok(PromptLayout::raw()),
-        (PromptChoice::Chat, Method::Sac, _) => {
+    match (choice, settings.is_trained(), template) {
+        (PromptChoice::Raw, ..) | (PromptChoice::Auto, true, _) | (PromptChoice::Auto, _, None) => {
+            Ok(PromptLayout::raw())
+        }
+        (PromptChoice::Chat, true, _) => {
             bail!("SAC adapters are trained on the raw layout; pass --prompt raw (or auto)")
         }
         (PromptChoice::Chat, _, None) => {
@@ -213,6 +184,22 @@ fn prompt_layout(
             eprintln!("sac: warning: {e}; using the raw layout");
             PromptLayout::raw()
         })),
+    }
+}
+
+/// A settings error as the command line's advice, naming its flags.
+fn flag_advice(error: SettingsError) -> anyhow::Error {
+    match error {
+        SettingsError::NeedsAdapter => anyhow::anyhow!(
+            "the sac compressor needs an adapter (--adapter DIR); without one, use --compressor uniform"
+        ),
+        SettingsError::NoSinks(method) => {
+            anyhow::anyhow!("--sinks applies to the training-free compressors, not to {method}")
+        }
+        SettingsError::NoHeadBudget(method) => {
+            anyhow::anyhow!("--head-budget applies to kvzip and snapkv, not to {method}")
+        }
+        other => other.into(),
     }
 }
 
@@ -233,7 +220,7 @@ fn write_sack<S: Sink>(
     let mut pairs = 0;
     let cost = compressor.compress(ids, |chunk| {
         pairs += chunk.kept.pairs(c.num_layers, c.num_kv_heads);
-        pack::write_chunk(&mut writer, &chunk)
+        to_sack::write_chunk(&mut writer, &chunk)
     })?;
     writer.finish()?;
     Ok(Summary { pairs, cost })
@@ -331,16 +318,13 @@ fn check_output_file(path: &Path, input: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bar over the `work` tokens that `method` runs through the model.
-fn progress_bar(work: u64, method: Method, quiet: bool) -> ProgressBar {
+/// A bar over the tokens `strategy` runs through the model to compress
+/// `len` tokens.
+fn progress_bar(strategy: &dyn Strategy, len: usize, quiet: bool) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(work).with_message(if method == Method::Kvzip {
-        "tokens (prefill, then repeat)"
-    } else {
-        "tokens"
-    });
+    let bar = ProgressBar::new(strategy.work(len)).with_message(strategy.work_label());
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} compressing [{bar:30}] {pos}/{len} {msg}, {rate}, {eta} left",
@@ -360,7 +344,7 @@ fn progress_bar(work: u64, method: Method, quiet: bool) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk;
+    use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
     #[test]
     fn default_ratio_gives_the_reference_anchor_count() {

@@ -10,7 +10,7 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 use serde_json::{Map, Value};
 
-use crate::compressor;
+use crate::compress;
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::tokens::TextTokenizer;
@@ -168,7 +168,7 @@ impl TrainSet {
                 target,
             };
             let room = 1 + sample.prompt.len() + sample.target.len();
-            compressor::check_fits(model, sample.context.len(), room)
+            compress::check_fits(model, sample.context.len(), room)
                 .map_err(|e| line_error(path, line, e))?;
             samples.push(sample);
         }
@@ -242,7 +242,7 @@ pub fn eval_examples(
                     .map_err(|e| line_error(path, line, e))?,
                 answers: qa.answers,
             };
-            compressor::check_fits(model, example.context.len(), 2 + example.question.len())
+            compress::check_fits(model, example.context.len(), 2 + example.question.len())
                 .map_err(|e| line_error(path, line, e))?;
             Ok(example)
         })

@@ -4,7 +4,8 @@
 //! decoding until EOS or the token budget.
 
 use crate::adapter::SacAdapter;
-use crate::compressor::{Compressor, Method};
+use crate::compress::Compressor;
+use crate::compress::sac::Sac;
 use crate::error::{Error, Result};
 use crate::generate::{Answerer, DecoderContext, SamplingSettings};
 use crate::model::{Decoder, SharedKv};
@@ -28,8 +29,7 @@ pub fn evaluate(
     examples: &[EvalExample],
     max_tokens: usize,
 ) -> Result<EvalScores> {
-    let c = &adapter.config;
-    let compressor = Compressor::new(decoder, Method::Sac, Some(adapter), c.ratio, c.chunk_size)?;
+    let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
     let sampling = SamplingSettings {
         temperature: 0.0,
         top_p: None,

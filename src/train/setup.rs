@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::chunk;
-use crate::compressor;
+use crate::compress;
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
 use crate::model::LoraTarget;
@@ -239,7 +239,7 @@ pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(Train
     match settings.stage {
         Stage::Pretrain => {
             let w = settings.window;
-            compressor::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
+            compress::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
                 |e| {
                     Error::InvalidInput(format!(
                         "--max-context {} with --continuation {}: {e}",

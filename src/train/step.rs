@@ -6,7 +6,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::adapter::SacAdapter;
-use crate::compressor::{Compressor, Method};
+use crate::compress::Compressor;
+use crate::compress::sac::Sac;
 use crate::error::{Error, Result};
 use crate::model::{AttentionMask, Decoder, ForwardInput, Path};
 
@@ -61,8 +62,7 @@ pub fn sample_loss(
             "a training sample has no target".into(),
         ));
     };
-    let c = &adapter.config;
-    let past = Compressor::new(decoder, Method::Sac, Some(adapter), c.ratio, c.chunk_size)?
+    let past = Compressor::new(decoder, Box::new(Sac::new(adapter)))
         .with_path(path)
         .anchor_past(&sample.context)?;
     let device = decoder.device();

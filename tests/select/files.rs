@@ -2,16 +2,15 @@
 //! compressor through the binary.
 
 use candle_core::{Device, Tensor};
-use sac::compressor::{Compressor, Kept, Method};
+use sac::compress::{Compressor, Kept, Method, Request};
 use sac::generate::DecoderContext;
 use sac::model::{ForwardInput, ForwardOutput, LayerKv, SharedKv};
-use sac::pack::{self, DocumentFacts};
 use sac::runtime::LoadedModel;
 use sac::sack::{KeptLayout, KvEncoding, SackReader, SackWriter, WriteOptions};
-use sac::select::RepeatPrompt;
+use sac::to_sack::{self, DocumentFacts};
 
 use crate::common::{failing, fixture_dir, load_model, max_abs_diff, run_ok, sac, sac_fixture};
-use crate::kept::{CHUNK, RATIO, text};
+use crate::kept::{strategy, text};
 
 /// Per layer and KV head: the kept offsets and their keys `[n, head_dim]`.
 type Emitted = Vec<Vec<(Vec<u32>, Vec<f32>)>>;
@@ -21,18 +20,17 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let c = &m.config;
     let text = text();
     let ids = m.tokenizer.context_ids(&text).unwrap();
-    let compressor = Compressor::new(&m.decoder, Method::Kvzip, None, RATIO, CHUNK)
-        .unwrap()
-        .with_repeat_prompt(
-            RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
-        );
+    let compressor = Compressor::new(
+        &m.decoder,
+        strategy(m, Request::new(Method::Kvzip), ids.len()),
+    );
     let facts = DocumentFacts {
         text: &text,
         tokens: ids.len(),
         name: None,
         layout: &sac::prompt::PromptLayout::raw(),
     };
-    let header = pack::header(m, &compressor, None, &facts).unwrap();
+    let header = to_sack::header(m, compressor.strategy(), None, &facts).unwrap();
     assert_eq!(header.kv.layout, KeptLayout::PerHead);
     let options = WriteOptions {
         encoding: KvEncoding::F32,
@@ -43,7 +41,7 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let mut writer = SackWriter::to_stream(&mut bytes, "<memory>", &header, options).unwrap();
     compressor
         .compress(&ids, |chunk| {
-            pack::write_chunk(&mut writer, &chunk)?;
+            to_sack::write_chunk(&mut writer, &chunk)?;
             let Kept::PerHead(sets) = &chunk.kept else {
                 panic!("kvzip keeps per head");
             };
@@ -123,7 +121,7 @@ fn a_per_head_sack_reads_as_each_heads_kept_kv() {
             past,
             question_position,
             ..
-        } = pack::load_context(&mut reader, &m.decoder).unwrap();
+        } = sac::from_sack::load_context(&mut reader, &m.decoder).unwrap();
         let ids = m.tokenizer.context_ids(&text()).unwrap();
         let len = ids.len();
         assert_eq!(question_position as usize, len + 1);

@@ -1,9 +1,9 @@
 //! The positions each selector keeps are exactly the reference's choice.
 
-use sac::compressor::{Compressor, Kept, Method};
+use sac::compress::{
+    Compressor, HeadBudget, Kept, Method, RepeatPrompt, Request, Settings, Strategy,
+};
 use sac::runtime::LoadedModel;
-use sac::select::RepeatPrompt;
-use sac::select::budget::HeadBudget;
 
 use crate::common::{PARITY_MODELS, load_model, sac_fixture};
 use crate::reference::{Reference, Scores, kvzip_chunk, snapkv, top_k};
@@ -17,26 +17,35 @@ pub fn text() -> String {
     std::fs::read_to_string(sac_fixture("doc_edge.txt")).unwrap()[..190].to_string()
 }
 
-/// Offsets kept per layer and KV head, from every emitted chunk.
-pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
-    compressed_with(m, method, ids, |c| c)
+/// `method` at [`RATIO`] (1 for `full`) in chunks of [`CHUNK`], the rest
+/// as `request` says, for a context of `len` tokens in the raw layout.
+pub fn strategy(m: &LoadedModel, request: Request, len: usize) -> Box<dyn Strategy> {
+    let ratio = if request.method == Method::Full {
+        1
+    } else {
+        RATIO
+    };
+    let request = Request {
+        ratio: Some(ratio),
+        chunk_size: Some(CHUNK),
+        ..request
+    };
+    let layout = sac::prompt::PromptLayout::raw();
+    Settings::resolve(&request, None)
+        .unwrap()
+        .build(None, || RepeatPrompt::new(&m.tokenizer, &layout), len)
+        .unwrap()
 }
 
-/// [`compressed`] by a compressor `configure` has set up.
-pub fn compressed_with<'a>(
-    m: &'a LoadedModel,
-    method: Method,
-    ids: &[u32],
-    configure: impl FnOnce(Compressor<'a>) -> Compressor<'a>,
-) -> Vec<Vec<Vec<usize>>> {
+/// Offsets kept per layer and KV head, from every emitted chunk.
+pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
+    compressed_with(m, Request::new(method), ids)
+}
+
+/// [`compressed`] by the compressor `request` asks for.
+pub fn compressed_with(m: &LoadedModel, request: Request, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
     let c = &m.config;
-    let compressor = configure(
-        Compressor::new(&m.decoder, method, None, RATIO, CHUNK)
-            .unwrap()
-            .with_repeat_prompt(
-                RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
-            ),
-    );
+    let compressor = Compressor::new(&m.decoder, strategy(m, request, ids.len()));
     let mut kept = vec![vec![Vec::new(); c.num_kv_heads]; c.num_layers];
     compressor
         .compress(ids, |chunk| {
@@ -127,9 +136,12 @@ fn snapkv_keeps_the_top_window_scores() {
         let scores = snapkv(&logits, m.config.num_kv_heads, window);
         let (expected, gap) = top_k(&scores, len - window..len, budget(&m, len));
         assert!(gap > 1e-5, "{name}: near-tie at the budget's edge ({gap})");
-        let kept = compressed_with(&m, Method::Snapkv, &ids, |c| {
-            c.with_sinks(0).with_head_budget(HeadBudget::Shared)
-        });
+        let request = Request {
+            sinks: Some(0),
+            head_budget: Some(HeadBudget::Shared),
+            ..Request::new(Method::Snapkv)
+        };
+        let kept = compressed_with(&m, request, &ids);
         assert_eq!(kept, expected, "{name}");
     }
 }
@@ -197,12 +209,7 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
     ] {
         let done = std::cell::Cell::new(0u64);
         let report = |tokens| done.set(done.get() + tokens);
-        let ratio = if method == Method::Full { 1 } else { RATIO };
-        let compressor = Compressor::new(&m.decoder, method, None, ratio, CHUNK)
-            .unwrap()
-            .with_repeat_prompt(
-                RepeatPrompt::new(&m.tokenizer, &sac::prompt::PromptLayout::raw()).unwrap(),
-            )
+        let compressor = Compressor::new(&m.decoder, strategy(&m, Request::new(method), ids.len()))
             .with_progress(&report);
         let mut at_first_chunk = None;
         compressor
@@ -211,7 +218,11 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(done.get(), compressor.work(ids.len()), "{method:?}");
+        assert_eq!(
+            done.get(),
+            compressor.strategy().work(ids.len()),
+            "{method:?}"
+        );
         // A chunked compressor reports each chunk before it emits it; a
         // selector runs the whole context before it emits anything.
         let first = match method {
@@ -220,6 +231,6 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
         };
         assert!(at_first_chunk.unwrap() >= first as u64, "{method:?}");
     }
-    let kvzip = Compressor::new(&m.decoder, Method::Kvzip, None, RATIO, CHUNK).unwrap();
+    let kvzip = strategy(&m, Request::new(Method::Kvzip), ids.len());
     assert_eq!(kvzip.work(ids.len()), 2 * ids.len() as u64 - 4);
 }

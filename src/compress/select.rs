@@ -1,28 +1,18 @@
-//! Training-free selection of cached K/V, for models without a SAC adapter:
-//! the whole context is prefilled causally (chunk by chunk, each chunk seeing
-//! all before it, as `full` does), then a selector decides which K/V pairs to
-//! keep, and they leave in chunks of positions like every compressor's.
-//!
-//! - [`kvzip`]: what the model attends to when asked to repeat the context.
-//! - [`snapkv`]: what the last tokens of the context attend to.
-//! - [`streaming`]: attention sinks and the most recent tokens.
+//! What the training-free selectors (`kvzip`, `snapkv`, `streaming`)
+//! share: the whole context is prefilled causally (chunk by chunk, each
+//! chunk seeing all before it, as `full` does), then the selector decides
+//! which K/V pairs to keep, and they leave in chunks of positions like every
+//! compressor's.
 //!
 //! Kept keys keep RoPE at their original positions, so the decoder reads them
 //! where they were and the question still starts at L + 1.
-
-pub mod budget;
-pub mod kvzip;
-pub mod snapkv;
-pub mod streaming;
 
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-pub use kvzip::RepeatPrompt;
-
+use super::{ChunkKv, Cost, Emit, Kept, Pass};
 use crate::chunk;
-use crate::compressor::{ChunkKv, Compressor, Cost, Kept, Method};
 use crate::error::{Error, Result};
 use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv};
 
@@ -34,68 +24,32 @@ use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache
 /// evicts.
 pub const SINKS: usize = 4;
 
-/// How a selecting compressor chooses from the prefilled context.
-pub(crate) type Select = fn(&Compressor, &[u32]) -> Result<Selection>;
-
-/// The selector behind `method`, if it is one of `kvzip`, `snapkv` and
-/// `streaming`.
-pub(crate) fn selector(method: Method) -> Option<Select> {
-    match method {
-        Method::Kvzip => Some(kvzip::select),
-        Method::Snapkv => Some(snapkv::select),
-        Method::Streaming => Some(streaming::select),
-        Method::Sac | Method::Uniform | Method::Full => None,
-    }
-}
-
-/// Runs `select` over the context `ids` and emits what it keeps.
-pub(crate) fn compress(
-    compressor: &Compressor,
-    select: Select,
-    ids: &[u32],
-    emit: impl FnMut(ChunkKv) -> Result<()>,
+/// Emits what `selection` keeps, in chunks of `chunk_size` positions, and
+/// what the whole compression, begun at `started`, cost.
+pub(super) fn emit(
+    selection: Selection,
+    chunk_size: usize,
+    started: Instant,
+    emit: Emit,
 ) -> Result<Cost> {
-    let started = Instant::now();
-    let selection = select(compressor, ids)?;
     let past = selection.cache.past()?.unwrap_or_default();
-    emit_chunks(&past, &selection.kept, compressor.chunk_size(), emit)?;
+    emit_chunks(&past, &selection.kept, chunk_size, emit)?;
     Ok(Cost {
         total: started.elapsed(),
         prefill: Some(selection.prefill),
     })
 }
 
-/// What [`compress`] needs checked before anything is written: `kvzip` reads
-/// its repeat prompt and a chunk of the context after the context.
-pub(crate) fn check_fits(compressor: &Compressor, len: usize) -> Result<()> {
-    if compressor.method() != Method::Kvzip {
-        return Ok(());
-    }
-    let room = kvzip::prompt(compressor)?.longest_input(compressor.chunk_size());
-    let c = compressor.decoder().config();
-    let limit = c
-        .max_position_embeddings
-        .min(c.sliding_window.unwrap_or(usize::MAX));
-    if len + room > limit {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long and kvzip reads up to {room} more after it to score it, \
-             but the model attends over at most {limit} positions; use a smaller --chunk-size, \
-             another compressor or a model with a longer context"
-        )));
-    }
-    Ok(())
-}
-
 /// A selector's decision, with the prefilled cache it selects from.
-pub(crate) struct Selection {
-    cache: KvCache,
-    kept: KeptOffsets,
+pub(super) struct Selection {
+    pub cache: KvCache,
+    pub kept: KeptOffsets,
     /// Time spent on the plain causal prefill of the context.
-    prefill: Duration,
+    pub prefill: Duration,
 }
 
 /// Kept 0-based offsets into the context, ascending.
-pub(crate) enum KeptOffsets {
+pub(super) enum KeptOffsets {
     /// The same for every layer and KV head.
     Shared(Vec<usize>),
     /// Per layer, per KV head.
@@ -103,7 +57,7 @@ pub(crate) enum KeptOffsets {
 }
 
 /// One forward pass of `ids` at positions `first_position..`, after `past`.
-fn forward(
+pub(super) fn forward(
     decoder: &Decoder,
     ids: &[u32],
     first_position: usize,
@@ -126,36 +80,36 @@ fn forward(
     }
 }
 
-/// Prefills `ids` causally into `cache`, the compressor's chunk size per
-/// pass, each at the positions after the cache's (position ids from 1).
-fn prefill(compressor: &Compressor, ids: &[u32], cache: &mut KvCache) -> Result<()> {
-    for piece in ids.chunks(compressor.chunk_size()) {
+/// Prefills `ids` causally into `cache`, `chunk_size` tokens per pass, each
+/// at the positions after the cache's (position ids from 1).
+pub(super) fn prefill(
+    pass: &Pass,
+    chunk_size: usize,
+    ids: &[u32],
+    cache: &mut KvCache,
+) -> Result<()> {
+    for piece in ids.chunks(chunk_size) {
         let out = forward(
-            compressor.decoder(),
+            pass.decoder,
             piece,
             cache.len() + 1,
             cache.past()?.as_deref(),
             None,
         )?;
         cache.append(&out.kv)?;
-        compressor.report(piece.len());
+        pass.report(piece.len());
     }
     Ok(())
 }
 
 /// A probe's `[kv_heads, n]` measure as rows of f32.
-fn rows(measured: &Tensor) -> Result<Vec<Vec<f32>>> {
+pub(super) fn rows(measured: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(measured.to_dtype(candle_core::DType::F32)?.to_vec2()?)
 }
 
 /// Hands the kept K/V to `emit` one chunk of `chunk_size` positions at a time
 /// (the .sack's segments).
-fn emit_chunks(
-    past: &[LayerKv],
-    kept: &KeptOffsets,
-    chunk_size: usize,
-    mut emit: impl FnMut(ChunkKv) -> Result<()>,
-) -> Result<()> {
+fn emit_chunks(past: &[LayerKv], kept: &KeptOffsets, chunk_size: usize, emit: Emit) -> Result<()> {
     let len = past.first().map_or(0, LayerKv::len);
     for chunk in chunk::chunks(len, chunk_size) {
         let range = chunk.start..chunk.start + chunk.len;

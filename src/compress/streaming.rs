@@ -1,15 +1,23 @@
 //! StreamingLLM (Xiao et al., 2024) as a compressor: the attention sinks and
 //! the most recent tokens, the same for every layer and head, from a full
 //! causal prefill (kvpress's `StreamingLLMPress`: `n_sink` = 4, sinks inside
-//! the kept count; [`Compressor::sinks`]). Keys keep RoPE at their document positions; kvpress notes
+//! the kept count; [`Streaming::sinks`]). Keys keep RoPE at their document positions; kvpress notes
 //! the paper's re-rotation to contiguous positions, which is not done here.
 
 use std::time::Instant;
 
-use super::{KeptOffsets, Selection};
-use crate::compressor::Compressor;
+use super::select::{self, KeptOffsets, Selection};
+use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::error::Result;
 use crate::model::KvCache;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streaming {
+    pub ratio: usize,
+    pub chunk_size: usize,
+    /// The first tokens, always kept.
+    pub sinks: usize,
+}
 
 /// Kept 0-based offsets of a context of `len` tokens at `ratio`:
 /// ceil(len / ratio) of them (at least the `sinks` first tokens), the sinks
@@ -22,15 +30,27 @@ pub fn kept(len: usize, ratio: usize, sinks: usize) -> Vec<usize> {
         .collect()
 }
 
-pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
-    let started = Instant::now();
-    let mut cache = KvCache::default();
-    super::prefill(compressor, ids, &mut cache)?;
-    Ok(Selection {
-        cache,
-        kept: KeptOffsets::Shared(kept(ids.len(), compressor.ratio(), compressor.sinks())),
-        prefill: started.elapsed(),
-    })
+impl Strategy for Streaming {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: Method::Streaming,
+            ratio: self.ratio,
+            chunk_size: self.chunk_size,
+            per_head: false,
+        }
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let started = Instant::now();
+        let mut cache = KvCache::default();
+        select::prefill(pass, self.chunk_size, ids, &mut cache)?;
+        let selection = Selection {
+            cache,
+            kept: KeptOffsets::Shared(kept(ids.len(), self.ratio, self.sinks)),
+            prefill: started.elapsed(),
+        };
+        select::emit(selection, self.chunk_size, started, emit)
+    }
 }
 
 #[cfg(test)]

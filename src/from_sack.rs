@@ -1,101 +1,17 @@
-//! Kept K/V to a .sack and back: the header that describes a compressed
-//! document, one segment per compressor chunk on the way out, decoder-ready
-//! tensors on the way in. Per-head kept sets (KVzip, SnapKV) load padded to
-//! each layer's longest set, the padding hidden by a `-inf` score bias.
+//! A .sack to what the decoder reads: the layout questions are framed in,
+//! and every layer's kept K/V as decoder-ready tensors. Per-head kept sets
+//! (KVzip, SnapKV) load padded to each layer's longest set, the padding
+//! hidden by a `-inf` score bias.
 
 use std::io::{Read, Seek};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::compressor::{ChunkKv, Compressor, Kept};
 use crate::error::{Error, Result};
 use crate::generate::DecoderContext;
 use crate::model::{Decoder, LayerKv, SharedKv};
 use crate::prompt::{PromptFormat, PromptLayout};
-use crate::runtime::LoadedModel;
-use crate::sack::{
-    self, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
-    KvSlot, ModelInfo, PromptInfo, SackHeader, SackReader, SackWriter, Sink, TokenizerInfo,
-    now_rfc3339,
-};
-
-/// Position id of a document's first token: SAC numbers positions from 1.
-pub const FIRST_POSITION: u32 = 1;
-
-/// The document being compressed, as the header records it.
-#[derive(Debug, Clone)]
-pub struct DocumentFacts<'a> {
-    pub text: &'a str,
-    pub tokens: usize,
-    pub name: Option<String>,
-    /// How the document (and so every question) is framed.
-    pub layout: &'a PromptLayout,
-}
-
-/// The header of a .sack that `compressor` makes of `document` with `model`.
-pub fn header(
-    model: &LoadedModel,
-    compressor: &Compressor,
-    adapter_fingerprint: Option<String>,
-    document: &DocumentFacts,
-) -> Result<SackHeader> {
-    let c = &model.config;
-    let prefix = match compressor.adapter() {
-        Some(adapter) => vec![
-            adapter
-                .lm_embedding()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?,
-        ],
-        None => Vec::new(),
-    };
-    Ok(SackHeader {
-        producer: format!("sac {}", env!("CARGO_PKG_VERSION")),
-        created: now_rfc3339(),
-        model: ModelInfo {
-            id: model.files.id.clone(),
-            revision: model.files.revision.clone(),
-            file: model.files.hub_gguf_file(),
-            fingerprint: model.fingerprint.model.clone(),
-            layers: c.num_layers as u32,
-            kv_heads: c.num_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-        },
-        tokenizer: TokenizerInfo {
-            fingerprint: model.fingerprint.tokenizer.clone(),
-        },
-        compressor: CompressorInfo {
-            method: compressor.method().name().into(),
-            ratio: compressor.ratio() as f64,
-            chunk_size: compressor.chunk_size() as u32,
-            adapter_fingerprint,
-        },
-        document: DocumentInfo::of_text(
-            document.text.as_bytes(),
-            document.tokens as u64,
-            document.name.clone(),
-        ),
-        kv: KvInfo {
-            layout: match compressor.method().keeps_per_head() {
-                true => KeptLayout::PerHead,
-                false => KeptLayout::Shared,
-            },
-            key_rope: KeyRope::Kept,
-        },
-        decoder: DecoderInfo {
-            first_position: FIRST_POSITION,
-            prefix_embeddings: prefix,
-            // The raw layout is what a header without `prompt` means, so
-            // such files stay readable by readers older than minor version 2.
-            prompt: (*document.layout != PromptLayout::raw()).then(|| PromptInfo {
-                format: document.layout.format.name().into(),
-                before_document: document.layout.before_document.clone(),
-                before_question: document.layout.before_question.clone(),
-                after_question: document.layout.after_question.clone(),
-            }),
-        },
-    })
-}
+use crate::sack::{self, KeyRope, SackHeader, SackReader};
 
 /// How the document of `header` was framed, so questions are framed alike.
 pub fn layout(header: &SackHeader) -> PromptLayout {
@@ -109,59 +25,6 @@ pub fn layout(header: &SackHeader) -> PromptLayout {
             after_question: p.after_question.clone(),
         },
     }
-}
-
-/// Writes one chunk's kept K/V as segment `chunk.index`, in the layout its
-/// kept sets have (the header's, see [`header`]).
-pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
-    let segment = chunk.chunk.index as u32;
-    let indices =
-        |positions: &[u32]| -> Vec<u32> { positions.iter().map(|p| p - FIRST_POSITION).collect() };
-    match &chunk.kept {
-        Kept::Shared(positions) => {
-            writer.add_positions(segment, KeptSet::Shared, &indices(positions))?;
-            for (layer, kv) in chunk.layers.iter().enumerate() {
-                let slot = KvSlot {
-                    layer: layer as u32,
-                    head: None,
-                };
-                write_kv(writer, segment, slot, &kv.k, &kv.v)?;
-            }
-        }
-        Kept::PerHead(sets) => {
-            for ((layer, kv), heads) in chunk.layers.iter().enumerate().zip(sets) {
-                for (head, positions) in heads.iter().enumerate() {
-                    let (layer, head) = (layer as u32, head as u32);
-                    let set = KeptSet::Head { layer, head };
-                    writer.add_positions(segment, set, &indices(positions))?;
-                    let own =
-                        |t: &Tensor| t.narrow(1, head as usize, 1)?.narrow(2, 0, positions.len());
-                    let slot = KvSlot {
-                        layer,
-                        head: Some(head),
-                    };
-                    write_kv(writer, segment, slot, &own(&kv.k)?, &own(&kv.v)?)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn write_kv<S: Sink>(
-    writer: &mut SackWriter<S>,
-    segment: u32,
-    slot: KvSlot,
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<()> {
-    let (keys, values) = (floats(k)?, floats(v)?);
-    writer.add_kv(segment, slot, Floats::F32(&keys), Floats::F32(&values))?;
-    Ok(())
-}
-
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 /// Reads every layer of a .sack into the past the decoder attends to. Keys

@@ -18,10 +18,10 @@
 //! - a chunk's scores are the softmax of every repeat query over the sinks,
 //!   that chunk's keys and the repeat tokens (causally), taken on the chunk's
 //!   keys, maxed over the queries and over the query heads of each GQA group;
-//! - the sinks ([`Compressor::sinks`], [`super::SINKS`] by default) are
+//! - the sinks ([`Kvzip::sinks`], [`super::select::SINKS`] by default) are
 //!   always kept and count against the budget, as kvpress scores them 1.0;
 //!   the budget is shared across layers and heads ([`super::budget`]) unless
-//!   the compressor is told otherwise ([`Compressor::head_budget`]).
+//!   the compressor is told otherwise ([`Kvzip::head_budget`]).
 //!
 //! KVzip repeats 2000-token chunks with FlashAttention; this decoder
 //! materializes each pass's attention, `[heads, q, L + q]` per layer for a
@@ -31,10 +31,10 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use super::budget::{self, Scores};
-use super::{KeptOffsets, Selection};
-use crate::compressor::Compressor;
-use crate::error::{Error, Result};
+use super::budget::{self, HeadBudget, Scores};
+use super::select::{self, KeptOffsets, Selection};
+use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use crate::error::Result;
 use crate::model::{AttentionProbe, KvCache, Reduce};
 use crate::prompt::PromptLayout;
 use crate::tokens::TextTokenizer;
@@ -92,15 +92,6 @@ impl RepeatPrompt {
     }
 }
 
-/// The compressor's repeat prompt, which `kvzip` cannot run without.
-pub(crate) fn prompt<'c>(compressor: &'c Compressor) -> Result<&'c RepeatPrompt> {
-    compressor.repeat_prompt().ok_or_else(|| {
-        Error::InvalidInput(
-            "the kvzip compressor needs a repeat prompt (with_repeat_prompt)".into(),
-        )
-    })
-}
-
 /// The context ranges scored together: `sinks..len` in chunks of `chunk_size`.
 pub fn scored_chunks(len: usize, chunk_size: usize, sinks: usize) -> Vec<Range<usize>> {
     let sinks = sinks.min(len);
@@ -110,39 +101,86 @@ pub fn scored_chunks(len: usize, chunk_size: usize, sinks: usize) -> Vec<Range<u
         .collect()
 }
 
-pub(crate) fn select(compressor: &Compressor, ids: &[u32]) -> Result<Selection> {
-    let prompt = prompt(compressor)?;
-    let decoder = compressor.decoder();
-    let c = decoder.config();
-    let len = ids.len();
-    let started = Instant::now();
-    let mut cache = KvCache::default();
-    super::prefill(compressor, ids, &mut cache)?;
-    let prefill = started.elapsed();
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kvzip {
+    pub ratio: usize,
+    pub chunk_size: usize,
+    /// The first tokens, always kept.
+    pub sinks: usize,
+    pub head_budget: HeadBudget,
+    /// What the model is asked to repeat the context with.
+    pub prompt: RepeatPrompt,
+}
 
-    let past = cache.past()?;
-    let sinks = compressor.sinks().min(len);
-    let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
-    let chunks = scored_chunks(len, compressor.chunk_size(), sinks);
-    for (i, range) in chunks.iter().enumerate() {
-        let previous = i.checked_sub(1).map(|p| &ids[chunks[p].clone()]);
-        let input = prompt.input(&ids[range.clone()], previous);
-        let probe = AttentionProbe {
-            sinks,
-            keys: range.clone(),
-            reduce: Reduce::Max,
-        };
-        let out = super::forward(decoder, &input, len + 1, past.as_deref(), Some(&probe))?;
-        for (layer, measured) in out.attention.iter().enumerate() {
-            scores.set(layer, range.start, &super::rows(measured)?);
+impl Strategy for Kvzip {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: Method::Kvzip,
+            ratio: self.ratio,
+            chunk_size: self.chunk_size,
+            per_head: true,
         }
-        compressor.report(range.len());
     }
-    let budget = budget::budget(c.num_layers, c.num_kv_heads, len, compressor.ratio());
-    let kept = budget::top_k(&scores, &|p| p < sinks, budget, compressor.head_budget())?;
-    Ok(Selection {
-        cache,
-        kept: KeptOffsets::PerHead(kept),
-        prefill,
-    })
+
+    /// Each token once, and the chunks it repeats once more.
+    fn work(&self, len: usize) -> u64 {
+        let repeated: usize = scored_chunks(len, self.chunk_size, self.sinks)
+            .iter()
+            .map(|range| range.len())
+            .sum();
+        (len + repeated) as u64
+    }
+
+    fn work_label(&self) -> &'static str {
+        "tokens (prefill, then repeat)"
+    }
+
+    /// The repeat prompt and a chunk of the context.
+    fn reads_after(&self, _len: usize) -> usize {
+        self.prompt.longest_input(self.chunk_size)
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let started = Instant::now();
+        let selection = self.select(pass, ids)?;
+        select::emit(selection, self.chunk_size, started, emit)
+    }
+}
+
+impl Kvzip {
+    fn select(&self, pass: &Pass, ids: &[u32]) -> Result<Selection> {
+        let decoder = pass.decoder;
+        let c = decoder.config();
+        let len = ids.len();
+        let started = Instant::now();
+        let mut cache = KvCache::default();
+        select::prefill(pass, self.chunk_size, ids, &mut cache)?;
+        let prefill = started.elapsed();
+
+        let past = cache.past()?;
+        let sinks = self.sinks.min(len);
+        let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
+        let chunks = scored_chunks(len, self.chunk_size, sinks);
+        for (i, range) in chunks.iter().enumerate() {
+            let previous = i.checked_sub(1).map(|p| &ids[chunks[p].clone()]);
+            let input = self.prompt.input(&ids[range.clone()], previous);
+            let probe = AttentionProbe {
+                sinks,
+                keys: range.clone(),
+                reduce: Reduce::Max,
+            };
+            let out = select::forward(decoder, &input, len + 1, past.as_deref(), Some(&probe))?;
+            for (layer, measured) in out.attention.iter().enumerate() {
+                scores.set(layer, range.start, &select::rows(measured)?);
+            }
+            pass.report(range.len());
+        }
+        let budget = budget::budget(c.num_layers, c.num_kv_heads, len, self.ratio);
+        let kept = budget::top_k(&scores, &|p| p < sinks, budget, self.head_budget)?;
+        Ok(Selection {
+            cache,
+            kept: KeptOffsets::PerHead(kept),
+            prefill,
+        })
+    }
 }

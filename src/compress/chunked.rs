@@ -1,0 +1,81 @@
+//! What the chunk-by-chunk compressors (`sac`, `uniform`, `full`) share:
+//! the loop over chunks, one forward pass per chunk, and the kept offsets'
+//! K/V emitted as each chunk is done.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use super::{ChunkKv, Emit, Kept, Pass};
+use crate::chunk::{self, Chunk};
+use crate::error::Result;
+use crate::model::{AttentionLora, AttentionMask, ForwardInput, LayerKv};
+
+/// One chunk's forward pass, as a compressor sets it up.
+pub(super) struct ChunkInput<'x> {
+    /// Added to the chunk's token embeddings (SAC's role embeddings).
+    pub extra: Option<Tensor>,
+    pub mask: AttentionMask<'x>,
+    pub past: Option<&'x [LayerKv]>,
+    pub lora: Option<&'x AttentionLora>,
+}
+
+/// The K/V of every position of `chunk` (token `ids`), at its position ids.
+pub(super) fn forward(
+    pass: &Pass,
+    chunk: &Chunk,
+    ids: &[u32],
+    input: ChunkInput,
+) -> Result<Vec<LayerKv>> {
+    let decoder = pass.decoder;
+    let device = decoder.device();
+    let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
+    let positions = Tensor::new(chunk.positions().as_slice(), device)?.unsqueeze(0)?;
+    let mut embeds = decoder.embed(&ids_t)?;
+    if let Some(extra) = input.extra {
+        embeds = (embeds + extra)?;
+    }
+    let out = decoder.forward(ForwardInput {
+        embeds: &embeds,
+        positions: &positions,
+        mask: input.mask,
+        shared: None,
+        past: input.past,
+        lora: input.lora,
+        path: pass.path,
+    })?;
+    Ok(out.kv)
+}
+
+/// The 0-based `offsets` as a u32 tensor on the decoder's device.
+pub(super) fn offsets_tensor(pass: &Pass, offsets: &[usize]) -> Result<Tensor> {
+    let offsets: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    Ok(Tensor::new(offsets.as_slice(), pass.decoder.device())?)
+}
+
+/// Runs `encode` over the chunks of `ids` in order: it returns the chunk's
+/// kept 0-based offsets and their K/V, which go to `emit` as kept position
+/// ids. Returns the time taken.
+pub(super) fn compress(
+    pass: &Pass,
+    ids: &[u32],
+    chunk_size: usize,
+    mut encode: impl FnMut(&Chunk, &[u32]) -> Result<(Vec<usize>, Vec<LayerKv>)>,
+    emit: Emit,
+) -> Result<Duration> {
+    let started = Instant::now();
+    for chunk in chunk::chunks(ids.len(), chunk_size) {
+        let (kept, layers) = encode(&chunk, &ids[chunk.start..chunk.start + chunk.len])?;
+        pass.report(chunk.len);
+        let positions = kept
+            .iter()
+            .map(|&o| chunk.first_position() + o as u32)
+            .collect();
+        emit(ChunkKv {
+            chunk,
+            kept: Kept::Shared(positions),
+            layers,
+        })?;
+    }
+    Ok(started.elapsed())
+}

@@ -1,0 +1,45 @@
+//! Every position's K/V from one causal prefill of the whole context, chunk
+//! by chunk, each chunk seeing all before it: a lossless prompt cache.
+
+use super::chunked::{self, ChunkInput};
+use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use crate::chunk;
+use crate::error::Result;
+use crate::model::{AttentionMask, KvCache};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    pub chunk_size: usize,
+}
+
+impl Strategy for Full {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: Method::Full,
+            ratio: 1,
+            chunk_size: self.chunk_size,
+            per_head: false,
+        }
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let mut cache = KvCache::default();
+        let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
+            let past = cache.past()?;
+            let input = ChunkInput {
+                extra: None,
+                mask: AttentionMask::Causal,
+                past: past.as_deref(),
+                lora: None,
+            };
+            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            cache.append(&kv)?;
+            Ok(((0..chunk.len).collect(), kv))
+        };
+        let total = chunked::compress(pass, ids, self.chunk_size, encode, emit)?;
+        Ok(Cost {
+            total,
+            prefill: Some(total),
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! Context ids to kept K/V: the compressors, one strategy each.
+//!
+//! - [`sac`]: the paper's compressor. Each chunk is one bidirectional
+//!   forward pass of the base model with LoRA, the i-th anchor's embedding
+//!   plus the i-th role embedding; the anchors' K/V of every layer are kept.
+//! - [`uniform`]: the training-free ablation. The same anchors (and each
+//!   chunk's own sinks), a plain causal pass per chunk.
+//! - [`full`]: every position's K/V from one causal prefill of the whole
+//!   context: a lossless prompt cache, the ceiling the others are measured
+//!   against.
+//! - [`kvzip`], [`snapkv`], [`streaming`]: training-free selection from a
+//!   full causal prefill ([`select`]); KVzip and SnapKV keep different
+//!   positions per layer and KV head.
+//!
+//! A method is a type implementing [`Strategy`] with its own settings; what
+//! every method needs from the caller (the decoder, the graph path,
+//! progress) comes in a [`Pass`]. [`settings`] turns what the user asked for
+//! into a strategy: the one place that knows every method, so a new
+//! compressor is its own file plus a line there.
+
+pub mod budget;
+mod chunked;
+pub mod full;
+pub mod kvzip;
+pub mod sac;
+pub mod select;
+pub mod settings;
+pub mod snapkv;
+pub mod streaming;
+pub mod uniform;
+
+use std::fmt;
+use std::time::Duration;
+
+use candle_core::Tensor;
+
+pub use budget::HeadBudget;
+pub use kvzip::RepeatPrompt;
+pub use settings::{Request, Settings, SettingsError};
+
+use crate::chunk::Chunk;
+use crate::error::{Error, Result};
+use crate::model::{Decoder, LayerKv, ModelConfig, Path};
+
+/// The compressors, by the name a .sack records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Sac,
+    Uniform,
+    Full,
+    Kvzip,
+    Snapkv,
+    Streaming,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sac => "sac",
+            Method::Uniform => "uniform",
+            Method::Full => "full",
+            Method::Kvzip => "kvzip",
+            Method::Snapkv => "snapkv",
+            Method::Streaming => "streaming",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Positions a context must leave free for the question and its answer.
+pub const QUESTION_ROOM: usize = 64;
+
+/// The K/V one chunk contributes to the .sack.
+#[derive(Debug, Clone)]
+pub struct ChunkKv {
+    pub chunk: Chunk,
+    pub kept: Kept,
+    /// Per layer, `[1, kv_heads, kept, head_dim]`; keys carry RoPE.
+    pub layers: Vec<LayerKv>,
+}
+
+/// Which tokens of a chunk are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// 1-based position ids every layer and KV head keeps, ascending.
+    Shared(Vec<u32>),
+    /// Per layer, per KV head, its own 1-based position ids, ascending. A
+    /// layer's K/V hold head h's tokens in its first slots, zero-padded to
+    /// the layer's longest set.
+    PerHead(Vec<Vec<Vec<u32>>>),
+}
+
+impl Kept {
+    /// K/V pairs kept: tokens times layers times KV heads.
+    pub fn pairs(&self, layers: usize, kv_heads: usize) -> usize {
+        match self {
+            Kept::Shared(positions) => positions.len() * layers * kv_heads,
+            Kept::PerHead(sets) => sets.iter().flatten().map(Vec::len).sum(),
+        }
+    }
+}
+
+/// Where a compression's time went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    /// The whole compression, `emit` included.
+    pub total: Duration,
+    /// The plain causal prefill of the context inside it, for the compressors
+    /// that run one (`full`, `kvzip`, `snapkv`, `streaming`): the baseline
+    /// their overhead is measured against.
+    pub prefill: Option<Duration>,
+}
+
+/// Told of each piece of work as it is done: tokens run through the model.
+pub type Progress<'a> = &'a (dyn Fn(u64) + 'a);
+
+/// Receives each chunk's kept K/V as soon as it is computed.
+pub type Emit<'e> = &'e mut dyn FnMut(ChunkKv) -> Result<()>;
+
+/// What every compressor runs on: the model, the graph path, and where
+/// progress goes.
+#[derive(Clone, Copy)]
+pub struct Pass<'a> {
+    pub decoder: &'a Decoder,
+    /// `Path::Training` keeps the graph from the adapter's tensors to the
+    /// kept K/V, so `sac train` can backpropagate a decoder loss into the
+    /// compressor.
+    pub path: Path,
+    pub progress: Option<Progress<'a>>,
+}
+
+impl fmt::Debug for Pass<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pass")
+            .field("path", &self.path)
+            .field("progress", &self.progress.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Pass<'a> {
+    /// An inference pass without progress reports.
+    pub fn new(decoder: &'a Decoder) -> Self {
+        Pass {
+            decoder,
+            path: Path::Inference,
+            progress: None,
+        }
+    }
+
+    /// Reports `tokens` more of [`Strategy::work`] done.
+    pub fn report(&self, tokens: usize) {
+        if let Some(progress) = self.progress {
+            progress(tokens as u64);
+        }
+    }
+}
+
+/// What a .sack's header says of the compressor that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    pub method: Method,
+    /// Context tokens per kept token (1 for `full`).
+    pub ratio: usize,
+    /// Tokens per chunk: a .sack segment, and the unit of work.
+    pub chunk_size: usize,
+    /// Whether each layer and KV head keeps its own positions.
+    pub per_head: bool,
+}
+
+/// One compression method with its settings.
+pub trait Strategy: fmt::Debug {
+    fn facts(&self) -> Facts;
+
+    /// Learned embeddings `[n, hidden]` the decoder reads just before the
+    /// question (SAC's `[LM]`).
+    fn prefix(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// The tokens compressing a context of `len` tokens runs through the
+    /// model, which [`Pass::report`] counts off.
+    fn work(&self, len: usize) -> u64 {
+        len as u64
+    }
+
+    /// What [`Strategy::work`] counts, for a progress bar.
+    fn work_label(&self) -> &'static str {
+        "tokens"
+    }
+
+    /// Positions the compressor reads after a context of `len` tokens
+    /// (`kvzip` asks the model to repeat it there); see [`check_fits`].
+    fn reads_after(&self, _len: usize) -> usize {
+        0
+    }
+
+    /// Compresses the context `ids` (positions 1..=L), handing each chunk's
+    /// kept K/V to `emit` in order. Callers go through [`Compressor`], which
+    /// checks the context fits first.
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost>;
+}
+
+/// A strategy and the pass it runs on.
+#[derive(Debug)]
+pub struct Compressor<'a> {
+    strategy: Box<dyn Strategy + 'a>,
+    pass: Pass<'a>,
+}
+
+impl<'a> Compressor<'a> {
+    pub fn new(decoder: &'a Decoder, strategy: Box<dyn Strategy + 'a>) -> Self {
+        Compressor {
+            strategy,
+            pass: Pass::new(decoder),
+        }
+    }
+
+    /// Reports the work as it is done, [`Strategy::work`] in all.
+    pub fn with_progress(mut self, progress: Progress<'a>) -> Self {
+        self.pass.progress = Some(progress);
+        self
+    }
+
+    /// Runs on `path` (see [`Pass::path`]).
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.pass.path = path;
+        self
+    }
+
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
+    }
+
+    pub fn decoder(&self) -> &'a Decoder {
+        self.pass.decoder
+    }
+
+    /// Refuses a context of `len` tokens that leaves the question, or what
+    /// the compressor reads after the context, no room inside the model's
+    /// positions.
+    pub fn check_document(&self, len: usize) -> Result<()> {
+        let config = self.pass.decoder.config();
+        check_fits(config, len, QUESTION_ROOM)?;
+        match self.strategy.reads_after(len) {
+            0 => Ok(()),
+            room => check_reads_after(config, self.strategy.facts().method, len, room),
+        }
+    }
+
+    /// Compresses the context `ids`, handing each chunk's kept K/V to
+    /// `emit` as soon as it is computed, so nothing but the kept K/V (and,
+    /// for the compressors that prefill, the cache they attend to) stays in
+    /// memory.
+    pub fn compress(
+        &self,
+        ids: &[u32],
+        mut emit: impl FnMut(ChunkKv) -> Result<()>,
+    ) -> Result<Cost> {
+        self.check_document(ids.len())?;
+        self.strategy.compress(&self.pass, ids, &mut emit)
+    }
+
+    /// The kept K/V of the whole context `ids`, every layer's chunks
+    /// concatenated along the sequence axis: the past the decoder reads.
+    pub fn anchor_past(&self, ids: &[u32]) -> Result<Vec<LayerKv>> {
+        let mut chunks: Vec<Vec<LayerKv>> = Vec::new();
+        self.compress(ids, |chunk| {
+            chunks.push(chunk.layers);
+            Ok(())
+        })?;
+        let layers = chunks.first().map_or(0, Vec::len);
+        (0..layers)
+            .map(|layer| {
+                let keys: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].k).collect();
+                let values: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].v).collect();
+                Ok(LayerKv {
+                    k: Tensor::cat(&keys, 2)?,
+                    v: Tensor::cat(&values, 2)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Refuses a context of `len` tokens (positions 1..=len) when the `room`
+/// positions the decoder reads after it do not fit the model's positions or
+/// its sliding window.
+pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
+    let limit = config.max_position_embeddings;
+    if len + room > limit {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model reads at most {limit} positions \
+             and the decoder needs {room} after it; use a model with a longer context"
+        )));
+    }
+    if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model attends within a {window}-token \
+             sliding window, which sac does not implement; use a shorter document or another model"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a context of `len` tokens when the compressor's own reading of
+/// `room` positions after it does not fit the model.
+fn check_reads_after(config: &ModelConfig, method: Method, len: usize, room: usize) -> Result<()> {
+    let limit = config
+        .max_position_embeddings
+        .min(config.sliding_window.unwrap_or(usize::MAX));
+    if len + room > limit {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long and {method} reads up to {room} more after it to score it, \
+             but the model attends over at most {limit} positions; use a smaller --chunk-size, \
+             another compressor or a model with a longer context"
+        )));
+    }
+    Ok(())
+}

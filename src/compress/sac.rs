@@ -1,0 +1,79 @@
+//! SAC (Semantic-Anchor Compression): each chunk is one bidirectional
+//! forward pass of the base model with the adapter's LoRA, the i-th anchor's
+//! embedding plus the i-th role embedding; the anchors' K/V of every layer
+//! are kept. The ratio and chunk size are the adapter's, as trained.
+
+use candle_core::{D, Tensor};
+
+use super::chunked::{self, ChunkInput};
+use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use crate::adapter::SacAdapter;
+use crate::chunk;
+use crate::error::Result;
+use crate::model::AttentionMask;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sac<'a> {
+    adapter: &'a SacAdapter,
+}
+
+impl<'a> Sac<'a> {
+    pub fn new(adapter: &'a SacAdapter) -> Self {
+        Sac { adapter }
+    }
+}
+
+impl Strategy for Sac<'_> {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: Method::Sac,
+            ratio: self.adapter.config.ratio,
+            chunk_size: self.adapter.config.chunk_size,
+            per_head: false,
+        }
+    }
+
+    fn prefix(&self) -> Result<Option<Tensor>> {
+        Ok(Some(self.adapter.lm_embedding()?.unsqueeze(0)?))
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
+            let kept = chunk::anchor_offsets(chunk.len, self.adapter.config.ratio);
+            let kept_t = chunked::offsets_tensor(pass, &kept)?;
+            let roles = role_embeddings(self.adapter, chunk.len, &kept_t, kept.len())?;
+            let input = ChunkInput {
+                extra: Some(roles),
+                mask: AttentionMask::Full,
+                past: None,
+                lora: Some(&self.adapter.lora),
+            };
+            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            let kv = kv
+                .iter()
+                .map(|l| l.select(&kept_t))
+                .collect::<Result<_>>()?;
+            Ok((kept, kv))
+        };
+        let total = chunked::compress(pass, ids, self.adapter.config.chunk_size, encode, emit)?;
+        Ok(Cost {
+            total,
+            prefill: None,
+        })
+    }
+}
+
+/// `[1, len, hidden]`: role embedding i at the i-th kept offset, zero elsewhere.
+fn role_embeddings(
+    adapter: &SacAdapter,
+    len: usize,
+    kept: &Tensor,
+    count: usize,
+) -> Result<Tensor> {
+    let roles = &adapter.role_tokens;
+    let hidden = roles.dim(D::Minus1)?;
+    let zeros = Tensor::zeros((len, hidden), roles.dtype(), roles.device())?;
+    Ok(zeros
+        .index_add(kept, &roles.narrow(0, 0, count)?, 0)?
+        .unsqueeze(0)?)
+}

@@ -1,0 +1,54 @@
+//! The training-free ablation of SAC: each chunk alone through a plain
+//! causal pass, keeping the chunk's own first tokens (a chunk encoded
+//! without its predecessors has its own attention sinks) and then evenly
+//! spaced ones, ceil(len / r) in all ([`chunk::uniform_offsets`]). With no
+//! sinks the kept tokens are exactly SAC's anchors, the reference's uniform.
+
+use super::chunked::{self, ChunkInput};
+use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use crate::chunk;
+use crate::error::Result;
+use crate::model::AttentionMask;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uniform {
+    pub ratio: usize,
+    pub chunk_size: usize,
+    /// Tokens at the start of every chunk that are always kept.
+    pub sinks: usize,
+}
+
+impl Strategy for Uniform {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: Method::Uniform,
+            ratio: self.ratio,
+            chunk_size: self.chunk_size,
+            per_head: false,
+        }
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
+            let kept = chunk::uniform_offsets(chunk.len, self.ratio, self.sinks);
+            let input = ChunkInput {
+                extra: None,
+                mask: AttentionMask::Causal,
+                past: None,
+                lora: None,
+            };
+            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            let kept_t = chunked::offsets_tensor(pass, &kept)?;
+            let kv = kv
+                .iter()
+                .map(|l| l.select(&kept_t))
+                .collect::<Result<_>>()?;
+            Ok((kept, kv))
+        };
+        let total = chunked::compress(pass, ids, self.chunk_size, encode, emit)?;
+        Ok(Cost {
+            total,
+            prefill: None,
+        })
+    }
+}

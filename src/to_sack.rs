@@ -1,0 +1,140 @@
+//! Compressed K/V to a .sack: the header that describes a compressed
+//! document, then one segment per compressor chunk.
+
+use candle_core::{DType, Tensor};
+
+use crate::compress::{ChunkKv, Kept, Strategy};
+use crate::error::Result;
+use crate::prompt::PromptLayout;
+use crate::runtime::LoadedModel;
+use crate::sack::{
+    CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
+    KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, TokenizerInfo, now_rfc3339,
+};
+
+/// Position id of a document's first token: SAC numbers positions from 1.
+pub const FIRST_POSITION: u32 = 1;
+
+/// The document being compressed, as the header records it.
+#[derive(Debug, Clone)]
+pub struct DocumentFacts<'a> {
+    pub text: &'a str,
+    pub tokens: usize,
+    pub name: Option<String>,
+    /// How the document (and so every question) is framed.
+    pub layout: &'a PromptLayout,
+}
+
+/// The header of a .sack that `compressor` makes of `document` with `model`.
+pub fn header(
+    model: &LoadedModel,
+    compressor: &dyn Strategy,
+    adapter_fingerprint: Option<String>,
+    document: &DocumentFacts,
+) -> Result<SackHeader> {
+    let c = &model.config;
+    let facts = compressor.facts();
+    let prefix = match compressor.prefix()? {
+        Some(prefix) => prefix.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+        None => Vec::new(),
+    };
+    Ok(SackHeader {
+        producer: format!("sac {}", env!("CARGO_PKG_VERSION")),
+        created: now_rfc3339(),
+        model: ModelInfo {
+            id: model.files.id.clone(),
+            revision: model.files.revision.clone(),
+            file: model.files.hub_gguf_file(),
+            fingerprint: model.fingerprint.model.clone(),
+            layers: c.num_layers as u32,
+            kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+        },
+        tokenizer: TokenizerInfo {
+            fingerprint: model.fingerprint.tokenizer.clone(),
+        },
+        compressor: CompressorInfo {
+            method: facts.method.name().into(),
+            ratio: facts.ratio as f64,
+            chunk_size: facts.chunk_size as u32,
+            adapter_fingerprint,
+        },
+        document: DocumentInfo::of_text(
+            document.text.as_bytes(),
+            document.tokens as u64,
+            document.name.clone(),
+        ),
+        kv: KvInfo {
+            layout: match facts.per_head {
+                true => KeptLayout::PerHead,
+                false => KeptLayout::Shared,
+            },
+            key_rope: KeyRope::Kept,
+        },
+        decoder: DecoderInfo {
+            first_position: FIRST_POSITION,
+            prefix_embeddings: prefix,
+            // The raw layout is what a header without `prompt` means, so
+            // such files stay readable by readers older than minor version 2.
+            prompt: (*document.layout != PromptLayout::raw()).then(|| PromptInfo {
+                format: document.layout.format.name().into(),
+                before_document: document.layout.before_document.clone(),
+                before_question: document.layout.before_question.clone(),
+                after_question: document.layout.after_question.clone(),
+            }),
+        },
+    })
+}
+
+/// Writes one chunk's kept K/V as segment `chunk.index`, in the layout its
+/// kept sets have (the header's, see [`header`]).
+pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
+    let segment = chunk.chunk.index as u32;
+    let indices =
+        |positions: &[u32]| -> Vec<u32> { positions.iter().map(|p| p - FIRST_POSITION).collect() };
+    match &chunk.kept {
+        Kept::Shared(positions) => {
+            writer.add_positions(segment, KeptSet::Shared, &indices(positions))?;
+            for (layer, kv) in chunk.layers.iter().enumerate() {
+                let slot = KvSlot {
+                    layer: layer as u32,
+                    head: None,
+                };
+                write_kv(writer, segment, slot, &kv.k, &kv.v)?;
+            }
+        }
+        Kept::PerHead(sets) => {
+            for ((layer, kv), heads) in chunk.layers.iter().enumerate().zip(sets) {
+                for (head, positions) in heads.iter().enumerate() {
+                    let (layer, head) = (layer as u32, head as u32);
+                    let set = KeptSet::Head { layer, head };
+                    writer.add_positions(segment, set, &indices(positions))?;
+                    let own =
+                        |t: &Tensor| t.narrow(1, head as usize, 1)?.narrow(2, 0, positions.len());
+                    let slot = KvSlot {
+                        layer,
+                        head: Some(head),
+                    };
+                    write_kv(writer, segment, slot, &own(&kv.k)?, &own(&kv.v)?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_kv<S: Sink>(
+    writer: &mut SackWriter<S>,
+    segment: u32,
+    slot: KvSlot,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    let (keys, values) = (floats(k)?, floats(v)?);
+    writer.add_kv(segment, slot, Floats::F32(&keys), Floats::F32(&values))?;
+    Ok(())
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
