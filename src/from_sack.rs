@@ -97,7 +97,7 @@ pub fn load_context<R: Read + Seek>(
 /// positions are zero-padded to the longest and the padding hidden by a
 /// `-inf` bias; keys stored before RoPE are rotated to their positions.
 fn layer_kv(
-    layer: sack::LayerKv,
+    layer: sack::StoredLayer,
     decoder: &Decoder,
     header: &SackHeader,
     file: &str,

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{Error, Result};
-use crate::model::{AttentionMask, Decoder, ForwardInput, KvCache, Path, SharedKv, mask};
+use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, KvCache, SharedKv, mask};
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -238,7 +238,7 @@ impl<'a> Answerer<'a> {
                 shared: Some(&self.shared),
                 past: past.as_deref(),
                 lora: None,
-                path: Path::Inference,
+                path: Kernels::Inference,
             })?;
             cache.append(&out.kv)?;
             let logits = self

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{Fixture, max_abs_diff};
-use sac::model::{AttentionLora, AttentionMask, ForwardInput, LayerLora, LowRank, Path, mask};
+use sac::model::{AttentionLora, AttentionMask, ForwardInput, Kernels, LayerLora, LowRank};
 
 const RANK: usize = 3;
 
@@ -89,12 +89,12 @@ impl Trainables {
 
 /// Logits and K/V of the fixture prompt with the trainables applied, as SAC's
 /// compressor runs it: a bidirectional block, 1-based positions.
-fn forward(fx: &Fixture, t: &Trainables, path: Path) -> (Tensor, Vec<Tensor>) {
+fn forward(fx: &Fixture, t: &Trainables, path: Kernels) -> (Tensor, Vec<Tensor>) {
     let ids = fx.ids("input_ids");
     let positions = fx.ids("bidir.position_ids");
     let seq = ids.dim(1).unwrap();
     let mask =
-        mask::causal_with_bidirectional_blocks(seq, &[common::BIDIRECTIONAL_BLOCK], &Device::Cpu)
+        common::causal_with_bidirectional_blocks(seq, &[common::BIDIRECTIONAL_BLOCK], &Device::Cpu)
             .unwrap();
     let embeds = fx
         .decoder
@@ -120,7 +120,7 @@ fn forward(fx: &Fixture, t: &Trainables, path: Path) -> (Tensor, Vec<Tensor>) {
 }
 
 /// A scalar that depends on every logit and every K/V element.
-fn loss(fx: &Fixture, t: &Trainables, path: Path) -> Tensor {
+fn loss(fx: &Fixture, t: &Trainables, path: Kernels) -> Tensor {
     let (logits, kv) = forward(fx, t, path);
     let weights = |x: &Tensor, seed| {
         Tensor::from_vec(values(x.elem_count(), seed, 1.0), x.shape(), &Device::Cpu)
@@ -147,8 +147,8 @@ fn training_path_gives_inference_numbers() {
     for name in common::PARITY_MODELS {
         let fx = Fixture::load(name, DType::F32);
         let t = Trainables::new(&fx, fx.ids("input_ids").dim(1).unwrap(), DType::F32);
-        let (fast_logits, fast_kv) = forward(&fx, &t, Path::Inference);
-        let (slow_logits, slow_kv) = forward(&fx, &t, Path::Training);
+        let (fast_logits, fast_kv) = forward(&fx, &t, Kernels::Inference);
+        let (slow_logits, slow_kv) = forward(&fx, &t, Kernels::Training);
         let d = max_abs_diff(&fast_logits, &slow_logits);
         assert!(d <= 1e-5, "{name}: training-path logits differ by {d}");
         for (a, b) in fast_kv.iter().zip(&slow_kv) {
@@ -166,7 +166,7 @@ fn gradients_match_finite_differences() {
     for name in ["llama3", "qwen2", "qwen3"] {
         let fx = Fixture::load(name, DType::F64);
         let t = Trainables::new(&fx, fx.ids("input_ids").dim(1).unwrap(), DType::F64);
-        let grads = loss(&fx, &t, Path::Training).backward().unwrap();
+        let grads = loss(&fx, &t, Kernels::Training).backward().unwrap();
         for (k, v) in t.all().into_iter().enumerate() {
             let analytic = grads
                 .get(v.as_tensor())
@@ -193,7 +193,7 @@ fn gradients_match_finite_differences() {
                     x[idx] += delta;
                     v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
                         .unwrap();
-                    loss(&fx, &t, Path::Training).to_scalar::<f64>().unwrap()
+                    loss(&fx, &t, Kernels::Training).to_scalar::<f64>().unwrap()
                 };
                 let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                 v.set(&Tensor::from_vec(original.clone(), v.shape(), &Device::Cpu).unwrap())

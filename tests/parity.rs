@@ -6,8 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{Fixture, PARITY_MODELS, max_abs_diff};
-use sac::model::mask;
-use sac::model::{AttentionMask, ForwardInput, ForwardOutput, KvCache, LayerKv, Path};
+use sac::model::{AttentionMask, ForwardInput, ForwardOutput, Kernels, KvCache, LayerKv};
 
 const F32_TOLERANCE: f32 = 1e-4;
 
@@ -27,7 +26,7 @@ fn run(
             shared: None,
             past,
             lora: None,
-            path: Path::Inference,
+            path: Kernels::Inference,
         })
         .unwrap()
 }
@@ -77,7 +76,7 @@ fn bidirectional_block_matches_transformers() {
         let positions = fx.ids("bidir.position_ids");
         let seq = ids.dim(1).unwrap();
         // Our mask builder yields the same visibility as the reference mask.
-        let ours = mask::causal_with_bidirectional_blocks(
+        let ours = common::causal_with_bidirectional_blocks(
             seq,
             &[common::BIDIRECTIONAL_BLOCK],
             &Device::Cpu,
@@ -210,4 +209,21 @@ fn bf16_logits_are_as_close_to_f32_as_transformers_bf16() {
             "{name}: bf16 runs differ by {between} (logits up to {range})"
         );
     }
+}
+
+#[test]
+fn blocks_are_bidirectional_inside_only() -> sac::Result<()> {
+    let m = common::causal_with_bidirectional_blocks(6, &[1..3, 5..6], &Device::Cpu)?
+        .to_vec2::<f32>()?;
+    assert_eq!(m[1][2], 0.0, "block token sees a later block token");
+    assert_eq!(m[0][1], f32::NEG_INFINITY, "before the block stays causal");
+    assert_eq!(
+        m[2][3],
+        f32::NEG_INFINITY,
+        "block token does not see past the block"
+    );
+    assert_eq!(m[4][..5], [0.0; 5]);
+    assert_eq!(m[5], [0.0; 6]);
+    assert!(common::causal_with_bidirectional_blocks(3, &[0..1, 2..4], &Device::Cpu).is_err());
+    Ok(())
 }

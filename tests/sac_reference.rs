@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, run_ok, sac, sac_fixture};
-use sac::model::{AttentionMask, ForwardInput, Path as ForwardPath};
+use sac::model::{AttentionMask, ForwardInput, Kernels};
 use sac::sack::SackReader;
 
 const TOLERANCE: f32 = 1e-4;
@@ -110,7 +110,7 @@ fn answer_logits(sack_path: &Path, question_ids: &[u32], answer_ids: &[u32]) -> 
             shared: Some(&context.past),
             past: None,
             lora: None,
-            path: ForwardPath::Inference,
+            path: Kernels::Inference,
         })
         .unwrap();
     let n = answer_ids.len();

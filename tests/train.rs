@@ -14,7 +14,7 @@ use common::train::{
 };
 use common::{fixture_dir, max_abs_diff, sac_fixture};
 use sac::adapter::{AdapterConfig, SacAdapter};
-use sac::model::{ForwardInput, Path as ForwardPath};
+use sac::model::{ForwardInput, Kernels};
 use sac::train::data::Sample;
 use sac::train::params::Trainables;
 use sac::train::{Length, PretrainWindow, Stage, TrainSettings, Trainer, step};
@@ -385,7 +385,7 @@ fn training_loss_is_the_reference_decoders() {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap();
-    for path in [ForwardPath::Training, ForwardPath::Inference] {
+    for path in [Kernels::Training, Kernels::Inference] {
         let loss = step::sample_loss(&model.decoder, &adapter, &sample, path)
             .unwrap()
             .to_dtype(DType::F64)
@@ -437,7 +437,7 @@ fn gradients_reach_the_adapter_through_the_anchors() {
     let (_, grads) = step::backward(decoder, &params, std::slice::from_ref(&sample), 1.0).unwrap();
     let loss = || {
         let adapter = params.adapter(decoder.config(), DType::F64).unwrap();
-        step::sample_loss(decoder, &adapter, &sample, ForwardPath::Training)
+        step::sample_loss(decoder, &adapter, &sample, Kernels::Training)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()

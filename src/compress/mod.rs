@@ -40,7 +40,7 @@ pub use settings::{Request, Settings, SettingsError};
 
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
-use crate::model::{Decoder, LayerKv, ModelConfig, Path};
+use crate::model::{Decoder, Kernels, LayerKv, ModelConfig};
 
 /// The compressors, by the name a .sack records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,10 +127,10 @@ pub type Emit<'e> = &'e mut dyn FnMut(ChunkKv) -> Result<()>;
 #[derive(Clone, Copy)]
 pub struct Pass<'a> {
     pub decoder: &'a Decoder,
-    /// `Path::Training` keeps the graph from the adapter's tensors to the
+    /// `Kernels::Training` keeps the graph from the adapter's tensors to the
     /// kept K/V, so `sac train` can backpropagate a decoder loss into the
     /// compressor.
-    pub path: Path,
+    pub path: Kernels,
     pub progress: Option<Progress<'a>>,
 }
 
@@ -148,7 +148,7 @@ impl<'a> Pass<'a> {
     pub fn new(decoder: &'a Decoder) -> Self {
         Pass {
             decoder,
-            path: Path::Inference,
+            path: Kernels::Inference,
             progress: None,
         }
     }
@@ -228,7 +228,7 @@ impl<'a> Compressor<'a> {
     }
 
     /// Runs on `path` (see [`Pass::path`]).
-    pub fn with_path(mut self, path: Path) -> Self {
+    pub fn with_path(mut self, path: Kernels) -> Self {
         self.pass.path = path;
         self
     }

@@ -14,7 +14,7 @@ use super::config::ModelConfig;
 use super::kv::{LayerKv, SharedKv};
 use super::lora::{AttentionLora, LayerLora, LowRank};
 use super::mask::{self, AttentionMask};
-use super::ops::{self, Path};
+use super::ops::{self, Kernels};
 use super::probe::AttentionProbe;
 use super::rope::{Rope, RopeTables};
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ pub struct ForwardInput<'a> {
     /// LoRA on the attention projections (the SAC compressor); `None` for
     /// the frozen decoder.
     pub lora: Option<&'a AttentionLora>,
-    pub path: Path,
+    pub path: Kernels,
 }
 
 impl<'a> ForwardInput<'a> {
@@ -53,7 +53,7 @@ impl<'a> ForwardInput<'a> {
             shared: None,
             past: None,
             lora: None,
-            path: Path::Inference,
+            path: Kernels::Inference,
         }
     }
 }
@@ -200,11 +200,11 @@ impl Decoder {
 
     /// Logits for hidden states `[..., hidden]`, in f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.logits_on(hidden, Path::Inference)
+        self.logits_on(hidden, Kernels::Inference)
     }
 
     /// [`Self::logits`] on the given path (training needs no gradient for the head).
-    pub fn logits_on(&self, hidden: &Tensor, path: Path) -> Result<Tensor> {
+    pub fn logits_on(&self, hidden: &Tensor, path: Kernels) -> Result<Tensor> {
         let logits = ops::linear(&self.lm_head, hidden, path)?;
         Ok(logits.to_dtype(ops::accumulation_dtype(self.dtype))?)
     }
@@ -214,7 +214,7 @@ impl Decoder {
     /// forward pass does to keys.
     pub fn rotate(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let tables = self.rope.tables(positions, x.dtype())?;
-        Rope::apply(x, &tables, Path::Inference)
+        Rope::apply(x, &tables, Kernels::Inference)
     }
 
     /// Runs the blocks over `input`; see [`ForwardInput`].
@@ -346,7 +346,7 @@ struct BlockStep<'a> {
     past: Option<&'a LayerKv>,
     lora: &'a LayerLora,
     probe: Option<&'a AttentionProbe>,
-    path: Path,
+    path: Kernels,
 }
 
 /// A block's output, the K/V it computed, and what the probe measured.
@@ -371,7 +371,7 @@ impl Block {
     }
 }
 
-fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, path: Path) -> Result<Tensor> {
+fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, path: Kernels) -> Result<Tensor> {
     let base = ops::linear(proj, x, path)?;
     match lora {
         Some(lora) => Ok((base + lora.delta(x)?)?),

@@ -2,11 +2,9 @@
 //! tokens see which: causal decoding, a fully visible chunk (the SAC
 //! compressor), or any additive mask a test or a selector needs.
 
-use std::ops::Range;
-
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Who attends to whom in one forward pass.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,23 +43,6 @@ pub fn left_padded_causal(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
-}
-
-/// A causal mask over `seq` tokens (no past) in which every token of each block
-/// in `blocks` also sees every other token of that block.
-pub fn causal_with_bidirectional_blocks(
-    seq: usize,
-    blocks: &[Range<usize>],
-    device: &Device,
-) -> Result<Tensor> {
-    if let Some(bad) = blocks.iter().find(|b| b.end > seq) {
-        return Err(Error::InvalidInput(format!(
-            "block {bad:?} reaches past the {seq} tokens"
-        )));
-    }
-    additive_from_fn(seq, seq, device, |i, j| {
-        j <= i || blocks.iter().any(|b| b.contains(&i) && b.contains(&j))
-    })
 }
 
 /// Builds an f32 additive mask from a visibility predicate `(query, key) -> bool`.
@@ -111,23 +92,6 @@ mod tests {
         );
         let step = left_padded_causal(&[1], 1, 3, &Device::Cpu)?.to_vec3::<f32>()?;
         assert_eq!(step, [[[inf, 0.0, 0.0, 0.0]]]);
-        Ok(())
-    }
-
-    #[test]
-    fn blocks_are_bidirectional_inside_only() -> Result<()> {
-        let m =
-            causal_with_bidirectional_blocks(6, &[1..3, 5..6], &Device::Cpu)?.to_vec2::<f32>()?;
-        assert_eq!(m[1][2], 0.0, "block token sees a later block token");
-        assert_eq!(m[0][1], f32::NEG_INFINITY, "before the block stays causal");
-        assert_eq!(
-            m[2][3],
-            f32::NEG_INFINITY,
-            "block token does not see past the block"
-        );
-        assert_eq!(m[4][..5], [0.0; 5]);
-        assert_eq!(m[5], [0.0; 6]);
-        assert!(causal_with_bidirectional_blocks(3, &[0..1, 2..4], &Device::Cpu).is_err());
         Ok(())
     }
 }

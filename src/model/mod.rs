@@ -18,7 +18,7 @@ pub use decoder::{Decoder, ForwardInput, ForwardOutput};
 pub use kv::{KvCache, LayerKv, SharedKv};
 pub use lora::{AttentionLora, LayerLora, LoraTarget, LowRank};
 pub use mask::AttentionMask;
-pub use ops::Path;
+pub use ops::Kernels;
 pub use probe::{AttentionProbe, Reduce};
 pub use source::{HfFiles, Layout, ModelFiles};
 

@@ -2,7 +2,7 @@
 //! and the frozen linear layer training needs.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rope` silently drop
-//! gradients (candle issues 3568 and 3569). Training, selected by [`Path`],
+//! gradients (candle issues 3568 and 3569). Training, selected by [`Kernels`],
 //! runs the softmax and norm kernels with a backward pass of our own
 //! (`Backward`), and RoPE as plain tensor ops (its fused kernel with our
 //! backward made the quality bench's training a fifth slower); tests check
@@ -18,7 +18,7 @@ use crate::error::Result;
 
 /// Which kernels a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Path {
+pub enum Kernels {
     /// Fused kernels, no gradients.
     #[default]
     Inference,
@@ -36,22 +36,22 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension, accumulated in at least f32 and returned
 /// in the input's dtype.
-pub fn softmax_last_dim(x: &Tensor, path: Path) -> Result<Tensor> {
+pub fn softmax_last_dim(x: &Tensor, path: Kernels) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
     let probs = candle_nn::ops::softmax_last_dim(&x)?;
     let y = match path {
-        Path::Inference => probs,
-        Path::Training => with_backward(&x, &probs, Backward::Softmax)?,
+        Kernels::Inference => probs,
+        Kernels::Training => with_backward(&x, &probs, Backward::Softmax)?,
     };
     Ok(y.to_dtype(dtype)?)
 }
 
 /// RMSNorm over the last dimension with a learned per-channel weight.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Kernels) -> Result<Tensor> {
     Ok(match path {
-        Path::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?,
-        Path::Training => {
+        Kernels::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?,
+        Kernels::Training => {
             // The fused kernel normalises; the weight is applied outside it,
             // so that candle's own multiply carries its gradient.
             let dtype = x.dtype();
@@ -153,14 +153,14 @@ impl CustomOp2 for FusedKernel {
     }
 }
 
-/// `x @ w^T + b`. On `Path::Training` a weight that is not a `Var` is frozen
+/// `x @ w^T + b`. On `Kernels::Training` a weight that is not a `Var` is frozen
 /// and the product is [`FrozenMatmul`], whose backward pass gives the
 /// gradient of `x` only: candle's matmul backward also computes a gradient
 /// for the weight, which nothing trains, and keeps it to the end of the pass
 /// (for a Llama-3.2-1B-shaped model, gigabytes and a third of the backward's
 /// work). A `Var` weight (a model trained from scratch) gets its gradient.
-pub fn linear(layer: &Linear, x: &Tensor, path: Path) -> Result<Tensor> {
-    if path == Path::Inference || layer.weight().is_variable() {
+pub fn linear(layer: &Linear, x: &Tensor, path: Kernels) -> Result<Tensor> {
+    if path == Kernels::Inference || layer.weight().is_variable() {
         return Ok(layer.forward(x)?);
     }
     let weight = layer.weight();
@@ -276,11 +276,11 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 2.0, (2, 3, 8), &dev)?;
         let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
-        let a = softmax_last_dim(&x, Path::Inference)?;
-        let b = softmax_last_dim(&x, Path::Training)?;
+        let a = softmax_last_dim(&x, Kernels::Inference)?;
+        let b = softmax_last_dim(&x, Kernels::Training)?;
         assert!(max_diff(&a, &b) < 1e-6);
-        let a = rms_norm(&x, &w, 1e-6, Path::Inference)?;
-        let b = rms_norm(&x, &w, 1e-6, Path::Training)?;
+        let a = rms_norm(&x, &w, 1e-6, Kernels::Inference)?;
+        let b = rms_norm(&x, &w, 1e-6, Kernels::Training)?;
         assert!(max_diff(&a, &b) < 1e-5);
         Ok(())
     }
@@ -304,14 +304,14 @@ mod tests {
             let (x, w) = (x.as_tensor(), w.as_tensor());
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
 
-            let fused = softmax_last_dim(x, Path::Training)?;
+            let fused = softmax_last_dim(x, Kernels::Training)?;
             let plain = candle_nn::ops::softmax(x, D::Minus1)?;
             assert!(max_diff(&f32(&fused)?, &f32(&plain)?) < 1e-6);
             let got = gradients(fused, &weights, &[x])?;
             let expected = gradients(plain, &weights, &[x])?;
             assert!(max_diff(&got[0], &expected[0]) < 1e-5);
 
-            let fused = rms_norm(x, w, 1e-6, Path::Training)?;
+            let fused = rms_norm(x, w, 1e-6, Kernels::Training)?;
             let plain = candle_nn::ops::rms_norm_slow(x, w, 1e-6)?;
             assert!(max_diff(&f32(&fused)?, &f32(&plain)?) < 1e-5);
             let got = gradients(fused, &weights, &[x, w])?;
@@ -330,8 +330,8 @@ mod tests {
         let b = Tensor::randn(0f64, 1.0, 5, &dev)?;
         let layer = Linear::new(w.clone(), Some(b));
         let x = candle_core::Var::new(&[[[1.0f64, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, -1.0]]], &dev)?;
-        let fast = linear(&layer, x.as_tensor(), Path::Inference)?;
-        let slow = linear(&layer, x.as_tensor(), Path::Training)?;
+        let fast = linear(&layer, x.as_tensor(), Kernels::Inference)?;
+        let slow = linear(&layer, x.as_tensor(), Kernels::Training)?;
         assert!(max_diff(&fast.to_dtype(DType::F32)?, &slow.to_dtype(DType::F32)?) < 1e-6);
         let weights = Tensor::randn(0f64, 1.0, (1, 2, 5), &dev)?;
         let grads = (slow * &weights)?.sum_all()?.backward()?;
@@ -348,7 +348,9 @@ mod tests {
         let w = candle_core::Var::randn(0f32, 1.0, (5, 4), &dev)?;
         let layer = Linear::new(w.as_tensor().clone(), None);
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?;
-        let grads = linear(&layer, &x, Path::Training)?.sum_all()?.backward()?;
+        let grads = linear(&layer, &x, Kernels::Training)?
+            .sum_all()?
+            .backward()?;
         let got = grads.get(w.as_tensor()).expect("weight gradient");
         let expected = Tensor::ones((5, 6), DType::F32, &dev)?.matmul(&x.reshape((6, 4))?)?;
         assert!(max_diff(got, &expected) < 1e-5);

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
-use super::ops::{self, Path};
+use super::ops::{self, Kernels};
 use crate::error::{Error, Result};
 
 /// How the weights of all query rows (every row of the batch, every query
@@ -72,7 +72,7 @@ impl AttentionProbe {
         .filter(|&(_, len)| len > 0)
         .map(|(start, len)| scores.narrow(4, start, len))
         .collect::<candle_core::Result<Vec<_>>>()?;
-        let probs = ops::softmax_last_dim(&Tensor::cat(&parts, 4)?, Path::Inference)?
+        let probs = ops::softmax_last_dim(&Tensor::cat(&parts, 4)?, Kernels::Inference)?
             .narrow(4, self.sinks, n)?;
         let fold = |t: &Tensor, dim: usize| -> Result<Tensor> {
             Ok(match self.reduce {

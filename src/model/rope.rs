@@ -6,7 +6,7 @@
 use candle_core::{D, DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
-use super::ops::Path;
+use super::ops::Kernels;
 use crate::error::Result;
 
 /// The per-pair rotation frequencies of one model.
@@ -48,14 +48,14 @@ impl Rope {
 
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` (the "rotate half"
     /// layout of Llama and Qwen checkpoints).
-    pub fn apply(x: &Tensor, tables: &RopeTables, path: Path) -> Result<Tensor> {
+    pub fn apply(x: &Tensor, tables: &RopeTables, path: Kernels) -> Result<Tensor> {
         match path {
-            Path::Inference => Ok(candle_nn::rotary_emb::rope(
+            Kernels::Inference => Ok(candle_nn::rotary_emb::rope(
                 &x.contiguous()?,
                 &tables.cos,
                 &tables.sin,
             )?),
-            Path::Training => {
+            Kernels::Training => {
                 let cos = Tensor::cat(&[&tables.cos, &tables.cos], D::Minus1)?.unsqueeze(1)?;
                 let sin = Tensor::cat(&[&tables.sin, &tables.sin], D::Minus1)?.unsqueeze(1)?;
                 let half = x.dim(D::Minus1)? / 2;
@@ -132,8 +132,8 @@ mod tests {
         let positions = Tensor::new(&[[0u32, 3, 7]], &dev)?;
         let tables = rope.tables(&positions, DType::F32)?;
         let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev)?;
-        let fast = Rope::apply(&x, &tables, Path::Inference)?;
-        let slow = Rope::apply(&x, &tables, Path::Training)?;
+        let fast = Rope::apply(&x, &tables, Kernels::Inference)?;
+        let slow = Rope::apply(&x, &tables, Kernels::Training)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         Ok(())

@@ -30,5 +30,5 @@ pub use format::header::{
     SackHeader, TokenizerInfo, now_rfc3339,
 };
 pub use info::InfoFormat;
-pub use reader::{HeadKv, LayerKv, SackReader, StackedKv, Tensor};
+pub use reader::{DecodedTensor, HeadKv, SackReader, StackedKv, StoredLayer};
 pub use writer::{SackWriter, Sink, StreamSink, WriteOptions};

@@ -23,7 +23,7 @@ use crate::sack::format::{
 
 /// One decoded tensor.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
+pub struct DecodedTensor {
     /// What it is.
     pub name: TensorName,
     /// Dimensions, outermost first.
@@ -46,7 +46,7 @@ pub struct HeadKv {
 /// All KV heads of one layer. Heads are kept apart because in the `per_head`
 /// layout each has its own positions and count.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LayerKv {
+pub struct StoredLayer {
     /// Layer index.
     pub layer: u32,
     /// Size of one key or value vector.
@@ -67,7 +67,7 @@ pub struct StackedKv {
     pub values: Vec<f32>,
 }
 
-impl LayerKv {
+impl StoredLayer {
     /// Stacks the heads if they share their positions; gives the layer back otherwise.
     pub fn into_stacked(self) -> std::result::Result<StackedKv, Self> {
         let shared = self
@@ -227,7 +227,7 @@ impl<R: Read + Seek> SackReader<R> {
     }
 
     /// Reads, checks and decodes the tensor called `name` (e.g. `key.l3.s0`).
-    pub fn read_tensor(&mut self, name: &str) -> Result<Tensor> {
+    pub fn read_tensor(&mut self, name: &str) -> Result<DecodedTensor> {
         let parsed: Option<TensorName> = name.parse().ok();
         let i = parsed
             .and_then(|n| self.index.by_name.get(&n).copied())
@@ -240,7 +240,7 @@ impl<R: Read + Seek> SackReader<R> {
 
     /// Reads one layer: every segment of its keys, values and kept positions,
     /// split per KV head. Positions are checked to increase across segments.
-    pub fn read_layer(&mut self, layer: u32) -> Result<LayerKv> {
+    pub fn read_layer(&mut self, layer: u32) -> Result<StoredLayer> {
         let m = &self.header.model;
         if layer >= m.layers {
             return Err(SackError::InvalidArgument {
@@ -298,7 +298,7 @@ impl<R: Read + Seek> SackReader<R> {
                 ));
             }
         }
-        Ok(LayerKv {
+        Ok(StoredLayer {
             layer,
             head_dim,
             heads,
@@ -344,7 +344,7 @@ impl<R: Read + Seek> SackReader<R> {
         Ok(self.read_entry(i)?.values)
     }
 
-    fn read_entry(&mut self, i: usize) -> Result<Tensor> {
+    fn read_entry(&mut self, i: usize) -> Result<DecodedTensor> {
         let e = self
             .tensors
             .get(i)
@@ -378,7 +378,7 @@ impl<R: Read + Seek> SackReader<R> {
             .map(|&d| usize::try_from(d))
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| bad("shape does not fit in memory".into()))?;
-        Ok(Tensor {
+        Ok(DecodedTensor {
             name: e.name,
             shape,
             values,

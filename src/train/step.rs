@@ -9,7 +9,7 @@ use crate::adapter::SacAdapter;
 use crate::compress::Compressor;
 use crate::compress::sac::Sac;
 use crate::error::{Error, Result};
-use crate::model::{AttentionMask, Decoder, ForwardInput, Path};
+use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels};
 
 use super::data::Sample;
 use super::params::Trainables;
@@ -26,7 +26,7 @@ pub fn backward(
     let adapter = params.adapter(decoder.config(), decoder.dtype())?;
     let mut total: Option<Tensor> = None;
     for sample in samples {
-        let loss = sample_loss(decoder, &adapter, sample, Path::Training)?;
+        let loss = sample_loss(decoder, &adapter, sample, Kernels::Training)?;
         total = Some(match total {
             Some(t) => (t + loss)?,
             None => loss,
@@ -48,14 +48,14 @@ pub fn backward(
 }
 
 /// Mean next-token cross-entropy over `sample.target` (a scalar tensor in
-/// f32, or f64 for an f64 model). On `Path::Training` the graph reaches back
+/// f32, or f64 for an f64 model). On `Kernels::Training` the graph reaches back
 /// through the decoder, the anchors' K/V and the compressor to the adapter's
 /// tensors.
 pub fn sample_loss(
     decoder: &Decoder,
     adapter: &SacAdapter,
     sample: &Sample,
-    path: Path,
+    path: Kernels,
 ) -> Result<Tensor> {
     let Some((_, read_targets)) = sample.target.split_last() else {
         return Err(Error::InvalidInput(

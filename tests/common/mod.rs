@@ -242,3 +242,20 @@ pub fn load_model_at(path: &std::path::Path) -> sac::runtime::LoadedModel {
     })
     .unwrap()
 }
+
+/// A causal mask over `seq` tokens (no past) in which every token of each block
+/// in `blocks` also sees every other token of that block.
+pub fn causal_with_bidirectional_blocks(
+    seq: usize,
+    blocks: &[std::ops::Range<usize>],
+    device: &Device,
+) -> sac::Result<Tensor> {
+    if let Some(bad) = blocks.iter().find(|b| b.end > seq) {
+        return Err(sac::Error::InvalidInput(format!(
+            "block {bad:?} reaches past the {seq} tokens"
+        )));
+    }
+    model::mask::additive_from_fn(seq, seq, device, |i, j| {
+        j <= i || blocks.iter().any(|b| b.contains(&i) && b.contains(&j))
+    })
+}
