@@ -5,11 +5,11 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::generate::DecoderContext;
-use crate::model::{Decoder, LayerKv, SharedKv};
+use crate::model::{Decoder, HeadPairs, SharedKv};
 use crate::prompt::{PromptFormat, PromptLayout};
 use crate::sack::{self, KeyRope, SackHeader, SackReader};
 
@@ -94,75 +94,56 @@ pub fn load_context<R: Read + Seek>(
 }
 
 /// One layer of a .sack as the decoder reads it: heads that keep different
-/// positions are zero-padded to the longest and the padding hidden by a
-/// `-inf` bias; keys stored before RoPE are rotated to their positions.
+/// positions are padded ([`SharedKv::from_heads`]); keys stored before RoPE
+/// are rotated to their positions.
 fn layer_kv(
     layer: sack::StoredLayer,
     decoder: &Decoder,
     header: &SackHeader,
     file: &str,
 ) -> Result<SharedKv> {
-    let first = header.decoder.first_position;
+    let first = i64::from(header.decoder.first_position);
     let c = decoder.config();
+    let ragged = layer
+        .heads
+        .iter()
+        .any(|h| h.positions != layer.heads[0].positions);
     let longest = layer
         .heads
         .iter()
         .map(|h| h.positions.len())
         .max()
         .unwrap_or(0);
-    // CUDA refuses empty allocations; a layer that keeps nothing stays on
-    // the CPU, and attention skips it.
-    let device = if longest == 0 {
-        &Device::Cpu
-    } else {
-        decoder.device()
-    };
-    let ragged = layer
+    // Each head's position ids, padded as its K/V are.
+    let positions: Vec<i64> = layer
         .heads
         .iter()
-        .any(|h| h.positions != layer.heads[0].positions);
-    let dim = c.head_dim;
-    let mut keys = Vec::with_capacity(c.num_kv_heads * longest * dim);
-    let mut values = Vec::with_capacity(keys.capacity());
-    let mut bias = Vec::with_capacity(c.num_kv_heads * longest);
-    let mut positions = Vec::with_capacity(bias.capacity());
-    for head in layer.heads {
-        let pad = longest - head.positions.len();
-        keys.extend(
-            head.keys
-                .into_iter()
-                .chain(std::iter::repeat_n(0.0, pad * dim)),
-        );
-        values.extend(
-            head.values
-                .into_iter()
-                .chain(std::iter::repeat_n(0.0, pad * dim)),
-        );
-        bias.extend(
-            std::iter::repeat_n(0.0, longest - pad)
-                .chain(std::iter::repeat_n(f32::NEG_INFINITY, pad)),
-        );
-        positions.extend(
-            head.positions
+        .flat_map(|h| {
+            h.positions
                 .iter()
-                .chain(std::iter::repeat_n(&0, pad))
-                .map(|&p| i64::from(first) + i64::from(p)),
-        );
-    }
-    let shape = (1, c.num_kv_heads, longest, dim);
-    let load = |v: Vec<f32>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, shape, device)?.to_dtype(decoder.dtype())?)
-    };
-    let mut k = load(keys)?;
-    let v = load(values)?;
+                .map(|&p| first + i64::from(p))
+                .chain(std::iter::repeat_n(first, longest - h.positions.len()))
+        })
+        .collect();
+    let heads = layer
+        .heads
+        .into_iter()
+        .map(|h| HeadPairs {
+            keys: h.keys,
+            values: h.values,
+        })
+        .collect();
+    let mut shared =
+        SharedKv::from_heads(heads, c.head_dim, ragged, decoder.device(), decoder.dtype())?;
     match header.kv.key_rope {
         KeyRope::Kept => {}
         KeyRope::None => {
-            let positions = Tensor::from_vec(positions, (c.num_kv_heads, longest), device)?;
+            let k = &shared.kv.k;
+            let positions = Tensor::from_vec(positions, (c.num_kv_heads, longest), k.device())?;
             let heads = (0..c.num_kv_heads)
                 .map(|h| decoder.rotate(&k.narrow(1, h, 1)?, &positions.narrow(0, h, 1)?))
                 .collect::<Result<Vec<_>>>()?;
-            k = Tensor::cat(&heads, 1)?;
+            shared.kv.k = Tensor::cat(&heads, 1)?;
         }
         KeyRope::Sequential => {
             return Err(Error::InvalidInput(format!(
@@ -170,11 +151,5 @@ fn layer_kv(
             )));
         }
     }
-    let bias = ragged
-        .then(|| Tensor::from_vec(bias, (c.num_kv_heads, longest), device))
-        .transpose()?;
-    Ok(SharedKv {
-        kv: LayerKv { k, v },
-        bias,
-    })
+    Ok(shared)
 }

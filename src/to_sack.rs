@@ -109,13 +109,12 @@ pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Resu
                     let (layer, head) = (layer as u32, head as u32);
                     let set = KeptSet::Head { layer, head };
                     writer.add_positions(segment, set, &indices(positions))?;
-                    let own =
-                        |t: &Tensor| t.narrow(1, head as usize, 1)?.narrow(2, 0, positions.len());
+                    let own = kv.head(head as usize, positions.len())?;
                     let slot = KvSlot {
                         layer,
                         head: Some(head),
                     };
-                    write_kv(writer, segment, slot, &own(&kv.k)?, &own(&kv.v)?)?;
+                    write_kv(writer, segment, slot, &own.k, &own.v)?;
                 }
             }
         }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::{ChunkKv, Cost, Emit, Kept, Pass};
 use crate::chunk;
@@ -113,31 +113,41 @@ fn emit_chunks(past: &[LayerKv], kept: &KeptOffsets, chunk_size: usize, emit: Em
     let len = past.first().map_or(0, LayerKv::len);
     for chunk in chunk::chunks(len, chunk_size) {
         let range = chunk.start..chunk.start + chunk.len;
-        let inside = |set: &[usize]| -> Vec<u32> {
+        let inside = |set: &[usize]| -> Vec<usize> {
             let from = set.partition_point(|&o| o < range.start);
             let to = set.partition_point(|&o| o < range.end);
-            set[from..to].iter().map(|&o| o as u32 + 1).collect()
+            set[from..to].to_vec()
+        };
+        let positions = |offsets: &[usize]| -> Vec<u32> {
+            offsets
+                .iter()
+                .map(|&o| chunk.first_position() - chunk.start as u32 + o as u32)
+                .collect()
         };
         let (kept, layers) = match kept {
             KeptOffsets::Shared(set) => {
-                let positions = inside(set);
+                let offsets = inside(set);
                 let layers = past
                     .iter()
-                    .map(|kv| gather_heads(kv, &vec![positions.clone(); kv.k.dim(1)?]))
+                    .map(|kv| kv.gather_per_head(&vec![offsets.clone(); kv.k.dim(1)?]))
                     .collect::<Result<_>>()?;
-                (Kept::Shared(positions), layers)
+                (Kept::Shared(positions(&offsets)), layers)
             }
             KeptOffsets::PerHead(sets) => {
-                let positions: Vec<Vec<Vec<u32>>> = sets
+                let offsets: Vec<Vec<Vec<usize>>> = sets
                     .iter()
                     .map(|heads| heads.iter().map(|set| inside(set)).collect())
                     .collect();
                 let layers = past
                     .iter()
-                    .zip(&positions)
-                    .map(|(kv, heads)| gather_heads(kv, heads))
+                    .zip(&offsets)
+                    .map(|(kv, heads)| kv.gather_per_head(heads))
                     .collect::<Result<_>>()?;
-                (Kept::PerHead(positions), layers)
+                let kept = offsets
+                    .iter()
+                    .map(|heads| heads.iter().map(|set| positions(set)).collect())
+                    .collect();
+                (Kept::PerHead(kept), layers)
             }
         };
         emit(ChunkKv {
@@ -147,55 +157,4 @@ fn emit_chunks(past: &[LayerKv], kept: &KeptOffsets, chunk_size: usize, emit: Em
         })?;
     }
     Ok(())
-}
-
-/// 0-based indices of 1-based positions, as a u32 tensor.
-fn indices(positions: &[u32], device: &Device) -> Result<Tensor> {
-    let offsets: Vec<u32> = positions.iter().map(|p| p - 1).collect();
-    Ok(Tensor::new(offsets.as_slice(), device)?)
-}
-
-/// `t` (`[1, 1, len, dim]`, one head) at `positions` along the sequence,
-/// then `pad` zero slots. One head at a time: the cache's views are not
-/// contiguous across heads, which candle's index-select needs, and empty
-/// parts are never handed to its cat.
-fn take(t: &Tensor, positions: &[u32], pad: usize) -> Result<Tensor> {
-    let dim = t.dim(3)?;
-    let zeros = || Tensor::zeros((1, 1, pad, dim), t.dtype(), t.device());
-    if positions.is_empty() {
-        return Ok(zeros()?);
-    }
-    let own = t.index_select(&indices(positions, t.device())?, 2)?;
-    Ok(match pad {
-        0 => own,
-        _ => Tensor::cat(&[&own, &zeros()?], 2)?,
-    })
-}
-
-/// `[1, kv_heads, longest, head_dim]`: head h's K/V at its own positions in
-/// its first slots, zeros after.
-fn gather_heads(kv: &LayerKv, heads: &[Vec<u32>]) -> Result<LayerKv> {
-    let longest = heads.iter().map(Vec::len).max().unwrap_or(0);
-    let gather = |t: &Tensor| -> Result<Tensor> {
-        if longest == 0 {
-            // A chunk with nothing kept: empty, and on the CPU, since CUDA
-            // refuses empty allocations (the .sack writer reads it there).
-            let (_, kv_heads, _, dim) = t.dims4()?;
-            return Ok(Tensor::zeros(
-                (1, kv_heads, 0, dim),
-                t.dtype(),
-                &Device::Cpu,
-            )?);
-        }
-        let parts = heads
-            .iter()
-            .enumerate()
-            .map(|(h, positions)| take(&t.narrow(1, h, 1)?, positions, longest - positions.len()))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 1)?)
-    };
-    Ok(LayerKv {
-        k: gather(&kv.k)?,
-        v: gather(&kv.v)?,
-    })
 }

@@ -2,7 +2,7 @@
 //! pass reads as its past. Plain tensors the caller owns, so the compressor can
 //! pick positions out of them and the decoder can load them from a .sack.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -46,6 +46,120 @@ pub struct SharedKv {
 impl From<LayerKv> for SharedKv {
     fn from(kv: LayerKv) -> Self {
         SharedKv { kv, bias: None }
+    }
+}
+
+impl LayerKv {
+    /// Each KV head at its own sequence offsets: head h's K/V at `heads[h]`
+    /// in its first slots, zeros after, up to the longest set,
+    /// `[1, kv_heads, longest, head_dim]`. A layer that keeps nothing is
+    /// empty, and on the CPU (CUDA refuses empty allocations).
+    pub fn gather_per_head(&self, heads: &[Vec<usize>]) -> Result<LayerKv> {
+        let longest = heads.iter().map(Vec::len).max().unwrap_or(0);
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            if longest == 0 {
+                let (_, kv_heads, _, dim) = t.dims4()?;
+                return Ok(Tensor::zeros(
+                    (1, kv_heads, 0, dim),
+                    t.dtype(),
+                    &Device::Cpu,
+                )?);
+            }
+            let parts = heads
+                .iter()
+                .enumerate()
+                .map(|(h, offsets)| take(&t.narrow(1, h, 1)?, offsets, longest - offsets.len()))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 1)?)
+        };
+        Ok(LayerKv {
+            k: gather(&self.k)?,
+            v: gather(&self.v)?,
+        })
+    }
+
+    /// Head `h`'s first `n` slots, `[1, 1, n, head_dim]`: its own K/V in a
+    /// layer [`LayerKv::gather_per_head`] made.
+    pub fn head(&self, h: usize, n: usize) -> Result<LayerKv> {
+        let own = |t: &Tensor| t.narrow(1, h, 1)?.narrow(2, 0, n);
+        Ok(LayerKv {
+            k: own(&self.k)?,
+            v: own(&self.v)?,
+        })
+    }
+}
+
+/// `t` (`[1, 1, len, dim]`, one head) at `offsets` along the sequence, then
+/// `pad` zero slots. One head at a time: a cache's views are not contiguous
+/// across heads, which candle's index-select needs, and empty parts are
+/// never handed to its cat.
+fn take(t: &Tensor, offsets: &[usize], pad: usize) -> Result<Tensor> {
+    let dim = t.dim(3)?;
+    let zeros = || Tensor::zeros((1, 1, pad, dim), t.dtype(), t.device());
+    if offsets.is_empty() {
+        return Ok(zeros()?);
+    }
+    let offsets: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    let own = t.index_select(&Tensor::new(offsets.as_slice(), t.device())?, 2)?;
+    Ok(match pad {
+        0 => own,
+        _ => Tensor::cat(&[&own, &zeros()?], 2)?,
+    })
+}
+
+/// One KV head's kept pairs, each row-major `[n, head_dim]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeadPairs {
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
+impl SharedKv {
+    /// A layer of `heads` laid out as [`LayerKv::gather_per_head`] does,
+    /// in `dtype` on `device` (on the CPU when it keeps nothing); when the
+    /// heads keep different positions (`ragged`), a `-inf` bias hides each
+    /// head's padding.
+    pub fn from_heads(
+        heads: Vec<HeadPairs>,
+        head_dim: usize,
+        ragged: bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<SharedKv> {
+        let kv_heads = heads.len();
+        let longest = heads
+            .iter()
+            .map(|h| h.keys.len() / head_dim.max(1))
+            .max()
+            .unwrap_or(0);
+        let device = if longest == 0 { &Device::Cpu } else { device };
+        let mut keys = Vec::with_capacity(kv_heads * longest * head_dim);
+        let mut values = Vec::with_capacity(keys.capacity());
+        let mut bias = Vec::with_capacity(kv_heads * longest);
+        for head in heads {
+            let pad = longest - head.keys.len() / head_dim.max(1);
+            let zeros = || std::iter::repeat_n(0.0, pad * head_dim);
+            keys.extend(head.keys.into_iter().chain(zeros()));
+            values.extend(head.values.into_iter().chain(zeros()));
+            bias.extend(
+                std::iter::repeat_n(0.0, longest - pad)
+                    .chain(std::iter::repeat_n(f32::NEG_INFINITY, pad)),
+            );
+        }
+        let shape = (1, kv_heads, longest, head_dim);
+        let load = |v: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let bias = ragged
+            .then(|| Tensor::from_vec(bias, (kv_heads, longest), device))
+            .transpose()?;
+        Ok(SharedKv {
+            kv: LayerKv {
+                k: load(keys)?,
+                v: load(values)?,
+            },
+            bias,
+        })
     }
 }
 
@@ -217,6 +331,37 @@ mod tests {
         assert!(cache.past()?.is_none());
         cache.append(&[kv(&[7.0])])?;
         assert_eq!(keys(&cache), [7.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn ragged_heads_are_padded_and_hidden() -> Result<()> {
+        // Two heads, four positions, head_dim 1: head h's value at p is 10h + p.
+        let t = Tensor::from_slice(
+            &[0f32, 1., 2., 3., 10., 11., 12., 13.],
+            (1, 2, 4, 1),
+            &Device::Cpu,
+        )?;
+        let layer = LayerKv { k: t.clone(), v: t };
+        let gathered = layer.gather_per_head(&[vec![1, 3], vec![2]])?;
+        let k: Vec<f32> = gathered.k.flatten_all()?.to_vec1()?;
+        assert_eq!(k, [1., 3., 12., 0.]);
+        let own: Vec<f32> = gathered.head(1, 1)?.v.flatten_all()?.to_vec1()?;
+        assert_eq!(own, [12.]);
+        let heads = vec![
+            HeadPairs {
+                keys: vec![1., 3.],
+                values: vec![1., 3.],
+            },
+            HeadPairs {
+                keys: vec![12.],
+                values: vec![12.],
+            },
+        ];
+        let shared = SharedKv::from_heads(heads, 1, true, &Device::Cpu, DType::F32)?;
+        assert_eq!(shared.kv.k.flatten_all()?.to_vec1::<f32>()?, k);
+        let bias: Vec<Vec<f32>> = shared.bias.unwrap().to_vec2()?;
+        assert_eq!(bias, [[0., 0.], [0., f32::NEG_INFINITY]]);
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ pub mod source;
 
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{Decoder, ForwardInput, ForwardOutput};
-pub use kv::{KvCache, LayerKv, SharedKv};
+pub use kv::{HeadPairs, KvCache, LayerKv, SharedKv};
 pub use lora::{AttentionLora, LayerLora, LoraTarget, LowRank};
 pub use mask::AttentionMask;
 pub use ops::Kernels;
