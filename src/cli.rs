@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::compress::HeadBudget;
-use crate::device::{DTypeSpec, DeviceSpec};
-use crate::model::LoraTarget;
-use crate::runtime::ModelSpec;
-use crate::sack::KvEncoding;
-use crate::train::{Length, PretrainWindow, Stage, TrainSettings};
+use sac::compress::HeadBudget;
+use sac::device::{DTypeSpec, DeviceSpec};
+use sac::model::LoraTarget;
+use sac::runtime::ModelSpec;
+use sac::sack::KvEncoding;
+use sac::train::{Length, PretrainWindow, Stage, TrainSettings};
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
 /// KV files (.sack) and answer questions from them with the same base model.
@@ -46,6 +46,8 @@ pub enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff, as installed in man/sac.1) to standard output.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]

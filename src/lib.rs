@@ -7,8 +7,6 @@
 pub mod adapter;
 pub mod atomic;
 pub mod chunk;
-pub mod cli;
-pub mod commands;
 pub mod compress;
 pub mod device;
 pub mod error;

@@ -1,5 +1,8 @@
 //! The `sac` binary: parse flags, run, map errors to exit codes.
 
+mod cli;
+mod commands;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,8 +15,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     pin_thread_count();
-    let cli = sac::cli::Cli::parse();
-    match sac::commands::run(cli) {
+    let cli = cli::Cli::parse();
+    match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`sac ... | head`) is the reader's choice, not a failure.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,

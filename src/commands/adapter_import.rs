@@ -1,9 +1,9 @@
 //! `sac adapter import`: the reference implementation's adapter.pt to an
 //! adapter directory.
 
-use crate::adapter::{ImportSettings, SacAdapter};
 use crate::cli::AdapterImportArgs;
-use crate::runtime::LoadedModel;
+use sac::adapter::{ImportSettings, SacAdapter};
+use sac::runtime::LoadedModel;
 
 pub fn run(args: &AdapterImportArgs) -> anyhow::Result<()> {
     let model = LoadedModel::load(&args.model.spec())?;

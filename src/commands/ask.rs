@@ -9,17 +9,17 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::AskArgs;
-use crate::error::Error;
-use crate::fingerprint::ModelFingerprint;
-use crate::from_sack;
-use crate::generate::{Answerer, Generation, SamplingSettings, Stop};
-use crate::model::known::{NamedModel, Trusted};
-use crate::model::source::Network;
-use crate::prompt::{PromptFormat, PromptLayout, RAW_TURN};
-use crate::runtime::{LoadedModel, ResolvedModel};
-use crate::sack::info::clean;
-use crate::sack::{InfoFormat, SackHeader, SackReader, info};
-use crate::tokens::{StopStrings, TextStream};
+use sac::error::Error;
+use sac::fingerprint::ModelFingerprint;
+use sac::from_sack;
+use sac::generate::{Answerer, Generation, SamplingSettings, Stop};
+use sac::model::known::{NamedModel, Trusted};
+use sac::model::source::Network;
+use sac::prompt::{PromptFormat, PromptLayout, RAW_TURN};
+use sac::runtime::{LoadedModel, ResolvedModel};
+use sac::sack::info::clean;
+use sac::sack::{InfoFormat, SackHeader, SackReader, info};
+use sac::tokens::{StopStrings, TextStream};
 
 /// One answered question, as `--json` and `--batch` print it.
 #[derive(Debug, Serialize)]

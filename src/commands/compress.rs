@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
-use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::cli::{CompressArgs, CompressorChoice, PromptChoice};
-use crate::compress::{
+use sac::adapter::{self, AdapterConfig, SacAdapter};
+use sac::compress::{
     Compressor, Cost, Method, RepeatPrompt, Request, Settings, SettingsError, Strategy,
 };
-use crate::error::Error;
-use crate::fingerprint::DigestCache;
-use crate::prompt::PromptLayout;
-use crate::runtime::LoadedModel;
-use crate::sack::{SackWriter, Sink, WriteOptions};
-use crate::to_sack::{self, DocumentFacts};
-use crate::tokens::TextTokenizer;
+use sac::error::Error;
+use sac::fingerprint::DigestCache;
+use sac::prompt::PromptLayout;
+use sac::runtime::LoadedModel;
+use sac::sack::{SackWriter, Sink, WriteOptions};
+use sac::to_sack::{self, DocumentFacts};
+use sac::tokens::TextTokenizer;
 
 /// Where the .sack goes.
 enum Output {
@@ -29,7 +29,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     // Everything that can be checked without the model is checked first.
     let output = output_for(args)?;
     if matches!(output, Output::File(_)) {
-        crate::atomic::remove_temp_files_on_signal()?;
+        sac::atomic::remove_temp_files_on_signal()?;
     }
     let adapter_config = args
         .adapter
@@ -298,7 +298,7 @@ fn output_for(args: &CompressArgs) -> anyhow::Result<Output> {
 /// Refuses, before any work, an output that cannot be written or that is the
 /// input itself (by any name: a link, a hard link, another spelling).
 fn check_output_file(path: &Path, input: &Path) -> anyhow::Result<()> {
-    let dir = crate::atomic::directory_of(path);
+    let dir = sac::atomic::directory_of(path);
     if !dir.is_dir() {
         bail!(
             "cannot write {}: the directory {} does not exist",
@@ -344,7 +344,7 @@ fn progress_bar(strategy: &dyn Strategy, len: usize, quiet: bool) -> ProgressBar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
+    use sac::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
     #[test]
     fn default_ratio_gives_the_reference_anchor_count() {

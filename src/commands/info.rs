@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use anyhow::Context;
 
 use crate::cli::InfoArgs;
-use crate::sack::{InfoFormat, SackReader, info};
+use sac::sack::{InfoFormat, SackReader, info};
 
 pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let format = if args.json {

@@ -6,9 +6,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::ModelInfoArgs;
-use crate::fingerprint::ModelFingerprint;
-use crate::model::config::RopeScaling;
-use crate::runtime::LoadedModel;
+use sac::fingerprint::ModelFingerprint;
+use sac::model::config::RopeScaling;
+use sac::runtime::LoadedModel;
 
 #[derive(Serialize)]
 struct ModelInfo {

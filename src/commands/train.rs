@@ -7,8 +7,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
-use crate::runtime::LoadedModel;
-use crate::train::{Event, Trainer};
+use sac::runtime::LoadedModel;
+use sac::train::{Event, Trainer};
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
@@ -16,7 +16,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     for path in std::iter::once(&settings.data).chain(&settings.eval) {
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     }
-    crate::atomic::remove_temp_files_on_signal()?;
+    sac::atomic::remove_temp_files_on_signal()?;
     let out = settings.out.clone();
     let min_context = settings.window.min_context;
     let model = LoadedModel::load(&args.model.spec())?;

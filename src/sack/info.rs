@@ -153,7 +153,7 @@ pub fn render<R>(reader: &SackReader<R>, out: &mut impl Write, format: InfoForma
 
 /// Strings come from an untrusted file: escape control characters so a
 /// crafted name cannot drive the terminal.
-pub(crate) fn clean(s: &str) -> String {
+pub fn clean(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_control() {
