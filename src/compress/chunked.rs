@@ -9,43 +9,7 @@ use candle_core::Tensor;
 use super::{ChunkKv, Emit, Kept, Pass};
 use crate::chunk::{self, Chunk};
 use crate::error::Result;
-use crate::model::{AttentionLora, AttentionMask, ForwardInput, LayerKv};
-
-/// One chunk's forward pass, as a compressor sets it up.
-pub(super) struct ChunkInput<'x> {
-    /// Added to the chunk's token embeddings (SAC's role embeddings).
-    pub extra: Option<Tensor>,
-    pub mask: AttentionMask<'x>,
-    pub past: Option<&'x [LayerKv]>,
-    pub lora: Option<&'x AttentionLora>,
-}
-
-/// The K/V of every position of `chunk` (token `ids`), at its position ids.
-pub(super) fn forward(
-    pass: &Pass,
-    chunk: &Chunk,
-    ids: &[u32],
-    input: ChunkInput,
-) -> Result<Vec<LayerKv>> {
-    let decoder = pass.decoder;
-    let device = decoder.device();
-    let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
-    let positions = Tensor::new(chunk.positions().as_slice(), device)?.unsqueeze(0)?;
-    let mut embeds = decoder.embed(&ids_t)?;
-    if let Some(extra) = input.extra {
-        embeds = (embeds + extra)?;
-    }
-    let out = decoder.forward(ForwardInput {
-        embeds: &embeds,
-        positions: &positions,
-        mask: input.mask,
-        shared: None,
-        past: input.past,
-        lora: input.lora,
-        path: pass.path,
-    })?;
-    Ok(out.kv)
-}
+use crate::model::LayerKv;
 
 /// The 0-based `offsets` as a u32 tensor on the decoder's device.
 pub(super) fn offsets_tensor(pass: &Pass, offsets: &[usize]) -> Result<Tensor> {

@@ -1,11 +1,12 @@
 //! Every position's K/V from one causal prefill of the whole context, chunk
 //! by chunk, each chunk seeing all before it: a lossless prompt cache.
 
-use super::chunked::{self, ChunkInput};
+use super::chunked;
+use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::chunk;
 use crate::error::Result;
-use crate::model::{AttentionMask, KvCache};
+use crate::model::KvCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full {
@@ -26,13 +27,8 @@ impl Strategy for Full {
         let mut cache = KvCache::default();
         let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
             let past = cache.past()?;
-            let input = ChunkInput {
-                extra: None,
-                mask: AttentionMask::Causal,
-                past: past.as_deref(),
-                lora: None,
-            };
-            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            let input = Input::causal(chunk_ids, chunk.first_position() as usize, past.as_deref());
+            let kv = run::forward(pass, input)?.kv;
             cache.append(&kv)?;
             Ok(((0..chunk.len).collect(), kv))
         };

@@ -32,6 +32,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::budget::{self, HeadBudget, Scores};
+use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::error::Result;
@@ -169,7 +170,13 @@ impl Kvzip {
                 keys: range.clone(),
                 reduce: Reduce::Max,
             };
-            let out = select::forward(decoder, &input, len + 1, past.as_deref(), Some(&probe))?;
+            let out = run::forward(
+                pass,
+                Input {
+                    probe: Some(&probe),
+                    ..Input::causal(&input, len + 1, past.as_deref())
+                },
+            )?;
             for (layer, measured) in out.attention.iter().enumerate() {
                 scores.set(layer, range.start, &select::rows(measured)?);
             }

@@ -22,6 +22,7 @@ pub mod budget;
 mod chunked;
 pub mod full;
 pub mod kvzip;
+mod run;
 pub mod sac;
 pub mod select;
 pub mod settings;

@@ -5,7 +5,8 @@
 
 use candle_core::{D, Tensor};
 
-use super::chunked::{self, ChunkInput};
+use super::chunked;
+use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::adapter::SacAdapter;
 use crate::chunk;
@@ -42,13 +43,13 @@ impl Strategy for Sac<'_> {
             let kept = chunk::anchor_offsets(chunk.len, self.adapter.config.ratio);
             let kept_t = chunked::offsets_tensor(pass, &kept)?;
             let roles = role_embeddings(self.adapter, chunk.len, &kept_t, kept.len())?;
-            let input = ChunkInput {
+            let input = Input {
                 extra: Some(roles),
                 mask: AttentionMask::Full,
-                past: None,
                 lora: Some(&self.adapter.lora),
+                ..Input::causal(chunk_ids, chunk.first_position() as usize, None)
             };
-            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            let kv = run::forward(pass, input)?.kv;
             let kv = kv
                 .iter()
                 .map(|l| l.select(&kept_t))

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
+use super::run::{self, Input};
 use super::{ChunkKv, Cost, Emit, Kept, Pass};
 use crate::chunk;
-use crate::error::{Error, Result};
-use crate::model::{AttentionProbe, Decoder, ForwardInput, ForwardOutput, KvCache, LayerKv};
+use crate::error::Result;
+use crate::model::{KvCache, LayerKv};
 
 /// Tokens at the start of the context that every head keeps (attention
 /// sinks) by default, for every training-free compressor (`uniform` in each
@@ -56,30 +57,6 @@ pub(super) enum KeptOffsets {
     PerHead(Vec<Vec<Vec<usize>>>),
 }
 
-/// One forward pass of `ids` at positions `first_position..`, after `past`.
-pub(super) fn forward(
-    decoder: &Decoder,
-    ids: &[u32],
-    first_position: usize,
-    past: Option<&[LayerKv]>,
-    probe: Option<&AttentionProbe>,
-) -> Result<ForwardOutput> {
-    let device = decoder.device();
-    let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
-    let first = u32::try_from(first_position)
-        .map_err(|_| Error::InvalidInput(format!("position {first_position} exceeds u32")))?;
-    let positions = Tensor::arange(first, first + ids.len() as u32, device)?.unsqueeze(0)?;
-    let embeds = decoder.embed(&ids_t)?;
-    let input = ForwardInput {
-        past,
-        ..ForwardInput::causal(&embeds, &positions)
-    };
-    match probe {
-        Some(probe) => decoder.forward_probed(input, probe),
-        None => decoder.forward(input),
-    }
-}
-
 /// Prefills `ids` causally into `cache`, `chunk_size` tokens per pass, each
 /// at the positions after the cache's (position ids from 1).
 pub(super) fn prefill(
@@ -89,13 +66,8 @@ pub(super) fn prefill(
     cache: &mut KvCache,
 ) -> Result<()> {
     for piece in ids.chunks(chunk_size) {
-        let out = forward(
-            pass.decoder,
-            piece,
-            cache.len() + 1,
-            cache.past()?.as_deref(),
-            None,
-        )?;
+        let past = cache.past()?;
+        let out = run::forward(pass, Input::causal(piece, cache.len() + 1, past.as_deref()))?;
         cache.append(&out.kv)?;
         pass.report(piece.len());
     }

@@ -16,6 +16,7 @@
 use std::time::Instant;
 
 use super::budget::{self, HeadBudget, Scores};
+use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::error::Result;
@@ -92,12 +93,12 @@ impl Snapkv {
             reduce: Reduce::Mean,
         };
         let past = cache.past()?;
-        let out = select::forward(
-            decoder,
-            &ids[observed..],
-            observed + 1,
-            past.as_deref(),
-            (observed > 0).then_some(&probe),
+        let out = run::forward(
+            pass,
+            Input {
+                probe: (observed > 0).then_some(&probe),
+                ..Input::causal(&ids[observed..], observed + 1, past.as_deref())
+            },
         )?;
         cache.append(&out.kv)?;
         pass.report(len - observed);

@@ -4,11 +4,11 @@
 //! spaced ones, ceil(len / r) in all ([`chunk::uniform_offsets`]). With no
 //! sinks the kept tokens are exactly SAC's anchors, the reference's uniform.
 
-use super::chunked::{self, ChunkInput};
+use super::chunked;
+use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::chunk;
 use crate::error::Result;
-use crate::model::AttentionMask;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uniform {
@@ -31,13 +31,11 @@ impl Strategy for Uniform {
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
         let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
             let kept = chunk::uniform_offsets(chunk.len, self.ratio, self.sinks);
-            let input = ChunkInput {
-                extra: None,
-                mask: AttentionMask::Causal,
-                past: None,
-                lora: None,
-            };
-            let kv = chunked::forward(pass, chunk, chunk_ids, input)?;
+            let kv = run::forward(
+                pass,
+                Input::causal(chunk_ids, chunk.first_position() as usize, None),
+            )?
+            .kv;
             let kept_t = chunked::offsets_tensor(pass, &kept)?;
             let kv = kv
                 .iter()
