@@ -46,33 +46,72 @@ struct Session<'a> {
     info: String,
 }
 
+/// Where the questions come from.
+enum Questions<'a> {
+    /// On the command line; `json` prints records instead of streamed text.
+    Given { questions: &'a [String], json: bool },
+    /// JSON lines from a file or standard input.
+    Batch(&'a Path),
+    /// Typed at a terminal.
+    Repl,
+}
+
+/// `sac ask`'s flags, checked once before anything is read.
+struct AskSettings<'a> {
+    questions: Questions<'a>,
+    sampling: SamplingSettings,
+    /// Questions answered together.
+    batch_size: usize,
+}
+
+impl<'a> AskSettings<'a> {
+    fn resolve(args: &'a AskArgs) -> anyhow::Result<Self> {
+        if args.sack.as_os_str() == "-" && args.batch.as_deref() == Some(Path::new("-")) {
+            bail!("the .sack and the batch cannot both come from standard input");
+        }
+        check_questions(&args.questions)?;
+        let questions = match (&args.batch, args.questions.is_empty()) {
+            (Some(batch), _) => Questions::Batch(batch),
+            (None, false) => Questions::Given {
+                questions: &args.questions,
+                json: args.json,
+            },
+            (None, true) if std::io::stdin().is_terminal() => Questions::Repl,
+            (None, true) => bail!(
+                "no question given: pass QUESTION..., or --batch FILE|-, or run on a terminal for the REPL"
+            ),
+        };
+        Ok(AskSettings {
+            questions,
+            sampling: SamplingSettings {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                seed: args.seed,
+                max_tokens: args.max_tokens as usize,
+            },
+            batch_size: args.batch_size as usize,
+        })
+    }
+}
+
 pub fn run(args: &AskArgs) -> anyhow::Result<()> {
-    if args.sack.as_os_str() == "-" && args.batch.as_deref() == Some(Path::new("-")) {
-        bail!("the .sack and the batch cannot both come from standard input");
-    }
-    check_questions(&args.questions)?;
-    let repl = args.questions.is_empty() && args.batch.is_none();
-    if repl && !std::io::stdin().is_terminal() {
-        bail!(
-            "no question given: pass QUESTION..., or --batch FILE|-, or run on a terminal for the REPL"
-        );
-    }
+    let settings = AskSettings::resolve(args)?;
     if args.sack.as_os_str() == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
             .read_to_end(&mut bytes)
             .context("cannot read the .sack from standard input")?;
-        ask(args, SackReader::from_bytes(bytes, "<stdin>")?, repl)
+        ask(args, &settings, SackReader::from_bytes(bytes, "<stdin>")?)
     } else {
-        ask(args, SackReader::open(&args.sack)?, repl)
+        ask(args, &settings, SackReader::open(&args.sack)?)
     }
 }
 
-/// Loads the model the .sack names and answers the questions `args` give.
+/// Loads the model the .sack names and answers the questions `settings` give.
 fn ask<R: Read + Seek>(
     args: &AskArgs,
+    settings: &AskSettings,
     mut reader: SackReader<R>,
-    repl: bool,
 ) -> anyhow::Result<()> {
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
     let layout = from_sack::layout(reader.header());
@@ -84,12 +123,6 @@ fn ask<R: Read + Seek>(
     if let Some(differs) = forced {
         eprintln!("sac: warning: {differs}; answering anyway (--force)");
     }
-    let sampling = SamplingSettings {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-        max_tokens: args.max_tokens as usize,
-    };
     let tokenizer = &model.tokenizer;
     let mut answerer = Answerer::new(&model.decoder, context, tokenizer.eos())?;
     if !stops.is_empty() {
@@ -102,35 +135,43 @@ fn ask<R: Read + Seek>(
         layout: &layout,
         stops: &stops,
         answerer,
-        sampling,
+        sampling: settings.sampling,
         info: String::from_utf8_lossy(&info).into_owned(),
     };
     let mut out = std::io::stdout().lock();
-    let batch_size = args.batch_size as usize;
-    if let Some(batch) = &args.batch {
-        return run_batch(&mut session, batch, batch_size, &mut out);
-    }
-    if repl {
-        let info = session.info.clone();
-        let mut answer = |question: &str, interrupted: &AtomicBool| {
-            session.stream_answer(question, &mut std::io::stdout().lock(), interrupted)
-        };
-        return super::repl::run(&mut answer, &info);
-    }
-    if args.json {
-        let numbered: Vec<(Value, String)> = (1..)
-            .map(Value::from)
-            .zip(args.questions.iter().cloned())
-            .collect();
-        for group in numbered.chunks(batch_size) {
-            session.json_answers(group, &mut out)?;
+    let batch_size = settings.batch_size;
+    match settings.questions {
+        Questions::Batch(batch) => run_batch(&mut session, batch, batch_size, &mut out),
+        Questions::Repl => {
+            let info = session.info.clone();
+            let mut answer = |question: &str, interrupted: &AtomicBool| {
+                session.stream_answer(question, &mut std::io::stdout().lock(), interrupted)
+            };
+            super::repl::run(&mut answer, &info)
         }
-        return Ok(());
+        Questions::Given {
+            questions,
+            json: true,
+        } => {
+            let numbered: Vec<(Value, String)> = (1..)
+                .map(Value::from)
+                .zip(questions.iter().cloned())
+                .collect();
+            for group in numbered.chunks(batch_size) {
+                session.json_answers(group, &mut out)?;
+            }
+            Ok(())
+        }
+        Questions::Given {
+            questions,
+            json: false,
+        } => {
+            for question in questions {
+                session.stream_answer(question, &mut out, &AtomicBool::new(false))?;
+            }
+            Ok(())
+        }
     }
-    for question in &args.questions {
-        session.stream_answer(question, &mut out, &AtomicBool::new(false))?;
-    }
-    Ok(())
 }
 
 /// The model to answer with: `--model` if given, else the one the header
