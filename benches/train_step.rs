@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use sac::adapter::AdapterConfig;
-use sac::chunk;
 use sac::device::{DTypeSpec, DeviceSpec};
+use sac::layout::chunk;
 use sac::model::{Decoder, ModelConfig};
 use sac::train::data::Sample;
 use sac::train::optimizer::{AdamW, clip_global_norm};

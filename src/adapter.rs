@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk;
 use crate::error::{Error, Result};
 use crate::fingerprint::{DigestCache, manifest_digest};
+use crate::layout::chunk;
 use crate::model::{AttentionLora, LayerLora, LoraTarget, LowRank, ModelConfig};
 
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";

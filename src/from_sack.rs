@@ -9,8 +9,8 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::generate::DecoderContext;
+use crate::layout::prompt::{PromptFormat, PromptLayout};
 use crate::model::{Decoder, HeadPairs, SharedKv};
-use crate::prompt::{PromptFormat, PromptLayout};
 use crate::sack::{self, KeyRope, SackHeader, SackReader};
 
 /// How the document of `header` was framed, so questions are framed alike.

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, KvCache, SharedKv, mask};
 
 /// How tokens are chosen.
@@ -185,7 +186,7 @@ impl<'a> Answerer<'a> {
         let start = Instant::now();
         let device = self.decoder.device().clone();
         let prefix_len = self.prefix.as_ref().map_or(Ok(0), |p| p.dim(0))?;
-        let first_position = u64::from(self.question_position).saturating_sub(prefix_len as u64);
+        let first_position = u64::from(layout::prefix_position(self.question_position, prefix_len));
         let limit = self.decoder.config().max_position_embeddings as u64;
         let lengths: Vec<usize> = questions.iter().map(|q| prefix_len + q.len()).collect();
         let width = lengths.iter().copied().max().unwrap_or(0);

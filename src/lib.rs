@@ -1,20 +1,20 @@
 //! `sac`: Semantic-Anchor Compression of long documents into portable KV files.
 //!
-//! The data flows text -> tokens -> chunks -> compressor -> anchor KV ->
+//! The data flows text -> tokens -> chunks -> compressor -> kept K/V ->
 //! quantized tensors -> .sack -> decoder -> answer; each stage is a module
-//! (`prompt` lays out the document and the question for the model).
+//! (`layout` places the document and the question for the model); see
+//! docs/architecture.md.
 
 pub mod adapter;
 pub mod atomic;
-pub mod chunk;
 pub mod compress;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
 pub mod from_sack;
 pub mod generate;
+pub mod layout;
 pub mod model;
-pub mod prompt;
 pub mod runtime;
 pub mod sack;
 pub mod to_sack;

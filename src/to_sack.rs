@@ -5,15 +5,13 @@ use candle_core::{DType, Tensor};
 
 use crate::compress::{ChunkKv, Kept, Strategy};
 use crate::error::Result;
-use crate::prompt::PromptLayout;
+use crate::layout::FIRST_POSITION;
+use crate::layout::prompt::PromptLayout;
 use crate::runtime::LoadedModel;
 use crate::sack::{
     CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
     KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, TokenizerInfo, now_rfc3339,
 };
-
-/// Position id of a document's first token: SAC numbers positions from 1.
-pub const FIRST_POSITION: u32 = 1;
 
 /// The document being compressed, as the header records it.
 #[derive(Debug, Clone)]

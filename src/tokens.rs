@@ -5,9 +5,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::layout::prompt::{ChatTemplate, PromptLayout};
 use crate::model::ModelConfig;
 use crate::model::source::HfFiles;
-use crate::prompt::{ChatTemplate, PromptLayout};
 
 /// A model's tokenizer plus the special ids that frame a prompt, and its
 /// chat template if it has one.

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use candle_core::{Device, Tensor};
 use common::{failing, fixture_dir, run_ok, sac, sac_fixture};
 use sac::generate::{Answerer, DecoderContext, SamplingSettings};
+use sac::layout::prompt::PromptLayout;
 use sac::model::{ForwardInput, SharedKv};
-use sac::prompt::PromptLayout;
 
 fn model(name: &str) -> String {
     fixture_dir(name).to_string_lossy().into_owned()

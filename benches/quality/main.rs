@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sac::device::{DTypeSpec, DeviceSpec};
-use sac::prompt::{PromptFormat, PromptLayout};
+use sac::layout::prompt::{PromptFormat, PromptLayout};
 use sac::runtime::{LoadedModel, ModelSpec};
 use serde_json::json;
 

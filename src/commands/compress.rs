@@ -13,7 +13,7 @@ use sac::compress::{
 };
 use sac::error::Error;
 use sac::fingerprint::DigestCache;
-use sac::prompt::PromptLayout;
+use sac::layout::prompt::PromptLayout;
 use sac::runtime::LoadedModel;
 use sac::sack::{SackWriter, Sink, WriteOptions};
 use sac::to_sack::{self, DocumentFacts};
@@ -344,7 +344,7 @@ fn progress_bar(strategy: &dyn Strategy, len: usize, quiet: bool) -> ProgressBar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sac::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
+    use sac::layout::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
     #[test]
     fn default_ratio_gives_the_reference_anchor_count() {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::{ChunkKv, Emit, Kept, Pass};
-use crate::chunk::{self, Chunk};
 use crate::error::Result;
+use crate::layout::chunk::{self, Chunk};
 use crate::model::LayerKv;
 
 /// The 0-based `offsets` as a u32 tensor on the decoder's device.

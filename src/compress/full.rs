@@ -4,8 +4,8 @@
 use super::chunked;
 use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
-use crate::chunk;
 use crate::error::Result;
+use crate::layout::chunk;
 use crate::model::KvCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

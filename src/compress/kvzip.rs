@@ -36,8 +36,8 @@ use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::error::Result;
+use crate::layout::prompt::PromptLayout;
 use crate::model::{AttentionProbe, KvCache, Reduce};
-use crate::prompt::PromptLayout;
 use crate::tokens::TextTokenizer;
 
 /// KVzip's instruction before the first chunk.

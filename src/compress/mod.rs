@@ -39,8 +39,8 @@ pub use budget::HeadBudget;
 pub use kvzip::RepeatPrompt;
 pub use settings::{Request, Settings, SettingsError};
 
-use crate::chunk::Chunk;
 use crate::error::{Error, Result};
+use crate::layout::{self, chunk::Chunk};
 use crate::model::{Decoder, Kernels, LayerKv, ModelConfig};
 
 /// The compressors, by the name a .sack records.
@@ -72,9 +72,6 @@ impl fmt::Display for Method {
         f.write_str(self.name())
     }
 }
-
-/// Positions a context must leave free for the question and its answer.
-pub const QUESTION_ROOM: usize = 64;
 
 /// The K/V one chunk contributes to the .sack.
 #[derive(Debug, Clone)]
@@ -196,7 +193,7 @@ pub trait Strategy: fmt::Debug {
     }
 
     /// Positions the compressor reads after a context of `len` tokens
-    /// (`kvzip` asks the model to repeat it there); see [`check_fits`].
+    /// (`kvzip` asks the model to repeat it there); see [`layout::check_fits`].
     fn reads_after(&self, _len: usize) -> usize {
         0
     }
@@ -247,7 +244,7 @@ impl<'a> Compressor<'a> {
     /// positions.
     pub fn check_document(&self, len: usize) -> Result<()> {
         let config = self.pass.decoder.config();
-        check_fits(config, len, QUESTION_ROOM)?;
+        layout::check_fits(config, len, layout::QUESTION_ROOM)?;
         match self.strategy.reads_after(len) {
             0 => Ok(()),
             room => check_reads_after(config, self.strategy.facts().method, len, room),
@@ -287,26 +284,6 @@ impl<'a> Compressor<'a> {
             })
             .collect()
     }
-}
-
-/// Refuses a context of `len` tokens (positions 1..=len) when the `room`
-/// positions the decoder reads after it do not fit the model's positions or
-/// its sliding window.
-pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
-    let limit = config.max_position_embeddings;
-    if len + room > limit {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long, but the model reads at most {limit} positions \
-             and the decoder needs {room} after it; use a model with a longer context"
-        )));
-    }
-    if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long, but the model attends within a {window}-token \
-             sliding window, which sac does not implement; use a shorter document or another model"
-        )));
-    }
-    Ok(())
 }
 
 /// Refuses a context of `len` tokens when the compressor's own reading of

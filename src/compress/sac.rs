@@ -9,8 +9,8 @@ use super::chunked;
 use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Pass, Strategy};
 use crate::adapter::SacAdapter;
-use crate::chunk;
 use crate::error::Result;
+use crate::layout::chunk;
 use crate::model::AttentionMask;
 
 #[derive(Debug, Clone, Copy)]

@@ -13,8 +13,8 @@ use candle_core::Tensor;
 
 use super::run::{self, Input};
 use super::{ChunkKv, Cost, Emit, Kept, Pass};
-use crate::chunk;
 use crate::error::Result;
+use crate::layout::{self, chunk};
 use crate::model::{KvCache, LayerKv};
 
 /// Tokens at the start of the context that every head keeps (attention
@@ -91,10 +91,7 @@ fn emit_chunks(past: &[LayerKv], kept: &KeptOffsets, chunk_size: usize, emit: Em
             set[from..to].to_vec()
         };
         let positions = |offsets: &[usize]| -> Vec<u32> {
-            offsets
-                .iter()
-                .map(|&o| chunk.first_position() - chunk.start as u32 + o as u32)
-                .collect()
+            offsets.iter().map(|&o| layout::position(o)).collect()
         };
         let (kept, layers) = match kept {
             KeptOffsets::Shared(set) => {

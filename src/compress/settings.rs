@@ -11,8 +11,8 @@ use super::streaming::Streaming;
 use super::uniform::Uniform;
 use super::{Method, Strategy};
 use crate::adapter::{AdapterConfig, SacAdapter};
-use crate::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 use crate::error::Result;
+use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
 /// A compressor request, before it is checked: `None` takes the method's
 /// default (an adapter's ratio and chunk size for `sac`).

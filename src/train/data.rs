@@ -10,8 +10,8 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 use serde_json::{Map, Value};
 
-use crate::compress;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::model::ModelConfig;
 use crate::tokens::TextTokenizer;
 
@@ -167,8 +167,8 @@ impl TrainSet {
                     .map_err(|e| line_error(path, line, e))?,
                 target,
             };
-            let room = 1 + sample.prompt.len() + sample.target.len();
-            compress::check_fits(model, sample.context.len(), room)
+            let room = layout::room(1, sample.prompt.len(), sample.target.len());
+            layout::check_fits(model, sample.context.len(), room)
                 .map_err(|e| line_error(path, line, e))?;
             samples.push(sample);
         }
@@ -242,7 +242,8 @@ pub fn eval_examples(
                     .map_err(|e| line_error(path, line, e))?,
                 answers: qa.answers,
             };
-            compress::check_fits(model, example.context.len(), 2 + example.question.len())
+            let room = layout::room(1, example.question.len(), 1);
+            layout::check_fits(model, example.context.len(), room)
                 .map_err(|e| line_error(path, line, e))?;
             Ok(example)
         })

@@ -6,8 +6,9 @@
 use crate::adapter::SacAdapter;
 use crate::compress::Compressor;
 use crate::compress::sac::Sac;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generate::{Answerer, DecoderContext, SamplingSettings};
+use crate::layout;
 use crate::model::{Decoder, SharedKv};
 use crate::tokens::TextTokenizer;
 
@@ -38,8 +39,7 @@ pub fn evaluate(
     };
     let (mut em, mut f) = (0.0, 0.0);
     for example in examples {
-        let question_position = u32::try_from(example.context.len() + 1)
-            .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))?;
+        let question_position = layout::question_position(example.context.len())?;
         let context = DecoderContext {
             past: compressor
                 .anchor_past(&example.context)?

@@ -9,10 +9,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::adapter::{self, AdapterConfig, SacAdapter};
-use crate::chunk;
-use crate::compress;
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
+use crate::layout;
+use crate::layout::chunk;
 use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
 
@@ -239,14 +239,17 @@ pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(Train
     match settings.stage {
         Stage::Pretrain => {
             let w = settings.window;
-            compress::check_fits(&model.config, w.max_context, w.continuation + 1).map_err(
-                |e| {
-                    Error::InvalidInput(format!(
-                        "--max-context {} with --continuation {}: {e}",
-                        w.max_context, w.continuation
-                    ))
-                },
-            )?;
+            layout::check_fits(
+                &model.config,
+                w.max_context,
+                layout::room(1, 0, w.continuation),
+            )
+            .map_err(|e| {
+                Error::InvalidInput(format!(
+                    "--max-context {} with --continuation {}: {e}",
+                    w.max_context, w.continuation
+                ))
+            })?;
             let loaded = TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
             Ok((loaded.data, loaded.skipped))
         }

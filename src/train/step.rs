@@ -9,6 +9,7 @@ use crate::adapter::SacAdapter;
 use crate::compress::Compressor;
 use crate::compress::sac::Sac;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels};
 
 use super::data::Sample;
@@ -77,9 +78,8 @@ pub fn sample_loss(
         let ids = Tensor::new(read.as_slice(), device)?.unsqueeze(0)?;
         Tensor::cat(&[&lm, &decoder.embed(&ids)?], 1)?
     };
-    // [LM] at L, the last context position; what follows at L + 1, ...
-    let first = u32::try_from(sample.context.len())
-        .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))?;
+    // [LM] just before the question, which follows the context.
+    let first = layout::prefix_position(layout::question_position(sample.context.len())?, 1);
     let positions = Tensor::arange(first, first + 1 + read.len() as u32, device)?.unsqueeze(0)?;
     let out = decoder.forward(ForwardInput {
         embeds: &embeds,

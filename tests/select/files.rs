@@ -28,7 +28,7 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
         text: &text,
         tokens: ids.len(),
         name: None,
-        layout: &sac::prompt::PromptLayout::raw(),
+        layout: &sac::layout::prompt::PromptLayout::raw(),
     };
     let header = to_sack::header(m, compressor.strategy(), None, &facts).unwrap();
     assert_eq!(header.kv.layout, KeptLayout::PerHead);

@@ -30,7 +30,7 @@ pub fn strategy(m: &LoadedModel, request: Request, len: usize) -> Box<dyn Strate
         chunk_size: Some(CHUNK),
         ..request
     };
-    let layout = sac::prompt::PromptLayout::raw();
+    let layout = sac::layout::prompt::PromptLayout::raw();
     Settings::resolve(&request, None)
         .unwrap()
         .build(None, || RepeatPrompt::new(&m.tokenizer, &layout), len)

@@ -28,7 +28,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use super::GgufModel;
 use crate::error::{Error, Result};
-use crate::prompt::ChatTemplate;
+use crate::layout::prompt::ChatTemplate;
 use crate::tokens::TextTokenizer;
 
 /// Llama 3's split, as its `tokenizer.json` (and llama.cpp's "llama-bpe") has it.

@@ -18,7 +18,7 @@ pub struct Chunk {
 impl Chunk {
     /// The 1-based position id of the chunk's first token.
     pub fn first_position(&self) -> u32 {
-        (self.start + 1) as u32
+        super::position(self.start)
     }
 
     /// Position ids of every token in the chunk.

@@ -1,0 +1,80 @@
+//! Where everything sits in front of the model: the prompt layout of a
+//! document and its questions ([`prompt`]), the chunks of a context and the
+//! tokens each compressor keeps of them ([`chunk`]), and the position ids
+//! they all read at.
+//!
+//! One convention, end to end: a context of `L` tokens sits at position ids
+//! [`FIRST_POSITION`]`..=L` (SAC numbers positions from 1), offsets into it
+//! are 0-based, and the question starts at [`question_position`]; learned
+//! embeddings read before the question (SAC's `[LM]`) take the positions
+//! just before it. A .sack stores 0-based indices and its first position;
+//! `to_sack` and `from_sack` convert at that boundary.
+
+pub mod chunk;
+pub mod prompt;
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+
+/// Position id of a context's first token.
+pub const FIRST_POSITION: u32 = 1;
+
+/// Positions a context must leave free for the question and its answer.
+pub const QUESTION_ROOM: usize = 64;
+
+/// The position id of 0-based context offset `offset`.
+pub fn position(offset: usize) -> u32 {
+    FIRST_POSITION + offset as u32
+}
+
+/// The position id of a question's first token after a context of `len`
+/// tokens.
+pub fn question_position(len: usize) -> Result<u32> {
+    u32::try_from(u64::from(FIRST_POSITION) + len as u64)
+        .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))
+}
+
+/// The position id of the first of `prefix` learned embeddings read just
+/// before a question at `question`.
+pub fn prefix_position(question: u32, prefix: usize) -> u32 {
+    question.saturating_sub(prefix as u32)
+}
+
+/// Positions the decoder reads after a context: `prefix` learned
+/// embeddings, the question (or prompt) and `answer` tokens.
+pub fn room(prefix: usize, question: usize, answer: usize) -> usize {
+    prefix + question + answer
+}
+
+/// Refuses a context of `len` tokens (positions 1..=len) when the `room`
+/// positions the decoder reads after it do not fit the model's positions or
+/// its sliding window.
+pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
+    let limit = config.max_position_embeddings;
+    if len + room > limit {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model reads at most {limit} positions \
+             and the decoder needs {room} after it; use a model with a longer context"
+        )));
+    }
+    if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
+        return Err(Error::InvalidInput(format!(
+            "the document is {len} tokens long, but the model attends within a {window}-token \
+             sliding window, which sac does not implement; use a shorter document or another model"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_question_follows_the_context_and_its_prefix_precedes_it() {
+        assert_eq!(position(0), 1);
+        assert_eq!(question_position(10).unwrap(), 11);
+        assert_eq!(prefix_position(11, 1), 10);
+        assert!(question_position(u32::MAX as usize).is_err());
+    }
+}
