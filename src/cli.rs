@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use sac::compress::HeadBudget;
@@ -193,47 +194,68 @@ pub enum PromptChoice {
     Raw,
 }
 
-/// `--kv-encoding` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KvEncodingChoice {
-    /// 8-bit codes: keys per channel, values per token.
-    Q8,
-    /// 4-bit codes: keys per channel, values per token.
-    Q4,
-    Bf16,
-    F16,
-    /// Lossless for f32 models.
-    F32,
-}
+/// A flag's values, each the name of a library value, with its help.
+type Choices<T> = &'static [(&'static str, &'static str, T)];
 
-impl KvEncodingChoice {
-    pub fn encoding(self) -> KvEncoding {
-        match self {
-            Self::Q8 => KvEncoding::Q8,
-            Self::Q4 => KvEncoding::Q4,
-            Self::Bf16 => KvEncoding::Bf16,
-            Self::F16 => KvEncoding::F16,
-            Self::F32 => KvEncoding::F32,
-        }
-    }
-}
+/// `--kv-encoding` values.
+const KV_ENCODINGS: Choices<KvEncoding> = &[
+    (
+        "q8",
+        "8-bit codes: keys per channel, values per token",
+        KvEncoding::Q8,
+    ),
+    (
+        "q4",
+        "4-bit codes: keys per channel, values per token",
+        KvEncoding::Q4,
+    ),
+    ("bf16", "", KvEncoding::Bf16),
+    ("f16", "", KvEncoding::F16),
+    ("f32", "Lossless for f32 models", KvEncoding::F32),
+];
 
 /// `--head-budget` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum HeadBudgetChoice {
-    /// One budget for the whole model: heads that matter keep more.
-    Shared,
-    /// Every layer and KV head keeps the same number of tokens.
-    Even,
-}
+const HEAD_BUDGETS: Choices<HeadBudget> = &[
+    (
+        "shared",
+        "One budget for the whole model: heads that matter keep more",
+        HeadBudget::Shared,
+    ),
+    (
+        "even",
+        "Every layer and KV head keeps the same number of tokens",
+        HeadBudget::Even,
+    ),
+];
 
-impl HeadBudgetChoice {
-    pub fn spread(self) -> HeadBudget {
-        match self {
-            Self::Shared => HeadBudget::Shared,
-            Self::Even => HeadBudget::Even,
-        }
-    }
+/// `--stage` values.
+const STAGES: Choices<Stage> = &[
+    (
+        "pretrain",
+        "{\"text\"} rows: continue the text after its compressed context",
+        Stage::Pretrain,
+    ),
+    (
+        "qa",
+        "{\"context\", \"question\", \"answer\"} rows: answer; only the answer is scored",
+        Stage::Qa,
+    ),
+];
+
+/// Parses a flag into the library value its name stands for, listing the
+/// names with their help as clap's value enums do.
+fn choices<T: Copy + Send + Sync + 'static>(table: Choices<T>) -> impl TypedValueParser<Value = T> {
+    let values = table.iter().map(|&(name, help, _)| match help {
+        "" => PossibleValue::new(name),
+        help => PossibleValue::new(name).help(help),
+    });
+    PossibleValuesParser::new(values).try_map(move |name| {
+        table
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .map(|&(.., value)| value)
+            .ok_or_else(|| format!("`{name}` is not one of the values"))
+    })
 }
 
 #[derive(Debug, Args)]
@@ -284,8 +306,8 @@ pub struct CompressArgs {
 
     /// How `kvzip` and `snapkv` spread the kept tokens over layers and KV
     /// heads. Default: shared for kvzip, even for snapkv.
-    #[arg(long, value_enum)]
-    pub head_budget: Option<HeadBudgetChoice>,
+    #[arg(long, value_parser = choices(HEAD_BUDGETS))]
+    pub head_budget: Option<HeadBudget>,
 
     /// How the document and the questions are laid out for the model; the
     /// .sack records it, so `ask` frames questions the same way.
@@ -293,8 +315,8 @@ pub struct CompressArgs {
     pub prompt: PromptChoice,
 
     /// Storage precision of the kept K/V.
-    #[arg(long, value_enum, default_value_t = KvEncodingChoice::Bf16)]
-    pub kv_encoding: KvEncodingChoice,
+    #[arg(long, default_value = "bf16", value_parser = choices(KV_ENCODINGS))]
+    pub kv_encoding: KvEncoding,
 
     /// zstd level for every tensor (1-19); 0 stores them uncompressed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
@@ -414,8 +436,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
 
     /// What the decoder learns.
-    #[arg(long, value_enum, default_value_t = StageChoice::Pretrain)]
-    pub stage: StageChoice,
+    #[arg(long, default_value = "pretrain", value_parser = choices(STAGES))]
+    pub stage: Stage,
 
     /// Start from this adapter (e.g. qa after pretrain) instead of a fresh one.
     #[arg(long, value_name = "ADAPTER_DIR")]
@@ -535,10 +557,7 @@ impl TrainArgs {
                 self.min_context, self.max_context
             ));
         }
-        let stage = match self.stage {
-            StageChoice::Pretrain => Stage::Pretrain,
-            StageChoice::Qa => Stage::Qa,
-        };
+        let stage = self.stage;
         let size = |v: Option<u32>| v.map(|n| n as usize);
         Ok(TrainSettings {
             stage,

@@ -58,7 +58,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         ratio: args.ratio.map(|r| r as usize),
         chunk_size: args.chunk_size.map(|c| c as usize),
         sinks: args.sinks.map(|s| s as usize),
-        head_budget: args.head_budget.map(|choice| choice.spread()),
+        head_budget: args.head_budget,
     };
     let settings = Settings::resolve(&request, adapter_config.as_ref()).map_err(flag_advice)?;
     let (text, file_name) = read_document(&args.input)?;
@@ -115,7 +115,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         &document,
     )?;
     let options = WriteOptions {
-        encoding: args.kv_encoding.encoding(),
+        encoding: args.kv_encoding,
         zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
     };
     let progress = progress_bar(compressor.strategy(), ids.len(), args.quiet);
