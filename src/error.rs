@@ -21,6 +21,10 @@ pub enum Error {
     #[error(transparent)]
     Settings(#[from] crate::compress::SettingsError),
 
+    /// A training run that cannot start as asked.
+    #[error(transparent)]
+    Setup(#[from] crate::train::SetupError),
+
     /// A model directory or Hub snapshot lacks a file we need.
     #[error("{0}")]
     MissingModelFile(String),
@@ -112,9 +116,11 @@ impl Error {
             Error::Tokenizer(_) => "its tokenizer cannot be loaded",
             Error::ChatTemplate(_) => "its chat template cannot be used",
             Error::Device(_) => "the device is not available",
-            Error::Data(_) | Error::Training(_) | Error::InvalidInput(_) | Error::Settings(_) => {
-                "invalid input"
-            }
+            Error::Data(_)
+            | Error::Training(_)
+            | Error::InvalidInput(_)
+            | Error::Settings(_)
+            | Error::Setup(_) => "invalid input",
             Error::Sack(_) => "a .sack is unreadable",
             Error::Candle(_) => "a tensor operation failed",
         }

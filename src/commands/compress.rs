@@ -101,7 +101,10 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         ids.len(),
     )?;
     let compressor = Compressor::new(&model.decoder, strategy);
-    compressor.check_document(ids.len())?;
+    compressor.check_document(ids.len()).map_err(|e| match e {
+        Error::Settings(settings) => flag_advice(settings),
+        other => other.into(),
+    })?;
     let document = DocumentFacts {
         text: &text,
         tokens: ids.len(),
@@ -199,6 +202,16 @@ fn flag_advice(error: SettingsError) -> anyhow::Error {
         SettingsError::NoHeadBudget(method) => {
             anyhow::anyhow!("--head-budget applies to kvzip and snapkv, not to {method}")
         }
+        SettingsError::ReadsPastModel {
+            method,
+            len,
+            room,
+            limit,
+        } => anyhow::anyhow!(
+            "the document is {len} tokens long and {method} reads up to {room} more after it to \
+             score it, but the model attends over at most {limit} positions; use a smaller \
+             --chunk-size, another compressor or a model with a longer context"
+        ),
         other => other.into(),
     }
 }

@@ -39,7 +39,7 @@ pub use budget::HeadBudget;
 pub use kvzip::RepeatPrompt;
 pub use settings::{Request, Settings, SettingsError};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::{self, chunk::Chunk};
 use crate::model::{Decoder, Kernels, LayerKv, ModelConfig};
 
@@ -293,11 +293,13 @@ fn check_reads_after(config: &ModelConfig, method: Method, len: usize, room: usi
         .max_position_embeddings
         .min(config.sliding_window.unwrap_or(usize::MAX));
     if len + room > limit {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long and {method} reads up to {room} more after it to score it, \
-             but the model attends over at most {limit} positions; use a smaller --chunk-size, \
-             another compressor or a model with a longer context"
-        )));
+        return Err(SettingsError::ReadsPastModel {
+            method,
+            len,
+            room,
+            limit,
+        }
+        .into());
     }
     Ok(())
 }

@@ -65,6 +65,17 @@ pub enum SettingsError {
     NoSinks(Method),
     #[error("a head budget applies to kvzip and snapkv, not to {0}")]
     NoHeadBudget(Method),
+    #[error(
+        "the document is {len} tokens long and {method} reads up to {room} more after it to \
+         score it, but the model attends over at most {limit} positions; use a smaller chunk \
+         size, another compressor or a model with a longer context"
+    )]
+    ReadsPastModel {
+        method: Method,
+        len: usize,
+        room: usize,
+        limit: usize,
+    },
 }
 
 /// A checked request: every setting resolved.

@@ -39,6 +39,7 @@ use crate::runtime::LoadedModel;
 
 pub use data::{PretrainWindow, Stage};
 pub use eval::EvalScores;
+pub use setup::SetupError;
 
 use data::{EvalExample, TrainSet};
 use optimizer::{AdamW, clip_global_norm};

@@ -2,7 +2,7 @@
 //! adapter's shape, its data, its size, and the settings a resumed run must
 //! share with its checkpoint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use serde::Serialize;
@@ -22,6 +22,33 @@ use super::{
     DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS, LORA_SCALE, Length, Plan, Stage, TrainSettings,
     checkpoint, log,
 };
+
+/// Why a run cannot start as asked. The settings are named as
+/// [`TrainSettings`] names them; the command line turns them into flags.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("the output {} is a file, not a directory", .0.display())]
+    OutIsFile(PathBuf),
+    #[error("{} holds no {file} to continue from", dir.display())]
+    NothingToResume { dir: PathBuf, file: &'static str },
+    #[error("{} already holds a training run or an adapter", .0.display())]
+    RunExists(PathBuf),
+    /// The initial adapter was trained on another model.
+    #[error("{0}")]
+    InitForAnotherModel(String),
+    #[error("{setting} {ours} differs from the initial adapter's {theirs}")]
+    DiffersFromInit {
+        setting: &'static str,
+        ours: String,
+        theirs: String,
+    },
+    #[error("a {max_context}-token context with a {continuation}-token continuation: {why}")]
+    WindowTooLong {
+        max_context: usize,
+        continuation: usize,
+        why: String,
+    },
+}
 
 /// The settings that decide what a run computes; a resumed run must match
 /// them (what only affects reporting, such as `--eval`, may change).
@@ -59,18 +86,15 @@ fn are_default_targets(names: &&[String]) -> bool {
 /// Refuses to start over a run (without `--resume`) or to resume nothing.
 pub fn check_output(out: &Path, resume: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
-        return Err(Error::Training(format!(
-            "--out {} is a file, not a directory",
-            out.display()
-        )));
+        return Err(SetupError::OutIsFile(out.to_path_buf()).into());
     }
     let has_checkpoint = checkpoint::path(out).is_file();
     if resume && !has_checkpoint {
-        return Err(Error::Training(format!(
-            "--resume: {} holds no {} to continue from",
-            out.display(),
-            checkpoint::FILE
-        )));
+        return Err(SetupError::NothingToResume {
+            dir: out.to_path_buf(),
+            file: checkpoint::FILE,
+        }
+        .into());
     }
     let taken = [
         checkpoint::FILE,
@@ -81,11 +105,7 @@ pub fn check_output(out: &Path, resume: bool) -> Result<()> {
     .iter()
     .any(|f| out.join(f).exists());
     if !resume && taken {
-        return Err(Error::Training(format!(
-            "{} already holds a training run or an adapter; pass --resume to continue it, \
-             or choose another --out",
-            out.display()
-        )));
+        return Err(SetupError::RunExists(out.to_path_buf()).into());
     }
     Ok(())
 }
@@ -104,9 +124,7 @@ pub fn load_init(
         .config
         .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
     if let Some(why) = mismatch.filter(|_| !any_model) {
-        return Err(Error::Adapter(format!(
-            "{why} (--init-any-model starts from it anyway)"
-        )));
+        return Err(SetupError::InitForAnotherModel(why).into());
     }
     match ratio {
         Some(ratio) => adapter.at_ratio(ratio),
@@ -122,16 +140,19 @@ pub fn adapter_config(
     init: Option<&AdapterConfig>,
     model: &LoadedModel,
 ) -> Result<AdapterConfig> {
-    let pick = |flag: Option<usize>, theirs: Option<usize>, default: usize, name: &str| match (
-        flag, theirs,
-    ) {
-        (Some(f), Some(t)) if f != t => Err(Error::InvalidInput(format!(
-            "--{name} {f} differs from the --init adapter's {t}"
-        ))),
-        (Some(f), _) => Ok(f),
-        (None, Some(t)) => Ok(t),
-        (None, None) => Ok(default),
-    };
+    let pick =
+        |flag: Option<usize>, theirs: Option<usize>, default: usize, name: &'static str| match (
+            flag, theirs,
+        ) {
+            (Some(f), Some(t)) if f != t => Err(SetupError::DiffersFromInit {
+                setting: name,
+                ours: f.to_string(),
+                theirs: t.to_string(),
+            }),
+            (Some(f), _) => Ok(f),
+            (None, Some(t)) => Ok(t),
+            (None, None) => Ok(default),
+        };
     let ratio = pick(
         settings.ratio,
         init.map(|c| c.ratio),
@@ -152,11 +173,12 @@ pub fn adapter_config(
     )?;
     let lora_targets = match (&settings.lora_targets, init) {
         (Some(flag), Some(c)) if c.targets() != *flag => {
-            return Err(Error::InvalidInput(format!(
-                "--lora-targets {} differs from the --init adapter's {}",
-                LoraTarget::names(flag).join(","),
-                c.lora_targets.join(",")
-            )));
+            return Err(SetupError::DiffersFromInit {
+                setting: "lora-targets",
+                ours: LoraTarget::names(flag).join(","),
+                theirs: c.lora_targets.join(","),
+            }
+            .into());
         }
         (Some(flag), _) => LoraTarget::names(flag),
         (None, Some(c)) => c.lora_targets.clone(),
@@ -244,11 +266,10 @@ pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(Train
                 w.max_context,
                 layout::room(1, 0, w.continuation),
             )
-            .map_err(|e| {
-                Error::InvalidInput(format!(
-                    "--max-context {} with --continuation {}: {e}",
-                    w.max_context, w.continuation
-                ))
+            .map_err(|e| SetupError::WindowTooLong {
+                max_context: w.max_context,
+                continuation: w.continuation,
+                why: e.to_string(),
             })?;
             let loaded = TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
             Ok((loaded.data, loaded.skipped))
