@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use sac::compress::HeadBudget;
+use sac::compress::{HeadBudget, Method};
 use sac::device::{DTypeSpec, DeviceSpec};
+use sac::layout::prompt::PromptFormat;
 use sac::model::LoraTarget;
 use sac::runtime::ModelSpec;
 use sac::sack::KvEncoding;
@@ -160,39 +161,69 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+/// A `--compressor` value: a method, or `None` for `auto`.
+type CompressorPick = Option<Method>;
+
 /// `--compressor` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CompressorChoice {
-    /// `sac` when an adapter is given, else `kvzip`.
-    Auto,
-    /// The paper's compressor (needs --adapter).
-    Sac,
-    /// Training-free: the same anchors from a plain causal pass.
-    Uniform,
-    /// Every token kept: a prompt cache (lossless with --kv-encoding f32).
-    Full,
-    /// Training-free: the K/V the model attends to when asked to repeat the
-    /// document, chosen per layer and KV head (KVzip); about 2-3x a prefill.
-    Kvzip,
-    /// Training-free: the K/V the document's last 64 tokens attend to,
-    /// chosen per layer and KV head (SnapKV); about one prefill.
-    Snapkv,
-    /// The first 4 tokens and the most recent ones (StreamingLLM): a baseline.
-    Streaming,
-}
+const COMPRESSORS: Choices<CompressorPick> = &[
+    ("auto", "`sac` when an adapter is given, else `kvzip`", None),
+    (
+        "sac",
+        "The paper's compressor (needs --adapter)",
+        Some(Method::Sac),
+    ),
+    (
+        "uniform",
+        "Training-free: the same anchors from a plain causal pass",
+        Some(Method::Uniform),
+    ),
+    (
+        "full",
+        "Every token kept: a prompt cache (lossless with --kv-encoding f32)",
+        Some(Method::Full),
+    ),
+    (
+        "kvzip",
+        "Training-free: the K/V the model attends to when asked to repeat the document, chosen \
+         per layer and KV head (KVzip); about 2-3x a prefill",
+        Some(Method::Kvzip),
+    ),
+    (
+        "snapkv",
+        "Training-free: the K/V the document's last 64 tokens attend to, chosen per layer and \
+         KV head (SnapKV); about one prefill",
+        Some(Method::Snapkv),
+    ),
+    (
+        "streaming",
+        "The first 4 tokens and the most recent ones (StreamingLLM): a baseline",
+        Some(Method::Streaming),
+    ),
+];
+
+/// A `--prompt` value: a layout, or `None` for `auto`.
+type PromptPick = Option<PromptFormat>;
 
 /// `--prompt` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PromptChoice {
-    /// `raw` with an adapter, `chat` for a model with a chat template, else `raw`.
-    Auto,
-    /// The model's chat template: the document in the user turn, after a
-    /// short instruction to answer from it; each question follows it there.
-    Chat,
-    /// SAC's layout: "### Context:", "### Question:", "### Answer:" (what
-    /// SAC adapters are trained on).
-    Raw,
-}
+const PROMPTS: Choices<PromptPick> = &[
+    (
+        "auto",
+        "`raw` with an adapter, `chat` for a model with a chat template, else `raw`",
+        None,
+    ),
+    (
+        "chat",
+        "The model's chat template: the document in the user turn, after a short instruction to \
+         answer from it; each question follows it there",
+        Some(PromptFormat::Chat),
+    ),
+    (
+        "raw",
+        "SAC's layout: \"### Context:\", \"### Question:\", \"### Answer:\" (what SAC adapters \
+         are trained on)",
+        Some(PromptFormat::Raw),
+    ),
+];
 
 /// A flag's values, each the name of a library value, with its help.
 type Choices<T> = &'static [(&'static str, &'static str, T)];
@@ -287,8 +318,8 @@ pub struct CompressArgs {
     pub adapter: Option<PathBuf>,
 
     /// Which compressor to run.
-    #[arg(long, value_enum, default_value_t = CompressorChoice::Auto)]
-    pub compressor: CompressorChoice,
+    #[arg(long, default_value = "auto", value_parser = choices(COMPRESSORS))]
+    pub compressor: CompressorPick,
 
     /// Document tokens per kept token. Default: the adapter's, else 5.
     #[arg(long, value_parser = ratio)]
@@ -311,8 +342,8 @@ pub struct CompressArgs {
 
     /// How the document and the questions are laid out for the model; the
     /// .sack records it, so `ask` frames questions the same way.
-    #[arg(long, value_enum, default_value_t = PromptChoice::Auto)]
-    pub prompt: PromptChoice,
+    #[arg(long, default_value = "auto", value_parser = choices(PROMPTS))]
+    pub prompt: PromptPick,
 
     /// Storage precision of the kept K/V.
     #[arg(long, default_value = "bf16", value_parser = choices(KV_ENCODINGS))]

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
-use crate::cli::{CompressArgs, CompressorChoice, PromptChoice};
+use crate::cli::CompressArgs;
 use sac::adapter::{self, AdapterConfig, SacAdapter};
 use sac::compress::{
     Compressor, Cost, Method, RepeatPrompt, Request, Settings, SettingsError, Strategy,
 };
 use sac::error::Error;
 use sac::fingerprint::DigestCache;
-use sac::layout::prompt::PromptLayout;
+use sac::layout::prompt::{PromptFormat, PromptLayout};
 use sac::runtime::LoadedModel;
 use sac::sack::{SackWriter, Sink, WriteOptions};
 use sac::to_sack::{self, DocumentFacts};
@@ -45,14 +45,9 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let method = match (args.compressor, args.adapter.is_some()) {
-        (CompressorChoice::Auto, true) | (CompressorChoice::Sac, _) => Method::Sac,
-        (CompressorChoice::Auto, false) | (CompressorChoice::Kvzip, _) => Method::Kvzip,
-        (CompressorChoice::Uniform, _) => Method::Uniform,
-        (CompressorChoice::Full, _) => Method::Full,
-        (CompressorChoice::Snapkv, _) => Method::Snapkv,
-        (CompressorChoice::Streaming, _) => Method::Streaming,
-    };
+    let method = args
+        .compressor
+        .unwrap_or(Method::default_for(args.adapter.is_some()));
     let request = Request {
         method,
         ratio: args.ratio.map(|r| r as usize),
@@ -165,25 +160,26 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
 }
 
 /// The layout `choice` asks for: `sac` adapters were trained on `raw`;
-/// `auto` takes the model's chat template when it has one that renders.
+/// `auto` (`None`) takes the model's chat template when it has one that
+/// renders.
 fn prompt_layout(
-    choice: PromptChoice,
+    choice: Option<PromptFormat>,
     settings: &Settings,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<PromptLayout> {
     let template = tokenizer.chat_template();
     match (choice, settings.is_trained(), template) {
-        (PromptChoice::Raw, ..) | (PromptChoice::Auto, true, _) | (PromptChoice::Auto, _, None) => {
+        (Some(PromptFormat::Raw), ..) | (None, true, _) | (None, _, None) => {
             Ok(PromptLayout::raw())
         }
-        (PromptChoice::Chat, true, _) => {
+        (Some(PromptFormat::Chat), true, _) => {
             bail!("SAC adapters are trained on the raw layout; pass --prompt raw (or auto)")
         }
-        (PromptChoice::Chat, _, None) => {
+        (Some(PromptFormat::Chat), _, None) => {
             bail!("the model has no chat template; pass --prompt raw (or auto)")
         }
-        (PromptChoice::Chat, _, Some(t)) => Ok(PromptLayout::chat(t)?),
-        (PromptChoice::Auto, _, Some(t)) => Ok(PromptLayout::chat(t).unwrap_or_else(|e| {
+        (Some(PromptFormat::Chat), _, Some(t)) => Ok(PromptLayout::chat(t)?),
+        (None, _, Some(t)) => Ok(PromptLayout::chat(t).unwrap_or_else(|e| {
             eprintln!("sac: warning: {e}; using the raw layout");
             PromptLayout::raw()
         })),

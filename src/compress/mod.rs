@@ -55,6 +55,12 @@ pub enum Method {
 }
 
 impl Method {
+    /// The compressor to run when none is named: `sac` with an adapter,
+    /// else `kvzip`.
+    pub fn default_for(adapter: bool) -> Self {
+        if adapter { Method::Sac } else { Method::Kvzip }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Sac => "sac",
