@@ -2,16 +2,22 @@
 
 use std::path::PathBuf;
 
-use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+mod man;
+mod values;
 
-use sac::compress::{HeadBudget, Method};
+use clap::{Args, Parser, Subcommand};
+
+pub use man::man_page;
+use sac::compress::HeadBudget;
 use sac::device::{DTypeSpec, DeviceSpec};
-use sac::layout::prompt::PromptFormat;
 use sac::model::LoraTarget;
 use sac::runtime::ModelSpec;
 use sac::sack::KvEncoding;
 use sac::train::{Length, PretrainWindow, Stage, TrainSettings};
+use values::{
+    COMPRESSORS, CompressorPick, HEAD_BUDGETS, KV_ENCODINGS, PROMPTS, PromptPick, STAGES, choices,
+    non_negative, positive, probability, ratio,
+};
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
 /// KV files (.sack) and answer questions from them with the same base model.
@@ -161,134 +167,6 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-/// A `--compressor` value: a method, or `None` for `auto`.
-type CompressorPick = Option<Method>;
-
-/// `--compressor` values.
-const COMPRESSORS: Choices<CompressorPick> = &[
-    ("auto", "`sac` when an adapter is given, else `kvzip`", None),
-    (
-        "sac",
-        "The paper's compressor (needs --adapter)",
-        Some(Method::Sac),
-    ),
-    (
-        "uniform",
-        "Training-free: the same anchors from a plain causal pass",
-        Some(Method::Uniform),
-    ),
-    (
-        "full",
-        "Every token kept: a prompt cache (lossless with --kv-encoding f32)",
-        Some(Method::Full),
-    ),
-    (
-        "kvzip",
-        "Training-free: the K/V the model attends to when asked to repeat the document, chosen \
-         per layer and KV head (KVzip); about 2-3x a prefill",
-        Some(Method::Kvzip),
-    ),
-    (
-        "snapkv",
-        "Training-free: the K/V the document's last 64 tokens attend to, chosen per layer and \
-         KV head (SnapKV); about one prefill",
-        Some(Method::Snapkv),
-    ),
-    (
-        "streaming",
-        "The first 4 tokens and the most recent ones (StreamingLLM): a baseline",
-        Some(Method::Streaming),
-    ),
-];
-
-/// A `--prompt` value: a layout, or `None` for `auto`.
-type PromptPick = Option<PromptFormat>;
-
-/// `--prompt` values.
-const PROMPTS: Choices<PromptPick> = &[
-    (
-        "auto",
-        "`raw` with an adapter, `chat` for a model with a chat template, else `raw`",
-        None,
-    ),
-    (
-        "chat",
-        "The model's chat template: the document in the user turn, after a short instruction to \
-         answer from it; each question follows it there",
-        Some(PromptFormat::Chat),
-    ),
-    (
-        "raw",
-        "SAC's layout: \"### Context:\", \"### Question:\", \"### Answer:\" (what SAC adapters \
-         are trained on)",
-        Some(PromptFormat::Raw),
-    ),
-];
-
-/// A flag's values, each the name of a library value, with its help.
-type Choices<T> = &'static [(&'static str, &'static str, T)];
-
-/// `--kv-encoding` values.
-const KV_ENCODINGS: Choices<KvEncoding> = &[
-    (
-        "q8",
-        "8-bit codes: keys per channel, values per token",
-        KvEncoding::Q8,
-    ),
-    (
-        "q4",
-        "4-bit codes: keys per channel, values per token",
-        KvEncoding::Q4,
-    ),
-    ("bf16", "", KvEncoding::Bf16),
-    ("f16", "", KvEncoding::F16),
-    ("f32", "Lossless for f32 models", KvEncoding::F32),
-];
-
-/// `--head-budget` values.
-const HEAD_BUDGETS: Choices<HeadBudget> = &[
-    (
-        "shared",
-        "One budget for the whole model: heads that matter keep more",
-        HeadBudget::Shared,
-    ),
-    (
-        "even",
-        "Every layer and KV head keeps the same number of tokens",
-        HeadBudget::Even,
-    ),
-];
-
-/// `--stage` values.
-const STAGES: Choices<Stage> = &[
-    (
-        "pretrain",
-        "{\"text\"} rows: continue the text after its compressed context",
-        Stage::Pretrain,
-    ),
-    (
-        "qa",
-        "{\"context\", \"question\", \"answer\"} rows: answer; only the answer is scored",
-        Stage::Qa,
-    ),
-];
-
-/// Parses a flag into the library value its name stands for, listing the
-/// names with their help as clap's value enums do.
-fn choices<T: Copy + Send + Sync + 'static>(table: Choices<T>) -> impl TypedValueParser<Value = T> {
-    let values = table.iter().map(|&(name, help, _)| match help {
-        "" => PossibleValue::new(name),
-        help => PossibleValue::new(name).help(help),
-    });
-    PossibleValuesParser::new(values).try_map(move |name| {
-        table
-            .iter()
-            .find(|(n, ..)| *n == name)
-            .map(|&(.., value)| value)
-            .ok_or_else(|| format!("`{name}` is not one of the values"))
-    })
-}
-
 #[derive(Debug, Args)]
 pub struct CompressArgs {
     /// The text file to compress, or `-` for standard input.
@@ -434,15 +312,6 @@ pub struct AskArgs {
     /// you have loaded yourself with sac on this machine.
     #[arg(long)]
     pub allow_download: bool,
-}
-
-/// `--stage` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StageChoice {
-    /// {"text"} rows: continue the text after its compressed context.
-    Pretrain,
-    /// {"context", "question", "answer"} rows: answer; only the answer is scored.
-    Qa,
 }
 
 /// The flags of `sac train`.
@@ -623,70 +492,4 @@ impl TrainArgs {
             eval_max_tokens: self.eval_max_tokens as usize,
         })
     }
-}
-
-/// `--ratio`: a whole number of document tokens per kept token.
-fn ratio(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(r) if r >= 1 => Ok(r),
-        _ => Err(format!(
-            "`{s}` is not a ratio: give a whole number >= 1 of document tokens per kept token"
-        )),
-    }
-}
-
-fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
-        _ => Err(format!("`{s}` is not a number > 0")),
-    }
-}
-
-fn non_negative(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err(format!("`{s}` is not a number >= 0")),
-    }
-}
-
-fn probability(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
-        _ => Err(format!("`{s}` is not a probability in (0, 1]")),
-    }
-}
-
-/// The manual page `man/sac.1`: one page for the whole tool, the top-level
-/// sections first, then a section per subcommand with its description,
-/// synopsis and options as subsections.
-pub fn man_page() -> std::io::Result<Vec<u8>> {
-    use clap::CommandFactory;
-
-    fn subcommands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io::Result<()> {
-        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
-            let name = format!("{prefix} {}", sub.get_name());
-            let man = clap_mangen::Man::new(sub.clone().name(name.clone()));
-            let mut part = Vec::new();
-            man.render_description_section(&mut part)?;
-            man.render_synopsis_section(&mut part)?;
-            man.render_options_section(&mut part)?;
-            out.extend_from_slice(format!(".SH \"{}\"\n", name.to_uppercase()).as_bytes());
-            let part = String::from_utf8_lossy(&part).replace(".SH ", ".SS ");
-            out.extend_from_slice(part.as_bytes());
-            subcommands(sub, &name, out)?;
-        }
-        Ok(())
-    }
-
-    let cmd = Cli::command();
-    let man = clap_mangen::Man::new(cmd.clone());
-    let mut out = Vec::new();
-    man.render_title(&mut out)?;
-    man.render_name_section(&mut out)?;
-    man.render_synopsis_section(&mut out)?;
-    man.render_description_section(&mut out)?;
-    man.render_options_section(&mut out)?;
-    subcommands(&cmd, "sac", &mut out)?;
-    man.render_version_section(&mut out)?;
-    Ok(out)
 }
