@@ -292,14 +292,10 @@ impl SacAdapter {
             Some(r) => r,
             None => (1..=settings.chunk_size)
                 .find(|&r| chunk::mem_size(settings.chunk_size, r) == mem_size)
-                .ok_or_else(|| {
-                    adapter_error(
-                        pt,
-                        format!(
-                            "no ratio gives {mem_size} anchors per {}-token chunk; pass --ratio",
-                            settings.chunk_size
-                        ),
-                    )
+                .ok_or_else(|| Error::UnknownRatio {
+                    path: pt.to_path_buf(),
+                    mem_size,
+                    chunk_size: settings.chunk_size,
                 })?,
         };
         let config = AdapterConfig {

@@ -58,12 +58,10 @@ impl DeviceSpec {
                 Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
             }
             DeviceSpec::Auto => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) if cfg!(feature = "cuda") => Device::new_cuda(n)
-                .map_err(|e| Error::Device(format!("cannot open cuda:{n}: {e}"))),
-            DeviceSpec::Cuda(_) => Err(Error::Device(
-                "this sac was built without CUDA; rebuild with `--features cuda` or use --device cpu"
-                    .into(),
-            )),
+            DeviceSpec::Cuda(n) if cfg!(feature = "cuda") => {
+                Device::new_cuda(n).map_err(|e| Error::Device(format!("cannot open cuda:{n}: {e}")))
+            }
+            DeviceSpec::Cuda(_) => Err(Error::NoCuda),
         }
     }
 }

@@ -25,6 +25,30 @@ pub enum Error {
     #[error(transparent)]
     Setup(#[from] crate::train::SetupError),
 
+    /// A Hub revision or GGUF file name given with a local model.
+    #[error("a revision and a GGUF file name apply to Hub ids, and `{0}` is a local model")]
+    HubOptionsForLocalModel(String),
+
+    /// A reference checkpoint whose anchor count no ratio gives.
+    #[error("{}: no ratio gives {mem_size} anchors per {chunk_size}-token chunk; give the ratio", path.display())]
+    UnknownRatio {
+        path: PathBuf,
+        mem_size: usize,
+        chunk_size: usize,
+    },
+
+    /// Training diverged.
+    #[error("the gradient norm is {norm}; the loss diverged (try a lower learning rate)")]
+    Diverged { norm: f64 },
+
+    /// No pretraining text is longer than the minimum context.
+    #[error("{}: no text is long enough to pretrain on: each needs more than {min_context} tokens", path.display())]
+    NothingToPretrain { path: PathBuf, min_context: usize },
+
+    /// A CUDA device asked of a build without CUDA.
+    #[error("this sac was built without CUDA; rebuild with `--features cuda` or run on the CPU")]
+    NoCuda,
+
     /// A model directory or Hub snapshot lacks a file we need.
     #[error("{0}")]
     MissingModelFile(String),
@@ -115,7 +139,11 @@ impl Error {
             Error::Adapter(_) => "the adapter does not fit",
             Error::Tokenizer(_) => "its tokenizer cannot be loaded",
             Error::ChatTemplate(_) => "its chat template cannot be used",
-            Error::Device(_) => "the device is not available",
+            Error::Device(_) | Error::NoCuda => "the device is not available",
+            Error::HubOptionsForLocalModel(_) => "not a model sac may load",
+            Error::UnknownRatio { .. } => "the adapter does not fit",
+            Error::Diverged { .. } => "training diverged",
+            Error::NothingToPretrain { .. } => "invalid input",
             Error::Data(_)
             | Error::Training(_)
             | Error::InvalidInput(_)

@@ -8,9 +8,7 @@ use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::cli::CompressArgs;
 use sac::adapter::{self, AdapterConfig, SacAdapter};
-use sac::compress::{
-    Compressor, Cost, Method, RepeatPrompt, Request, Settings, SettingsError, Strategy,
-};
+use sac::compress::{Compressor, Cost, Method, RepeatPrompt, Request, Settings, Strategy};
 use sac::error::Error;
 use sac::fingerprint::DigestCache;
 use sac::layout::prompt::{PromptFormat, PromptLayout};
@@ -55,7 +53,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         sinks: args.sinks.map(|s| s as usize),
         head_budget: args.head_budget,
     };
-    let settings = Settings::resolve(&request, adapter_config.as_ref()).map_err(flag_advice)?;
+    let settings = Settings::resolve(&request, adapter_config.as_ref()).map_err(Error::from)?;
     let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
@@ -96,10 +94,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         ids.len(),
     )?;
     let compressor = Compressor::new(&model.decoder, strategy);
-    compressor.check_document(ids.len()).map_err(|e| match e {
-        Error::Settings(settings) => flag_advice(settings),
-        other => other.into(),
-    })?;
+    compressor.check_document(ids.len())?;
     let document = DocumentFacts {
         text: &text,
         tokens: ids.len(),
@@ -183,32 +178,6 @@ fn prompt_layout(
             eprintln!("sac: warning: {e}; using the raw layout");
             PromptLayout::raw()
         })),
-    }
-}
-
-/// A settings error as the command line's advice, naming its flags.
-fn flag_advice(error: SettingsError) -> anyhow::Error {
-    match error {
-        SettingsError::NeedsAdapter => anyhow::anyhow!(
-            "the sac compressor needs an adapter (--adapter DIR); without one, use --compressor uniform"
-        ),
-        SettingsError::NoSinks(method) => {
-            anyhow::anyhow!("--sinks applies to the training-free compressors, not to {method}")
-        }
-        SettingsError::NoHeadBudget(method) => {
-            anyhow::anyhow!("--head-budget applies to kvzip and snapkv, not to {method}")
-        }
-        SettingsError::ReadsPastModel {
-            method,
-            len,
-            room,
-            limit,
-        } => anyhow::anyhow!(
-            "the document is {len} tokens long and {method} reads up to {room} more after it to \
-             score it, but the model attends over at most {limit} positions; use a smaller \
-             --chunk-size, another compressor or a model with a longer context"
-        ),
-        other => other.into(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `anyhow` errors with context, printed by `main` as one line.
 
 mod adapter_import;
+mod advice;
 mod ask;
 mod compress;
 mod info;
@@ -13,8 +14,12 @@ use std::io::Write;
 
 use crate::cli::{AdapterCommand, Cli, Command};
 
-/// Runs the parsed command line.
+/// Runs the parsed command line; a library error a flag can fix names it.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    command(cli).map_err(advice::advise)
+}
+
+fn command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Compress(args) => compress::run(&args),
         Command::Ask(args) => ask::run(&args),

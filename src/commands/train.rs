@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
 use sac::runtime::LoadedModel;
-use sac::train::{Event, SetupError, Trainer};
+use sac::train::{Event, Trainer};
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
@@ -20,7 +20,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let out = settings.out.clone();
     let min_context = settings.window.min_context;
     let model = LoadedModel::load(&args.model.spec())?;
-    let mut trainer = Trainer::new(&model, settings).map_err(flag_advice)?;
+    let mut trainer = Trainer::new(&model, settings)?;
     if trainer.skipped() > 0 && !args.quiet {
         eprintln!(
             "sac: skipped {} texts of at most {min_context} tokens (--min-context)",
@@ -58,40 +58,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A run that cannot start, as the command line's advice, naming its flags.
-fn flag_advice(error: sac::Error) -> anyhow::Error {
-    let sac::Error::Setup(setup) = &error else {
-        return error.into();
-    };
-    anyhow::anyhow!(match setup {
-        SetupError::OutIsFile(out) => format!("--out {} is a file, not a directory", out.display()),
-        SetupError::NothingToResume { dir, file } => {
-            format!(
-                "--resume: {} holds no {file} to continue from",
-                dir.display()
-            )
-        }
-        SetupError::RunExists(out) => format!(
-            "{} already holds a training run or an adapter; pass --resume to continue it, \
-             or choose another --out",
-            out.display()
-        ),
-        SetupError::InitForAnotherModel(why) => {
-            format!("adapter {why} (--init-any-model starts from it anyway)")
-        }
-        SetupError::DiffersFromInit {
-            setting,
-            ours,
-            theirs,
-        } => format!("--{setting} {ours} differs from the --init adapter's {theirs}"),
-        SetupError::WindowTooLong {
-            max_context,
-            continuation,
-            why,
-        } => format!("--max-context {max_context} with --continuation {continuation}: {why}"),
-    })
 }
 
 fn progress_bar(steps: u64, done: u64, quiet: bool) -> ProgressBar {

@@ -105,9 +105,7 @@ pub fn resolve(model: &str, revision: Option<&str>, gguf_file: Option<&str>) -> 
     let path = Path::new(model);
     if path.exists() {
         if revision.is_some() || gguf_file.is_some() {
-            return Err(Error::MissingModelFile(format!(
-                "--revision and --gguf-file apply to Hub ids, and `{model}` is a local model"
-            )));
+            return Err(Error::HubOptionsForLocalModel(model.to_string()));
         }
         return resolve_local(path);
     }
@@ -380,7 +378,7 @@ impl HubRepo {
         }
         let how = format!(
             "fetch it with `huggingface-cli download {} {file} --revision {}` (the cache is {}) \
-             or pass --model a local directory",
+             or use a local model directory",
             self.id,
             self.revision,
             self.cache.path().display()

@@ -125,12 +125,10 @@ impl TrainSet {
             docs.push(ids);
         }
         if docs.is_empty() {
-            return Err(Error::Data(format!(
-                "{}: no text is long enough to pretrain on: each needs more than {} tokens \
-                 (--min-context)",
-                path.display(),
-                window.min_context
-            )));
+            return Err(Error::NothingToPretrain {
+                path: path.to_path_buf(),
+                min_context: window.min_context,
+            });
         }
         Ok(Loaded {
             data: TrainSet {

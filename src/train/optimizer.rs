@@ -122,9 +122,7 @@ pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     }
     let norm = squares.sqrt();
     if !norm.is_finite() {
-        return Err(Error::Training(format!(
-            "the gradient norm is {norm}; the loss diverged (try a lower --lr)"
-        )));
+        return Err(Error::Diverged { norm });
     }
     let scale = max_norm / (norm + 1e-6);
     if scale < 1.0 {

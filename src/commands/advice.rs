@@ -1,0 +1,95 @@
+//! The library's errors say what is wrong in its own terms; where a flag
+//! changes the outcome, the command line says which.
+
+use sac::Error;
+use sac::compress::SettingsError;
+use sac::train::SetupError;
+
+/// `err` with the first library error in its chain that a flag can fix
+/// rewritten to name the flag; the context above it is kept.
+pub fn advise(err: anyhow::Error) -> anyhow::Error {
+    let mut parts = Vec::new();
+    for cause in err.chain() {
+        if let Some(advice) = cause.downcast_ref::<Error>().and_then(flag_advice) {
+            parts.push(advice);
+            return anyhow::anyhow!(parts.join(": "));
+        }
+        parts.push(cause.to_string());
+    }
+    err
+}
+
+fn flag_advice(error: &Error) -> Option<String> {
+    Some(match error {
+        Error::Settings(settings) => settings_advice(settings)?,
+        Error::Setup(setup) => setup_advice(setup),
+        Error::HubOptionsForLocalModel(model) => {
+            format!("--revision and --gguf-file apply to Hub ids, and `{model}` is a local model")
+        }
+        Error::UnknownRatio { .. } => format!("{error}: pass --ratio"),
+        Error::Diverged { norm } => {
+            format!("the gradient norm is {norm}; the loss diverged (try a lower --lr)")
+        }
+        Error::NothingToPretrain { .. } => format!("{error} (--min-context)"),
+        Error::NoCuda => {
+            "this sac was built without CUDA; rebuild with `--features cuda` or use --device cpu"
+                .into()
+        }
+        _ => return None,
+    })
+}
+
+fn settings_advice(error: &SettingsError) -> Option<String> {
+    Some(match error {
+        SettingsError::NeedsAdapter => "the sac compressor needs an adapter (--adapter DIR); \
+                                        without one, use --compressor uniform"
+            .into(),
+        SettingsError::NoSinks(method) => {
+            format!("--sinks applies to the training-free compressors, not to {method}")
+        }
+        SettingsError::NoHeadBudget(method) => {
+            format!("--head-budget applies to kvzip and snapkv, not to {method}")
+        }
+        SettingsError::ReadsPastModel {
+            method,
+            len,
+            room,
+            limit,
+        } => format!(
+            "the document is {len} tokens long and {method} reads up to {room} more after it to \
+             score it, but the model attends over at most {limit} positions; use a smaller \
+             --chunk-size, another compressor or a model with a longer context"
+        ),
+        _ => return None,
+    })
+}
+
+fn setup_advice(error: &SetupError) -> String {
+    match error {
+        SetupError::OutIsFile(out) => format!("--out {} is a file, not a directory", out.display()),
+        SetupError::NothingToResume { dir, file } => {
+            format!(
+                "--resume: {} holds no {file} to continue from",
+                dir.display()
+            )
+        }
+        SetupError::RunExists(out) => format!(
+            "{} already holds a training run or an adapter; pass --resume to continue it, \
+             or choose another --out",
+            out.display()
+        ),
+        SetupError::InitForAnotherModel(why) => {
+            format!("adapter {why} (--init-any-model starts from it anyway)")
+        }
+        SetupError::DiffersFromInit {
+            setting,
+            ours,
+            theirs,
+        } => format!("--{setting} {ours} differs from the --init adapter's {theirs}"),
+        SetupError::WindowTooLong {
+            max_context,
+            continuation,
+            why,
+        } => format!("--max-context {max_context} with --continuation {continuation}: {why}"),
+    }
+}
