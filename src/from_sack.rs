@@ -102,6 +102,11 @@ fn layer_kv(
     header: &SackHeader,
     file: &str,
 ) -> Result<SharedKv> {
+    if header.kv.key_rope == KeyRope::Sequential {
+        return Err(Error::InvalidInput(format!(
+            "{file} stores keys rotated as a contiguous prefix, which sac does not read"
+        )));
+    }
     let first = i64::from(header.decoder.first_position);
     let c = decoder.config();
     let ragged = layer
@@ -114,17 +119,19 @@ fn layer_kv(
         .map(|h| h.positions.len())
         .max()
         .unwrap_or(0);
-    // Each head's position ids, padded as its K/V are.
-    let positions: Vec<i64> = layer
-        .heads
-        .iter()
-        .flat_map(|h| {
-            h.positions
-                .iter()
-                .map(|&p| first + i64::from(p))
-                .chain(std::iter::repeat_n(first, longest - h.positions.len()))
-        })
-        .collect();
+    // Keys stored before RoPE: each head's position ids, padded as its K/V are.
+    let positions = (header.kv.key_rope == KeyRope::None).then(|| {
+        layer
+            .heads
+            .iter()
+            .flat_map(|h| {
+                h.positions
+                    .iter()
+                    .map(|&p| first + i64::from(p))
+                    .chain(std::iter::repeat_n(first, longest - h.positions.len()))
+            })
+            .collect::<Vec<i64>>()
+    });
     let heads = layer
         .heads
         .into_iter()
@@ -135,21 +142,13 @@ fn layer_kv(
         .collect();
     let mut shared =
         SharedKv::from_heads(heads, c.head_dim, ragged, decoder.device(), decoder.dtype())?;
-    match header.kv.key_rope {
-        KeyRope::Kept => {}
-        KeyRope::None => {
-            let k = &shared.kv.k;
-            let positions = Tensor::from_vec(positions, (c.num_kv_heads, longest), k.device())?;
-            let heads = (0..c.num_kv_heads)
-                .map(|h| decoder.rotate(&k.narrow(1, h, 1)?, &positions.narrow(0, h, 1)?))
-                .collect::<Result<Vec<_>>>()?;
-            shared.kv.k = Tensor::cat(&heads, 1)?;
-        }
-        KeyRope::Sequential => {
-            return Err(Error::InvalidInput(format!(
-                "{file} stores keys rotated as a contiguous prefix, which sac does not read"
-            )));
-        }
+    if let Some(positions) = positions {
+        let k = &shared.kv.k;
+        let positions = Tensor::from_vec(positions, (c.num_kv_heads, longest), k.device())?;
+        let heads = (0..c.num_kv_heads)
+            .map(|h| decoder.rotate(&k.narrow(1, h, 1)?, &positions.narrow(0, h, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        shared.kv.k = Tensor::cat(&heads, 1)?;
     }
     Ok(shared)
 }

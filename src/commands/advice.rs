@@ -50,16 +50,7 @@ fn settings_advice(error: &SettingsError) -> Option<String> {
         SettingsError::NoHeadBudget(method) => {
             format!("--head-budget applies to kvzip and snapkv, not to {method}")
         }
-        SettingsError::ReadsPastModel {
-            method,
-            len,
-            room,
-            limit,
-        } => format!(
-            "the document is {len} tokens long and {method} reads up to {room} more after it to \
-             score it, but the model attends over at most {limit} positions; use a smaller \
-             --chunk-size, another compressor or a model with a longer context"
-        ),
+        SettingsError::ReadsPastModel { .. } => format!("{error} (--chunk-size)"),
         _ => return None,
     })
 }

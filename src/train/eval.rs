@@ -31,6 +31,7 @@ pub fn evaluate(
     max_tokens: usize,
 ) -> Result<EvalScores> {
     let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
+    let prefix = compressor.strategy().prefix()?;
     let sampling = SamplingSettings {
         temperature: 0.0,
         top_p: None,
@@ -47,7 +48,7 @@ pub fn evaluate(
                 .map(SharedKv::from)
                 .collect(),
             question_position,
-            prefix: Some(adapter.lm_embedding()?.unsqueeze(0)?),
+            prefix: prefix.clone(),
         };
         let answerer = Answerer::new(decoder, context, tokenizer.eos())?;
         let generation = answerer.answer(&example.question, &sampling, |_| Ok(true))?;
