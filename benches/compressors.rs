@@ -19,7 +19,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::{LLAMA_3_2_1B, Placement, random_weights};
-use sac::compress::{Compressor, Method, RepeatPrompt, Request, Settings};
+use sac::compress::{
+    Compressor, RepeatPrompt, Request, Settings, full, kvzip, snapkv, streaming, uniform,
+};
 use sac::model::{Decoder, ForwardInput, ModelConfig};
 
 #[derive(Parser)]
@@ -84,13 +86,13 @@ fn main() -> anyhow::Result<()> {
         })
     );
     for method in [
-        Method::Full,
-        Method::Uniform,
-        Method::Streaming,
-        Method::Snapkv,
-        Method::Kvzip,
+        &full::METHOD,
+        &uniform::METHOD,
+        &streaming::METHOD,
+        &snapkv::METHOD,
+        &kvzip::METHOD,
     ] {
-        let ratio = if method == Method::Full {
+        let ratio = if method == &full::METHOD {
             1
         } else {
             args.ratio
@@ -119,7 +121,7 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "compressor": method.name(),
+                "compressor": method.name,
                 "ratio": ratio,
                 "chunk_size": args.chunk_size,
                 "seconds": seconds,

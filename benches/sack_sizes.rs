@@ -137,13 +137,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .filter(|e| !matches!(e.name, sac::sack::TensorName::Positions { .. }))
                 .map(|e| e.stored_len)
                 .sum();
-            let stacked = reader
-                .read_layer(0)?
-                .into_stacked()
-                .map_err(|_| "shared layout must stack")?;
+            // Every head keeps the same positions: the layer's keys are
+            // its heads' keys in order.
+            let layer = reader.read_layer(0)?;
+            let keys = layer.heads.iter().flat_map(|h| &h.keys);
             let rms = (originals
                 .iter()
-                .zip(&stacked.keys)
+                .zip(keys)
                 .map(|(a, b)| f64::from(a - b).powi(2))
                 .sum::<f64>()
                 / originals.len() as f64)

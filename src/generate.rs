@@ -239,7 +239,7 @@ impl<'a> Answerer<'a> {
                 shared: Some(&self.shared),
                 past: past.as_deref(),
                 lora: None,
-                path: Kernels::Inference,
+                kernels: Kernels::Inference,
             })?;
             cache.append(&out.kv)?;
             let logits = self

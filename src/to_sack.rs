@@ -52,7 +52,7 @@ pub fn header(
             fingerprint: model.fingerprint.tokenizer.clone(),
         },
         compressor: CompressorInfo {
-            method: facts.method.name().into(),
+            method: facts.method.name.into(),
             ratio: facts.ratio as f64,
             chunk_size: facts.chunk_size as u32,
             adapter_fingerprint,

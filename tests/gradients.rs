@@ -89,7 +89,7 @@ impl Trainables {
 
 /// Logits and K/V of the fixture prompt with the trainables applied, as SAC's
 /// compressor runs it: a bidirectional block, 1-based positions.
-fn forward(fx: &Fixture, t: &Trainables, path: Kernels) -> (Tensor, Vec<Tensor>) {
+fn forward(fx: &Fixture, t: &Trainables, kernels: Kernels) -> (Tensor, Vec<Tensor>) {
     let ids = fx.ids("input_ids");
     let positions = fx.ids("bidir.position_ids");
     let seq = ids.dim(1).unwrap();
@@ -112,7 +112,7 @@ fn forward(fx: &Fixture, t: &Trainables, path: Kernels) -> (Tensor, Vec<Tensor>)
             shared: None,
             past: None,
             lora: Some(&lora),
-            path,
+            kernels,
         })
         .unwrap();
     let kv = out.kv.into_iter().flat_map(|l| [l.k, l.v]).collect();
@@ -120,8 +120,8 @@ fn forward(fx: &Fixture, t: &Trainables, path: Kernels) -> (Tensor, Vec<Tensor>)
 }
 
 /// A scalar that depends on every logit and every K/V element.
-fn loss(fx: &Fixture, t: &Trainables, path: Kernels) -> Tensor {
-    let (logits, kv) = forward(fx, t, path);
+fn loss(fx: &Fixture, t: &Trainables, kernels: Kernels) -> Tensor {
+    let (logits, kv) = forward(fx, t, kernels);
     let weights = |x: &Tensor, seed| {
         Tensor::from_vec(values(x.elem_count(), seed, 1.0), x.shape(), &Device::Cpu)
             .unwrap()

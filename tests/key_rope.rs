@@ -6,6 +6,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use common::stacked::stacked;
 use common::{fixture_dir, max_abs_diff, run_ok, sac, sac_fixture};
 use sac::sack::{
     Floats, KeptLayout, KeptSet, KeyRope, KvSlot, SackReader, SackWriter, WriteOptions,
@@ -85,7 +86,7 @@ fn pre_rope_keys_are_rotated_on_load() {
                 }
                 continue;
             }
-            let s = read.into_stacked().unwrap();
+            let s = stacked(read).unwrap();
             if layer == 0 {
                 writer
                     .add_positions(0, KeptSet::Shared, &s.positions)

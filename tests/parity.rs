@@ -26,7 +26,7 @@ fn run(
             shared: None,
             past,
             lora: None,
-            path: Kernels::Inference,
+            kernels: Kernels::Inference,
         })
         .unwrap()
 }

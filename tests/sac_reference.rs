@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use common::stacked::stacked;
 use common::{max_abs_diff, run_ok, sac, sac_fixture};
 use sac::model::{AttentionMask, ForwardInput, Kernels};
 use sac::sack::SackReader;
@@ -46,7 +47,7 @@ fn stored(path: &Path) -> (Vec<i64>, Vec<(Tensor, Tensor)>) {
     let mut positions = Vec::new();
     let mut layers = Vec::new();
     for layer in 0..header.model.layers {
-        let s = reader.read_layer(layer).unwrap().into_stacked().unwrap();
+        let s = stacked(reader.read_layer(layer).unwrap()).unwrap();
         positions = s.positions.iter().map(|&p| i64::from(p) + first).collect();
         let shape = (heads, s.positions.len(), dim);
         layers.push((
@@ -110,7 +111,7 @@ fn answer_logits(sack_path: &Path, question_ids: &[u32], answer_ids: &[u32]) -> 
             shared: Some(&context.past),
             past: None,
             lora: None,
-            path: Kernels::Inference,
+            kernels: Kernels::Inference,
         })
         .unwrap();
     let n = answer_ids.len();

@@ -15,7 +15,7 @@ use sac::runtime::ModelSpec;
 use sac::sack::KvEncoding;
 use sac::train::{Length, PretrainWindow, Stage, TrainSettings};
 use values::{
-    COMPRESSORS, CompressorPick, HEAD_BUDGETS, KV_ENCODINGS, PROMPTS, PromptPick, STAGES, choices,
+    CompressorPick, HEAD_BUDGETS, KV_ENCODINGS, PROMPTS, PromptPick, STAGES, choices, compressor,
     non_negative, positive, probability, ratio,
 };
 
@@ -196,7 +196,7 @@ pub struct CompressArgs {
     pub adapter: Option<PathBuf>,
 
     /// Which compressor to run.
-    #[arg(long, default_value = "auto", value_parser = choices(COMPRESSORS))]
+    #[arg(long, default_value = "auto", value_parser = compressor())]
     pub compressor: CompressorPick,
 
     /// Document tokens per kept token. Default: the adapter's, else 5.

@@ -3,50 +3,30 @@
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
-use sac::compress::{HeadBudget, Method};
+use sac::compress::{HeadBudget, METHODS, Method};
 use sac::layout::prompt::PromptFormat;
 use sac::sack::KvEncoding;
 use sac::train::Stage;
 
 /// A `--compressor` value: a method, or `None` for `auto`.
-pub(super) type CompressorPick = Option<Method>;
+pub(super) type CompressorPick = Option<&'static Method>;
 
-/// `--compressor` values.
-pub(super) const COMPRESSORS: Choices<CompressorPick> = &[
-    ("auto", "`sac` when an adapter is given, else `kvzip`", None),
-    (
-        "sac",
-        "The paper's compressor (needs --adapter)",
-        Some(Method::Sac),
-    ),
-    (
-        "uniform",
-        "Training-free: the same anchors from a plain causal pass",
-        Some(Method::Uniform),
-    ),
-    (
-        "full",
-        "Every token kept: a prompt cache (lossless with --kv-encoding f32)",
-        Some(Method::Full),
-    ),
-    (
-        "kvzip",
-        "Training-free: the K/V the model attends to when asked to repeat the document, chosen \
-         per layer and KV head (KVzip); about 2-3x a prefill",
-        Some(Method::Kvzip),
-    ),
-    (
-        "snapkv",
-        "Training-free: the K/V the document's last 64 tokens attend to, chosen per layer and \
-         KV head (SnapKV); about one prefill",
-        Some(Method::Snapkv),
-    ),
-    (
-        "streaming",
-        "The first 4 tokens and the most recent ones (StreamingLLM): a baseline",
-        Some(Method::Streaming),
-    ),
-];
+/// Parses `--compressor`: `auto` or the name of a method in [`METHODS`],
+/// each listed with its summary.
+pub(super) fn compressor() -> impl TypedValueParser<Value = CompressorPick> {
+    let auto = PossibleValue::new("auto").help("`sac` when an adapter is given, else `kvzip`");
+    let methods = METHODS
+        .iter()
+        .map(|m| PossibleValue::new(m.name).help(m.summary));
+    PossibleValuesParser::new(std::iter::once(auto).chain(methods)).try_map(|name| {
+        match name.as_str() {
+            "auto" => Ok(None),
+            name => Method::named(name)
+                .map(Some)
+                .ok_or_else(|| format!("`{name}` is not a compressor")),
+        }
+    })
+}
 
 /// A `--prompt` value: a layout, or `None` for `auto`.
 pub(super) type PromptPick = Option<PromptFormat>;

@@ -2,7 +2,7 @@
 //! changes the outcome, the command line says which.
 
 use sac::Error;
-use sac::compress::SettingsError;
+use sac::compress::{SettingsError, settings};
 use sac::train::SetupError;
 
 /// `err` with the first library error in its chain that a flag can fix
@@ -41,14 +41,18 @@ fn flag_advice(error: &Error) -> Option<String> {
 
 fn settings_advice(error: &SettingsError) -> Option<String> {
     Some(match error {
-        SettingsError::NeedsAdapter => "the sac compressor needs an adapter (--adapter DIR); \
-                                        without one, use --compressor uniform"
-            .into(),
+        SettingsError::NeedsAdapter(method) => format!(
+            "the {method} compressor needs an adapter (--adapter DIR); without one, use \
+             --compressor uniform"
+        ),
         SettingsError::NoSinks(method) => {
             format!("--sinks applies to the training-free compressors, not to {method}")
         }
         SettingsError::NoHeadBudget(method) => {
-            format!("--head-budget applies to kvzip and snapkv, not to {method}")
+            format!(
+                "--head-budget applies to {}, not to {method}",
+                settings::head_budget_methods()
+            )
         }
         SettingsError::ReadsPastModel { .. } => format!("{error} (--chunk-size)"),
         _ => return None,

@@ -23,42 +23,72 @@ enum Output {
     Stdout,
 }
 
+/// What `compress` was asked, checked before the model loads.
+struct CompressSettings<'a> {
+    output: Output,
+    model: String,
+    /// The adapter's directory and config.
+    adapter: Option<(&'a Path, AdapterConfig)>,
+    compressor: Settings,
+    write: WriteOptions,
+}
+
+impl<'a> CompressSettings<'a> {
+    fn resolve(args: &'a CompressArgs) -> anyhow::Result<Self> {
+        let output = output_for(args)?;
+        let adapter = args
+            .adapter
+            .as_deref()
+            .map(|dir| anyhow::Ok((dir, AdapterConfig::load(dir)?)))
+            .transpose()?;
+        let model = match (&args.model, &adapter) {
+            (Some(m), _) => m.clone(),
+            (None, Some((dir, config))) => config.base_model_from(dir),
+            (None, None) => bail!(
+                "no model given: pass --model DIR|FILE.gguf|HUB_ID (or --adapter, or set SAC_MODEL)"
+            ),
+        };
+        let request = Request {
+            method: args
+                .compressor
+                .unwrap_or(Method::default_for(adapter.is_some())),
+            ratio: args.ratio.map(|r| r as usize),
+            chunk_size: args.chunk_size.map(|c| c as usize),
+            sinks: args.sinks.map(|s| s as usize),
+            head_budget: args.head_budget,
+        };
+        let compressor =
+            Settings::resolve(&request, adapter.as_ref().map(|(_, c)| c)).map_err(Error::from)?;
+        Ok(CompressSettings {
+            output,
+            model,
+            adapter,
+            compressor,
+            write: WriteOptions {
+                encoding: args.kv_encoding,
+                zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
+            },
+        })
+    }
+}
+
 pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     // Everything that can be checked without the model is checked first.
-    let output = output_for(args)?;
+    let CompressSettings {
+        output,
+        model: model_id,
+        adapter: adapter_config,
+        compressor: settings,
+        write: options,
+    } = CompressSettings::resolve(args)?;
     if matches!(output, Output::File(_)) {
         sac::atomic::remove_temp_files_on_signal()?;
     }
-    let adapter_config = args
-        .adapter
-        .as_deref()
-        .map(AdapterConfig::load)
-        .transpose()?;
-    let model_id = match (&args.model, &args.adapter, &adapter_config) {
-        (Some(m), _, _) => m.clone(),
-        (None, Some(dir), Some(c)) => c.base_model_from(dir),
-        _ => {
-            bail!(
-                "no model given: pass --model DIR|FILE.gguf|HUB_ID (or --adapter, or set SAC_MODEL)"
-            )
-        }
-    };
-    let method = args
-        .compressor
-        .unwrap_or(Method::default_for(args.adapter.is_some()));
-    let request = Request {
-        method,
-        ratio: args.ratio.map(|r| r as usize),
-        chunk_size: args.chunk_size.map(|c| c as usize),
-        sinks: args.sinks.map(|s| s as usize),
-        head_budget: args.head_budget,
-    };
-    let settings = Settings::resolve(&request, adapter_config.as_ref()).map_err(Error::from)?;
     let (text, file_name) = read_document(&args.input)?;
 
     let model = LoadedModel::load(&args.placement.spec(&model_id))?;
-    let adapter = match (&args.adapter, &adapter_config) {
-        (Some(dir), Some(config)) => {
+    let adapter = match &adapter_config {
+        Some((dir, config)) => {
             // The model the adapter names is checked before its tensors are.
             let mismatch = config.model_mismatch(dir, &model.files.id, &model.fingerprint.model);
             if let Some(why) = mismatch {
@@ -75,7 +105,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
                 adapter::fingerprint(dir, &mut DigestCache::open_default())?,
             ))
         }
-        _ => None,
+        None => None,
     };
     let layout = prompt_layout(args.prompt, &settings, &model.tokenizer)?;
     let ids = layout.context_ids(&model.tokenizer, &text)?;
@@ -107,10 +137,6 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         adapter.as_ref().map(|(_, fp)| fp.clone()),
         &document,
     )?;
-    let options = WriteOptions {
-        encoding: args.kv_encoding,
-        zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
-    };
     let progress = progress_bar(compressor.strategy(), ids.len(), args.quiet);
     let report = |tokens| progress.inc(tokens);
     let compressor = compressor.with_progress(&report);
@@ -133,6 +159,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     };
     progress.finish_and_clear();
     if !args.quiet {
+        let method = settings.method();
         let seconds = summary.cost.total.as_secs_f64();
         let versus_prefill = summary.cost.prefill.map_or(String::new(), |p| {
             format!(" ({:.1}x its prefill)", seconds / p.as_secs_f64().max(1e-9))

@@ -3,10 +3,29 @@
 
 use super::chunked;
 use super::run::{self, Input};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::layout::chunk;
 use crate::model::KvCache;
+
+/// `full` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "full",
+    summary: "Every token kept: a prompt cache (lossless with --kv-encoding f32)",
+    takes: Takes {
+        adapter: false,
+        keeps_all: true,
+        sinks: false,
+        head_budget: None,
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    Ok(Box::new(Full {
+        chunk_size: parts.chunk_size,
+    }))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full {
@@ -16,7 +35,7 @@ pub struct Full {
 impl Strategy for Full {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Full,
+            method: &METHOD,
             ratio: 1,
             chunk_size: self.chunk_size,
             per_head: false,

@@ -34,7 +34,7 @@ use std::time::Instant;
 use super::budget::{self, HeadBudget, Scores};
 use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::layout::prompt::PromptLayout;
 use crate::model::{AttentionProbe, KvCache, Reduce};
@@ -102,6 +102,30 @@ pub fn scored_chunks(len: usize, chunk_size: usize, sinks: usize) -> Vec<Range<u
         .collect()
 }
 
+/// `kvzip` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "kvzip",
+    summary: "Training-free: the K/V the model attends to when asked to repeat the document, \
+         chosen per layer and KV head (KVzip); about 2-3x a prefill",
+    takes: Takes {
+        adapter: false,
+        keeps_all: false,
+        sinks: true,
+        head_budget: Some(HeadBudget::Shared),
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    Ok(Box::new(Kvzip {
+        ratio: parts.ratio,
+        chunk_size: parts.chunk_size,
+        sinks: parts.sinks,
+        head_budget: parts.head_budget,
+        prompt: (parts.repeat_prompt)()?,
+    }))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kvzip {
     pub ratio: usize,
@@ -116,7 +140,7 @@ pub struct Kvzip {
 impl Strategy for Kvzip {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Kvzip,
+            method: &METHOD,
             ratio: self.ratio,
             chunk_size: self.chunk_size,
             per_head: true,

@@ -12,11 +12,12 @@
 //!   full causal prefill ([`select`]); KVzip and SnapKV keep different
 //!   positions per layer and KV head.
 //!
-//! A method is a type implementing [`Strategy`] with its own settings; what
-//! every method needs from the caller (the decoder, the graph path,
-//! progress) comes in a [`Pass`]. [`settings`] turns what the user asked for
-//! into a strategy: the one place that knows every method, so a new
-//! compressor is its own file plus a line there.
+//! A method is a [`Method`] (its name, what it takes, how it is built) and a
+//! type implementing [`Strategy`] with its own settings, both in its own
+//! file; [`METHODS`] lists them, and nothing else names one. What every
+//! method needs from the caller (the decoder, the kernels, progress) comes
+//! in a [`Pass`]; [`settings`] checks what the user asked for against what
+//! the method takes and has it build its strategy.
 
 pub mod budget;
 mod chunked;
@@ -39,43 +40,95 @@ pub use budget::HeadBudget;
 pub use kvzip::RepeatPrompt;
 pub use settings::{Request, Settings, SettingsError};
 
+use crate::adapter::SacAdapter;
 use crate::error::Result;
 use crate::layout::{self, chunk::Chunk};
-use crate::model::{Decoder, Kernels, LayerKv, ModelConfig};
+use crate::model::{Decoder, Kernels, LayerKv};
 
-/// The compressors, by the name a .sack records.
+/// Every compressor, in the order `--compressor` lists them. A new one is
+/// its own file, with its [`Method`], and a line here.
+pub static METHODS: &[&Method] = &[
+    &sac::METHOD,
+    &uniform::METHOD,
+    &full::METHOD,
+    &kvzip::METHOD,
+    &snapkv::METHOD,
+    &streaming::METHOD,
+];
+
+/// A compressor: its name (what a .sack records), what it takes, and how
+/// its strategy is built from checked [`Settings`].
+pub struct Method {
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub summary: &'static str,
+    pub takes: Takes,
+    /// The strategy for `parts`.
+    pub build: for<'a, 'p> fn(&Parts<'a, 'p>) -> Result<Box<dyn Strategy + 'a>>,
+}
+
+/// The settings a method takes beyond a ratio and a chunk size, which
+/// [`Settings::resolve`] checks a request against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Sac,
-    Uniform,
-    Full,
-    Kvzip,
-    Snapkv,
-    Streaming,
+pub struct Takes {
+    /// A trained adapter, which it needs (and whose ratio and chunk size it
+    /// runs at); the others refuse one.
+    pub adapter: bool,
+    /// It keeps every token, and so takes no ratio.
+    pub keeps_all: bool,
+    /// Attention sinks: tokens at the start always kept.
+    pub sinks: bool,
+    /// How its budget is spread over layers and heads, by default; `None`
+    /// when it has no such choice.
+    pub head_budget: Option<HeadBudget>,
+}
+
+/// What a [`Method::build`] gets: the resolved settings, the loaded adapter
+/// of a trained method, and the document's repeat prompt, made on demand.
+pub struct Parts<'a, 'p> {
+    pub ratio: usize,
+    /// At most the context's length.
+    pub chunk_size: usize,
+    pub sinks: usize,
+    pub head_budget: HeadBudget,
+    pub adapter: Option<&'a SacAdapter>,
+    pub repeat_prompt: &'p dyn Fn() -> Result<RepeatPrompt>,
 }
 
 impl Method {
     /// The compressor to run when none is named: `sac` with an adapter,
     /// else `kvzip`.
-    pub fn default_for(adapter: bool) -> Self {
-        if adapter { Method::Sac } else { Method::Kvzip }
+    pub fn default_for(adapter: bool) -> &'static Method {
+        if adapter {
+            &sac::METHOD
+        } else {
+            &kvzip::METHOD
+        }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Sac => "sac",
-            Method::Uniform => "uniform",
-            Method::Full => "full",
-            Method::Kvzip => "kvzip",
-            Method::Snapkv => "snapkv",
-            Method::Streaming => "streaming",
-        }
+    /// The compressor called `name`.
+    pub fn named(name: &str) -> Option<&'static Method> {
+        METHODS.iter().copied().find(|m| m.name == name)
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Method {}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
     }
 }
 
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.name)
     }
 }
 
@@ -134,14 +187,14 @@ pub struct Pass<'a> {
     /// `Kernels::Training` keeps the graph from the adapter's tensors to the
     /// kept K/V, so `sac train` can backpropagate a decoder loss into the
     /// compressor.
-    pub path: Kernels,
+    pub kernels: Kernels,
     pub progress: Option<Progress<'a>>,
 }
 
 impl fmt::Debug for Pass<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pass")
-            .field("path", &self.path)
+            .field("kernels", &self.kernels)
             .field("progress", &self.progress.is_some())
             .finish_non_exhaustive()
     }
@@ -152,7 +205,7 @@ impl<'a> Pass<'a> {
     pub fn new(decoder: &'a Decoder) -> Self {
         Pass {
             decoder,
-            path: Kernels::Inference,
+            kernels: Kernels::Inference,
             progress: None,
         }
     }
@@ -168,7 +221,7 @@ impl<'a> Pass<'a> {
 /// What a .sack's header says of the compressor that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
-    pub method: Method,
+    pub method: &'static Method,
     /// Context tokens per kept token (1 for `full`).
     pub ratio: usize,
     /// Tokens per chunk: a .sack segment, and the unit of work.
@@ -231,9 +284,9 @@ impl<'a> Compressor<'a> {
         self
     }
 
-    /// Runs on `path` (see [`Pass::path`]).
-    pub fn with_path(mut self, path: Kernels) -> Self {
-        self.pass.path = path;
+    /// Runs on `kernels` (see [`Pass::kernels`]).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.pass.kernels = kernels;
         self
     }
 
@@ -251,10 +304,18 @@ impl<'a> Compressor<'a> {
     pub fn check_document(&self, len: usize) -> Result<()> {
         let config = self.pass.decoder.config();
         layout::check_fits(config, len, layout::QUESTION_ROOM)?;
-        match self.strategy.reads_after(len) {
-            0 => Ok(()),
-            room => check_reads_after(config, self.strategy.facts().method, len, room),
+        let room = self.strategy.reads_after(len);
+        let limit = layout::attention_limit(config);
+        if room > 0 && len + room > limit {
+            return Err(SettingsError::ReadsPastModel {
+                method: self.strategy.facts().method,
+                len,
+                room,
+                limit,
+            }
+            .into());
         }
+        Ok(())
     }
 
     /// Compresses the context `ids`, handing each chunk's kept K/V to
@@ -290,22 +351,4 @@ impl<'a> Compressor<'a> {
             })
             .collect()
     }
-}
-
-/// Refuses a context of `len` tokens when the compressor's own reading of
-/// `room` positions after it does not fit the model.
-fn check_reads_after(config: &ModelConfig, method: Method, len: usize, room: usize) -> Result<()> {
-    let limit = config
-        .max_position_embeddings
-        .min(config.sliding_window.unwrap_or(usize::MAX));
-    if len + room > limit {
-        return Err(SettingsError::ReadsPastModel {
-            method,
-            len,
-            room,
-            limit,
-        }
-        .into());
-    }
-    Ok(())
 }

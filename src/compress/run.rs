@@ -56,7 +56,7 @@ pub(super) fn forward(pass: &Pass, input: Input) -> Result<ForwardOutput> {
         shared: None,
         past: input.past,
         lora: input.lora,
-        path: pass.path,
+        kernels: pass.kernels,
     };
     match input.probe {
         Some(probe) => decoder.forward_probed(forward, probe),

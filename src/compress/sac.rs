@@ -5,13 +5,34 @@
 
 use candle_core::{D, Tensor};
 
+use super::SettingsError;
 use super::chunked;
 use super::run::{self, Input};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::adapter::SacAdapter;
 use crate::error::Result;
 use crate::layout::chunk;
 use crate::model::AttentionMask;
+
+/// `sac` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "sac",
+    summary: "The paper's compressor (needs --adapter)",
+    takes: Takes {
+        adapter: true,
+        keeps_all: false,
+        sinks: false,
+        head_budget: None,
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    match parts.adapter {
+        Some(adapter) => Ok(Box::new(Sac::new(adapter))),
+        None => Err(SettingsError::NeedsAdapter(&METHOD).into()),
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Sac<'a> {
@@ -27,7 +48,7 @@ impl<'a> Sac<'a> {
 impl Strategy for Sac<'_> {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Sac,
+            method: &METHOD,
             ratio: self.adapter.config.ratio,
             chunk_size: self.adapter.config.chunk_size,
             per_head: false,

@@ -1,15 +1,10 @@
-//! What the user asks of a compressor, checked and resolved once, and the
-//! strategy built from it: the one place that knows every method.
+//! What the user asks of a compressor, checked once against what the method
+//! takes, and the strategy the method builds from it.
 
 use super::budget::HeadBudget;
-use super::full::Full;
-use super::kvzip::{Kvzip, RepeatPrompt};
-use super::sac::Sac;
+use super::kvzip::RepeatPrompt;
 use super::select::SINKS;
-use super::snapkv::Snapkv;
-use super::streaming::Streaming;
-use super::uniform::Uniform;
-use super::{Method, Strategy};
+use super::{METHODS, Method, Parts, Strategy};
 use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::error::Result;
 use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
@@ -18,7 +13,7 @@ use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 /// default (an adapter's ratio and chunk size for `sac`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
-    pub method: Method,
+    pub method: &'static Method,
     pub ratio: Option<usize>,
     pub chunk_size: Option<usize>,
     /// Tokens kept at the start of the context (of each chunk for `uniform`).
@@ -29,7 +24,7 @@ pub struct Request {
 
 impl Request {
     /// `method` with every setting at its default.
-    pub fn new(method: Method) -> Self {
+    pub fn new(method: &'static Method) -> Self {
         Request {
             method,
             ratio: None,
@@ -45,8 +40,8 @@ impl Request {
 pub enum SettingsError {
     #[error("ratio and chunk size must be positive")]
     NotPositive,
-    #[error("the sac compressor needs an adapter")]
-    NeedsAdapter,
+    #[error("the {0} compressor needs an adapter")]
+    NeedsAdapter(&'static Method),
     #[error(
         "the adapter was trained for ratio {trained_ratio} and chunk size {trained_chunk_size}, \
          not {ratio} and {chunk_size}"
@@ -58,20 +53,20 @@ pub enum SettingsError {
         chunk_size: usize,
     },
     #[error("the {0} compressor takes no adapter")]
-    TakesNoAdapter(Method),
-    #[error("the full compressor keeps every token; it takes no ratio")]
-    FullTakesRatio,
+    TakesNoAdapter(&'static Method),
+    #[error("the {0} compressor keeps every token; it takes no ratio")]
+    KeepsAll(&'static Method),
     #[error("attention sinks apply to the training-free compressors, not to {0}")]
-    NoSinks(Method),
-    #[error("a head budget applies to kvzip and snapkv, not to {0}")]
-    NoHeadBudget(Method),
+    NoSinks(&'static Method),
+    #[error("a head budget applies to {takers}, not to {0}", takers = head_budget_methods())]
+    NoHeadBudget(&'static Method),
     #[error(
         "the document is {len} tokens long and {method} reads up to {room} more after it to \
          score it, but the model attends over at most {limit} positions; use a smaller chunk \
          size, another compressor or a model with a longer context"
     )]
     ReadsPastModel {
-        method: Method,
+        method: &'static Method,
         len: usize,
         room: usize,
         limit: usize,
@@ -81,7 +76,7 @@ pub enum SettingsError {
 /// A checked request: every setting resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
-    method: Method,
+    method: &'static Method,
     ratio: usize,
     chunk_size: usize,
     sinks: usize,
@@ -97,10 +92,8 @@ impl Settings {
         adapter: Option<&AdapterConfig>,
     ) -> std::result::Result<Self, SettingsError> {
         let method = request.method;
-        let default_ratio = match method {
-            Method::Full => 1,
-            _ => DEFAULT_RATIO,
-        };
+        let takes = method.takes;
+        let default_ratio = if takes.keeps_all { 1 } else { DEFAULT_RATIO };
         let ratio = request
             .ratio
             .or(adapter.map(|a| a.ratio))
@@ -112,9 +105,9 @@ impl Settings {
         if ratio == 0 || chunk_size == 0 {
             return Err(SettingsError::NotPositive);
         }
-        match (method, adapter) {
-            (Method::Sac, None) => return Err(SettingsError::NeedsAdapter),
-            (Method::Sac, Some(a)) if (a.ratio, a.chunk_size) != (ratio, chunk_size) => {
+        match (takes.adapter, adapter) {
+            (true, None) => return Err(SettingsError::NeedsAdapter(method)),
+            (true, Some(a)) if (a.ratio, a.chunk_size) != (ratio, chunk_size) => {
                 return Err(SettingsError::NotAsTrained {
                     trained_ratio: a.ratio,
                     trained_chunk_size: a.chunk_size,
@@ -122,30 +115,30 @@ impl Settings {
                     chunk_size,
                 });
             }
-            (Method::Sac, Some(_)) => {}
-            (_, Some(_)) => return Err(SettingsError::TakesNoAdapter(method)),
-            (Method::Full, None) if ratio != 1 => return Err(SettingsError::FullTakesRatio),
+            (false, Some(_)) => return Err(SettingsError::TakesNoAdapter(method)),
+            (false, None) if takes.keeps_all && ratio != 1 => {
+                return Err(SettingsError::KeepsAll(method));
+            }
             _ => {}
         }
-        if request.sinks.is_some() && matches!(method, Method::Sac | Method::Full) {
+        if request.sinks.is_some() && !takes.sinks {
             return Err(SettingsError::NoSinks(method));
         }
-        let default_budget = match method {
-            Method::Kvzip => HeadBudget::Shared,
-            Method::Snapkv => HeadBudget::Even,
-            _ if request.head_budget.is_some() => return Err(SettingsError::NoHeadBudget(method)),
-            _ => HeadBudget::Shared,
+        let head_budget = match (takes.head_budget, request.head_budget) {
+            (Some(default), asked) => asked.unwrap_or(default),
+            (None, Some(_)) => return Err(SettingsError::NoHeadBudget(method)),
+            (None, None) => HeadBudget::Shared,
         };
         Ok(Settings {
             method,
             ratio,
             chunk_size,
             sinks: request.sinks.unwrap_or(SINKS),
-            head_budget: request.head_budget.unwrap_or(default_budget),
+            head_budget,
         })
     }
 
-    pub fn method(&self) -> Method {
+    pub fn method(&self) -> &'static Method {
         self.method
     }
 
@@ -160,7 +153,7 @@ impl Settings {
     /// Whether the method runs a trained adapter (and so the layout it was
     /// trained on).
     pub fn is_trained(&self) -> bool {
-        self.method == Method::Sac
+        self.method.takes.adapter
     }
 
     /// The strategy for a context of `len` tokens: a chunk longer than the
@@ -170,88 +163,88 @@ impl Settings {
     pub fn build<'a>(
         &self,
         adapter: Option<&'a SacAdapter>,
-        repeat_prompt: impl FnOnce() -> Result<RepeatPrompt>,
+        repeat_prompt: impl Fn() -> Result<RepeatPrompt>,
         len: usize,
     ) -> Result<Box<dyn Strategy + 'a>> {
-        let (ratio, chunk_size, sinks) = (self.ratio, self.chunk_size.min(len.max(1)), self.sinks);
-        let head_budget = self.head_budget;
-        Ok(match (self.method, adapter) {
-            (Method::Sac, Some(adapter)) => Box::new(Sac::new(adapter)),
-            (Method::Sac, None) => return Err(SettingsError::NeedsAdapter.into()),
-            (Method::Uniform, _) => Box::new(Uniform {
-                ratio,
-                chunk_size,
-                sinks,
-            }),
-            (Method::Full, _) => Box::new(Full { chunk_size }),
-            (Method::Kvzip, _) => Box::new(Kvzip {
-                ratio,
-                chunk_size,
-                sinks,
-                head_budget,
-                prompt: repeat_prompt()?,
-            }),
-            (Method::Snapkv, _) => Box::new(Snapkv {
-                ratio,
-                chunk_size,
-                sinks,
-                head_budget,
-            }),
-            (Method::Streaming, _) => Box::new(Streaming {
-                ratio,
-                chunk_size,
-                sinks,
-            }),
+        (self.method.build)(&Parts {
+            ratio: self.ratio,
+            chunk_size: self.chunk_size.min(len.max(1)),
+            sinks: self.sinks,
+            head_budget: self.head_budget,
+            adapter,
+            repeat_prompt: &repeat_prompt,
         })
+    }
+}
+
+/// The methods that take a head budget, for a message: "kvzip and snapkv".
+pub fn head_budget_methods() -> String {
+    let names: Vec<&str> = METHODS
+        .iter()
+        .filter(|m| m.takes.head_budget.is_some())
+        .map(|m| m.name)
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.concat(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::{full, kvzip, sac, snapkv, streaming, uniform};
 
     #[test]
     fn defaults_and_refusals() {
-        let full = Settings::resolve(&Request::new(Method::Full), None).unwrap();
+        let full = Settings::resolve(&Request::new(&full::METHOD), None).unwrap();
         assert_eq!((full.ratio(), full.chunk_size()), (1, DEFAULT_CHUNK_SIZE));
-        let kvzip = Settings::resolve(&Request::new(Method::Kvzip), None).unwrap();
+        let kvzip = Settings::resolve(&Request::new(&kvzip::METHOD), None).unwrap();
         assert_eq!(kvzip.ratio(), DEFAULT_RATIO);
         assert_eq!(kvzip.head_budget, HeadBudget::Shared);
-        let snapkv = Settings::resolve(&Request::new(Method::Snapkv), None).unwrap();
+        let snapkv = Settings::resolve(&Request::new(&snapkv::METHOD), None).unwrap();
         assert_eq!(
             (snapkv.head_budget, snapkv.sinks),
             (HeadBudget::Even, SINKS)
         );
         let refused = |request: Request| Settings::resolve(&request, None).unwrap_err();
         assert_eq!(
-            refused(Request::new(Method::Sac)),
-            SettingsError::NeedsAdapter
+            refused(Request::new(&sac::METHOD)),
+            SettingsError::NeedsAdapter(&sac::METHOD)
         );
         assert_eq!(
             refused(Request {
                 ratio: Some(4),
-                ..Request::new(Method::Full)
+                ..Request::new(&full::METHOD)
             }),
-            SettingsError::FullTakesRatio
+            SettingsError::KeepsAll(&full::METHOD)
         );
         assert_eq!(
             refused(Request {
                 sinks: Some(2),
-                ..Request::new(Method::Full)
+                ..Request::new(&full::METHOD)
             }),
-            SettingsError::NoSinks(Method::Full)
+            SettingsError::NoSinks(&full::METHOD)
         );
         assert_eq!(
             refused(Request {
                 head_budget: Some(HeadBudget::Even),
-                ..Request::new(Method::Streaming)
+                ..Request::new(&streaming::METHOD)
             }),
-            SettingsError::NoHeadBudget(Method::Streaming)
+            SettingsError::NoHeadBudget(&streaming::METHOD)
         );
+        assert_eq!(
+            SettingsError::NoHeadBudget(&streaming::METHOD).to_string(),
+            "a head budget applies to kvzip and snapkv, not to streaming"
+        );
+        for method in METHODS {
+            assert_eq!(Method::named(method.name), Some(*method));
+        }
+        assert_eq!(Method::named("gzip"), None);
         assert_eq!(
             refused(Request {
                 ratio: Some(0),
-                ..Request::new(Method::Uniform)
+                ..Request::new(&uniform::METHOD)
             }),
             SettingsError::NotPositive
         );

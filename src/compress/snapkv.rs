@@ -18,9 +18,32 @@ use std::time::Instant;
 use super::budget::{self, HeadBudget, Scores};
 use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::model::{AttentionProbe, KvCache, Reduce};
+
+/// `snapkv` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "snapkv",
+    summary: "Training-free: the K/V the document's last 64 tokens attend to, chosen per layer \
+         and KV head (SnapKV); about one prefill",
+    takes: Takes {
+        adapter: false,
+        keeps_all: false,
+        sinks: true,
+        head_budget: Some(HeadBudget::Even),
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    Ok(Box::new(Snapkv {
+        ratio: parts.ratio,
+        chunk_size: parts.chunk_size,
+        sinks: parts.sinks,
+        head_budget: parts.head_budget,
+    }))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapkv {
@@ -62,7 +85,7 @@ pub fn pool(row: &[f32]) -> Vec<f32> {
 impl Strategy for Snapkv {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Snapkv,
+            method: &METHOD,
             ratio: self.ratio,
             chunk_size: self.chunk_size,
             per_head: true,

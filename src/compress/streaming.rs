@@ -7,9 +7,30 @@
 use std::time::Instant;
 
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::model::KvCache;
+
+/// `streaming` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "streaming",
+    summary: "The first 4 tokens and the most recent ones (StreamingLLM): a baseline",
+    takes: Takes {
+        adapter: false,
+        keeps_all: false,
+        sinks: true,
+        head_budget: None,
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    Ok(Box::new(Streaming {
+        ratio: parts.ratio,
+        chunk_size: parts.chunk_size,
+        sinks: parts.sinks,
+    }))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Streaming {
@@ -33,7 +54,7 @@ pub fn kept(len: usize, ratio: usize, sinks: usize) -> Vec<usize> {
 impl Strategy for Streaming {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Streaming,
+            method: &METHOD,
             ratio: self.ratio,
             chunk_size: self.chunk_size,
             per_head: false,

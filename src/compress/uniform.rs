@@ -6,9 +6,30 @@
 
 use super::chunked;
 use super::run::{self, Input};
-use super::{Cost, Emit, Facts, Method, Pass, Strategy};
+use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::layout::chunk;
+
+/// `uniform` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "uniform",
+    summary: "Training-free: the same anchors from a plain causal pass",
+    takes: Takes {
+        adapter: false,
+        keeps_all: false,
+        sinks: true,
+        head_budget: None,
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    Ok(Box::new(Uniform {
+        ratio: parts.ratio,
+        chunk_size: parts.chunk_size,
+        sinks: parts.sinks,
+    }))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uniform {
@@ -21,7 +42,7 @@ pub struct Uniform {
 impl Strategy for Uniform {
     fn facts(&self) -> Facts {
         Facts {
-            method: Method::Uniform,
+            method: &METHOD,
             ratio: self.ratio,
             chunk_size: self.chunk_size,
             per_head: false,

@@ -46,6 +46,14 @@ pub fn room(prefix: usize, question: usize, answer: usize) -> usize {
     prefix + question + answer
 }
 
+/// The most positions the model attends over: its position embeddings, or
+/// its sliding window if smaller.
+pub fn attention_limit(config: &ModelConfig) -> usize {
+    config
+        .max_position_embeddings
+        .min(config.sliding_window.unwrap_or(usize::MAX))
+}
+
 /// Refuses a context of `len` tokens (positions 1..=len) when the `room`
 /// positions the decoder reads after it do not fit the model's positions or
 /// its sliding window.

@@ -39,7 +39,7 @@ pub struct ForwardInput<'a> {
     /// LoRA on the attention projections (the SAC compressor); `None` for
     /// the frozen decoder.
     pub lora: Option<&'a AttentionLora>,
-    pub path: Kernels,
+    pub kernels: Kernels,
 }
 
 impl<'a> ForwardInput<'a> {
@@ -53,7 +53,7 @@ impl<'a> ForwardInput<'a> {
             shared: None,
             past: None,
             lora: None,
-            path: Kernels::Inference,
+            kernels: Kernels::Inference,
         }
     }
 }
@@ -203,9 +203,9 @@ impl Decoder {
         self.logits_on(hidden, Kernels::Inference)
     }
 
-    /// [`Self::logits`] on the given path (training needs no gradient for the head).
-    pub fn logits_on(&self, hidden: &Tensor, path: Kernels) -> Result<Tensor> {
-        let logits = ops::linear(&self.lm_head, hidden, path)?;
+    /// [`Self::logits`] on the given kernels (training needs no gradient for the head).
+    pub fn logits_on(&self, hidden: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let logits = ops::linear(&self.lm_head, hidden, kernels)?;
         Ok(logits.to_dtype(ops::accumulation_dtype(self.dtype))?)
     }
 
@@ -288,14 +288,14 @@ impl Decoder {
                 past: input.past.map(|p| &p[i]),
                 lora,
                 probe,
-                path: input.path,
+                kernels: input.kernels,
             };
             let (y, layer_kv, measured) = block.forward(&x, &self.config, &step)?;
             x = y;
             kv.push(layer_kv);
             attention.extend(measured);
         }
-        let hidden = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, input.path)?;
+        let hidden = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, input.kernels)?;
         Ok(ForwardOutput {
             hidden,
             kv,
@@ -346,7 +346,7 @@ struct BlockStep<'a> {
     past: Option<&'a LayerKv>,
     lora: &'a LayerLora,
     probe: Option<&'a AttentionProbe>,
-    path: Kernels,
+    kernels: Kernels,
 }
 
 /// A block's output, the K/V it computed, and what the probe measured.
@@ -354,25 +354,25 @@ type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
 
 impl Block {
     fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
-        let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.path)?;
+        let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.kernels)?;
         let (attn, kv, measured) = self.attention.forward(&normed, c, step)?;
         let x = (x + attn)?;
         let normed = ops::rms_norm(
             &x,
             &self.post_attention_layernorm,
             c.rms_norm_eps,
-            step.path,
+            step.kernels,
         )?;
         let mlp = &self.mlp;
-        let gate = ops::linear(&mlp.gate_proj, &normed, step.path)?.silu()?;
-        let up = ops::linear(&mlp.up_proj, &normed, step.path)?;
-        let y = ops::linear(&mlp.down_proj, &(gate * up)?, step.path)?;
+        let gate = ops::linear(&mlp.gate_proj, &normed, step.kernels)?.silu()?;
+        let up = ops::linear(&mlp.up_proj, &normed, step.kernels)?;
+        let y = ops::linear(&mlp.down_proj, &(gate * up)?, step.kernels)?;
         Ok(((x + y)?, kv, measured))
     }
 }
 
-fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, path: Kernels) -> Result<Tensor> {
-    let base = ops::linear(proj, x, path)?;
+fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    let base = ops::linear(proj, x, kernels)?;
     match lora {
         Some(lora) => Ok((base + lora.delta(x)?)?),
         None => Ok(base),
@@ -385,23 +385,23 @@ impl Attention {
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let group = c.group_size();
 
-        let q = project(&self.q_proj, step.lora.q.as_ref(), x, step.path)?
+        let q = project(&self.q_proj, step.lora.q.as_ref(), x, step.kernels)?
             .reshape((batch, seq, heads, hd))?;
-        let k = project(&self.k_proj, step.lora.k.as_ref(), x, step.path)?
+        let k = project(&self.k_proj, step.lora.k.as_ref(), x, step.kernels)?
             .reshape((batch, seq, kv_heads, hd))?;
-        let v = project(&self.v_proj, step.lora.v.as_ref(), x, step.path)?
+        let v = project(&self.v_proj, step.lora.v.as_ref(), x, step.kernels)?
             .reshape((batch, seq, kv_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (
-                ops::rms_norm(&q, qn, c.rms_norm_eps, step.path)?,
-                ops::rms_norm(&k, kn, c.rms_norm_eps, step.path)?,
+                ops::rms_norm(&q, qn, c.rms_norm_eps, step.kernels)?,
+                ops::rms_norm(&k, kn, c.rms_norm_eps, step.kernels)?,
             ),
             _ => (q, k),
         };
-        let q = Rope::apply(&q.transpose(1, 2)?, step.tables, step.path)?;
-        let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.path)?;
+        let q = Rope::apply(&q.transpose(1, 2)?, step.tables, step.kernels)?;
+        let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.kernels)?;
         // Grouped-query attention without copying K/V per query head: the
         // `group` query heads that share a KV head are stacked along the
         // sequence axis, [b, kv_heads, group * seq, hd]. The shared K/V, the
@@ -449,7 +449,7 @@ impl Attention {
             .probe
             .map(|p| p.measure(&scores, shared_len, past_len))
             .transpose()?;
-        let probs = ops::softmax_last_dim(&scores, step.path)?
+        let probs = ops::softmax_last_dim(&scores, step.kernels)?
             .to_dtype(x.dtype())?
             .reshape((batch, kv_heads, group * seq, keys))?;
         let mut out = probs
@@ -469,7 +469,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((batch, seq, heads * hd))?;
         Ok((
-            project(&self.o_proj, step.lora.o.as_ref(), &out, step.path)?,
+            project(&self.o_proj, step.lora.o.as_ref(), &out, step.kernels)?,
             LayerKv { k, v },
             measured,
         ))

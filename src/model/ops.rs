@@ -36,11 +36,11 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension, accumulated in at least f32 and returned
 /// in the input's dtype.
-pub fn softmax_last_dim(x: &Tensor, path: Kernels) -> Result<Tensor> {
+pub fn softmax_last_dim(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
     let probs = candle_nn::ops::softmax_last_dim(&x)?;
-    let y = match path {
+    let y = match kernels {
         Kernels::Inference => probs,
         Kernels::Training => with_backward(&x, &probs, Backward::Softmax)?,
     };
@@ -48,8 +48,8 @@ pub fn softmax_last_dim(x: &Tensor, path: Kernels) -> Result<Tensor> {
 }
 
 /// RMSNorm over the last dimension with a learned per-channel weight.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Kernels) -> Result<Tensor> {
-    Ok(match path {
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
         Kernels::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?,
         Kernels::Training => {
             // The fused kernel normalises; the weight is applied outside it,
@@ -159,8 +159,8 @@ impl CustomOp2 for FusedKernel {
 /// for the weight, which nothing trains, and keeps it to the end of the pass
 /// (for a Llama-3.2-1B-shaped model, gigabytes and a third of the backward's
 /// work). A `Var` weight (a model trained from scratch) gets its gradient.
-pub fn linear(layer: &Linear, x: &Tensor, path: Kernels) -> Result<Tensor> {
-    if path == Kernels::Inference || layer.weight().is_variable() {
+pub fn linear(layer: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels == Kernels::Inference || layer.weight().is_variable() {
         return Ok(layer.forward(x)?);
     }
     let weight = layer.weight();

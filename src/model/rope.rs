@@ -48,8 +48,8 @@ impl Rope {
 
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` (the "rotate half"
     /// layout of Llama and Qwen checkpoints).
-    pub fn apply(x: &Tensor, tables: &RopeTables, path: Kernels) -> Result<Tensor> {
-        match path {
+    pub fn apply(x: &Tensor, tables: &RopeTables, kernels: Kernels) -> Result<Tensor> {
+        match kernels {
             Kernels::Inference => Ok(candle_nn::rotary_emb::rope(
                 &x.contiguous()?,
                 &tables.cos,

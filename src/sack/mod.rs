@@ -30,5 +30,5 @@ pub use format::header::{
     SackHeader, TokenizerInfo, now_rfc3339,
 };
 pub use info::InfoFormat;
-pub use reader::{DecodedTensor, HeadKv, SackReader, StackedKv, StoredLayer};
+pub use reader::{DecodedTensor, HeadKv, SackReader, StoredLayer};
 pub use writer::{SackWriter, Sink, StreamSink, WriteOptions};

@@ -55,49 +55,6 @@ pub struct StoredLayer {
     pub heads: Vec<HeadKv>,
 }
 
-/// A layer whose heads share their kept positions, in the `[kv_heads, n, head_dim]`
-/// shape attention kernels take.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StackedKv {
-    /// Kept positions shared by every head.
-    pub positions: Vec<u32>,
-    /// Keys, row-major `[kv_heads, n, head_dim]`.
-    pub keys: Vec<f32>,
-    /// Values, row-major `[kv_heads, n, head_dim]`.
-    pub values: Vec<f32>,
-}
-
-impl StoredLayer {
-    /// Stacks the heads if they share their positions; gives the layer back otherwise.
-    pub fn into_stacked(self) -> std::result::Result<StackedKv, Self> {
-        let shared = self
-            .heads
-            .split_first()
-            .is_none_or(|(first, rest)| rest.iter().all(|h| h.positions == first.positions));
-        if !shared {
-            return Err(self);
-        }
-        let positions = self
-            .heads
-            .first()
-            .map(|h| h.positions.clone())
-            .unwrap_or_default();
-        let (keys, values) = self.heads.into_iter().map(|h| (h.keys, h.values)).fold(
-            (Vec::new(), Vec::new()),
-            |(mut k, mut v), (hk, hv)| {
-                k.extend(hk);
-                v.extend(hv);
-                (k, v)
-            },
-        );
-        Ok(StackedKv {
-            positions,
-            keys,
-            values,
-        })
-    }
-}
-
 /// An open `.sack`: header and directory in memory, payloads on demand.
 #[derive(Debug)]
 pub struct SackReader<R> {
@@ -486,7 +443,7 @@ mod tests {
         assert_eq!(layer.heads[0].keys, [0.0, 1.0, 0.0, 1.0]);
         assert_eq!(layer.heads[1].positions, [0, 1]);
         assert_eq!(layer.heads[1].values, [-10.0, -11.0, -12.0, -13.0]);
-        assert!(layer.into_stacked().is_err());
+        assert_ne!(layer.heads[0].positions, layer.heads[1].positions);
         let t = r.read_tensor("pos.l1.h1.s1").unwrap();
         assert_eq!(t.shape, [2]);
         assert_eq!(t.values, TensorValues::U32(vec![110, 111]));
@@ -543,10 +500,16 @@ mod tests {
         }
         w.finish().unwrap();
         let mut r = SackReader::from_bytes(bytes, "mem").unwrap();
-        let stacked = r.read_layer(0).unwrap().into_stacked().unwrap();
-        assert_eq!(stacked.positions, [1, 2, 5, 6]);
-        // Head 0 then head 1, each with segment 0 then segment 1.
-        assert_eq!(stacked.keys, [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+        let layer = r.read_layer(0).unwrap();
+        // Each head with segment 0 then segment 1.
+        for (h, keys) in layer
+            .heads
+            .iter()
+            .zip([[0.0, 1.0, 4.0, 5.0], [2.0, 3.0, 6.0, 7.0]])
+        {
+            assert_eq!(h.positions, [1, 2, 5, 6]);
+            assert_eq!(h.keys, keys);
+        }
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn sample_loss(
     decoder: &Decoder,
     adapter: &SacAdapter,
     sample: &Sample,
-    path: Kernels,
+    kernels: Kernels,
 ) -> Result<Tensor> {
     let Some((_, read_targets)) = sample.target.split_last() else {
         return Err(Error::InvalidInput(
@@ -64,7 +64,7 @@ pub fn sample_loss(
         ));
     };
     let past = Compressor::new(decoder, Box::new(Sac::new(adapter)))
-        .with_path(path)
+        .with_kernels(kernels)
         .anchor_past(&sample.context)?;
     let device = decoder.device();
     let hidden_size = decoder.config().hidden_size;
@@ -88,12 +88,12 @@ pub fn sample_loss(
         shared: None,
         past: Some(&past),
         lora: None,
-        path,
+        kernels,
     })?;
     let scored = out
         .hidden
         .narrow(1, sample.prompt.len(), sample.target.len())?;
-    let logits = decoder.logits_on(&scored, path)?.squeeze(0)?;
+    let logits = decoder.logits_on(&scored, kernels)?.squeeze(0)?;
     let targets = Tensor::new(sample.target.as_slice(), device)?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }

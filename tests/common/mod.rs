@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sac::model::{self, Decoder, ModelConfig};
 
+pub mod stacked;
 pub mod train;
 
 /// The block of positions that the `bidir` reference case makes bidirectional.

@@ -2,7 +2,7 @@
 //! compressor through the binary.
 
 use candle_core::{Device, Tensor};
-use sac::compress::{Compressor, Kept, Method, Request};
+use sac::compress::{Compressor, Kept, Request, kvzip};
 use sac::generate::DecoderContext;
 use sac::model::{ForwardInput, ForwardOutput, LayerKv, SharedKv};
 use sac::runtime::LoadedModel;
@@ -22,7 +22,7 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let ids = m.tokenizer.context_ids(&text).unwrap();
     let compressor = Compressor::new(
         &m.decoder,
-        strategy(m, Request::new(Method::Kvzip), ids.len()),
+        strategy(m, Request::new(&kvzip::METHOD), ids.len()),
     );
     let facts = DocumentFacts {
         text: &text,

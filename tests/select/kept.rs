@@ -1,7 +1,8 @@
 //! The positions each selector keeps are exactly the reference's choice.
 
 use sac::compress::{
-    Compressor, HeadBudget, Kept, Method, RepeatPrompt, Request, Settings, Strategy,
+    Compressor, HeadBudget, Kept, Method, RepeatPrompt, Request, Settings, Strategy, full, kvzip,
+    snapkv, streaming, uniform,
 };
 use sac::runtime::LoadedModel;
 
@@ -20,7 +21,7 @@ pub fn text() -> String {
 /// `method` at [`RATIO`] (1 for `full`) in chunks of [`CHUNK`], the rest
 /// as `request` says, for a context of `len` tokens in the raw layout.
 pub fn strategy(m: &LoadedModel, request: Request, len: usize) -> Box<dyn Strategy> {
-    let ratio = if request.method == Method::Full {
+    let ratio = if request.method == &full::METHOD {
         1
     } else {
         RATIO
@@ -38,7 +39,7 @@ pub fn strategy(m: &LoadedModel, request: Request, len: usize) -> Box<dyn Strate
 }
 
 /// Offsets kept per layer and KV head, from every emitted chunk.
-pub fn compressed(m: &LoadedModel, method: Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
+pub fn compressed(m: &LoadedModel, method: &'static Method, ids: &[u32]) -> Vec<Vec<Vec<usize>>> {
     compressed_with(m, Request::new(method), ids)
 }
 
@@ -111,7 +112,7 @@ fn kvzip_keeps_the_top_reconstruction_scores() {
         }
         let (expected, gap) = top_k(&scores, 0..sinks, budget(&m, len));
         assert!(gap > 1e-5, "{name}: near-tie at the budget's edge ({gap})");
-        assert_eq!(compressed(&m, Method::Kvzip, &ids), expected, "{name}");
+        assert_eq!(compressed(&m, &kvzip::METHOD, &ids), expected, "{name}");
         let counts: Vec<usize> = expected.iter().flatten().map(Vec::len).collect();
         assert!(
             counts.iter().any(|&n| n != counts[0]),
@@ -139,7 +140,7 @@ fn snapkv_keeps_the_top_window_scores() {
         let request = Request {
             sinks: Some(0),
             head_budget: Some(HeadBudget::Shared),
-            ..Request::new(Method::Snapkv)
+            ..Request::new(&snapkv::METHOD)
         };
         let kept = compressed_with(&m, request, &ids);
         assert_eq!(kept, expected, "{name}");
@@ -180,7 +181,7 @@ fn snapkv_gives_every_head_its_share_by_default() {
                     .collect()
             })
             .collect();
-        assert_eq!(compressed(&m, Method::Snapkv, &ids), expected, "{name}");
+        assert_eq!(compressed(&m, &snapkv::METHOD, &ids), expected, "{name}");
     }
 }
 
@@ -191,7 +192,7 @@ fn streaming_keeps_the_sinks_and_the_last_tokens() {
     let len = ids.len();
     let recent = len.div_ceil(RATIO) - 4;
     let expected: Vec<usize> = (0..4).chain(len - recent..len).collect();
-    for set in compressed(&m, Method::Streaming, &ids).iter().flatten() {
+    for set in compressed(&m, &streaming::METHOD, &ids).iter().flatten() {
         assert_eq!(set, &expected);
     }
 }
@@ -201,11 +202,11 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
     let m = load_model("llama3");
     let ids = m.tokenizer.context_ids(&text()).unwrap();
     for method in [
-        Method::Full,
-        Method::Uniform,
-        Method::Kvzip,
-        Method::Snapkv,
-        Method::Streaming,
+        &full::METHOD,
+        &uniform::METHOD,
+        &kvzip::METHOD,
+        &snapkv::METHOD,
+        &streaming::METHOD,
     ] {
         let done = std::cell::Cell::new(0u64);
         let report = |tokens| done.set(done.get() + tokens);
@@ -226,11 +227,11 @@ fn progress_adds_up_to_the_work_and_moves_before_the_first_chunk() {
         // A chunked compressor reports each chunk before it emits it; a
         // selector runs the whole context before it emits anything.
         let first = match method {
-            Method::Full | Method::Uniform => CHUNK.min(ids.len()),
+            m if m == &full::METHOD || m == &uniform::METHOD => CHUNK.min(ids.len()),
             _ => ids.len(),
         };
         assert!(at_first_chunk.unwrap() >= first as u64, "{method:?}");
     }
-    let kvzip = strategy(&m, Request::new(Method::Kvzip), ids.len());
+    let kvzip = strategy(&m, Request::new(&kvzip::METHOD), ids.len());
     assert_eq!(kvzip.work(ids.len()), 2 * ids.len() as u64 - 4);
 }
