@@ -48,7 +48,7 @@ impl AdapterConfig {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
         let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| adapter_error(&path, format!("not an adapter config: {e}")))?;
+            .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
         validate_config(&config).map_err(|e| adapter_error(&path, e))?;
         Ok(config)
     }
@@ -62,16 +62,16 @@ impl AdapterConfig {
     /// Why this adapter, read from `dir`, does not go with the model `id`
     /// whose fingerprint is `fingerprint`, if it names another one: its role
     /// embeddings and LoRA were fitted to that model's weights.
-    pub fn model_mismatch(&self, dir: &Path, id: &str, fingerprint: &str) -> Option<String> {
+    pub fn model_mismatch(&self, dir: &Path, id: &str, fingerprint: &str) -> Option<ModelMismatch> {
         self.base_model_fingerprint
             .as_deref()
             .filter(|fp| *fp != fingerprint)
-            .map(|fp| {
-                format!(
-                    "{} was trained on model {} ({fp}), but the model given is {id} ({fingerprint})",
-                    dir.display(),
-                    self.base_model
-                )
+            .map(|fp| ModelMismatch {
+                dir: dir.to_path_buf(),
+                trained_on: self.base_model.clone(),
+                trained_fingerprint: fp.to_string(),
+                given: id.to_string(),
+                given_fingerprint: fingerprint.to_string(),
             })
     }
 
@@ -100,8 +100,104 @@ pub struct SacAdapter {
     pub lora: AttentionLora,
 }
 
-fn adapter_error(path: &Path, message: impl std::fmt::Display) -> Error {
-    Error::Adapter(format!("{}: {message}", path.display()))
+/// An adapter that cannot be read, or does not fit the model.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("adapter {}", path.display())]
+    At {
+        path: PathBuf,
+        #[source]
+        problem: AdapterProblem,
+    },
+    /// Tensors made in memory (a training run's) that do not form an adapter.
+    #[error("adapter")]
+    Invalid(#[source] AdapterProblem),
+    #[error("adapter {0}")]
+    OtherModel(Box<ModelMismatch>),
+}
+
+/// What is wrong with an adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterProblem {
+    #[error("not an adapter config")]
+    NotConfig(#[source] serde_json::Error),
+    #[error("method `{0}` is not `sac`")]
+    NotSac(String),
+    #[error("ratio, chunk_size and lora_rank must be positive")]
+    NotPositive,
+    #[error(
+        "mem_size {mem_size} is fewer than the {needed} anchors of a {chunk_size}-token chunk at \
+         ratio {ratio}"
+    )]
+    TooFewAnchors {
+        mem_size: usize,
+        needed: usize,
+        chunk_size: usize,
+        ratio: usize,
+    },
+    #[error("LoRA target `{0}` is not supported (only q_proj, k_proj, v_proj and o_proj)")]
+    UnknownTarget(String),
+    #[error("has no `{WEIGHTS_FILE}`")]
+    NoWeights,
+    #[error("unreadable weights")]
+    Unreadable(#[source] candle_core::Error),
+    #[error(
+        "was made for a model of hidden size {width} ({base_model}), and this one's is {hidden}"
+    )]
+    HiddenSize {
+        width: usize,
+        base_model: String,
+        hidden: usize,
+    },
+    #[error("no tensor `{0}`")]
+    NoTensor(String),
+    #[error("`{name}` has shape {shape:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        shape: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("`{name}` cannot be cast")]
+    Cast {
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("unexpected tensor `{0}` (is it for another model?)")]
+    Extra(String),
+    #[error("not a PyTorch state dict")]
+    NotStateDict(#[source] candle_core::Error),
+    #[error("unexpected tensor `{0}`")]
+    Unexpected(String),
+    #[error("two tensors map to `{ours}` (last: `{name}`)")]
+    TwoMapTo { ours: String, name: String },
+    #[error("no `role_tokens`")]
+    NoRoleTokens,
+    #[error("no LoRA on layer 0")]
+    NoLayer0Lora,
+}
+
+/// An adapter trained on another model than the one given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{} was trained on model {trained_on} ({trained_fingerprint}), but the model given is {given} \
+     ({given_fingerprint})",
+    dir.display()
+)]
+pub struct ModelMismatch {
+    pub dir: PathBuf,
+    pub trained_on: String,
+    pub trained_fingerprint: String,
+    pub given: String,
+    pub given_fingerprint: String,
+}
+
+fn adapter_error(path: &Path, problem: AdapterProblem) -> Error {
+    AdapterError::At {
+        path: path.to_path_buf(),
+        problem,
+    }
+    .into()
 }
 
 impl SacAdapter {
@@ -136,10 +232,10 @@ impl SacAdapter {
         let config = AdapterConfig::load(dir)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
-            return Err(adapter_error(dir, format!("has no `{WEIGHTS_FILE}`")));
+            return Err(adapter_error(dir, AdapterProblem::NoWeights));
         }
         let tensors = candle_core::safetensors::load(&weights_path, device)
-            .map_err(|e| adapter_error(&weights_path, e))?;
+            .map_err(|e| adapter_error(&weights_path, AdapterProblem::Unreadable(e)))?;
         Self::from_tensors(config, tensors, model, dtype)
             .map_err(|e| adapter_error(&weights_path, e))
     }
@@ -151,7 +247,7 @@ impl SacAdapter {
         mut tensors: HashMap<String, Tensor>,
         model: &ModelConfig,
         dtype: DType,
-    ) -> std::result::Result<Self, String> {
+    ) -> std::result::Result<Self, AdapterProblem> {
         validate_config(&config)?;
         let h = model.hidden_size;
         let rank = config.lora_rank;
@@ -159,22 +255,27 @@ impl SacAdapter {
             .get("role_tokens")
             .and_then(|t| t.dims().get(1).copied());
         if let Some(width) = width.filter(|&w| w != h) {
-            return Err(format!(
-                "was made for a model of hidden size {width} ({}), and this one's is {h}",
-                config.base_model
-            ));
+            return Err(AdapterProblem::HiddenSize {
+                width,
+                base_model: config.base_model.clone(),
+                hidden: h,
+            });
         }
-        let mut take = |name: &str, shape: &[usize]| -> std::result::Result<Tensor, String> {
+        let mut take = |name: &str, shape: &[usize]| {
             let t = tensors
                 .remove(name)
-                .ok_or_else(|| format!("no tensor `{name}`"))?;
+                .ok_or_else(|| AdapterProblem::NoTensor(name.into()))?;
             if t.dims() != shape {
-                return Err(format!(
-                    "`{name}` has shape {:?}, expected {shape:?}",
-                    t.dims()
-                ));
+                return Err(AdapterProblem::Shape {
+                    name: name.into(),
+                    shape: t.dims().to_vec(),
+                    expected: shape.to_vec(),
+                });
             }
-            t.to_dtype(dtype).map_err(|e| e.to_string())
+            t.to_dtype(dtype).map_err(|source| AdapterProblem::Cast {
+                name: name.into(),
+                source,
+            })
         };
         let role_tokens = take("role_tokens", &[config.mem_size, h])?;
         let special_tokens = take("special_tokens", &[2, h])?;
@@ -194,11 +295,9 @@ impl SacAdapter {
                     }))
                 })
             })
-            .collect::<std::result::Result<_, String>>()?;
+            .collect::<std::result::Result<_, AdapterProblem>>()?;
         if let Some(extra) = tensors.keys().min() {
-            return Err(format!(
-                "unexpected tensor `{extra}` (is it for another model?)"
-            ));
+            return Err(AdapterProblem::Extra(extra.clone()));
         }
         Ok(SacAdapter {
             config,
@@ -237,11 +336,15 @@ impl SacAdapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
-        let weights = safetensors::serialize(self.tensors()?, None)
-            .map_err(|e| Error::Adapter(format!("cannot serialize: {e}")))?;
+        let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
+            what: "the adapter",
+            source: e,
+        };
+        let weights =
+            safetensors::serialize(self.tensors()?, None).map_err(|e| serialize(e.into()))?;
         crate::atomic::write_bytes(&dir.join(WEIGHTS_FILE), &weights)?;
-        let mut json = serde_json::to_string_pretty(&self.config)
-            .map_err(|e| Error::Adapter(e.to_string()))?;
+        let mut json =
+            serde_json::to_string_pretty(&self.config).map_err(|e| serialize(e.into()))?;
         json.push('\n');
         crate::atomic::write_bytes(&dir.join(CONFIG_FILE), json.as_bytes())
     }
@@ -256,28 +359,25 @@ impl SacAdapter {
         model: &ModelConfig,
     ) -> Result<Self> {
         let entries = candle_core::pickle::read_all(pt)
-            .map_err(|e| adapter_error(pt, format!("not a PyTorch state dict: {e}")))?;
+            .map_err(|e| adapter_error(pt, AdapterProblem::NotStateDict(e)))?;
         let mut tensors = HashMap::new();
         for (name, tensor) in entries {
             let ours = if name == "role_tokens" || name == "special_tokens" {
                 name.clone()
             } else {
                 reference_lora_name(&name)
-                    .ok_or_else(|| adapter_error(pt, format!("unexpected tensor `{name}`")))?
+                    .ok_or_else(|| adapter_error(pt, AdapterProblem::Unexpected(name.clone())))?
             };
             if tensors
                 .insert(ours.clone(), tensor.to_dtype(DType::F32)?)
                 .is_some()
             {
-                return Err(adapter_error(
-                    pt,
-                    format!("two tensors map to `{ours}` (last: `{name}`)"),
-                ));
+                return Err(adapter_error(pt, AdapterProblem::TwoMapTo { ours, name }));
             }
         }
         let role = tensors
             .get("role_tokens")
-            .ok_or_else(|| adapter_error(pt, "no `role_tokens`"))?;
+            .ok_or_else(|| adapter_error(pt, AdapterProblem::NoRoleTokens))?;
         let mem_size = role.dim(0)?;
         let first_a = |t: &LoraTarget| format!("{}.lora_a", t.tensor_stem(0));
         let targets: Vec<LoraTarget> = LoraTarget::ALL
@@ -286,7 +386,7 @@ impl SacAdapter {
             .collect();
         let lora_rank = match targets.first() {
             Some(t) => tensors[&first_a(t)].dim(1)?,
-            None => return Err(adapter_error(pt, "no LoRA on layer 0")),
+            None => return Err(adapter_error(pt, AdapterProblem::NoLayer0Lora)),
         };
         let ratio = match settings.ratio {
             Some(r) => r,
@@ -344,28 +444,28 @@ fn reference_lora_name(name: &str) -> Option<String> {
     ok.then(|| format!("{stem}.{which}"))
 }
 
-fn validate_config(c: &AdapterConfig) -> std::result::Result<(), String> {
+fn validate_config(c: &AdapterConfig) -> std::result::Result<(), AdapterProblem> {
     if c.method != "sac" {
-        return Err(format!("method `{}` is not `sac`", c.method));
+        return Err(AdapterProblem::NotSac(c.method.clone()));
     }
     if c.ratio == 0 || c.chunk_size == 0 || c.lora_rank == 0 {
-        return Err("ratio, chunk_size and lora_rank must be positive".into());
+        return Err(AdapterProblem::NotPositive);
     }
     let needed = chunk::mem_size(c.chunk_size, c.ratio);
     if c.mem_size < needed {
-        return Err(format!(
-            "mem_size {} is fewer than the {needed} anchors of a {}-token chunk at ratio {}",
-            c.mem_size, c.chunk_size, c.ratio
-        ));
+        return Err(AdapterProblem::TooFewAnchors {
+            mem_size: c.mem_size,
+            needed,
+            chunk_size: c.chunk_size,
+            ratio: c.ratio,
+        });
     }
     if let Some(t) = c
         .lora_targets
         .iter()
         .find(|t| LoraTarget::from_name(t).is_none())
     {
-        return Err(format!(
-            "LoRA target `{t}` is not supported (only q_proj, k_proj, v_proj and o_proj)"
-        ));
+        return Err(AdapterProblem::UnknownTarget(t.clone()));
     }
     Ok(())
 }
@@ -452,7 +552,9 @@ mod tests {
         c.base_model_fingerprint = Some("sha256:a".into());
         assert_eq!(c.model_mismatch(dir, "m", "sha256:a"), None);
         assert_eq!(
-            c.model_mismatch(dir, "m2", "sha256:b").as_deref(),
+            c.model_mismatch(dir, "m2", "sha256:b")
+                .map(|m| m.to_string())
+                .as_deref(),
             Some("ad was trained on model m (sha256:a), but the model given is m2 (sha256:b)")
         );
     }
@@ -462,11 +564,21 @@ mod tests {
         let mut c = config("m");
         assert!(validate_config(&c).is_ok());
         c.mem_size = 101;
-        assert!(validate_config(&c).unwrap_err().contains("fewer"));
+        assert!(
+            validate_config(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("fewer")
+        );
         c.mem_size = 102;
         c.lora_targets.push("k_proj".into());
         assert!(validate_config(&c).is_ok());
         c.lora_targets.push("up_proj".into());
-        assert!(validate_config(&c).unwrap_err().contains("up_proj"));
+        assert!(
+            validate_config(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("up_proj")
+        );
     }
 }

@@ -43,7 +43,7 @@ pub fn remove_temp_files_on_signal() -> Result<()> {
         }
         std::process::exit(130);
     })
-    .map_err(|e| Error::InvalidInput(format!("cannot install a signal handler: {e}")))
+    .map_err(Error::Signal)
 }
 
 /// Listed in [`PENDING`] while alive.

@@ -59,7 +59,7 @@ impl DeviceSpec {
             }
             DeviceSpec::Auto => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) if cfg!(feature = "cuda") => {
-                Device::new_cuda(n).map_err(|e| Error::Device(format!("cannot open cuda:{n}: {e}")))
+                Device::new_cuda(n).map_err(|source| Error::Cuda { ordinal: n, source })
             }
             DeviceSpec::Cuda(_) => Err(Error::NoCuda),
         }

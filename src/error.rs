@@ -49,13 +49,9 @@ pub enum Error {
     #[error("this sac was built without CUDA; rebuild with `--features cuda` or run on the CPU")]
     NoCuda,
 
-    /// A model directory or Hub snapshot lacks a file we need.
-    #[error("{0}")]
-    MissingModelFile(String),
-
-    /// A Hub id or revision that is not a Hub name (a path, `..`, odd characters).
-    #[error("{0}")]
-    ModelName(String),
+    /// A model name, file or Hub snapshot that sac cannot load.
+    #[error(transparent)]
+    Source(#[from] crate::model::SourceError),
 
     /// A Hub model that may only come from the local cache is not all there.
     #[error(
@@ -78,43 +74,73 @@ pub enum Error {
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
 
-    /// A weight tensor is absent or has the wrong shape.
-    #[error("weights: {0}")]
-    Weights(String),
+    /// The weight files cannot be mapped.
+    #[error("weights: cannot map {files}")]
+    MapWeights {
+        files: String,
+        #[source]
+        source: candle_core::Error,
+    },
 
-    /// The Hugging Face Hub could not deliver a file.
-    #[error("{0}")]
-    Hub(String),
+    /// A weight tensor is absent or has the wrong shape.
+    #[error("weights: {files} do not fit the model")]
+    Weights {
+        files: String,
+        #[source]
+        source: candle_core::Error,
+    },
 
     /// A SAC adapter is malformed or does not fit the model.
-    #[error("adapter {0}")]
-    Adapter(String),
+    #[error(transparent)]
+    Adapter(Box<crate::adapter::AdapterError>),
 
     /// The tokenizer could not be loaded or failed on input.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokens::TokenizerError),
 
     /// A model's chat template cannot be parsed or rendered into a layout.
-    #[error("chat template: {0}")]
-    ChatTemplate(String),
+    #[error(transparent)]
+    ChatTemplate(#[from] crate::layout::prompt::TemplateError),
 
-    /// A `--device` value or device request that cannot be satisfied.
-    #[error("device: {0}")]
-    Device(String),
+    /// A CUDA device that cannot be opened.
+    #[error("device: cannot open cuda:{ordinal}")]
+    Cuda {
+        ordinal: usize,
+        #[source]
+        source: candle_core::Error,
+    },
 
-    /// Training or evaluation data is unreadable or malformed; the message
-    /// names the file and, for a bad row, its line.
-    #[error("{0}")]
-    Data(String),
+    /// Training or evaluation data is unreadable or malformed.
+    #[error(transparent)]
+    Data(#[from] crate::train::DataError),
 
-    /// A training run cannot start or continue: its output directory, its
-    /// checkpoint, or settings that differ from the checkpoint's.
-    #[error("{0}")]
-    Training(String),
+    /// A training checkpoint that cannot be written or read back.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::CheckpointError),
 
-    /// A caller passed tensors that do not fit together (shapes, positions, masks).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
+    /// A context, question or .sack that does not fit the model's positions.
+    #[error(transparent)]
+    Fit(#[from] crate::layout::FitError),
+
+    /// A .sack whose context this model cannot read.
+    #[error(transparent)]
+    Context(#[from] crate::from_sack::ContextError),
+
+    /// A caller passed values that do not fit together.
+    #[error(transparent)]
+    Input(#[from] InputError),
+
+    /// Our own data could not be serialized.
+    #[error("cannot serialize {what}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The handler that removes partial files on Ctrl-C cannot be installed.
+    #[error("cannot install a signal handler")]
+    Signal(#[source] ctrlc::Error),
 
     /// A .sack file is unreadable, or could not be written.
     #[error(transparent)]
@@ -131,24 +157,30 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "a file could not be read",
-            Error::MissingModelFile(_) | Error::NotCached { .. } => "a file is missing",
-            Error::ModelName(_) | Error::UnknownLocalModel(_) => "not a model sac may load",
+            Error::Source(e) => e.kind(),
+            Error::NotCached { .. } => "a file is missing",
+            Error::UnknownLocalModel(_) | Error::HubOptionsForLocalModel(_) => {
+                "not a model sac may load"
+            }
             Error::Config { .. } => "its config is not one sac can run",
-            Error::Weights(_) => "its weights do not fit its config.json",
-            Error::Hub(_) => "the Hub client failed",
-            Error::Adapter(_) => "the adapter does not fit",
+            Error::MapWeights { .. } | Error::Weights { .. } => {
+                "its weights do not fit its config.json"
+            }
+            Error::Adapter(_) | Error::UnknownRatio { .. } => "the adapter does not fit",
             Error::Tokenizer(_) => "its tokenizer cannot be loaded",
             Error::ChatTemplate(_) => "its chat template cannot be used",
-            Error::Device(_) | Error::NoCuda => "the device is not available",
-            Error::HubOptionsForLocalModel(_) => "not a model sac may load",
-            Error::UnknownRatio { .. } => "the adapter does not fit",
+            Error::Cuda { .. } | Error::NoCuda => "the device is not available",
             Error::Diverged { .. } => "training diverged",
-            Error::NothingToPretrain { .. } => "invalid input",
-            Error::Data(_)
-            | Error::Training(_)
-            | Error::InvalidInput(_)
+            Error::Context(_) => "the .sack does not fit the model",
+            Error::NothingToPretrain { .. }
+            | Error::Data(_)
+            | Error::Checkpoint(_)
+            | Error::Fit(_)
+            | Error::Input(_)
             | Error::Settings(_)
-            | Error::Setup(_) => "invalid input",
+            | Error::Setup(_)
+            | Error::Serialize { .. }
+            | Error::Signal(_) => "invalid input",
             Error::Sack(_) => "a .sack is unreadable",
             Error::Candle(_) => "a tensor operation failed",
         }
@@ -162,6 +194,79 @@ impl Error {
             source,
         }
     }
+}
+
+impl From<crate::adapter::AdapterError> for Error {
+    fn from(error: crate::adapter::AdapterError) -> Self {
+        Error::Adapter(Box::new(error))
+    }
+}
+
+/// Values a caller passed that do not fit together: a misuse of the
+/// library's API rather than bad user input, which is checked before.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("K/V layers hold different lengths")]
+    RaggedLayers,
+    #[error("{what} has {got} layers, the model {model}")]
+    Layers {
+        what: &'static str,
+        got: usize,
+        model: usize,
+    },
+    #[error("K/V tensor of shape {0:?} is not 4-D")]
+    NotFourD(Vec<usize>),
+    #[error("embeddings have width {got}, the model {model}")]
+    EmbeddingWidth { got: usize, model: usize },
+    #[error("position ids have shape {got:?}, expected [{batch}, {seq}]")]
+    PositionShape {
+        got: Vec<usize>,
+        batch: usize,
+        seq: usize,
+    },
+    #[error("mask has shape {got:?}, expected [{seq}, {keys}] or [{batch}, {seq}, {keys}]")]
+    MaskShape {
+        got: Vec<usize>,
+        batch: usize,
+        seq: usize,
+        keys: usize,
+    },
+    #[error("probe sinks 0..{sinks} and keys {keys:?} overlap or are reversed")]
+    ProbeOverlap {
+        sinks: usize,
+        keys: std::ops::Range<usize>,
+    },
+    #[error("probe keys {keys:?} reach past the {past} past keys")]
+    ProbePastKeys {
+        keys: std::ops::Range<usize>,
+        past: usize,
+    },
+    #[error("AdamW holds {held} parameters, given {params} with {grads} gradients")]
+    OptimizerParams {
+        held: usize,
+        params: usize,
+        grads: usize,
+    },
+    #[error("a backward pass needs a sample")]
+    NoSample,
+    #[error("a training sample has no target")]
+    NoTarget,
+    #[error("an empty question")]
+    EmptyQuestion,
+    #[error("no answer generated")]
+    NoAnswer,
+    #[error("{layers} layers x {heads} KV heads x {len} tokens are too many scores to rank")]
+    TooManyScores {
+        layers: usize,
+        heads: usize,
+        len: usize,
+    },
+    #[error("cannot initialise {name}")]
+    Init {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Shorthand for results of this library.

@@ -7,11 +7,36 @@ use std::io::{Read, Seek};
 
 use candle_core::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generate::DecoderContext;
 use crate::layout::prompt::{PromptFormat, PromptLayout};
+use crate::layout::{self, FitError};
 use crate::model::{Decoder, HeadPairs, SharedKv};
 use crate::sack::{self, KeyRope, SackHeader, SackReader};
+
+/// A .sack whose context this model cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    #[error(
+        "{file} holds K/V for {} layers x {} KV heads x {} dims, the model has {} x {} x {}",
+        stored.0, stored.1, stored.2, model.0, model.1, model.2
+    )]
+    Shape {
+        file: String,
+        stored: (u32, u32, u32),
+        model: (usize, usize, usize),
+    },
+    #[error(
+        "{file}: learned prefix embeddings have width {width}, the model's hidden size is {hidden}"
+    )]
+    PrefixWidth {
+        file: String,
+        width: usize,
+        hidden: usize,
+    },
+    #[error("{file} stores keys rotated as a contiguous prefix, which sac does not read")]
+    SequentialRope { file: String },
+}
 
 /// How the document of `header` was framed, so questions are framed alike.
 pub fn layout(header: &SackHeader) -> PromptLayout {
@@ -39,16 +64,12 @@ pub fn load_context<R: Read + Seek>(
     if (m.layers as usize, m.kv_heads as usize, m.head_dim as usize)
         != (c.num_layers, c.num_kv_heads, c.head_dim)
     {
-        return Err(Error::InvalidInput(format!(
-            "{} holds K/V for {} layers x {} KV heads x {} dims, the model has {} x {} x {}",
-            reader.file_name(),
-            m.layers,
-            m.kv_heads,
-            m.head_dim,
-            c.num_layers,
-            c.num_kv_heads,
-            c.head_dim
-        )));
+        return Err(ContextError::Shape {
+            file: reader.file_name().into(),
+            stored: (m.layers, m.kv_heads, m.head_dim),
+            model: (c.num_layers, c.num_kv_heads, c.head_dim),
+        }
+        .into());
     }
     let first = header.decoder.first_position;
     let mut past = Vec::with_capacity(c.num_layers);
@@ -58,26 +79,25 @@ pub fn load_context<R: Read + Seek>(
     }
     let question_position = u64::from(first) + header.document.tokens;
     if question_position >= c.max_position_embeddings as u64 {
-        return Err(Error::InvalidInput(format!(
-            "{} holds a {}-token document, but the model reads at most {} positions",
-            reader.file_name(),
-            header.document.tokens,
-            c.max_position_embeddings
-        )));
+        return Err(FitError::SackPastPositions {
+            file: reader.file_name().into(),
+            tokens: header.document.tokens,
+            limit: c.max_position_embeddings,
+        }
+        .into());
     }
-    let question_position = u32::try_from(question_position)
-        .map_err(|_| Error::InvalidInput("the document is too long for u32 positions".into()))?;
+    let question_position = layout::position_id(question_position)?;
     let prefix = header.decoder.prefix_embeddings;
     let prefix = if prefix.is_empty() {
         None
     } else {
         if prefix[0].len() != c.hidden_size {
-            return Err(Error::InvalidInput(format!(
-                "{}: learned prefix embeddings have width {}, the model's hidden size is {}",
-                reader.file_name(),
-                prefix[0].len(),
-                c.hidden_size
-            )));
+            return Err(ContextError::PrefixWidth {
+                file: reader.file_name().into(),
+                width: prefix[0].len(),
+                hidden: c.hidden_size,
+            }
+            .into());
         }
         let rows = prefix.len();
         let flat: Vec<f32> = prefix.into_iter().flatten().collect();
@@ -103,9 +123,7 @@ fn layer_kv(
     file: &str,
 ) -> Result<SharedKv> {
     if header.kv.key_rope == KeyRope::Sequential {
-        return Err(Error::InvalidInput(format!(
-            "{file} stores keys rotated as a contiguous prefix, which sac does not read"
-        )));
+        return Err(ContextError::SequentialRope { file: file.into() }.into());
     }
     let first = i64::from(header.decoder.first_position);
     let c = decoder.config();

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 use crate::layout;
+use crate::layout::FitError;
 use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, KvCache, SharedKv, mask};
 
 /// How tokens are chosen.
@@ -136,11 +137,12 @@ impl<'a> Answerer<'a> {
     pub fn new(decoder: &'a Decoder, context: DecoderContext, eos: &[u32]) -> Result<Self> {
         let c = decoder.config();
         if context.past.len() != c.num_layers {
-            return Err(Error::InvalidInput(format!(
-                "the context holds K/V for {} layers, the model has {}",
-                context.past.len(),
-                c.num_layers
-            )));
+            return Err(InputError::Layers {
+                what: "the context's K/V",
+                got: context.past.len(),
+                model: c.num_layers,
+            }
+            .into());
         }
         Ok(Answerer {
             decoder,
@@ -169,7 +171,7 @@ impl<'a> Answerer<'a> {
     ) -> Result<Generation> {
         self.answer_batch(&[question_ids], sampling, |_, token| on_token(token))?
             .pop()
-            .ok_or_else(|| Error::InvalidInput("no answer generated".into()))
+            .ok_or_else(|| InputError::NoAnswer.into())
     }
 
     /// Answers several questions in one batch: the questions are left-padded
@@ -191,14 +193,14 @@ impl<'a> Answerer<'a> {
         let lengths: Vec<usize> = questions.iter().map(|q| prefix_len + q.len()).collect();
         let width = lengths.iter().copied().max().unwrap_or(0);
         if lengths.contains(&0) {
-            return Err(Error::InvalidInput("an empty question".into()));
+            return Err(InputError::EmptyQuestion.into());
         }
         if first_position + width as u64 > limit {
-            return Err(Error::InvalidInput(format!(
-                "the question needs positions up to {}, but the model stops at {limit}; \
-                 ask a shorter question or use a model with a longer context",
-                first_position + width as u64
-            )));
+            return Err(FitError::QuestionPastPositions {
+                end: first_position + width as u64,
+                limit,
+            }
+            .into());
         }
         let mut rows: Vec<Row> = lengths
             .iter()
@@ -352,10 +354,6 @@ fn position_ids(
     shape: (usize, usize),
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let ids = ids
-        .map(|p| {
-            u32::try_from(p).map_err(|_| Error::InvalidInput(format!("position {p} exceeds u32")))
-        })
-        .collect::<Result<Vec<u32>>>()?;
+    let ids = ids.map(layout::position_id).collect::<Result<Vec<u32>>>()?;
     Ok(Tensor::from_vec(ids, shape, device)?)
 }

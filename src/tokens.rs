@@ -5,6 +5,30 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::model::gguf::GgufTokenizerError;
+
+/// A tokenizer that cannot be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer: cannot load {}", path.display())]
+    Load {
+        path: std::path::PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("tokenizer: {}", path.display())]
+    Gguf {
+        path: std::path::PathBuf,
+        #[source]
+        problem: GgufTokenizerError,
+    },
+    #[error("tokenizer: cannot encode text")]
+    Encode(#[source] tokenizers::Error),
+    #[error("tokenizer: cannot decode tokens")]
+    Decode(#[source] tokenizers::Error),
+    #[error("tokenizer: the model names no EOS token to end answers with")]
+    NoEos,
+}
 use crate::layout::prompt::{ChatTemplate, PromptLayout};
 use crate::model::ModelConfig;
 use crate::model::source::HfFiles;
@@ -24,8 +48,11 @@ impl TextTokenizer {
     /// (`bos_token`), else `config.json`. EOS ids are the union of
     /// `config.json`, `generation_config.json` and `tokenizer_config.json`.
     pub fn load(files: &HfFiles, config: &ModelConfig) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
-            Error::Tokenizer(format!("cannot load {}: {e}", files.tokenizer.display()))
+        let inner = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|source| {
+            TokenizerError::Load {
+                path: files.tokenizer.clone(),
+                source,
+            }
         })?;
         let tok_config = read_json(&files.tokenizer_config)?;
         // A special token is written as its text or as `{"content": text}`.
@@ -106,7 +133,7 @@ impl TextTokenizer {
         let encoding = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+            .map_err(TokenizerError::Encode)?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -124,7 +151,7 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
+            .map_err(|e| TokenizerError::Decode(e).into())
     }
 
     pub fn bos(&self) -> Option<u32> {

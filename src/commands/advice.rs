@@ -22,7 +22,7 @@ pub fn advise(err: anyhow::Error) -> anyhow::Error {
 fn flag_advice(error: &Error) -> Option<String> {
     Some(match error {
         Error::Settings(settings) => settings_advice(settings)?,
-        Error::Setup(setup) => setup_advice(setup),
+        Error::Setup(setup) => setup_advice(setup)?,
         Error::HubOptionsForLocalModel(model) => {
             format!("--revision and --gguf-file apply to Hub ids, and `{model}` is a local model")
         }
@@ -59,8 +59,8 @@ fn settings_advice(error: &SettingsError) -> Option<String> {
     })
 }
 
-fn setup_advice(error: &SetupError) -> String {
-    match error {
+fn setup_advice(error: &SetupError) -> Option<String> {
+    Some(match error {
         SetupError::OutIsFile(out) => format!("--out {} is a file, not a directory", out.display()),
         SetupError::NothingToResume { dir, file } => {
             format!(
@@ -86,5 +86,6 @@ fn setup_advice(error: &SetupError) -> String {
             continuation,
             why,
         } => format!("--max-context {max_context} with --continuation {continuation}: {why}"),
-    }
+        SetupError::ResumeDiffers { .. } | SetupError::NothingLeft { .. } => return None,
+    })
 }

@@ -14,6 +14,7 @@ use sac::fingerprint::ModelFingerprint;
 use sac::from_sack;
 use sac::generate::{Answerer, Generation, SamplingSettings, Stop};
 use sac::layout::prompt::{PromptFormat, PromptLayout, RAW_TURN};
+use sac::model::SourceError;
 use sac::model::known::{NamedModel, Trusted};
 use sac::model::source::Network;
 use sac::runtime::{LoadedModel, ResolvedModel};
@@ -304,7 +305,12 @@ fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
             "{file} was made with the model in {dir:?}, and sac loads a directory that a .sack \
              names only once you have named it yourself: pass --model {dir:?}"
         ),
-        Error::ModelName(why) => format!("{file} names its model oddly: {why}; {pass}"),
+        Error::Source(
+            why @ (SourceError::NotHubId(_)
+            | SourceError::NotRevision(_)
+            | SourceError::NotGgufName(_)
+            | SourceError::NeitherHubIdNorDirectory(_)),
+        ) => format!("{file} names its model oddly: {why}; {pass}"),
         other => format!(
             "cannot find the model {file} was made with ({}): {}; {pass}",
             clean(named.id),

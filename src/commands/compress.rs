@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::cli::CompressArgs;
-use sac::adapter::{self, AdapterConfig, SacAdapter};
+use sac::adapter::{self, AdapterConfig, AdapterError, SacAdapter};
 use sac::compress::{Compressor, Cost, Method, RepeatPrompt, Request, Settings, Strategy};
 use sac::error::Error;
 use sac::fingerprint::DigestCache;
@@ -92,7 +92,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             // The model the adapter names is checked before its tensors are.
             let mismatch = config.model_mismatch(dir, &model.files.id, &model.fingerprint.model);
             if let Some(why) = mismatch {
-                bail!(Error::Adapter(why));
+                bail!(Error::from(AdapterError::OtherModel(Box::new(why))));
             }
             let a = SacAdapter::load(
                 dir,

@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 
 /// One score per (layer, KV head, position) of a context; higher is more
 /// important.
@@ -98,9 +98,7 @@ pub fn top_k(
     let (layers, heads, len) = (scores.layers, scores.heads, scores.len);
     let forced_positions: Vec<usize> = (0..len).filter(|&p| forced(p)).collect();
     if u32::try_from(scores.values.len()).is_err() {
-        return Err(Error::InvalidInput(format!(
-            "{layers} layers x {heads} KV heads x {len} tokens are too many scores to rank"
-        )));
+        return Err(InputError::TooManyScores { layers, heads, len }.into());
     }
     let order = |a: &u32, b: &u32| -> Ordering {
         let (a, b) = (*a as usize, *b as usize);

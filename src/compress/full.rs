@@ -23,7 +23,7 @@ pub static METHOD: Method = Method {
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
     Ok(Box::new(Full {
-        chunk_size: parts.chunk_size,
+        chunk_size: parts.keep.chunk_size,
     }))
 }
 

@@ -34,7 +34,7 @@ use std::time::Instant;
 use super::budget::{self, HeadBudget, Scores};
 use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
+use super::{Cost, Emit, Facts, Keep, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::layout::prompt::PromptLayout;
 use crate::model::{AttentionProbe, KvCache, Reduce};
@@ -108,19 +108,15 @@ pub static METHOD: Method = Method {
     summary: "Training-free: the K/V the model attends to when asked to repeat the document, \
          chosen per layer and KV head (KVzip); about 2-3x a prefill",
     takes: Takes {
-        adapter: false,
-        keeps_all: false,
-        sinks: true,
         head_budget: Some(HeadBudget::Shared),
+        ..Takes::TRAINING_FREE
     },
     build,
 };
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
     Ok(Box::new(Kvzip {
-        ratio: parts.ratio,
-        chunk_size: parts.chunk_size,
-        sinks: parts.sinks,
+        keep: parts.keep,
         head_budget: parts.head_budget,
         prompt: (parts.repeat_prompt)()?,
     }))
@@ -128,10 +124,7 @@ fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kvzip {
-    pub ratio: usize,
-    pub chunk_size: usize,
-    /// The first tokens, always kept.
-    pub sinks: usize,
+    pub keep: Keep,
     pub head_budget: HeadBudget,
     /// What the model is asked to repeat the context with.
     pub prompt: RepeatPrompt,
@@ -141,15 +134,15 @@ impl Strategy for Kvzip {
     fn facts(&self) -> Facts {
         Facts {
             method: &METHOD,
-            ratio: self.ratio,
-            chunk_size: self.chunk_size,
+            ratio: self.keep.ratio,
+            chunk_size: self.keep.chunk_size,
             per_head: true,
         }
     }
 
     /// Each token once, and the chunks it repeats once more.
     fn work(&self, len: usize) -> u64 {
-        let repeated: usize = scored_chunks(len, self.chunk_size, self.sinks)
+        let repeated: usize = scored_chunks(len, self.keep.chunk_size, self.keep.sinks)
             .iter()
             .map(|range| range.len())
             .sum();
@@ -162,13 +155,13 @@ impl Strategy for Kvzip {
 
     /// The repeat prompt and a chunk of the context.
     fn reads_after(&self, _len: usize) -> usize {
-        self.prompt.longest_input(self.chunk_size)
+        self.prompt.longest_input(self.keep.chunk_size)
     }
 
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
         let started = Instant::now();
         let selection = self.select(pass, ids)?;
-        select::emit(selection, self.chunk_size, started, emit)
+        select::emit(selection, self.keep.chunk_size, started, emit)
     }
 }
 
@@ -179,13 +172,13 @@ impl Kvzip {
         let len = ids.len();
         let started = Instant::now();
         let mut cache = KvCache::default();
-        select::prefill(pass, self.chunk_size, ids, &mut cache)?;
+        select::prefill(pass, self.keep.chunk_size, ids, &mut cache)?;
         let prefill = started.elapsed();
 
         let past = cache.past()?;
-        let sinks = self.sinks.min(len);
+        let sinks = self.keep.sinks.min(len);
         let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
-        let chunks = scored_chunks(len, self.chunk_size, sinks);
+        let chunks = scored_chunks(len, self.keep.chunk_size, sinks);
         for (i, range) in chunks.iter().enumerate() {
             let previous = i.checked_sub(1).map(|p| &ids[chunks[p].clone()]);
             let input = self.prompt.input(&ids[range.clone()], previous);
@@ -206,7 +199,7 @@ impl Kvzip {
             }
             pass.report(range.len());
         }
-        let budget = budget::budget(c.num_layers, c.num_kv_heads, len, self.ratio);
+        let budget = budget::budget(c.num_layers, c.num_kv_heads, len, self.keep.ratio);
         let kept = budget::top_k(&scores, &|p| p < sinks, budget, self.head_budget)?;
         Ok(Selection {
             cache,

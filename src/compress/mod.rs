@@ -83,13 +83,33 @@ pub struct Takes {
     pub head_budget: Option<HeadBudget>,
 }
 
+impl Takes {
+    /// What a training-free method takes: no adapter, a ratio, attention
+    /// sinks, and no head budget.
+    pub const TRAINING_FREE: Takes = Takes {
+        adapter: false,
+        keeps_all: false,
+        sinks: true,
+        head_budget: None,
+    };
+}
+
+/// How much a method keeps, and from what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Context tokens per kept token.
+    pub ratio: usize,
+    /// Tokens per chunk, at most the context's length.
+    pub chunk_size: usize,
+    /// Tokens at the start of the context (of each chunk for `uniform`)
+    /// always kept.
+    pub sinks: usize,
+}
+
 /// What a [`Method::build`] gets: the resolved settings, the loaded adapter
 /// of a trained method, and the document's repeat prompt, made on demand.
 pub struct Parts<'a, 'p> {
-    pub ratio: usize,
-    /// At most the context's length.
-    pub chunk_size: usize,
-    pub sinks: usize,
+    pub keep: Keep,
     pub head_budget: HeadBudget,
     pub adapter: Option<&'a SacAdapter>,
     pub repeat_prompt: &'p dyn Fn() -> Result<RepeatPrompt>,

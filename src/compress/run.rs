@@ -4,7 +4,8 @@
 use candle_core::Tensor;
 
 use super::Pass;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::layout;
 use crate::model::{
     AttentionLora, AttentionMask, AttentionProbe, ForwardInput, ForwardOutput, LayerKv,
 };
@@ -41,8 +42,7 @@ pub(super) fn forward(pass: &Pass, input: Input) -> Result<ForwardOutput> {
     let decoder = pass.decoder;
     let device = decoder.device();
     let first = input.first_position;
-    let first = u32::try_from(first)
-        .map_err(|_| Error::InvalidInput(format!("position {first} exceeds u32")))?;
+    let first = layout::position_id(first as u64)?;
     let ids = Tensor::new(input.ids, device)?.unsqueeze(0)?;
     let positions = Tensor::arange(first, first + input.ids.len() as u32, device)?.unsqueeze(0)?;
     let mut embeds = decoder.embed(&ids)?;

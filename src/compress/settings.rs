@@ -4,7 +4,7 @@
 use super::budget::HeadBudget;
 use super::kvzip::RepeatPrompt;
 use super::select::SINKS;
-use super::{METHODS, Method, Parts, Strategy};
+use super::{Keep, METHODS, Method, Parts, Strategy};
 use crate::adapter::{AdapterConfig, SacAdapter};
 use crate::error::Result;
 use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
@@ -167,9 +167,11 @@ impl Settings {
         len: usize,
     ) -> Result<Box<dyn Strategy + 'a>> {
         (self.method.build)(&Parts {
-            ratio: self.ratio,
-            chunk_size: self.chunk_size.min(len.max(1)),
-            sinks: self.sinks,
+            keep: Keep {
+                ratio: self.ratio,
+                chunk_size: self.chunk_size.min(len.max(1)),
+                sinks: self.sinks,
+            },
             head_budget: self.head_budget,
             adapter,
             repeat_prompt: &repeat_prompt,

@@ -18,7 +18,7 @@ use std::time::Instant;
 use super::budget::{self, HeadBudget, Scores};
 use super::run::{self, Input};
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
+use super::{Cost, Emit, Facts, Keep, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::model::{AttentionProbe, KvCache, Reduce};
 
@@ -28,29 +28,22 @@ pub static METHOD: Method = Method {
     summary: "Training-free: the K/V the document's last 64 tokens attend to, chosen per layer \
          and KV head (SnapKV); about one prefill",
     takes: Takes {
-        adapter: false,
-        keeps_all: false,
-        sinks: true,
         head_budget: Some(HeadBudget::Even),
+        ..Takes::TRAINING_FREE
     },
     build,
 };
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
     Ok(Box::new(Snapkv {
-        ratio: parts.ratio,
-        chunk_size: parts.chunk_size,
-        sinks: parts.sinks,
+        keep: parts.keep,
         head_budget: parts.head_budget,
     }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapkv {
-    pub ratio: usize,
-    pub chunk_size: usize,
-    /// The first tokens, always kept.
-    pub sinks: usize,
+    pub keep: Keep,
     pub head_budget: HeadBudget,
 }
 
@@ -86,8 +79,8 @@ impl Strategy for Snapkv {
     fn facts(&self) -> Facts {
         Facts {
             method: &METHOD,
-            ratio: self.ratio,
-            chunk_size: self.chunk_size,
+            ratio: self.keep.ratio,
+            chunk_size: self.keep.chunk_size,
             per_head: true,
         }
     }
@@ -95,7 +88,7 @@ impl Strategy for Snapkv {
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
         let started = Instant::now();
         let selection = self.select(pass, ids)?;
-        select::emit(selection, self.chunk_size, started, emit)
+        select::emit(selection, self.keep.chunk_size, started, emit)
     }
 }
 
@@ -104,12 +97,12 @@ impl Snapkv {
         let decoder = pass.decoder;
         let c = decoder.config();
         let len = ids.len();
-        let budget = budget::budget(c.num_layers, c.num_kv_heads, len, self.ratio);
+        let budget = budget::budget(c.num_layers, c.num_kv_heads, len, self.keep.ratio);
         let slots = c.num_layers * c.num_kv_heads;
-        let observed = len - window(len, budget, slots, self.sinks);
+        let observed = len - window(len, budget, slots, self.keep.sinks);
         let started = Instant::now();
         let mut cache = KvCache::default();
-        select::prefill(pass, self.chunk_size, &ids[..observed], &mut cache)?;
+        select::prefill(pass, self.keep.chunk_size, &ids[..observed], &mut cache)?;
         let probe = AttentionProbe {
             sinks: 0,
             keys: 0..observed,
@@ -132,7 +125,7 @@ impl Snapkv {
             let rows: Vec<Vec<f32>> = select::rows(measured)?.iter().map(|r| pool(r)).collect();
             scores.set(layer, 0, &rows);
         }
-        let sinks = self.sinks.min(observed);
+        let sinks = self.keep.sinks.min(observed);
         let kept = budget::top_k(
             &scores,
             &|p| p < sinks || p >= observed,

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use super::select::{self, KeptOffsets, Selection};
-use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
+use super::{Cost, Emit, Facts, Keep, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::model::KvCache;
 
@@ -15,29 +15,17 @@ use crate::model::KvCache;
 pub static METHOD: Method = Method {
     name: "streaming",
     summary: "The first 4 tokens and the most recent ones (StreamingLLM): a baseline",
-    takes: Takes {
-        adapter: false,
-        keeps_all: false,
-        sinks: true,
-        head_budget: None,
-    },
+    takes: Takes::TRAINING_FREE,
     build,
 };
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
-    Ok(Box::new(Streaming {
-        ratio: parts.ratio,
-        chunk_size: parts.chunk_size,
-        sinks: parts.sinks,
-    }))
+    Ok(Box::new(Streaming { keep: parts.keep }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Streaming {
-    pub ratio: usize,
-    pub chunk_size: usize,
-    /// The first tokens, always kept.
-    pub sinks: usize,
+    pub keep: Keep,
 }
 
 /// Kept 0-based offsets of a context of `len` tokens at `ratio`:
@@ -55,8 +43,8 @@ impl Strategy for Streaming {
     fn facts(&self) -> Facts {
         Facts {
             method: &METHOD,
-            ratio: self.ratio,
-            chunk_size: self.chunk_size,
+            ratio: self.keep.ratio,
+            chunk_size: self.keep.chunk_size,
             per_head: false,
         }
     }
@@ -64,13 +52,13 @@ impl Strategy for Streaming {
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
         let started = Instant::now();
         let mut cache = KvCache::default();
-        select::prefill(pass, self.chunk_size, ids, &mut cache)?;
+        select::prefill(pass, self.keep.chunk_size, ids, &mut cache)?;
         let selection = Selection {
             cache,
-            kept: KeptOffsets::Shared(kept(ids.len(), self.ratio, self.sinks)),
+            kept: KeptOffsets::Shared(kept(ids.len(), self.keep.ratio, self.keep.sinks)),
             prefill: started.elapsed(),
         };
-        select::emit(selection, self.chunk_size, started, emit)
+        select::emit(selection, self.keep.chunk_size, started, emit)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::chunked;
 use super::run::{self, Input};
-use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
+use super::{Cost, Emit, Facts, Keep, Method, Parts, Pass, Strategy, Takes};
 use crate::error::Result;
 use crate::layout::chunk;
 
@@ -14,44 +14,32 @@ use crate::layout::chunk;
 pub static METHOD: Method = Method {
     name: "uniform",
     summary: "Training-free: the same anchors from a plain causal pass",
-    takes: Takes {
-        adapter: false,
-        keeps_all: false,
-        sinks: true,
-        head_budget: None,
-    },
+    takes: Takes::TRAINING_FREE,
     build,
 };
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
-    Ok(Box::new(Uniform {
-        ratio: parts.ratio,
-        chunk_size: parts.chunk_size,
-        sinks: parts.sinks,
-    }))
+    Ok(Box::new(Uniform { keep: parts.keep }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uniform {
-    pub ratio: usize,
-    pub chunk_size: usize,
-    /// Tokens at the start of every chunk that are always kept.
-    pub sinks: usize,
+    pub keep: Keep,
 }
 
 impl Strategy for Uniform {
     fn facts(&self) -> Facts {
         Facts {
             method: &METHOD,
-            ratio: self.ratio,
-            chunk_size: self.chunk_size,
+            ratio: self.keep.ratio,
+            chunk_size: self.keep.chunk_size,
             per_head: false,
         }
     }
 
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
         let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
-            let kept = chunk::uniform_offsets(chunk.len, self.ratio, self.sinks);
+            let kept = chunk::uniform_offsets(chunk.len, self.keep.ratio, self.keep.sinks);
             let kv = run::forward(
                 pass,
                 Input::causal(chunk_ids, chunk.first_position() as usize, None),
@@ -64,7 +52,7 @@ impl Strategy for Uniform {
                 .collect::<Result<_>>()?;
             Ok((kept, kv))
         };
-        let total = chunked::compress(pass, ids, self.chunk_size, encode, emit)?;
+        let total = chunked::compress(pass, ids, self.keep.chunk_size, encode, emit)?;
         Ok(Cost {
             total,
             prefill: None,

@@ -13,8 +13,42 @@
 pub mod chunk;
 pub mod prompt;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::ModelConfig;
+
+/// A context, question or .sack that does not fit the model's positions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FitError {
+    #[error(
+        "the document is {len} tokens long, but the model reads at most {limit} positions and \
+         the decoder needs {room} after it; use a model with a longer context"
+    )]
+    PastPositions {
+        len: usize,
+        room: usize,
+        limit: usize,
+    },
+    #[error(
+        "the document is {len} tokens long, but the model attends within a {window}-token \
+         sliding window, which sac does not implement; use a shorter document or another model"
+    )]
+    PastWindow { len: usize, window: usize },
+    #[error(
+        "{file} holds a {tokens}-token document, but the model reads at most {limit} positions"
+    )]
+    SackPastPositions {
+        file: String,
+        tokens: u64,
+        limit: usize,
+    },
+    #[error(
+        "the question needs positions up to {end}, but the model stops at {limit}; ask a \
+         shorter question or use a model with a longer context"
+    )]
+    QuestionPastPositions { end: u64, limit: u64 },
+    #[error("position {0} is past the last u32 position id")]
+    PastU32(u64),
+}
 
 /// Position id of a context's first token.
 pub const FIRST_POSITION: u32 = 1;
@@ -30,8 +64,12 @@ pub fn position(offset: usize) -> u32 {
 /// The position id of a question's first token after a context of `len`
 /// tokens.
 pub fn question_position(len: usize) -> Result<u32> {
-    u32::try_from(u64::from(FIRST_POSITION) + len as u64)
-        .map_err(|_| Error::InvalidInput("the context is too long for u32 positions".into()))
+    position_id(u64::from(FIRST_POSITION) + len as u64)
+}
+
+/// `position` as a position id.
+pub fn position_id(position: u64) -> Result<u32> {
+    Ok(u32::try_from(position).map_err(|_| FitError::PastU32(position))?)
 }
 
 /// The position id of the first of `prefix` learned embeddings read just
@@ -60,16 +98,10 @@ pub fn attention_limit(config: &ModelConfig) -> usize {
 pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
     let limit = config.max_position_embeddings;
     if len + room > limit {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long, but the model reads at most {limit} positions \
-             and the decoder needs {room} after it; use a model with a longer context"
-        )));
+        return Err(FitError::PastPositions { len, room, limit }.into());
     }
     if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
-        return Err(Error::InvalidInput(format!(
-            "the document is {len} tokens long, but the model attends within a {window}-token \
-             sliding window, which sac does not implement; use a shorter document or another model"
-        )));
+        return Err(FitError::PastWindow { len, window }.into());
     }
     Ok(())
 }

@@ -14,8 +14,19 @@
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tokens::TextTokenizer;
+
+/// A chat template that cannot be used to lay out a document.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("chat template: cannot parse it")]
+    Parse(#[source] JinjaError),
+    #[error("chat template: cannot render it")]
+    Render(#[source] JinjaError),
+    #[error("chat template: the template does not print a user message exactly once ({0})")]
+    UserMessage(&'static str),
+}
 
 /// What precedes the document in the raw layout (after BOS).
 pub const CONTEXT_PREFIX: &str = "### Context:\n";
@@ -102,14 +113,11 @@ impl PromptLayout {
     pub fn chat(template: &ChatTemplate) -> Result<Self> {
         let user = format!("{INSTRUCTION}\n\nDocument:\n{DOCUMENT}\n\nQuestion: {QUESTION}");
         let text = template.render(&[("user", &user)], true)?;
-        let split = |text: &str, mark: &str| -> Result<(String, String)> {
+        let split = |text: &str, mark: &'static str| -> Result<(String, String)> {
             let mut parts = text.split(mark);
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => Ok((a.to_string(), b.to_string())),
-                _ => Err(Error::ChatTemplate(format!(
-                    "the template does not print a user message exactly once ({})",
-                    mark.trim_matches('\u{e000}')
-                ))),
+                _ => Err(TemplateError::UserMessage(mark.trim_matches('\u{e000}')).into()),
             }
         };
         let (before_document, rest) = split(&text, DOCUMENT)?;
@@ -161,7 +169,7 @@ impl ChatTemplate {
             },
         );
         env.add_template("chat", &self.source)
-            .map_err(|e| Error::ChatTemplate(format!("cannot parse it: {e}")))?;
+            .map_err(TemplateError::Parse)?;
         let messages: Vec<_> = messages
             .iter()
             .map(|(role, content)| context! { role => *role, content => *content })
@@ -175,7 +183,7 @@ impl ChatTemplate {
                     eos_token => &self.eos_token,
                 })
             })
-            .map_err(|e| Error::ChatTemplate(format!("cannot render it: {e}")))
+            .map_err(|e| TemplateError::Render(e).into())
     }
 
     /// The text the template puts right after an assistant's answer: where

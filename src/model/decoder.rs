@@ -17,7 +17,7 @@ use super::mask::{self, AttentionMask};
 use super::ops::{self, Kernels};
 use super::probe::AttentionProbe;
 use super::rope::{Rope, RopeTables};
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 
 /// One forward pass's inputs.
 #[derive(Debug, Clone, Copy)]
@@ -235,35 +235,32 @@ impl Decoder {
     fn run(&self, input: ForwardInput, probe: Option<&AttentionProbe>) -> Result<ForwardOutput> {
         let (batch, seq, hidden_size) = input.embeds.dims3()?;
         if hidden_size != self.config.hidden_size {
-            return Err(Error::InvalidInput(format!(
-                "embeddings have width {hidden_size}, the model {}",
-                self.config.hidden_size
-            )));
+            return Err(InputError::EmbeddingWidth {
+                got: hidden_size,
+                model: self.config.hidden_size,
+            }
+            .into());
         }
         if input.positions.dims() != [batch, seq] {
-            return Err(Error::InvalidInput(format!(
-                "position ids have shape {:?}, expected [{batch}, {seq}]",
-                input.positions.dims()
-            )));
+            return Err(InputError::PositionShape {
+                got: input.positions.dims().to_vec(),
+                batch,
+                seq,
+            }
+            .into());
         }
         for (what, layers) in [
-            ("shared", input.shared.map(<[SharedKv]>::len)),
-            ("past", input.past.map(<[LayerKv]>::len)),
+            ("shared K/V", input.shared.map(<[SharedKv]>::len)),
+            ("past K/V", input.past.map(<[LayerKv]>::len)),
+            ("LoRA", input.lora.map(|l| l.layers.len())),
         ] {
             if let Some(layers) = layers.filter(|&n| n != self.blocks.len()) {
-                return Err(Error::InvalidInput(format!(
-                    "{what} K/V has {layers} layers, the model {}",
-                    self.blocks.len()
-                )));
-            }
-        }
-        if let Some(lora) = input.lora {
-            if lora.layers.len() != self.blocks.len() {
-                return Err(Error::InvalidInput(format!(
-                    "LoRA has {} layers, the model {}",
-                    lora.layers.len(),
-                    self.blocks.len()
-                )));
+                return Err(InputError::Layers {
+                    what,
+                    got: layers,
+                    model: self.blocks.len(),
+                }
+                .into());
             }
         }
         let past_len = input.past.and_then(|p| p.first()).map_or(0, LayerKv::len);
@@ -323,9 +320,13 @@ impl Decoder {
             [s, k] if *s == seq && *k == keys => 1,
             [b, s, k] if (*b == batch || *b == 1) && *s == seq && *k == keys => *b,
             other => {
-                return Err(Error::InvalidInput(format!(
-                    "mask has shape {other:?}, expected [{seq}, {keys}] or [{batch}, {seq}, {keys}]"
-                )));
+                return Err(InputError::MaskShape {
+                    got: other.to_vec(),
+                    batch,
+                    seq,
+                    keys,
+                }
+                .into());
             }
         };
         let acc = ops::accumulation_dtype(self.dtype);

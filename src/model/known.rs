@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::Cache;
 
+use super::source::SourceError;
 use crate::error::{Error, Result};
 use crate::fingerprint::ModelFingerprint;
 use crate::model::source::{self, ModelFiles, Network};
@@ -120,10 +121,7 @@ impl Trusted {
             );
         }
         if !Path::new(named.id).is_absolute() {
-            return Err(Error::ModelName(format!(
-                "{:?} is neither a Hugging Face Hub id nor a model directory",
-                named.id
-            )));
+            return Err(SourceError::NeitherHubIdNorDirectory(named.id.to_string()).into());
         }
         match self.known.recall(named.fingerprint) {
             Some(path) => source::resolve_local(&path),

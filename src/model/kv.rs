@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 
 /// One layer's keys and values, each `[batch, kv_heads, seq, head_dim]`.
 /// Keys carry RoPE at their own position ids.
@@ -183,9 +183,7 @@ impl KvCache {
             .iter()
             .any(|l| l.len() != len || l.v.dims().get(2) != Some(&len))
         {
-            return Err(Error::InvalidInput(
-                "K/V layers hold different lengths".into(),
-            ));
+            return Err(InputError::RaggedLayers.into());
         }
         let buffers = layers
             .iter()
@@ -236,11 +234,12 @@ impl KvCache {
             return Ok(());
         }
         if new.len() != self.buffers.len() {
-            return Err(Error::InvalidInput(format!(
-                "appending {} layers to a cache of {}",
-                new.len(),
-                self.buffers.len()
-            )));
+            return Err(InputError::Layers {
+                what: "appended K/V",
+                got: new.len(),
+                model: self.buffers.len(),
+            }
+            .into());
         }
         let capacity = self.buffers[0].len();
         if self.len + added > capacity {
@@ -272,9 +271,7 @@ impl KvCache {
 fn with_room(t: &Tensor, extra: usize) -> Result<Tensor> {
     let mut dims = t.dims().to_vec();
     let Some(seq) = dims.get_mut(2) else {
-        return Err(Error::InvalidInput(format!(
-            "K/V tensor of shape {dims:?} is not 4-D"
-        )));
+        return Err(InputError::NotFourD(dims).into());
     };
     *seq = extra;
     let room = Tensor::zeros(dims, t.dtype(), t.device())?;

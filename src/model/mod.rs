@@ -20,7 +20,7 @@ pub use lora::{AttentionLora, LayerLora, LoraTarget, LowRank};
 pub use mask::AttentionMask;
 pub use ops::Kernels;
 pub use probe::{AttentionProbe, Reduce};
-pub use source::{HfFiles, Layout, ModelFiles};
+pub use source::{HfFiles, Layout, ModelFiles, SourceError};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -37,11 +37,15 @@ pub fn load_decoder(
     // SAFETY: the files are mapped read-only; like every safetensors loader we
     // rely on them not being truncated while the model is alive.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-        .map_err(|e| {
-            Error::Weights(format!("cannot map {}: {e}", display_paths(&files.weights)))
+        .map_err(|source| Error::MapWeights {
+            files: display_paths(&files.weights),
+            source,
         })?;
     Decoder::load(config, vb).map_err(|e| match e {
-        Error::Candle(e) => Error::Weights(format!("{} in {}", e, display_paths(&files.weights))),
+        Error::Candle(source) => Error::Weights {
+            files: display_paths(&files.weights),
+            source,
+        },
         other => other,
     })
 }

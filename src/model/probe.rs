@@ -8,7 +8,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 
 use super::ops::{self, Kernels};
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 
 /// How the weights of all query rows (every row of the batch, every query
 /// head of a GQA group, every position of the pass) fold into one number per
@@ -42,16 +42,18 @@ impl AttentionProbe {
     /// Refuses a probe that does not fit a past of `past_len` keys.
     pub(crate) fn check(&self, past_len: usize) -> Result<()> {
         if self.sinks > self.keys.start || self.keys.start > self.keys.end {
-            return Err(Error::InvalidInput(format!(
-                "probe sinks 0..{} and keys {:?} overlap or are reversed",
-                self.sinks, self.keys
-            )));
+            return Err(InputError::ProbeOverlap {
+                sinks: self.sinks,
+                keys: self.keys.clone(),
+            }
+            .into());
         }
         if self.keys.end > past_len {
-            return Err(Error::InvalidInput(format!(
-                "probe keys {:?} reach past the {past_len} past keys",
-                self.keys
-            )));
+            return Err(InputError::ProbePastKeys {
+                keys: self.keys.clone(),
+                past: past_len,
+            }
+            .into());
         }
         Ok(())
     }

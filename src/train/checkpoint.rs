@@ -76,36 +76,82 @@ pub fn save(
         run: run.clone(),
         adapter: params.config().clone(),
     };
-    let meta = serde_json::to_string(&meta).map_err(|e| Error::Training(e.to_string()))?;
+    let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
+        what: "the checkpoint",
+        source: e,
+    };
+    let meta = serde_json::to_string(&meta).map_err(|e| serialize(e.into()))?;
     let target = path(dir);
     let bytes = safetensors::serialize(tensors, Some(HashMap::from([(META_KEY.into(), meta)])))
-        .map_err(|e| Error::Training(format!("cannot serialize {}: {e}", target.display())))?;
+        .map_err(|e| serialize(e.into()))?;
     crate::atomic::write_bytes(&target, &bytes)
+}
+
+/// A checkpoint that cannot be read back, or does not fit the run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{}: not a checkpoint", path.display())]
+    NotCheckpoint {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{}: not a sac train checkpoint", .0.display())]
+    NotOurs(PathBuf),
+    #[error("{}: unreadable state", path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: checkpoint format {found} is not {FORMAT}", path.display())]
+    Format { path: PathBuf, found: u32 },
+    #[error("{}: unreadable tensors", path.display())]
+    Tensors {
+        path: PathBuf,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    #[error("{}: no optimizer state for `{name}`", path.display())]
+    NoMoments { path: PathBuf, name: String },
+    #[error("the optimizer state does not match the parameters")]
+    OptimizerState,
 }
 
 /// Reads the checkpoint in `dir`.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let target = path(dir);
-    let bad = |message: String| Error::Training(format!("{}: {message}", target.display()));
     let bytes = std::fs::read(&target).map_err(|e| Error::io("cannot read", &target, e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| {
+        CheckpointError::NotCheckpoint {
+            path: target.clone(),
+            source,
+        }
+    })?;
     let meta: Meta = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| bad("not a sac train checkpoint".into()))
+        .ok_or_else(|| CheckpointError::NotOurs(target.clone()))
         .and_then(|json| {
-            serde_json::from_str(json).map_err(|e| bad(format!("unreadable state: {e}")))
+            serde_json::from_str(json).map_err(|source| CheckpointError::State {
+                path: target.clone(),
+                source,
+            })
         })?;
     if meta.format != FORMAT {
-        return Err(bad(format!(
-            "checkpoint format {} is not {FORMAT}",
-            meta.format
-        )));
+        return Err(CheckpointError::Format {
+            path: target,
+            found: meta.format,
+        }
+        .into());
     }
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| bad(format!("unreadable tensors: {e}")))?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| {
+        CheckpointError::Tensors {
+            path: target.clone(),
+            source: Box::new(source),
+        }
+    })?;
     let mut params = HashMap::new();
     let names: Vec<String> = tensors
         .keys()
@@ -122,9 +168,13 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         sorted
             .iter()
             .map(|name| {
-                tensors
-                    .remove(&format!("{prefix}{name}"))
-                    .ok_or_else(|| bad(format!("no optimizer state for `{name}`")))
+                tensors.remove(&format!("{prefix}{name}")).ok_or_else(|| {
+                    CheckpointError::NoMoments {
+                        path: target.clone(),
+                        name: name.clone(),
+                    }
+                    .into()
+                })
             })
             .collect()
     };

@@ -4,7 +4,7 @@
 //! that depends on the seed and the sample's index alone, so a resumed run
 //! needs nothing but its step counter to continue with the same data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -262,19 +262,9 @@ impl QaRow {
                 .iter()
                 .map(|v| v.as_str().map(str::to_string))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    line_error(
-                        path,
-                        line,
-                        "\"answer\" must be a string or a list of strings",
-                    )
-                })?,
+                .ok_or_else(|| row_error(path, line, RowProblem::AnswerNotStrings))?,
             _ => {
-                return Err(line_error(
-                    path,
-                    line,
-                    "no \"answer\" (a string, or a non-empty list of strings)",
-                ));
+                return Err(row_error(path, line, RowProblem::NoAnswer));
             }
         };
         Ok(QaRow {
@@ -296,12 +286,12 @@ fn read_rows(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
         }
         match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(row)) => rows.push((i + 1, row)),
-            Ok(_) => return Err(line_error(path, i + 1, "not a JSON object")),
-            Err(e) => return Err(line_error(path, i + 1, format!("not valid JSON: {e}"))),
+            Ok(_) => return Err(row_error(path, i + 1, RowProblem::NotObject)),
+            Err(e) => return Err(row_error(path, i + 1, RowProblem::NotJson(e))),
         }
     }
     if rows.is_empty() {
-        return Err(Error::Data(format!("{} holds no rows", path.display())));
+        return Err(DataError::NoRows(path.to_path_buf()).into());
     }
     Ok(rows)
 }
@@ -309,13 +299,65 @@ fn read_rows(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
 fn string_field(path: &Path, line: usize, row: &Map<String, Value>, key: &str) -> Result<String> {
     match row.get(key) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) => Err(line_error(path, line, format!("\"{key}\" is empty"))),
-        _ => Err(line_error(path, line, format!("no string \"{key}\""))),
+        Some(Value::String(_)) => Err(row_error(path, line, RowProblem::Empty(key.into()))),
+        _ => Err(row_error(path, line, RowProblem::NoString(key.into()))),
     }
 }
 
-fn line_error(path: &Path, line: usize, message: impl std::fmt::Display) -> Error {
-    Error::Data(format!("{} line {line}: {message}", path.display()))
+/// Training or evaluation data that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{} holds no rows", .0.display())]
+    NoRows(PathBuf),
+    #[error("{} line {line}: {problem}", path.display())]
+    Row {
+        path: PathBuf,
+        line: usize,
+        problem: RowProblem,
+    },
+    /// A row whose text cannot be tokenized or laid out.
+    #[error("{} line {line}", path.display())]
+    Unusable {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+/// What is wrong with a row.
+#[derive(Debug, thiserror::Error)]
+pub enum RowProblem {
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("\"{0}\" is empty")]
+    Empty(String),
+    #[error("no string \"{0}\"")]
+    NoString(String),
+    #[error("\"answer\" must be a string or a list of strings")]
+    AnswerNotStrings,
+    #[error("no \"answer\" (a string, or a non-empty list of strings)")]
+    NoAnswer,
+}
+
+fn row_error(path: &Path, line: usize, problem: RowProblem) -> Error {
+    DataError::Row {
+        path: path.to_path_buf(),
+        line,
+        problem,
+    }
+    .into()
+}
+
+fn line_error(path: &Path, line: usize, source: Error) -> Error {
+    DataError::Unusable {
+        path: path.to_path_buf(),
+        line,
+        source: Box::new(source),
+    }
+    .into()
 }
 
 #[cfg(test)]

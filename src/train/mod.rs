@@ -37,7 +37,8 @@ use crate::error::{Error, Result};
 use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
 
-pub use data::{PretrainWindow, Stage};
+pub use checkpoint::CheckpointError;
+pub use data::{DataError, PretrainWindow, RowProblem, Stage};
 pub use eval::EvalScores;
 pub use setup::SetupError;
 
@@ -188,18 +189,21 @@ impl<'a> Trainer<'a> {
         let (params, optimizer, step) = if settings.resume {
             let saved = checkpoint::load(&settings.out, device)?;
             if let Some((name, was, now)) = checkpoint::first_difference(&saved.run, &identity) {
-                return Err(Error::Training(format!(
-                    "{} was written by a run with {name} {was}, not {now}; resume with the same settings",
-                    checkpoint::path(&settings.out).display()
-                )));
+                return Err(SetupError::ResumeDiffers {
+                    checkpoint: checkpoint::path(&settings.out),
+                    setting: name,
+                    was,
+                    now,
+                }
+                .into());
             }
             if saved.step >= plan.stop {
-                return Err(Error::Training(format!(
-                    "{} is at step {} of {}: nothing left to do",
-                    settings.out.display(),
-                    saved.step,
-                    plan.stop
-                )));
+                return Err(SetupError::NothingLeft {
+                    dir: settings.out.clone(),
+                    step: saved.step,
+                    stop: plan.stop,
+                }
+                .into());
             }
             let params =
                 Trainables::from_tensors(saved.adapter, saved.params, &model.config, device)?;

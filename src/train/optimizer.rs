@@ -8,7 +8,8 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InputError, Result};
+use crate::train::CheckpointError;
 
 /// PyTorch's defaults.
 pub const BETA1: f64 = 0.9;
@@ -59,9 +60,7 @@ impl AdamW {
                     .all(|(t, p)| t.dims() == p.dims() && t.dtype() == p.dtype())
         };
         if !fits(&m) || !fits(&v) {
-            return Err(Error::Training(
-                "the optimizer state does not match the parameters".into(),
-            ));
+            return Err(CheckpointError::OptimizerState.into());
         }
         Ok(AdamW {
             weight_decay,
@@ -82,12 +81,12 @@ impl AdamW {
     /// Updates every parameter with its gradient (same order as at creation).
     pub fn step(&mut self, params: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
-            return Err(Error::InvalidInput(format!(
-                "AdamW holds {} parameters, given {} with {} gradients",
-                self.m.len(),
-                params.len(),
-                grads.len()
-            )));
+            return Err(InputError::OptimizerParams {
+                held: self.m.len(),
+                params: params.len(),
+                grads: grads.len(),
+            }
+            .into());
         }
         self.steps += 1;
         let t = i32::try_from(self.steps).unwrap_or(i32::MAX);

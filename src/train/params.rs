@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::adapter::{AdapterConfig, SacAdapter};
-use crate::error::{Error, Result};
+use crate::adapter::{AdapterConfig, AdapterError, SacAdapter};
+use crate::error::{Error, InputError, Result};
 use crate::model::{Decoder, ModelConfig};
 
 use super::{Stream, rng};
@@ -65,13 +65,11 @@ impl Trainables {
             let mut r = rng(seed, Stream::Init, index as u64);
             let values: Vec<f32> = match init {
                 Init::Normal(mean, std) => {
-                    let d = Normal::new(mean, std)
-                        .map_err(|e| Error::Training(format!("cannot initialise {name}: {e}")))?;
+                    let d = Normal::new(mean, std).map_err(|e| init_error(&name, e))?;
                     (0..n).map(|_| d.sample(&mut r) as f32).collect()
                 }
                 Init::Uniform(bound) => {
-                    let d = Uniform::new(-bound, bound)
-                        .map_err(|e| Error::Training(format!("cannot initialise {name}: {e}")))?;
+                    let d = Uniform::new(-bound, bound).map_err(|e| init_error(&name, e))?;
                     (0..n).map(|_| d.sample(&mut r) as f32).collect()
                 }
                 Init::Zeros => vec![0.0; n],
@@ -90,7 +88,7 @@ impl Trainables {
         device: &Device,
     ) -> Result<Self> {
         let adapter = SacAdapter::from_tensors(config.clone(), tensors, model, DType::F32)
-            .map_err(Error::Adapter)?;
+            .map_err(AdapterError::Invalid)?;
         let mut vars = adapter
             .tensors()?
             .into_iter()
@@ -135,7 +133,10 @@ impl Trainables {
             .iter()
             .map(|(n, v)| (n.clone(), tensor(v)))
             .collect();
-        SacAdapter::from_tensors(self.config.clone(), tensors, model, dtype).map_err(Error::Adapter)
+        Ok(
+            SacAdapter::from_tensors(self.config.clone(), tensors, model, dtype)
+                .map_err(AdapterError::Invalid)?,
+        )
     }
 }
 
@@ -164,4 +165,12 @@ fn embedding_stats(decoder: &Decoder) -> Result<(f64, f64)> {
     let mean = sum / n;
     let variance = ((squares - n * mean * mean) / (n - 1.0)).max(0.0);
     Ok((mean, variance.sqrt()))
+}
+
+fn init_error(name: &str, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+    InputError::Init {
+        name: name.to_string(),
+        source: Box::new(source),
+    }
+    .into()
 }

@@ -15,6 +15,7 @@ use crate::layout;
 use crate::layout::chunk;
 use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
+use crate::tokens::TokenizerError;
 
 use super::data::TrainSet;
 use super::schedule::Schedule;
@@ -35,7 +36,20 @@ pub enum SetupError {
     RunExists(PathBuf),
     /// The initial adapter was trained on another model.
     #[error("{0}")]
-    InitForAnotherModel(String),
+    InitForAnotherModel(Box<adapter::ModelMismatch>),
+    #[error("{} was written by a run with {setting} {was}, not {now}; resume with the same settings", checkpoint.display())]
+    ResumeDiffers {
+        checkpoint: PathBuf,
+        setting: String,
+        was: String,
+        now: String,
+    },
+    #[error("{} is at step {step} of {stop}: nothing left to do", dir.display())]
+    NothingLeft {
+        dir: PathBuf,
+        step: usize,
+        stop: usize,
+    },
     #[error("{setting} {ours} differs from the initial adapter's {theirs}")]
     DiffersFromInit {
         setting: &'static str,
@@ -124,7 +138,7 @@ pub fn load_init(
         .config
         .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
     if let Some(why) = mismatch.filter(|_| !any_model) {
-        return Err(SetupError::InitForAnotherModel(why).into());
+        return Err(SetupError::InitForAnotherModel(Box::new(why)).into());
     }
     match ratio {
         Some(ratio) => adapter.at_ratio(ratio),
@@ -252,7 +266,10 @@ pub fn identity(
         max_context: pretrain.then_some(w.max_context),
         continuation: pretrain.then_some(w.continuation),
     };
-    serde_json::to_value(id).map_err(|e| Error::Training(e.to_string()))
+    serde_json::to_value(id).map_err(|e| Error::Serialize {
+        what: "the run's settings",
+        source: Box::new(e),
+    })
 }
 
 /// The training examples of `settings.data`, with the number of pretraining
@@ -275,9 +292,7 @@ pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(Train
             Ok((loaded.data, loaded.skipped))
         }
         Stage::Qa => {
-            let eos = *model.tokenizer.eos().first().ok_or_else(|| {
-                Error::Tokenizer("the model names no EOS token to end answers with".into())
-            })?;
+            let eos = *model.tokenizer.eos().first().ok_or(TokenizerError::NoEos)?;
             let set = TrainSet::qa(
                 &settings.data,
                 &model.tokenizer,

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use crate::adapter::SacAdapter;
 use crate::compress::Compressor;
 use crate::compress::sac::Sac;
-use crate::error::{Error, Result};
+use crate::error::{InputError, Result};
 use crate::layout;
 use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels};
 
@@ -34,7 +34,7 @@ pub fn backward(
         });
     }
     let Some(total) = total else {
-        return Err(Error::InvalidInput("a backward pass needs a sample".into()));
+        return Err(InputError::NoSample.into());
     };
     let scaled = (total * scale)?;
     let store = scaled.backward()?;
@@ -59,9 +59,7 @@ pub fn sample_loss(
     kernels: Kernels,
 ) -> Result<Tensor> {
     let Some((_, read_targets)) = sample.target.split_last() else {
-        return Err(Error::InvalidInput(
-            "a training sample has no target".into(),
-        ));
+        return Err(InputError::NoTarget.into());
     };
     let past = Compressor::new(decoder, Box::new(Sac::new(adapter)))
         .with_kernels(kernels)

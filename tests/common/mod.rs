@@ -252,9 +252,10 @@ pub fn causal_with_bidirectional_blocks(
     device: &Device,
 ) -> sac::Result<Tensor> {
     if let Some(bad) = blocks.iter().find(|b| b.end > seq) {
-        return Err(sac::Error::InvalidInput(format!(
+        return Err(candle_core::Error::Msg(format!(
             "block {bad:?} reaches past the {seq} tokens"
-        )));
+        ))
+        .into());
     }
     model::mask::additive_from_fn(seq, seq, device, |i, j| {
         j <= i || blocks.iter().any(|b| b.contains(&i) && b.contains(&j))

@@ -10,6 +10,8 @@
 
 mod tokenizer;
 
+pub use tokenizer::GgufTokenizerError;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -29,7 +29,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 use super::GgufModel;
 use crate::error::{Error, Result};
 use crate::layout::prompt::ChatTemplate;
-use crate::tokens::TextTokenizer;
+use crate::tokens::{TextTokenizer, TokenizerError};
 
 /// Llama 3's split, as its `tokenizer.json` (and llama.cpp's "llama-bpe") has it.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -45,8 +45,41 @@ const UNKNOWN: i64 = 2;
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
-fn tokenizer_error(model: &GgufModel, message: impl std::fmt::Display) -> Error {
-    Error::Tokenizer(format!("{}: {message}", model.path().display()))
+/// Why a GGUF file's tokenizer cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufTokenizerError {
+    #[error("has no `tokenizer.ggml.model`")]
+    NoModel,
+    #[error("has no array `{0}`")]
+    NoArray(String),
+    #[error("`{0}` holds a non-string")]
+    NotStrings(String),
+    #[error(
+        "tokenizer model {0:?} is not supported (sac reads byte-level BPE, \"gpt2\", and \
+         SentencePiece BPE, \"llama\")"
+    )]
+    Kind(String),
+    #[error(
+        "pre-tokenizer {0:?} is not supported (sac knows default, gpt-2, smollm, llama-bpe and \
+         qwen2)"
+    )]
+    PreTokenizer(String),
+    #[error("merge {0:?} is not two tokens")]
+    Merge(String),
+    #[error("has no score for every token")]
+    NoScores,
+    #[error("cannot build its BPE")]
+    Bpe(#[source] tokenizers::Error),
+    #[error("cannot build its normalizer")]
+    Normalizer(#[source] tokenizers::Error),
+}
+
+fn tokenizer_error(model: &GgufModel, problem: GgufTokenizerError) -> Error {
+    TokenizerError::Gguf {
+        path: model.path().to_path_buf(),
+        problem,
+    }
+    .into()
 }
 
 /// The strings of array `key`.
@@ -58,11 +91,14 @@ fn strings<'a>(model: &'a GgufModel, key: &str) -> Result<Vec<&'a str>> {
                 Value::String(s) => Ok(s.as_str()),
                 _ => Err(tokenizer_error(
                     model,
-                    format!("`{key}` holds a non-string"),
+                    GgufTokenizerError::NotStrings(key.into()),
                 )),
             })
             .collect(),
-        _ => Err(tokenizer_error(model, format!("has no array `{key}`"))),
+        _ => Err(tokenizer_error(
+            model,
+            GgufTokenizerError::NoArray(key.into()),
+        )),
     }
 }
 
@@ -110,7 +146,7 @@ fn pre_tokenizer(pre: &str) -> Option<(PreTokenizerWrapper, bool)> {
 pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
     let kind = model
         .string("tokenizer.ggml.model")
-        .map_err(|_| tokenizer_error(model, "has no `tokenizer.ggml.model`"))?;
+        .map_err(|_| tokenizer_error(model, GgufTokenizerError::NoModel))?;
     let tokens = strings(model, "tokenizer.ggml.tokens")?;
     let types: Vec<i64> = model
         .numbers("tokenizer.ggml.token_type")
@@ -123,10 +159,7 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
         _ => {
             return Err(tokenizer_error(
                 model,
-                format!(
-                    "tokenizer model {kind:?} is not supported (sac reads byte-level BPE, \
-                     \"gpt2\", and SentencePiece BPE, \"llama\")"
-                ),
+                GgufTokenizerError::Kind(kind.into()),
             ));
         }
     };
@@ -176,14 +209,8 @@ pub(super) fn build(model: &GgufModel) -> Result<TextTokenizer> {
 /// pre-tokenizer `tokenizer.ggml.pre` names.
 fn byte_level_bpe(model: &GgufModel, tokens: &[&str]) -> Result<Tokenizer> {
     let pre = model.string("tokenizer.ggml.pre").unwrap_or("default");
-    let (pre_tokenizer, nfc) = pre_tokenizer(pre).ok_or_else(|| {
-        tokenizer_error(
-            model,
-            format!(
-                "pre-tokenizer {pre:?} is not supported (sac knows default, gpt-2, smollm, llama-bpe and qwen2)"
-            ),
-        )
-    })?;
+    let (pre_tokenizer, nfc) = pre_tokenizer(pre)
+        .ok_or_else(|| tokenizer_error(model, GgufTokenizerError::PreTokenizer(pre.into())))?;
     let vocab = vocabulary(tokens);
     let merges = strings(model, "tokenizer.ggml.merges")?
         .into_iter()
@@ -191,14 +218,14 @@ fn byte_level_bpe(model: &GgufModel, tokens: &[&str]) -> Result<Tokenizer> {
             merge
                 .split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| tokenizer_error(model, format!("merge {merge:?} is not two tokens")))
+                .ok_or_else(|| tokenizer_error(model, GgufTokenizerError::Merge(merge.into())))
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(pre == "llama-bpe" || pre == "llama3")
         .build()
-        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
+        .map_err(|e| tokenizer_error(model, GgufTokenizerError::Bpe(e)))?;
     let mut inner = Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -219,7 +246,7 @@ fn sentencepiece_bpe(model: &GgufModel, tokens: &[&str], types: &[i64]) -> Resul
         .map(|x| x as f32)
         .collect();
     if scores.len() != tokens.len() {
-        return Err(tokenizer_error(model, "has no score for every token"));
+        return Err(tokenizer_error(model, GgufTokenizerError::NoScores));
     }
     let vocab = vocabulary(tokens);
     let merges = sentencepiece_merges(tokens, &scores, &vocab);
@@ -236,14 +263,14 @@ fn sentencepiece_bpe(model: &GgufModel, tokens: &[&str], types: &[i64]) -> Resul
     }
     let bpe = builder
         .build()
-        .map_err(|e| tokenizer_error(model, format!("cannot build its BPE: {e}")))?;
+        .map_err(|e| tokenizer_error(model, GgufTokenizerError::Bpe(e)))?;
     let prefix = !matches!(
         model.meta("tokenizer.ggml.add_space_prefix"),
         Some(Value::Bool(false))
     );
     let replace = |from: &str, to: &str| {
         Replace::new(from, to)
-            .map_err(|e| tokenizer_error(model, format!("cannot build its normalizer: {e}")))
+            .map_err(|e| tokenizer_error(model, GgufTokenizerError::Normalizer(e)))
     };
     let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
     if prefix {

@@ -15,6 +15,10 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+mod error;
+
+pub use error::{HubFile, SourceError};
+
 const CONFIG: &str = "config.json";
 const TOKENIZER: &str = "tokenizer.json";
 const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
@@ -113,9 +117,7 @@ pub fn resolve(model: &str, revision: Option<&str>, gguf_file: Option<&str>) -> 
         let revision = revision.unwrap_or("main");
         return resolve_hub(model, revision, gguf_file, Network::Allowed);
     }
-    Err(Error::MissingModelFile(format!(
-        "model `{model}` is neither a directory, a .gguf file nor a Hugging Face Hub id (owner/name)"
-    )))
+    Err(SourceError::Unknown(model.to_string()).into())
 }
 
 /// `owner/name` as the Hub spells repository ids: letters, digits, `-`, `_`
@@ -160,14 +162,10 @@ pub fn looks_like_gguf_file(s: &str) -> bool {
 /// Refuses a Hub id or revision that is not a Hub name, quoting it escaped.
 pub fn check_hub_name(id: &str, revision: &str) -> Result<()> {
     if !looks_like_hub_id(id) {
-        return Err(Error::ModelName(format!(
-            "{id:?} is not a Hugging Face Hub id (owner/name)"
-        )));
+        return Err(SourceError::NotHubId(id.to_string()).into());
     }
     if !looks_like_revision(revision) {
-        return Err(Error::ModelName(format!(
-            "{revision:?} is not a Hub revision (a branch, tag or commit)"
-        )));
+        return Err(SourceError::NotRevision(revision.to_string()).into());
     }
     Ok(())
 }
@@ -191,10 +189,7 @@ pub fn resolve_local(path: &Path) -> Result<ModelFiles> {
     };
     if real.is_file() {
         if !is_gguf(&real) {
-            return Err(Error::MissingModelFile(format!(
-                "{} is a file but not a .gguf model; pass a .gguf file or a model directory",
-                path.display()
-            )));
+            return Err(SourceError::NotGgufFile(path.to_path_buf()).into());
         }
         return Ok(gguf(real));
     }
@@ -210,16 +205,15 @@ pub fn resolve_local(path: &Path) -> Result<ModelFiles> {
     match ggufs.as_slice() {
         [one] => Ok(gguf(one.clone())),
         [] => resolve_dir(&id, path),
-        many => Err(Error::MissingModelFile(format!(
-            "model directory {} holds {} .gguf files ({}); pass the one to use",
-            path.display(),
-            many.len(),
-            many.iter()
+        many => Err(SourceError::ManyGgufFiles {
+            dir: path.to_path_buf(),
+            files: many
+                .iter()
                 .filter_map(|p| p.file_name())
-                .map(|n| n.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect(),
+        }
+        .into()),
     }
 }
 
@@ -234,10 +228,11 @@ fn resolve_dir(id: &str, dir: &Path) -> Result<ModelFiles> {
         if p.is_file() {
             Ok(p)
         } else {
-            Err(Error::MissingModelFile(format!(
-                "model directory {} has no `{name}` (a model directory holds {EXPECTED})",
-                dir.display()
-            )))
+            Err(SourceError::NoFile {
+                dir: dir.to_path_buf(),
+                name: name.to_string(),
+            }
+            .into())
         }
     };
     let weights = if dir.join(WEIGHTS_INDEX).is_file() {
@@ -339,9 +334,7 @@ impl HubRepo {
                 .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token()))
                 .build()
-                .map_err(|e| {
-                    Error::Hub(format!("cannot set up the Hugging Face Hub client: {e}"))
-                })?;
+                .map_err(SourceError::HubClient)?;
             Reach::Hub(Box::new(api.repo(Repo::with_revision(
                 id.to_string(),
                 RepoType::Model,
@@ -376,30 +369,26 @@ impl HubRepo {
         if let Some(path) = self.cached(file) {
             return Ok(path);
         }
-        let how = format!(
-            "fetch it with `huggingface-cli download {} {file} --revision {}` (the cache is {}) \
-             or use a local model directory",
-            self.id,
-            self.revision,
-            self.cache.path().display()
-        );
+        let hub_file = HubFile {
+            id: self.id.clone(),
+            revision: self.revision.clone(),
+            file: file.to_string(),
+            cache: self.cache.path().clone(),
+        };
         match &self.reach {
             Reach::CacheOnly => Err(Error::NotCached {
-                id: self.id.clone(),
-                revision: self.revision.clone(),
-                file: file.to_string(),
-                cache: self.cache.path().clone(),
+                id: hub_file.id,
+                revision: hub_file.revision,
+                file: hub_file.file,
+                cache: hub_file.cache,
             }),
-            Reach::Offline => Err(Error::MissingModelFile(format!(
-                "`{file}` of {} (revision {}) is not in the Hugging Face cache and \
-                 HF_HUB_OFFLINE is set; {how}",
-                self.id, self.revision
-            ))),
-            Reach::Hub(api) => api.get(file).map_err(|e| {
-                Error::MissingModelFile(format!(
-                    "cannot get `{file}` of {} (revision {}) from the Hugging Face Hub: {e}; {how}",
-                    self.id, self.revision
-                ))
+            Reach::Offline => Err(SourceError::Offline(Box::new(hub_file)).into()),
+            Reach::Hub(api) => api.get(file).map_err(|source| {
+                SourceError::Fetch {
+                    file: Box::new(hub_file),
+                    source,
+                }
+                .into()
             }),
         }
     }
@@ -435,9 +424,7 @@ pub fn resolve_hub_in(
     let repo = HubRepo::new(cache, id, revision, network)?;
     if let Some(name) = gguf_file {
         if !looks_like_gguf_file(name) {
-            return Err(Error::ModelName(format!(
-                "{name:?} is not a GGUF file name (a plain name ending in .gguf)"
-            )));
+            return Err(SourceError::NotGgufName(name.to_string()).into());
         }
         return Ok(ModelFiles {
             id: id.to_string(),
@@ -521,13 +508,22 @@ mod tests {
     #[test]
     fn bad_revisions_are_refused_before_any_path_is_built() {
         let err = resolve_hub("acme/tiny", "/some/dir", None, Network::CacheOnly).unwrap_err();
-        assert!(matches!(err, Error::ModelName(_)), "{err}");
+        assert!(
+            matches!(err, Error::Source(SourceError::NotRevision(_))),
+            "{err}"
+        );
         let err = resolve_hub("../x", "main", None, Network::CacheOnly).unwrap_err();
-        assert!(matches!(err, Error::ModelName(_)), "{err}");
+        assert!(
+            matches!(err, Error::Source(SourceError::NotHubId(_))),
+            "{err}"
+        );
         for name in ["../x.gguf", "/etc/x.gguf", "a/b.gguf", "x.bin", ".gguf"] {
             assert!(!looks_like_gguf_file(name), "{name}");
             let err = resolve_hub("acme/tiny", "main", Some(name), Network::CacheOnly);
-            assert!(matches!(err, Err(Error::ModelName(_))), "{name}");
+            assert!(
+                matches!(err, Err(Error::Source(SourceError::NotGgufName(_)))),
+                "{name}"
+            );
         }
         assert!(looks_like_gguf_file("SmolLM2-135M-Instruct.Q4_1.gguf"));
     }
