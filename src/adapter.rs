@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::compress::sac::METHOD as SAC;
 use crate::error::{Error, Result};
 use crate::fingerprint::{DigestCache, manifest_digest};
 use crate::layout::chunk;
@@ -337,7 +338,7 @@ impl SacAdapter {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
         let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
-            what: "the adapter",
+            what: dir.display().to_string(),
             source: e,
         };
         let weights =
@@ -399,7 +400,7 @@ impl SacAdapter {
                 })?,
         };
         let config = AdapterConfig {
-            method: "sac".into(),
+            method: SAC.name.into(),
             ratio,
             chunk_size: settings.chunk_size,
             mem_size,
@@ -445,7 +446,7 @@ fn reference_lora_name(name: &str) -> Option<String> {
 }
 
 fn validate_config(c: &AdapterConfig) -> std::result::Result<(), AdapterProblem> {
-    if c.method != "sac" {
+    if c.method != SAC.name {
         return Err(AdapterProblem::NotSac(c.method.clone()));
     }
     if c.ratio == 0 || c.chunk_size == 0 || c.lora_rank == 0 {
@@ -514,7 +515,7 @@ mod tests {
 
     fn config(base_model: &str) -> AdapterConfig {
         AdapterConfig {
-            method: "sac".into(),
+            method: SAC.name.into(),
             ratio: 5,
             chunk_size: 510,
             mem_size: 102,

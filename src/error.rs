@@ -46,7 +46,7 @@ pub enum Error {
     NothingToPretrain { path: PathBuf, min_context: usize },
 
     /// A CUDA device asked of a build without CUDA.
-    #[error("this sac was built without CUDA; rebuild with `--features cuda` or run on the CPU")]
+    #[error("this sac was built without CUDA; rebuild it with the cuda feature or run on the CPU")]
     NoCuda,
 
     /// A model name, file or Hub snapshot that sac cannot load.
@@ -71,8 +71,12 @@ pub enum Error {
     UnknownLocalModel(String),
 
     /// `config.json` is malformed or describes something we cannot run.
-    #[error("{path}: {message}")]
-    Config { path: PathBuf, message: String },
+    #[error("{}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        problem: crate::model::config::ConfigError,
+    },
 
     /// The weight files cannot be mapped.
     #[error("weights: cannot map {files}")]
@@ -133,7 +137,7 @@ pub enum Error {
     /// Our own data could not be serialized.
     #[error("cannot serialize {what}")]
     Serialize {
-        what: &'static str,
+        what: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -178,9 +182,8 @@ impl Error {
             | Error::Fit(_)
             | Error::Input(_)
             | Error::Settings(_)
-            | Error::Setup(_)
-            | Error::Serialize { .. }
-            | Error::Signal(_) => "invalid input",
+            | Error::Setup(_) => "invalid input",
+            Error::Serialize { .. } | Error::Signal(_) => "sac failed inside",
             Error::Sack(_) => "a .sack is unreadable",
             Error::Candle(_) => "a tensor operation failed",
         }

@@ -31,6 +31,7 @@ pub enum TokenizerError {
 }
 use crate::layout::prompt::{ChatTemplate, PromptLayout};
 use crate::model::ModelConfig;
+use crate::model::config::ConfigError;
 use crate::model::source::HfFiles;
 
 /// A model's tokenizer plus the special ids that frame a prompt, and its
@@ -179,10 +180,7 @@ fn chat_template_of(config: &Value) -> Option<String> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        message: format!("not JSON: {e}"),
-    })
+    serde_json::from_str(&text).map_err(|e| ConfigError::NotJson(e).at(path))
 }
 
 /// Strings that end an answer where they appear; the answer is the text

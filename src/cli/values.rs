@@ -14,7 +14,11 @@ pub(super) type CompressorPick = Option<&'static Method>;
 /// Parses `--compressor`: `auto` or the name of a method in [`METHODS`],
 /// each listed with its summary.
 pub(super) fn compressor() -> impl TypedValueParser<Value = CompressorPick> {
-    let auto = PossibleValue::new("auto").help("`sac` when an adapter is given, else `kvzip`");
+    let auto = PossibleValue::new("auto").help(format!(
+        "`{}` when an adapter is given, else `{}`",
+        Method::default_for(true),
+        Method::default_for(false)
+    ));
     let methods = METHODS
         .iter()
         .map(|m| PossibleValue::new(m.name).help(m.summary));

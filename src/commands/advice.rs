@@ -10,7 +10,11 @@ use sac::train::SetupError;
 pub fn advise(err: anyhow::Error) -> anyhow::Error {
     let mut parts = Vec::new();
     for cause in err.chain() {
-        if let Some(advice) = cause.downcast_ref::<Error>().and_then(flag_advice) {
+        // A library error may hold another, boxed, as its cause.
+        let error = cause
+            .downcast_ref::<Error>()
+            .or_else(|| cause.downcast_ref::<Box<Error>>().map(|boxed| &**boxed));
+        if let Some(advice) = error.and_then(flag_advice) {
             parts.push(advice);
             return anyhow::anyhow!(parts.join(": "));
         }
@@ -84,8 +88,8 @@ fn setup_advice(error: &SetupError) -> Option<String> {
         SetupError::WindowTooLong {
             max_context,
             continuation,
-            why,
-        } => format!("--max-context {max_context} with --continuation {continuation}: {why}"),
+            fit,
+        } => format!("--max-context {max_context} with --continuation {continuation}: {fit}"),
         SetupError::ResumeDiffers { .. } | SetupError::NothingLeft { .. } => return None,
     })
 }

@@ -274,7 +274,8 @@ fn load_model(
 /// with turns of its own. (A chat template's end of turn is an EOS id.)
 fn stop_strings(args: &AskArgs, header: &SackHeader, layout: &PromptLayout) -> StopStrings {
     let mut strings = args.stop.clone();
-    if layout.format == PromptFormat::Raw && header.compressor.method != "sac" {
+    let trained = header.compressor.adapter_fingerprint.is_some();
+    if layout.format == PromptFormat::Raw && !trained {
         strings.push(RAW_TURN.to_string());
     }
     StopStrings::new(strings)
@@ -314,7 +315,7 @@ fn unavailable(file: &str, named: NamedModel, error: Error) -> String {
         other => format!(
             "cannot find the model {file} was made with ({}): {}; {pass}",
             clean(named.id),
-            clean(&other.to_string())
+            clean(&format!("{:#}", anyhow::Error::from(other)))
         ),
     }
 }

@@ -202,7 +202,10 @@ fn prompt_layout(
         }
         (Some(PromptFormat::Chat), _, Some(t)) => Ok(PromptLayout::chat(t)?),
         (None, _, Some(t)) => Ok(PromptLayout::chat(t).unwrap_or_else(|e| {
-            eprintln!("sac: warning: {e}; using the raw layout");
+            eprintln!(
+                "sac: warning: {:#}; using the raw layout",
+                anyhow::Error::from(e)
+            );
             PromptLayout::raw()
         })),
     }

@@ -11,7 +11,7 @@ use crate::model::KvCache;
 /// `full` in [`super::METHODS`].
 pub static METHOD: Method = Method {
     name: "full",
-    summary: "Every token kept: a prompt cache (lossless with --kv-encoding f32)",
+    summary: "Every token kept: a prompt cache (lossless stored as f32)",
     takes: Takes {
         adapter: false,
         keeps_all: true,

@@ -17,7 +17,7 @@ use crate::model::AttentionMask;
 /// `sac` in [`super::METHODS`].
 pub static METHOD: Method = Method {
     name: "sac",
-    summary: "The paper's compressor (needs --adapter)",
+    summary: "The paper's compressor (needs an adapter)",
     takes: Takes {
         adapter: true,
         keeps_all: false,

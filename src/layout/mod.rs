@@ -95,13 +95,17 @@ pub fn attention_limit(config: &ModelConfig) -> usize {
 /// Refuses a context of `len` tokens (positions 1..=len) when the `room`
 /// positions the decoder reads after it do not fit the model's positions or
 /// its sliding window.
-pub fn check_fits(config: &ModelConfig, len: usize, room: usize) -> Result<()> {
+pub fn check_fits(
+    config: &ModelConfig,
+    len: usize,
+    room: usize,
+) -> std::result::Result<(), FitError> {
     let limit = config.max_position_embeddings;
     if len + room > limit {
-        return Err(FitError::PastPositions { len, room, limit }.into());
+        return Err(FitError::PastPositions { len, room, limit });
     }
     if let Some(window) = config.sliding_window.filter(|&w| len + room > w) {
-        return Err(FitError::PastWindow { len, window }.into());
+        return Err(FitError::PastWindow { len, window });
     }
     Ok(())
 }

@@ -138,45 +138,114 @@ struct RawConfig {
     eos_token_id: Option<TokenIds>,
 }
 
+/// Why a model's configuration (its `config.json`, a GGUF file's metadata,
+/// a weight index) is not one sac can run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("not a model config: {0}")]
+    NotConfig(serde_json::Error),
+    #[error("not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("not a safetensors index: {0}")]
+    NotIndex(serde_json::Error),
+    #[error("shard name `{0}` is not a plain file name")]
+    ShardName(String),
+    #[error("model_type `{0}` is not supported (sac runs llama, mistral, qwen2 and qwen3)")]
+    ModelType(String),
+    #[error("hidden_act `{0}` is not supported (only silu)")]
+    Activation(String),
+    #[error("heads and layers must be positive")]
+    NotPositive,
+    #[error("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")]
+    Heads { heads: usize, kv_heads: usize },
+    #[error("head_dim {0} must be even and positive")]
+    HeadDim(usize),
+    #[error("rope scaling lacks `{0}`")]
+    RopeLacks(&'static str),
+    #[error("rope scaling `{0}` is not supported (default, linear and llama3 are)")]
+    RopeType(String),
+    /// candle could not read the file; `cause` is the first line of its
+    /// error (the rest is a backtrace when `RUST_BACKTRACE` is set).
+    #[error("not a GGUF file sac can read: {cause}")]
+    NotGguf { cause: String },
+    #[error("`{0}` is not a string")]
+    NotString(String),
+    #[error("has no `{0}`")]
+    NoKey(String),
+    #[error("has no number `{0}`")]
+    NoNumber(String),
+    #[error("has no count `{0}`")]
+    NoCount(String),
+    #[error("has no vocabulary size")]
+    NoVocabulary,
+    #[error("architecture {0:?} is not supported (sac runs llama, qwen2 and qwen3 GGUF files)")]
+    GgufArchitecture(String),
+    #[error("RoPE scaling {0} is not supported (only linear)")]
+    GgufRopeScaling(String),
+    #[error("`{name}` is not {count} positive factors")]
+    RopeFactors { name: &'static str, count: usize },
+    #[error("holds a tensor `{0}` sac does not know")]
+    UnknownTensor(String),
+    /// As [`ConfigError::NotGguf`], the first line of candle's error.
+    #[error("weights: {cause}")]
+    Weights { cause: String },
+    /// As [`ConfigError::NotGguf`], the first line of candle's error.
+    #[error("tensor `{name}`: {cause}")]
+    Tensor { name: String, cause: String },
+}
+
+impl ConfigError {
+    /// `error` attributed to the file at `path`.
+    pub fn at(self, path: &Path) -> Error {
+        Error::Config {
+            path: path.to_path_buf(),
+            problem: self,
+        }
+    }
+}
+
+/// The first line of `error`: candle's errors carry a backtrace on the
+/// lines after it when `RUST_BACKTRACE` is set.
+pub fn first_line(error: &impl std::fmt::Display) -> String {
+    error
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io("cannot read model config", path, e))?;
-        Self::from_json(&text).map_err(|message| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })
+        Self::from_json(&text).map_err(|problem| problem.at(path))
     }
 
     /// Parses and validates the text of a `config.json`.
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| format!("not a model config: {e}"))?;
-        let architecture = Architecture::from_model_type(&raw.model_type).ok_or_else(|| {
-            format!(
-                "model_type `{}` is not supported (sac runs llama, mistral, qwen2 and qwen3)",
-                raw.model_type
-            )
-        })?;
+    pub fn from_json(text: &str) -> std::result::Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(ConfigError::NotConfig)?;
+        let architecture = Architecture::from_model_type(&raw.model_type)
+            .ok_or_else(|| ConfigError::ModelType(raw.model_type.clone()))?;
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(format!("hidden_act `{act}` is not supported (only silu)"));
+            return Err(ConfigError::Activation(act.into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_hidden_layers == 0 {
-            return Err("heads and layers must be positive".into());
+            return Err(ConfigError::NotPositive);
         }
         if raw.num_attention_heads % num_kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
-                raw.num_attention_heads
-            ));
+            return Err(ConfigError::Heads {
+                heads: raw.num_attention_heads,
+                kv_heads: num_kv_heads,
+            });
         }
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even and positive"));
+            return Err(ConfigError::HeadDim(head_dim));
         }
         let rope = raw.rope_parameters.or(raw.rope_scaling);
         let rope_theta = rope
@@ -225,8 +294,8 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(raw: RawRope) -> std::result::Result<RopeScaling, String> {
-    let need = |v: Option<f64>, name: &str| v.ok_or_else(|| format!("rope scaling lacks `{name}`"));
+fn parse_rope_scaling(raw: RawRope) -> std::result::Result<RopeScaling, ConfigError> {
+    let need = |v: Option<f64>, name: &'static str| v.ok_or(ConfigError::RopeLacks(name));
     match raw.rope_type.as_deref() {
         None | Some("default") => Ok(RopeScaling::None),
         Some("linear") => Ok(RopeScaling::Linear {
@@ -241,9 +310,7 @@ fn parse_rope_scaling(raw: RawRope) -> std::result::Result<RopeScaling, String> 
                 "original_max_position_embeddings",
             )?,
         }),
-        Some(other) => Err(format!(
-            "rope scaling `{other}` is not supported (default, linear and llama3 are)"
-        )),
+        Some(other) => Err(ConfigError::RopeType(other.into())),
     }
 }
 
@@ -320,9 +387,19 @@ mod tests {
     #[test]
     fn rejects_unknown_architectures_and_rope_types() {
         let gpt = LLAMA_3_2_1B.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
-        assert!(ModelConfig::from_json(&gpt).unwrap_err().contains("gpt2"));
+        assert!(
+            ModelConfig::from_json(&gpt)
+                .unwrap_err()
+                .to_string()
+                .contains("gpt2")
+        );
         let yarn = LLAMA_3_2_1B.replace("\"rope_type\": \"llama3\"", "\"rope_type\": \"yarn\"");
-        assert!(ModelConfig::from_json(&yarn).unwrap_err().contains("yarn"));
+        assert!(
+            ModelConfig::from_json(&yarn)
+                .unwrap_err()
+                .to_string()
+                .contains("yarn")
+        );
         let bad_gqa =
             LLAMA_3_2_1B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5");
         assert!(ModelConfig::from_json(&bad_gqa).is_err());

@@ -76,12 +76,12 @@ pub fn save(
         run: run.clone(),
         adapter: params.config().clone(),
     };
+    let target = path(dir);
     let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
-        what: "the checkpoint",
+        what: target.display().to_string(),
         source: e,
     };
     let meta = serde_json::to_string(&meta).map_err(|e| serialize(e.into()))?;
-    let target = path(dir);
     let bytes = safetensors::serialize(tensors, Some(HashMap::from([(META_KEY.into(), meta)])))
         .map_err(|e| serialize(e.into()))?;
     crate::atomic::write_bytes(&target, &bytes)

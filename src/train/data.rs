@@ -351,11 +351,11 @@ fn row_error(path: &Path, line: usize, problem: RowProblem) -> Error {
     .into()
 }
 
-fn line_error(path: &Path, line: usize, source: Error) -> Error {
+fn line_error(path: &Path, line: usize, source: impl Into<Error>) -> Error {
     DataError::Unusable {
         path: path.to_path_buf(),
         line,
-        source: Box::new(source),
+        source: Box::new(source.into()),
     }
     .into()
 }

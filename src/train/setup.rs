@@ -11,8 +11,8 @@ use serde_json::Value;
 use crate::adapter::{self, AdapterConfig, SacAdapter};
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
-use crate::layout;
 use crate::layout::chunk;
+use crate::layout::{self, FitError};
 use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
 use crate::tokens::TokenizerError;
@@ -56,11 +56,12 @@ pub enum SetupError {
         ours: String,
         theirs: String,
     },
-    #[error("a {max_context}-token context with a {continuation}-token continuation: {why}")]
+    #[error("a {max_context}-token context with a {continuation}-token continuation")]
     WindowTooLong {
         max_context: usize,
         continuation: usize,
-        why: String,
+        #[source]
+        fit: FitError,
     },
 }
 
@@ -199,7 +200,7 @@ pub fn adapter_config(
         (None, None) => LoraTarget::names(&DEFAULT_LORA_TARGETS),
     };
     Ok(AdapterConfig {
-        method: "sac".into(),
+        method: crate::compress::sac::METHOD.name.into(),
         ratio,
         chunk_size,
         mem_size: init.map_or(chunk::mem_size(chunk_size, ratio), |c| c.mem_size),
@@ -267,7 +268,7 @@ pub fn identity(
         continuation: pretrain.then_some(w.continuation),
     };
     serde_json::to_value(id).map_err(|e| Error::Serialize {
-        what: "the run's settings",
+        what: "the run's settings".into(),
         source: Box::new(e),
     })
 }
@@ -283,10 +284,10 @@ pub fn train_set(settings: &TrainSettings, model: &LoadedModel) -> Result<(Train
                 w.max_context,
                 layout::room(1, 0, w.continuation),
             )
-            .map_err(|e| SetupError::WindowTooLong {
+            .map_err(|fit| SetupError::WindowTooLong {
                 max_context: w.max_context,
                 continuation: w.continuation,
-                why: e.to_string(),
+                fit,
             })?;
             let loaded = TrainSet::pretrain(&settings.data, &model.tokenizer, w, settings.seed)?;
             Ok((loaded.data, loaded.skipped))

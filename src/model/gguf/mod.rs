@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::model::config::RopeScaling;
+use crate::model::config::{ConfigError, RopeScaling, first_line};
 use crate::model::{Decoder, ModelConfig};
 use crate::tokens::TextTokenizer;
 
@@ -61,30 +61,24 @@ fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::io("cannot open", path, e))
 }
 
-/// One line about `path`: candle's errors carry a backtrace on the lines
-/// after the first when `RUST_BACKTRACE` is set.
-fn gguf_error(path: &Path, message: impl std::fmt::Display) -> Error {
-    let message = message.to_string();
-    Error::Config {
-        path: path.to_path_buf(),
-        message: message.lines().next().unwrap_or_default().to_string(),
-    }
-}
-
 impl GgufModel {
     /// Reads the metadata and tensor directory of `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = open_file(path)?;
-        let content = Content::read(&mut file)
-            .map_err(|e| gguf_error(path, format!("not a GGUF file sac can read: {e}")))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            ConfigError::NotGguf {
+                cause: first_line(&e),
+            }
+            .at(path)
+        })?;
         Ok(GgufModel {
             path: path.to_path_buf(),
             content,
         })
     }
 
-    fn error(&self, message: impl std::fmt::Display) -> Error {
-        gguf_error(&self.path, message)
+    fn error(&self, problem: ConfigError) -> Error {
+        problem.at(&self.path)
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -94,8 +88,8 @@ impl GgufModel {
     fn string(&self, key: &str) -> Result<&str> {
         match self.meta(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(self.error(format!("`{key}` is not a string"))),
-            None => Err(self.error(format!("has no `{key}`"))),
+            Some(_) => Err(self.error(ConfigError::NotString(key.into()))),
+            None => Err(self.error(ConfigError::NoKey(key.into()))),
         }
     }
 
@@ -126,11 +120,7 @@ impl GgufModel {
             .iter()
             .find(|(name, _)| *name == arch)
             .map(|&(name, permuted)| (name, permuted))
-            .ok_or_else(|| {
-                self.error(format!(
-                    "architecture {arch:?} is not supported (sac runs llama, qwen2 and qwen3 GGUF files)"
-                ))
-            })
+            .ok_or_else(|| self.error(ConfigError::GgufArchitecture(arch.into())))
     }
 
     /// The model's hyper-parameters, from `<arch>.*` metadata.
@@ -138,13 +128,13 @@ impl GgufModel {
         let (arch, _) = self.architecture()?;
         let optional = |key: &str| self.number(&format!("{arch}.{key}"));
         let need = |key: &str| {
-            optional(key).ok_or_else(|| self.error(format!("has no number `{arch}.{key}`")))
+            optional(key).ok_or_else(|| self.error(ConfigError::NoNumber(format!("{arch}.{key}"))))
         };
         let count = |key: &str| -> Result<u64> {
             let key = format!("{arch}.{key}");
             self.id(&key)
                 .map(u64::from)
-                .ok_or_else(|| self.error(format!("has no count `{key}`")))
+                .ok_or_else(|| self.error(ConfigError::NoCount(key.clone())))
         };
         let optional_count = |key: &str| self.id(&format!("{arch}.{key}")).map(u64::from);
         let rope_scaling = match self.meta(&format!("{arch}.rope.scaling.type")) {
@@ -154,9 +144,7 @@ impl GgufModel {
                 json!({"type": "linear", "factor": optional("rope.scaling.factor").unwrap_or(1.0)})
             }
             Some(other) => {
-                return Err(self.error(format!(
-                    "RoPE scaling {other:?} is not supported (only linear)"
-                )));
+                return Err(self.error(ConfigError::GgufRopeScaling(format!("{other:?}"))));
             }
         };
         let heads = count("attention.head_count")?;
@@ -177,14 +165,14 @@ impl GgufModel {
             "rope_theta": optional("rope.freq_base").unwrap_or(10_000.0),
             "rope_scaling": rope_scaling,
             "max_position_embeddings": count("context_length")?,
-            "vocab_size": vocab.ok_or_else(|| self.error("has no vocabulary size"))?,
+            "vocab_size": vocab.ok_or_else(|| self.error(ConfigError::NoVocabulary))?,
             "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
             "attention_bias": self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
             "mlp_bias": self.content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             "bos_token_id": self.id("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.id("tokenizer.ggml.eos_token_id"),
         });
-        let mut config = ModelConfig::from_json(&config.to_string()).map_err(|m| self.error(m))?;
+        let mut config = ModelConfig::from_json(&config.to_string()).map_err(|p| self.error(p))?;
         if let Some(factors) = self.rope_factors(config.head_dim)? {
             config.rope_scaling = RopeScaling::Factors(factors);
         }
@@ -202,10 +190,10 @@ impl GgufModel {
             .flatten_all()?
             .to_vec1()?;
         if factors.len() != head_dim / 2 || factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
-            return Err(self.error(format!(
-                "`{ROPE_FREQS}` is not {} positive factors",
-                head_dim / 2
-            )));
+            return Err(self.error(ConfigError::RopeFactors {
+                name: ROPE_FREQS,
+                count: head_dim / 2,
+            }));
         }
         Ok(Some(factors.into_iter().map(f64::from).collect()))
     }
@@ -227,7 +215,7 @@ impl GgufModel {
                 continue; // read into the config
             }
             let hf = hf_name(name)
-                .ok_or_else(|| self.error(format!("holds a tensor `{name}` sac does not know")))?;
+                .ok_or_else(|| self.error(ConfigError::UnknownTensor(name.clone())))?;
             let read = self.dequantized(&mut file, name, info)?;
             let tensor = match (permuted, hf.rsplit('.').nth(1)) {
                 (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
@@ -238,7 +226,9 @@ impl GgufModel {
         }
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Decoder::load(config, vb).map_err(|e| match e {
-            Error::Candle(e) => self.error(format!("weights: {e}")),
+            Error::Candle(e) => self.error(ConfigError::Weights {
+                cause: first_line(&e),
+            }),
             other => other,
         })
     }
@@ -248,7 +238,12 @@ impl GgufModel {
     fn dequantized(&self, file: &mut File, name: &str, info: &TensorInfo) -> Result<Tensor> {
         info.read(file, self.content.tensor_data_offset, &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
-            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))
+            .map_err(|e| {
+                self.error(ConfigError::Tensor {
+                    name: name.into(),
+                    cause: first_line(&e),
+                })
+            })
     }
 
     pub(crate) fn path(&self) -> &Path {

@@ -14,6 +14,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::model::config::ConfigError;
 
 mod error;
 
@@ -265,17 +266,12 @@ struct WeightIndex {
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index)
         .map_err(|e| Error::io("cannot read weight index", index, e))?;
-    let parsed: WeightIndex = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: index.to_path_buf(),
-        message: format!("not a safetensors index: {e}"),
-    })?;
+    let parsed: WeightIndex =
+        serde_json::from_str(&text).map_err(|e| ConfigError::NotIndex(e).at(index))?;
     let mut names: Vec<String> = Vec::new();
     for shard in parsed.weight_map.into_values() {
         if shard.is_empty() || shard.contains(['/', '\\']) || shard.starts_with('.') {
-            return Err(Error::Config {
-                path: index.to_path_buf(),
-                message: format!("shard name `{shard}` is not a plain file name"),
-            });
+            return Err(ConfigError::ShardName(shard).at(index));
         }
         if !names.contains(&shard) {
             names.push(shard);
