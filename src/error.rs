@@ -46,7 +46,7 @@ pub enum Error {
     NothingToPretrain { path: PathBuf, min_context: usize },
 
     /// A CUDA device asked of a build without CUDA.
-    #[error("this sac was built without CUDA; rebuild it with the cuda feature or run on the CPU")]
+    #[error("this sac was built without CUDA; rebuild with `--features cuda` or run on the CPU")]
     NoCuda,
 
     /// A model name, file or Hub snapshot that sac cannot load.
