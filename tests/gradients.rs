@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{Fixture, max_abs_diff};
-use sac::model::{AttentionLora, AttentionMask, ForwardInput, Kernels, LayerLora, LowRank};
+use sac::model::{AttentionMask, ForwardInput, Kernels, LayerLora, LowRank, ModelLora};
 
 const RANK: usize = 3;
 
@@ -61,13 +61,13 @@ impl Trainables {
         }
     }
 
-    fn qv_lora(&self) -> AttentionLora {
+    fn qv_lora(&self) -> ModelLora {
         let low_rank = |a: &Var, b: &Var| LowRank {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),
             scale: 2.0,
         };
-        AttentionLora {
+        ModelLora {
             layers: self
                 .lora
                 .iter()

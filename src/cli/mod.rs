@@ -369,7 +369,7 @@ pub struct TrainArgs {
         long,
         value_name = "PROJ,...",
         value_delimiter = ',',
-        value_parser = clap::builder::PossibleValuesParser::new(LoraTarget::ALL.map(LoraTarget::name)),
+        value_parser = clap::builder::PossibleValuesParser::new(LoraTarget::ATTENTION.map(LoraTarget::name)),
     )]
     pub lora_targets: Option<Vec<String>>,
 

@@ -11,6 +11,8 @@
 //! - [`kvzip`], [`snapkv`], [`streaming`]: training-free selection from a
 //!   full causal prefill ([`select`]); KVzip and SnapKV keep different
 //!   positions per layer and KV head.
+//! - [`gmsa`]: GMSA's soft tokens, checked against the official code's
+//!   computation; not in [`METHODS`] until a .sack can hold soft tokens.
 //!
 //! A method is a [`Method`] (its name, what it takes, how it is built) and a
 //! type implementing [`Strategy`] with its own settings, both in its own
@@ -22,6 +24,7 @@
 pub mod budget;
 mod chunked;
 pub mod full;
+pub mod gmsa;
 pub mod kvzip;
 mod run;
 pub mod sac;

@@ -7,7 +7,7 @@ use super::Pass;
 use crate::error::Result;
 use crate::layout;
 use crate::model::{
-    AttentionLora, AttentionMask, AttentionProbe, ForwardInput, ForwardOutput, LayerKv,
+    AttentionMask, AttentionProbe, ForwardInput, ForwardOutput, LayerKv, ModelLora,
 };
 
 /// A pass over `ids` at position ids `first_position..` (1-based).
@@ -18,7 +18,7 @@ pub(super) struct Input<'x> {
     pub extra: Option<Tensor>,
     pub mask: AttentionMask<'x>,
     pub past: Option<&'x [LayerKv]>,
-    pub lora: Option<&'x AttentionLora>,
+    pub lora: Option<&'x ModelLora>,
     /// Measures the attention paid to the past (the selectors' scores).
     pub probe: Option<&'x AttentionProbe>,
 }

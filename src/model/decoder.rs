@@ -12,7 +12,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::ModelConfig;
 use super::kv::{LayerKv, SharedKv};
-use super::lora::{AttentionLora, LayerLora, LowRank};
+use super::lora::{LayerLora, LowRank, ModelLora};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Kernels};
 use super::probe::AttentionProbe;
@@ -38,7 +38,7 @@ pub struct ForwardInput<'a> {
     pub past: Option<&'a [LayerKv]>,
     /// LoRA on the attention projections (the SAC compressor); `None` for
     /// the frozen decoder.
-    pub lora: Option<&'a AttentionLora>,
+    pub lora: Option<&'a ModelLora>,
     pub kernels: Kernels,
 }
 
@@ -97,6 +97,70 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Transformer blocks with weights of their own, run with a [`Decoder`]'s
+/// rotary embedding and final norm ([`Decoder::forward_with`]): GMSA's
+/// layer-semantic-alignment block, a trained copy of the model's first
+/// layers.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    blocks: Vec<Block>,
+}
+
+impl Layers {
+    /// `count` blocks of the shape `config` describes, named as a model's
+    /// `layers.{i}.*` below `vb`.
+    pub fn load(config: &ModelConfig, vb: VarBuilder, count: usize) -> Result<Self> {
+        let blocks = (0..count)
+            .map(|i| load_block(config, &vb.pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Layers { blocks })
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The weight and bias tensors the blocks hold.
+    pub fn tensor_count(&self) -> usize {
+        self.blocks.iter().map(Block::tensor_count).sum()
+    }
+}
+
+fn load_block(c: &ModelConfig, vb: &VarBuilder) -> Result<Block> {
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let q_dim = c.num_heads * hd;
+    let kv_dim = c.num_kv_heads * hd;
+    let attn = vb.pp("self_attn");
+    let mlp = vb.pp("mlp");
+    Ok(Block {
+        input_layernorm: vb.get(h, "input_layernorm.weight")?,
+        attention: Attention {
+            q_proj: linear(&attn, h, q_dim, c.qkv_bias, "q_proj")?,
+            k_proj: linear(&attn, h, kv_dim, c.qkv_bias, "k_proj")?,
+            v_proj: linear(&attn, h, kv_dim, c.qkv_bias, "v_proj")?,
+            o_proj: linear(&attn, q_dim, h, c.o_bias, "o_proj")?,
+            q_norm: c
+                .qk_norm
+                .then(|| attn.get(hd, "q_norm.weight"))
+                .transpose()?,
+            k_norm: c
+                .qk_norm
+                .then(|| attn.get(hd, "k_norm.weight"))
+                .transpose()?,
+        },
+        post_attention_layernorm: vb.get(h, "post_attention_layernorm.weight")?,
+        mlp: Mlp {
+            gate_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "gate_proj")?,
+            up_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "up_proj")?,
+            down_proj: linear(&mlp, c.intermediate_size, h, c.mlp_bias, "down_proj")?,
+        },
+    })
+}
+
 /// A loaded decoder model.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -128,42 +192,11 @@ impl Decoder {
     /// (`model.layers.{i}.self_attn.q_proj.weight`, ...).
     pub fn load(config: ModelConfig, vb: VarBuilder) -> Result<Self> {
         let c = &config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let q_dim = c.num_heads * hd;
-        let kv_dim = c.num_kv_heads * hd;
+        let h = c.hidden_size;
         let model = vb.pp("model");
         let embed_weight = model.get((c.vocab_size, h), "embed_tokens.weight")?;
         let embed_tokens = Embedding::new(embed_weight.clone(), h);
-        let blocks = (0..c.num_layers)
-            .map(|i| {
-                let vb = model.pp(format!("layers.{i}"));
-                let attn = vb.pp("self_attn");
-                let mlp = vb.pp("mlp");
-                Ok(Block {
-                    input_layernorm: vb.get(h, "input_layernorm.weight")?,
-                    attention: Attention {
-                        q_proj: linear(&attn, h, q_dim, c.qkv_bias, "q_proj")?,
-                        k_proj: linear(&attn, h, kv_dim, c.qkv_bias, "k_proj")?,
-                        v_proj: linear(&attn, h, kv_dim, c.qkv_bias, "v_proj")?,
-                        o_proj: linear(&attn, q_dim, h, c.o_bias, "o_proj")?,
-                        q_norm: c
-                            .qk_norm
-                            .then(|| attn.get(hd, "q_norm.weight"))
-                            .transpose()?,
-                        k_norm: c
-                            .qk_norm
-                            .then(|| attn.get(hd, "k_norm.weight"))
-                            .transpose()?,
-                    },
-                    post_attention_layernorm: vb.get(h, "post_attention_layernorm.weight")?,
-                    mlp: Mlp {
-                        gate_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "gate_proj")?,
-                        up_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "up_proj")?,
-                        down_proj: linear(&mlp, c.intermediate_size, h, c.mlp_bias, "down_proj")?,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = Layers::load(c, model.pp("layers"), c.num_layers)?.blocks;
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_weight, None)
         } else {
@@ -219,7 +252,28 @@ impl Decoder {
 
     /// Runs the blocks over `input`; see [`ForwardInput`].
     pub fn forward(&self, input: ForwardInput) -> Result<ForwardOutput> {
-        self.run(input, None)
+        self.run(&self.blocks, input, None)
+    }
+
+    /// Runs the first `layers` blocks and the final norm: the model
+    /// truncated to `layers` layers (GMSA's encoder). `input`'s K/V and LoRA
+    /// cover those layers only.
+    pub fn forward_first(&self, layers: usize, input: ForwardInput) -> Result<ForwardOutput> {
+        if layers > self.blocks.len() {
+            return Err(InputError::Layers {
+                what: "a truncated pass",
+                got: layers,
+                model: self.blocks.len(),
+            }
+            .into());
+        }
+        self.run(&self.blocks[..layers], input, None)
+    }
+
+    /// Runs `layers`, blocks of other weights, then this model's final norm,
+    /// with its rotary embedding (GMSA's alignment block).
+    pub fn forward_with(&self, layers: &Layers, input: ForwardInput) -> Result<ForwardOutput> {
+        self.run(&layers.blocks, input, None)
     }
 
     /// [`Decoder::forward`], also reporting in [`ForwardOutput::attention`]
@@ -229,10 +283,15 @@ impl Decoder {
         input: ForwardInput,
         probe: &AttentionProbe,
     ) -> Result<ForwardOutput> {
-        self.run(input, Some(probe))
+        self.run(&self.blocks, input, Some(probe))
     }
 
-    fn run(&self, input: ForwardInput, probe: Option<&AttentionProbe>) -> Result<ForwardOutput> {
+    fn run(
+        &self,
+        blocks: &[Block],
+        input: ForwardInput,
+        probe: Option<&AttentionProbe>,
+    ) -> Result<ForwardOutput> {
         let (batch, seq, hidden_size) = input.embeds.dims3()?;
         if hidden_size != self.config.hidden_size {
             return Err(InputError::EmbeddingWidth {
@@ -254,11 +313,11 @@ impl Decoder {
             ("past K/V", input.past.map(<[LayerKv]>::len)),
             ("LoRA", input.lora.map(|l| l.layers.len())),
         ] {
-            if let Some(layers) = layers.filter(|&n| n != self.blocks.len()) {
+            if let Some(layers) = layers.filter(|&n| n != blocks.len()) {
                 return Err(InputError::Layers {
                     what,
                     got: layers,
-                    model: self.blocks.len(),
+                    model: blocks.len(),
                 }
                 .into());
             }
@@ -274,9 +333,9 @@ impl Decoder {
         let no_lora = LayerLora::default();
 
         let mut x = input.embeds.to_dtype(self.dtype)?;
-        let mut kv = Vec::with_capacity(self.blocks.len());
+        let mut kv = Vec::with_capacity(blocks.len());
         let mut attention = Vec::new();
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, block) in blocks.iter().enumerate() {
             let lora = input.lora.map_or(&no_lora, |l| &l.layers[i]);
             let step = BlockStep {
                 tables: &tables,
@@ -354,6 +413,26 @@ struct BlockStep<'a> {
 type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
 
 impl Block {
+    fn tensor_count(&self) -> usize {
+        let a = &self.attention;
+        let m = &self.mlp;
+        let linears = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let qk_norms = usize::from(a.q_norm.is_some()) + usize::from(a.k_norm.is_some());
+        2 + qk_norms
+            + linears
+                .iter()
+                .map(|l| 1 + usize::from(l.bias().is_some()))
+                .sum::<usize>()
+    }
+
     fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
         let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.kernels)?;
         let (attn, kv, measured) = self.attention.forward(&normed, c, step)?;
@@ -364,10 +443,15 @@ impl Block {
             c.rms_norm_eps,
             step.kernels,
         )?;
-        let mlp = &self.mlp;
-        let gate = ops::linear(&mlp.gate_proj, &normed, step.kernels)?.silu()?;
-        let up = ops::linear(&mlp.up_proj, &normed, step.kernels)?;
-        let y = ops::linear(&mlp.down_proj, &(gate * up)?, step.kernels)?;
+        let (mlp, lora) = (&self.mlp, step.lora);
+        let gate = project(&mlp.gate_proj, lora.gate.as_ref(), &normed, step.kernels)?.silu()?;
+        let up = project(&mlp.up_proj, lora.up.as_ref(), &normed, step.kernels)?;
+        let y = project(
+            &mlp.down_proj,
+            lora.down.as_ref(),
+            &(gate * up)?,
+            step.kernels,
+        )?;
         Ok(((x + y)?, kv, measured))
     }
 }

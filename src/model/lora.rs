@@ -1,7 +1,7 @@
-//! Low-rank extra weights on the attention projections (LoRA), passed to a
-//! forward pass rather than merged into the base weights, so one copy of the
-//! base model serves as both the SAC compressor (with LoRA) and the frozen
-//! decoder (without).
+//! Low-rank extra weights on a layer's linear projections (LoRA), passed to
+//! a forward pass rather than merged into the base weights, so one copy of
+//! the base model serves as both a compressor (SAC's bidirectional pass,
+//! GMSA's encoder, with LoRA) and the frozen decoder (without).
 
 use candle_core::Tensor;
 
@@ -26,18 +26,35 @@ impl LowRank {
     }
 }
 
-/// An attention projection LoRA can adapt. the paper adapts q and v; k lets an
-/// anchor change the key it is found by directly, o what it writes back.
+/// A projection LoRA can adapt. SAC adapts attention only (the paper q and
+/// v; k lets an anchor change the key it is found by directly, o what it
+/// writes back); GMSA's encoder adapts every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraTarget {
     Q,
     K,
     V,
     O,
+    Gate,
+    Up,
+    Down,
 }
 
 impl LoraTarget {
-    pub const ALL: [LoraTarget; 4] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O];
+    /// The attention projections.
+    pub const ATTENTION: [LoraTarget; 4] =
+        [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O];
+
+    /// Every linear layer of a block (PEFT's `all-linear`).
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
 
     /// The module's name, as in `adapter_config.json` and PEFT.
     pub fn name(self) -> &'static str {
@@ -46,7 +63,15 @@ impl LoraTarget {
             LoraTarget::K => "k_proj",
             LoraTarget::V => "v_proj",
             LoraTarget::O => "o_proj",
+            LoraTarget::Gate => "gate_proj",
+            LoraTarget::Up => "up_proj",
+            LoraTarget::Down => "down_proj",
         }
+    }
+
+    /// Whether the projection is attention's (`self_attn`) or the MLP's.
+    pub fn is_attention(self) -> bool {
+        LoraTarget::ATTENTION.contains(&self)
     }
 
     pub fn from_name(name: &str) -> Option<LoraTarget> {
@@ -68,9 +93,15 @@ impl LoraTarget {
     }
 
     /// The stem of this projection's `lora_a`/`lora_b` tensors in `layer`
-    /// (`layers.3.self_attn.q_proj`), as `adapter.safetensors` names them.
+    /// (`layers.3.self_attn.q_proj`, `layers.3.mlp.up_proj`), as
+    /// `adapter.safetensors` names them.
     pub fn tensor_stem(self, layer: usize) -> String {
-        format!("layers.{layer}.self_attn.{}", self.name())
+        let block = if self.is_attention() {
+            "self_attn"
+        } else {
+            "mlp"
+        };
+        format!("layers.{layer}.{block}.{}", self.name())
     }
 
     /// `(in, out)` features of the projection in `model`.
@@ -81,17 +112,22 @@ impl LoraTarget {
             LoraTarget::Q => (model.hidden_size, q),
             LoraTarget::K | LoraTarget::V => (model.hidden_size, kv),
             LoraTarget::O => (q, model.hidden_size),
+            LoraTarget::Gate | LoraTarget::Up => (model.hidden_size, model.intermediate_size),
+            LoraTarget::Down => (model.intermediate_size, model.hidden_size),
         }
     }
 }
 
-/// The extra weights of one layer's attention.
+/// The extra weights of one layer.
 #[derive(Debug, Clone, Default)]
 pub struct LayerLora {
     pub q: Option<LowRank>,
     pub k: Option<LowRank>,
     pub v: Option<LowRank>,
     pub o: Option<LowRank>,
+    pub gate: Option<LowRank>,
+    pub up: Option<LowRank>,
+    pub down: Option<LowRank>,
 }
 
 impl LayerLora {
@@ -104,6 +140,9 @@ impl LayerLora {
             k: make(LoraTarget::K)?,
             v: make(LoraTarget::V)?,
             o: make(LoraTarget::O)?,
+            gate: make(LoraTarget::Gate)?,
+            up: make(LoraTarget::Up)?,
+            down: make(LoraTarget::Down)?,
         })
     }
 
@@ -113,12 +152,15 @@ impl LayerLora {
             LoraTarget::K => self.k.as_ref(),
             LoraTarget::V => self.v.as_ref(),
             LoraTarget::O => self.o.as_ref(),
+            LoraTarget::Gate => self.gate.as_ref(),
+            LoraTarget::Up => self.up.as_ref(),
+            LoraTarget::Down => self.down.as_ref(),
         }
     }
 }
 
-/// LoRA for every layer of a model, indexed by layer.
+/// LoRA for every layer a pass runs, indexed by layer.
 #[derive(Debug, Clone, Default)]
-pub struct AttentionLora {
+pub struct ModelLora {
     pub layers: Vec<LayerLora>,
 }

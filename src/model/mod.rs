@@ -14,9 +14,9 @@ pub mod rope;
 pub mod source;
 
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{Decoder, ForwardInput, ForwardOutput};
+pub use decoder::{Decoder, ForwardInput, ForwardOutput, Layers};
 pub use kv::{HeadPairs, KvCache, LayerKv, SharedKv};
-pub use lora::{AttentionLora, LayerLora, LoraTarget, LowRank};
+pub use lora::{LayerLora, LoraTarget, LowRank, ModelLora};
 pub use mask::AttentionMask;
 pub use ops::Kernels;
 pub use probe::{AttentionProbe, Reduce};

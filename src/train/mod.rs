@@ -77,7 +77,7 @@ pub struct TrainSettings {
     pub chunk_size: Option<usize>,
     pub lora_rank: Option<usize>,
     /// `None`: the `--init` adapter's, else [`DEFAULT_LORA_TARGETS`]; in
-    /// [`LoraTarget::ALL`]'s order, each once.
+    /// [`LoraTarget::ATTENTION`]'s order, each once.
     pub lora_targets: Option<Vec<LoraTarget>>,
     pub lr: f64,
     /// `None`: [`Schedule::default_warmup`].

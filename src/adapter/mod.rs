@@ -16,7 +16,9 @@ use crate::compress::sac::METHOD as SAC;
 use crate::error::{Error, Result};
 use crate::fingerprint::{DigestCache, manifest_digest};
 use crate::layout::chunk;
-use crate::model::{AttentionLora, LayerLora, LoraTarget, LowRank, ModelConfig};
+use crate::model::{LayerLora, LoraTarget, LowRank, ModelConfig, ModelLora};
+
+pub mod gmsa;
 
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -98,7 +100,7 @@ pub struct SacAdapter {
     pub role_tokens: Tensor,
     /// `[2, hidden]`: row 0 `[AE]`, row 1 `[LM]`.
     pub special_tokens: Tensor,
-    pub lora: AttentionLora,
+    pub lora: ModelLora,
 }
 
 /// An adapter that cannot be read, or does not fit the model.
@@ -122,8 +124,17 @@ pub enum AdapterError {
 pub enum AdapterProblem {
     #[error("not an adapter config")]
     NotConfig(#[source] serde_json::Error),
-    #[error("method `{0}` is not `sac`")]
-    NotSac(String),
+    #[error("method `{found}` is not `{expected}`")]
+    Method {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("{what} {count} is not in 1..={most}")]
+    Layers {
+        what: &'static str,
+        count: usize,
+        most: usize,
+    },
     #[error("ratio, chunk_size and lora_rank must be positive")]
     NotPositive,
     #[error(
@@ -176,6 +187,10 @@ pub enum AdapterProblem {
     NoRoleTokens,
     #[error("no LoRA on layer 0")]
     NoLayer0Lora,
+    #[error("its alignment block does not load")]
+    Lsa(#[source] Box<Error>),
+    #[error("holds {found} alignment-block tensors, and the block has {expected}")]
+    LsaTensors { found: usize, expected: usize },
 }
 
 /// An adapter trained on another model than the one given.
@@ -304,7 +319,7 @@ impl SacAdapter {
             config,
             role_tokens,
             special_tokens,
-            lora: AttentionLora { layers },
+            lora: ModelLora { layers },
         })
     }
 
@@ -381,7 +396,7 @@ impl SacAdapter {
             .ok_or_else(|| adapter_error(pt, AdapterProblem::NoRoleTokens))?;
         let mem_size = role.dim(0)?;
         let first_a = |t: &LoraTarget| format!("{}.lora_a", t.tensor_stem(0));
-        let targets: Vec<LoraTarget> = LoraTarget::ALL
+        let targets: Vec<LoraTarget> = LoraTarget::ATTENTION
             .into_iter()
             .filter(|t| tensors.contains_key(&first_a(t)))
             .collect();
@@ -447,7 +462,10 @@ fn reference_lora_name(name: &str) -> Option<String> {
 
 fn validate_config(c: &AdapterConfig) -> std::result::Result<(), AdapterProblem> {
     if c.method != SAC.name {
-        return Err(AdapterProblem::NotSac(c.method.clone()));
+        return Err(AdapterProblem::Method {
+            found: c.method.clone(),
+            expected: SAC.name,
+        });
     }
     if c.ratio == 0 || c.chunk_size == 0 || c.lora_rank == 0 {
         return Err(AdapterProblem::NotPositive);
@@ -464,7 +482,7 @@ fn validate_config(c: &AdapterConfig) -> std::result::Result<(), AdapterProblem>
     if let Some(t) = c
         .lora_targets
         .iter()
-        .find(|t| LoraTarget::from_name(t).is_none())
+        .find(|t| LoraTarget::from_name(t).is_none_or(|t| !t.is_attention()))
     {
         return Err(AdapterProblem::UnknownTarget(t.clone()));
     }

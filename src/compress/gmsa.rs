@@ -1,0 +1,96 @@
+//! GMSA (Tang et al., "GMSA: Enhancing Context Compression via Group Merging
+//! and Layer Semantic Alignment", arXiv 2505.12215): an encoder, the base
+//! model's first layers with LoRA on every linear layer, reads the document
+//! causally at positions 0..n-1; its last hidden states (after the final
+//! norm) are mean-pooled in runs of `merge_size`, a remainder into one more;
+//! the alignment block, trained copies of the model's first layers, maps
+//! the pooled vectors (positions 0..m-1, causal, then the final norm) to
+//! soft tokens, which the decoder reads as input embeddings.
+
+use candle_core::Tensor;
+
+use crate::adapter::gmsa::GmsaAdapter;
+use crate::error::Result;
+use crate::model::{Decoder, ForwardInput, Kernels, ops};
+
+/// The method's name, in adapters and .sack headers.
+pub const NAME: &str = "gmsa";
+
+/// Means of consecutive runs of `merge_size` rows of `hidden` (`[n, h]`),
+/// the `n mod merge_size` rows left over pooled into one more:
+/// `[ceil(n / merge_size), h]`, accumulated in f32 (f64 for f64).
+pub fn group_merge(hidden: &Tensor, merge_size: usize) -> Result<Tensor> {
+    let (n, h) = hidden.dims2()?;
+    let dtype = hidden.dtype();
+    let x = hidden.to_dtype(ops::accumulation_dtype(dtype))?;
+    let full = n - n % merge_size;
+    let mut parts = Vec::with_capacity(2);
+    if full > 0 {
+        parts.push(
+            x.narrow(0, 0, full)?
+                .reshape((full / merge_size, merge_size, h))?
+                .mean(1)?,
+        );
+    }
+    if full < n {
+        parts.push(x.narrow(0, full, n - full)?.mean_keepdim(0)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?.to_dtype(dtype)?)
+}
+
+/// The soft tokens `[ceil(n / merge_size), hidden]` of the document `ids`
+/// (no BOS: GMSA encodes the text alone).
+pub fn soft_tokens(
+    decoder: &Decoder,
+    adapter: &GmsaAdapter,
+    ids: &[u32],
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let device = decoder.device();
+    let ids = Tensor::new(ids, device)?.unsqueeze(0)?;
+    let embeds = decoder.embed(&ids)?;
+    let encoded = decoder.forward_first(
+        adapter.config.encoder_layers,
+        ForwardInput {
+            lora: Some(&adapter.encoder_lora),
+            kernels,
+            ..ForwardInput::causal(&embeds, &positions(embeds.dim(1)?, device)?)
+        },
+    )?;
+    let pooled = group_merge(&encoded.hidden.squeeze(0)?, adapter.config.merge_size)?;
+    let pooled = pooled.unsqueeze(0)?;
+    let aligned = decoder.forward_with(
+        &adapter.lsa,
+        ForwardInput {
+            kernels,
+            ..ForwardInput::causal(&pooled, &positions(pooled.dim(1)?, device)?)
+        },
+    )?;
+    Ok(aligned.hidden.squeeze(0)?)
+}
+
+/// Position ids `[1, len]`: 0..len.
+fn positions(len: usize, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::arange(0u32, len as u32, device)?.unsqueeze(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_pool_with_the_remainder_as_one_more() {
+        let x = Tensor::arange(0f32, 10.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((5, 2))
+            .unwrap();
+        let pooled = group_merge(&x, 2).unwrap();
+        assert_eq!(
+            pooled.to_vec2::<f32>().unwrap(),
+            [[1.0, 2.0], [5.0, 6.0], [8.0, 9.0]]
+        );
+        let whole = group_merge(&x, 5).unwrap();
+        assert_eq!(whole.to_vec2::<f32>().unwrap(), [[4.0, 5.0]]);
+        assert_eq!(group_merge(&x, 8).unwrap().dims(), [1, 2]);
+    }
+}
