@@ -61,6 +61,7 @@ fn header() -> SackHeader {
         },
         document: DocumentInfo::of_text(b"", TOKENS, None),
         decoder: DecoderInfo::default(),
+        soft_tokens: None,
         kv: KvInfo {
             layout: KeptLayout::Shared,
             key_rope: KeyRope::Kept,

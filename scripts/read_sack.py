@@ -34,7 +34,7 @@ MAX_WINDOW = 1 << 23
 MAX_EXPANSION = 1024
 EXPANSION_SLACK = 1 << 16
 
-NAME = re.compile(r"^(pos|key|value)(?:\.l(0|[1-9][0-9]*)(?:\.h(0|[1-9][0-9]*))?)?\.s(0|[1-9][0-9]*)$")
+NAME = re.compile(r"^(pos|key|value|soft)(?:\.l(0|[1-9][0-9]*)(?:\.h(0|[1-9][0-9]*))?)?\.s(0|[1-9][0-9]*)$")
 WIDTH = {"f32": 4, "bf16": 2, "f16": 2, "u32": 4}
 DTYPE_OF = {"f32": "f32", "bf16": "bf16", "f16": "f16", "u32": "u32",
             "q8-channel": "f32", "q8-token": "f32", "q4-channel": "f32", "q4-token": "f32"}
@@ -90,13 +90,48 @@ def parse(data):
 
 def check_directory(header, entries, data_start, data_end):
     """The rules of DIRECTORY, TENSOR NAMES, SEGMENTS AND KEPT SETS and SHAPES."""
+    check_tiling(entries, data_start, data_end)
+    names = {e["name"] for e in entries}
+    if len(names) != len(entries):
+        raise SackError("a tensor name is listed twice")
+    if "soft_tokens" in header:
+        check_soft(header, entries)
+    else:
+        check_kv(header, entries)
+
+
+def check_soft(header, entries):
+    """A file of soft tokens: one soft.sS tensor [n, hidden] per segment, nothing else."""
+    hidden = header["soft_tokens"]["hidden"]
+    if not 1 <= hidden <= 65536:
+        raise SackError("soft_tokens.hidden is outside 1..=65536")
+    segments, rows = set(), 0
+    for e in entries:
+        m = NAME.match(e["name"])
+        if not m or m.group(1) != "soft" or m.group(2) is not None:
+            raise SackError(f"{e['name']!r} in a file of soft tokens")
+        shape = e["shape"]
+        if len(shape) != 2 or shape[1] != hidden or e["encoding"] == "u32":
+            raise SackError(f"{e['name']}: bad shape or encoding")
+        if e["dtype"] != DTYPE_OF[e["encoding"]]:
+            raise SackError(f"{e['name']}: dtype does not match encoding")
+        segments.add(int(m.group(4)))
+        rows += shape[0]
+    if segments != set(range(len(segments))):
+        raise SackError("directory is incomplete")
+    if rows > header["document"]["tokens"]:
+        raise SackError("more soft tokens than the document has tokens")
+
+
+def check_kv(header, entries):
+    """A file of K/V: positions, keys and values for every set, slot and segment."""
     model, layout = header["model"], header["kv"]["layout"]
     layers, heads, head_dim = model["layers"], model["kv_heads"], model["head_dim"]
     tokens = header["document"]["tokens"]
     kept = {}
     for e in entries:
         m = NAME.match(e["name"])
-        if not m:
+        if not m or m.group(1) == "soft":
             raise SackError(f"invalid tensor name {e['name']!r}")
         kind, layer, head, segment = m.group(1), m.group(2), m.group(3), int(m.group(4))
         layer = None if layer is None else int(layer)
@@ -130,6 +165,17 @@ def check_directory(header, entries, data_start, data_end):
         counts = {n for _, n in cell}
         if "pos" not in {kind for kind, _ in cell} or len(counts) != 1:
             raise SackError(f"segment {segment}: keys and values lack positions or disagree on n")
+    names = {e["name"] for e in entries}
+    segments = 1 + max((int(NAME.match(x).group(4)) for x in names), default=-1)
+    sets = {"shared": 1, "per_layer": layers, "per_head": layers * heads}[layout]
+    slots = layers * heads if layout == "per_head" else layers
+    counts = [sum(x.startswith(k + ".") for x in names) for k in ("pos", "key", "value")]
+    if counts != [segments * sets, segments * slots, segments * slots]:
+        raise SackError("directory is incomplete")
+
+
+def check_tiling(entries, data_start, data_end):
+    """The payloads tile the region between the header CRC and the directory."""
     spans = sorted((e["offset"], e["stored_len"], e["name"]) for e in entries)
     at = data_start
     for offset, length, name in spans:
@@ -138,15 +184,6 @@ def check_directory(header, entries, data_start, data_end):
         at = offset + length
     if at != data_end:
         raise SackError("payloads do not reach the directory")
-    names = {e["name"] for e in entries}
-    if len(names) != len(entries):
-        raise SackError("a tensor name is listed twice")
-    segments = 1 + max((int(NAME.match(x).group(4)) for x in names), default=-1)
-    sets = {"shared": 1, "per_layer": layers, "per_head": layers * heads}[layout]
-    slots = layers * heads if layout == "per_head" else layers
-    counts = [sum(x.startswith(k + ".") for x in names) for k in ("pos", "key", "value")]
-    if counts != [segments * sets, segments * slots, segments * slots]:
-        raise SackError("directory is incomplete")
 
 
 def view3(shape):

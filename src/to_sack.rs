@@ -69,6 +69,7 @@ pub fn header(
             },
             key_rope: KeyRope::Kept,
         },
+        soft_tokens: None,
         decoder: DecoderInfo {
             first_position: FIRST_POSITION,
             prefix_embeddings: prefix,

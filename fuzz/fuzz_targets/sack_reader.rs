@@ -42,6 +42,7 @@ fn exercise(bytes: Vec<u8>) {
     for name in names {
         let _ = reader.read_tensor(&name);
     }
+    let _ = reader.read_soft_tokens();
     let _ = reader.verify();
 }
 

@@ -37,15 +37,19 @@ pub struct Summary<'a> {
     /// Number of tensors in the directory.
     pub tensors: usize,
     /// Mean number of tokens a KV head keeps (equal for all heads unless the
-    /// layout is ragged).
+    /// layout is ragged); 0 for a file of soft tokens.
     pub kept_per_head: f64,
+    /// Soft tokens, for a file that holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_tokens: Option<u64>,
     /// Stored bytes per (role, encoding, compression).
     pub storage: Vec<StorageLine>,
-    /// Stored bytes of keys and values together.
+    /// Stored bytes of keys and values together (or of the soft tokens).
     pub kv_bytes: u64,
     /// File bytes per token of the source document.
     pub bytes_per_document_token: f64,
-    /// File bytes per kept position (per [`Summary::kept_per_head`]).
+    /// File bytes per kept position (per [`Summary::kept_per_head`]), or
+    /// per soft token.
     pub bytes_per_kept_position: f64,
     /// Bytes of the full bf16 KV cache of the document (see [`SackHeader::full_bf16_kv_bytes`]).
     pub full_bf16_kv_bytes: u64,
@@ -78,11 +82,16 @@ impl<'a> Summary<'a> {
         let mut lines: BTreeMap<(&'static str, &'static str, bool), StorageLine> = BTreeMap::new();
         let mut kv_bytes = 0u64;
         let mut key_vectors = 0u64;
+        let mut soft = 0u64;
         for e in reader.tensors() {
             let role = match e.name {
                 TensorName::Positions { .. } => "positions",
                 TensorName::Key { .. } => "keys",
                 TensorName::Value { .. } => "values",
+                TensorName::Soft { .. } => {
+                    soft = soft.saturating_add(e.kept(header.kv.layout));
+                    "soft"
+                }
             };
             if let TensorName::Key { .. } = e.name {
                 // [kv_heads, n, head_dim] covers every head; [n, head_dim] one.
@@ -117,6 +126,8 @@ impl<'a> Summary<'a> {
         let file_bytes = reader.file_len();
         let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
         let (major, minor) = reader.format_version();
+        let soft_tokens = header.soft_tokens.map(|_| soft);
+        let kept = soft_tokens.map_or(kept_per_head, |n| n as f64);
         Self {
             file: reader.file_name(),
             file_bytes,
@@ -125,10 +136,11 @@ impl<'a> Summary<'a> {
             segments: reader.segments(),
             tensors: reader.tensors().len(),
             kept_per_head,
+            soft_tokens,
             storage: lines.into_values().collect(),
             kv_bytes,
             bytes_per_document_token: ratio(file_bytes as f64, header.document.tokens as f64),
-            bytes_per_kept_position: ratio(file_bytes as f64, kept_per_head),
+            bytes_per_kept_position: ratio(file_bytes as f64, kept),
             full_bf16_kv_bytes: header.full_bf16_kv_bytes(),
             compression_ratio: ratio(header.full_bf16_kv_bytes() as f64, file_bytes as f64),
         }
@@ -236,22 +248,15 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         d.bytes,
         clean(&d.sha256)
     )?;
-    let layout = match h.kv.layout {
-        KeptLayout::Shared => "one kept set shared by all layers and heads",
-        KeptLayout::PerLayer => "one kept set per layer",
-        KeptLayout::PerHead => "one kept set per layer and KV head",
-    };
-    writeln!(
-        out,
-        "kept        {:.1} positions per head, {layout}, {} segments",
-        s.kept_per_head, s.segments
-    )?;
-    let rope = match h.kv.key_rope {
-        KeyRope::None => "stored before RoPE (re-apply at the kept or other positions)",
-        KeyRope::Kept => "RoPE applied at the kept positions",
-        KeyRope::Sequential => "RoPE applied at 0, 1, 2, … in kept order",
-    };
-    writeln!(out, "keys        {rope}")?;
+    match (h.soft_tokens, s.soft_tokens) {
+        (Some(soft), Some(n)) => writeln!(
+            out,
+            "soft        {n} soft tokens of width {}, read as input embeddings from position \
+             {}, {} segments",
+            soft.hidden, h.decoder.first_position, s.segments
+        )?,
+        _ => write_kept(s, out)?,
+    }
     match &h.decoder.prompt {
         None => writeln!(
             out,
@@ -277,9 +282,14 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
             line.stored_bytes
         )?;
     }
+    let per = if s.soft_tokens.is_some() {
+        "soft token"
+    } else {
+        "kept position"
+    };
     writeln!(
         out,
-        "cost        {:.1} bytes per document token, {:.1} bytes per kept position",
+        "cost        {:.1} bytes per document token, {:.1} bytes per {per}",
         s.bytes_per_document_token, s.bytes_per_kept_position
     )?;
     writeln!(
@@ -289,6 +299,27 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         s.full_bf16_kv_bytes,
         human(s.full_bf16_kv_bytes)
     )
+}
+
+/// The kept positions and what the keys carry, for a file of K/V.
+fn write_kept(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
+    let h = s.header;
+    let layout = match h.kv.layout {
+        KeptLayout::Shared => "one kept set shared by all layers and heads",
+        KeptLayout::PerLayer => "one kept set per layer",
+        KeptLayout::PerHead => "one kept set per layer and KV head",
+    };
+    writeln!(
+        out,
+        "kept        {:.1} positions per head, {layout}, {} segments",
+        s.kept_per_head, s.segments
+    )?;
+    let rope = match h.kv.key_rope {
+        KeyRope::None => "stored before RoPE (re-apply at the kept or other positions)",
+        KeyRope::Kept => "RoPE applied at the kept positions",
+        KeyRope::Sequential => "RoPE applied at 0, 1, 2, … in kept order",
+    };
+    writeln!(out, "keys        {rope}")
 }
 
 #[cfg(test)]

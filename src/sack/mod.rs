@@ -27,7 +27,7 @@ pub use error::{Result, SackError};
 pub use format::directory::{KeptSet, KvSlot, TensorEntry, TensorName};
 pub use format::header::{
     CompressorInfo, DecoderInfo, DocumentInfo, KeptLayout, KeyRope, KvInfo, ModelInfo, PromptInfo,
-    SackHeader, TokenizerInfo, now_rfc3339,
+    SackHeader, SoftTokensInfo, TokenizerInfo, now_rfc3339,
 };
 pub use info::InfoFormat;
 pub use reader::{DecodedTensor, HeadKv, SackReader, StoredLayer};

@@ -198,6 +198,12 @@ impl<R: Read + Seek> SackReader<R> {
     /// Reads one layer: every segment of its keys, values and kept positions,
     /// split per KV head. Positions are checked to increase across segments.
     pub fn read_layer(&mut self, layer: u32) -> Result<StoredLayer> {
+        if self.header.soft_tokens.is_some() {
+            return Err(SackError::InvalidArgument {
+                file: self.file.clone(),
+                what: "the file holds soft tokens, not K/V".into(),
+            });
+        }
         let m = &self.header.model;
         if layer >= m.layers {
             return Err(SackError::InvalidArgument {
@@ -264,12 +270,38 @@ impl<R: Read + Seek> SackReader<R> {
 
     /// Reads and decodes every tensor, checking every checksum: a full
     /// integrity check of the file.
-    /// Every tensor belongs to some layer, so reading all layers covers the file.
+    /// Every tensor belongs to some layer, or is a soft token, so reading all
+    /// layers (or the soft tokens) covers the file.
     pub fn verify(&mut self) -> Result<()> {
+        if self.header.soft_tokens.is_some() {
+            return self.read_soft_tokens().map(drop);
+        }
         for layer in 0..self.header.model.layers {
             self.read_layer(layer)?;
         }
         Ok(())
+    }
+
+    /// Reads the soft tokens of every segment in order: row-major
+    /// `[n, hidden]` and `n`.
+    pub fn read_soft_tokens(&mut self) -> Result<(Vec<f32>, usize)> {
+        let Some(soft) = self.header.soft_tokens else {
+            return Err(SackError::InvalidArgument {
+                file: self.file.clone(),
+                what: "the file holds K/V, not soft tokens".into(),
+            });
+        };
+        let mut values = Vec::new();
+        for segment in 0..self.index.segments {
+            match self.read_named(TensorName::Soft { segment })? {
+                TensorValues::F32(v) => values.extend(v),
+                TensorValues::U32(_) => {
+                    return Err(malformed(&self.file, "soft tokens of the wrong kind"));
+                }
+            }
+        }
+        let n = values.len() / (soft.hidden as usize).max(1);
+        Ok((values, n))
     }
 
     /// Positions, keys and values of one (set, slot) in one segment.

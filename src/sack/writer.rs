@@ -96,6 +96,8 @@ pub struct SackWriter<S: Sink> {
     entries: Vec<TensorEntry>,
     names: HashSet<TensorName>,
     sets: HashMap<KeptSet, SetState>,
+    /// Segments of soft tokens written.
+    soft_segments: u32,
 }
 
 impl SackWriter<AtomicFile> {
@@ -166,6 +168,7 @@ impl<S: Sink> SackWriter<S> {
             entries: Vec::new(),
             names: HashSet::new(),
             sets: HashMap::new(),
+            soft_segments: 0,
         })
     }
 
@@ -181,6 +184,9 @@ impl<S: Sink> SackWriter<S> {
     /// Segments of a set must come in order 0, 1, 2, ….
     pub fn add_positions(&mut self, segment: u32, set: KeptSet, positions: &[u32]) -> Result<()> {
         let name = TensorName::Positions { set, segment };
+        if self.header.soft_tokens.is_some() {
+            return Err(self.invalid(format!("{name}: the header declares soft tokens, not K/V")));
+        }
         let m = &self.header.model;
         let fits = self.header.kv.layout.holds(set)
             && match set {
@@ -289,6 +295,39 @@ impl<S: Sink> SackWriter<S> {
             })?;
             self.write_tensor(name, encoding, &shape, group, payload)?;
         }
+        Ok(())
+    }
+
+    /// Writes the soft tokens of `segment`, row-major `[n, hidden]`, in a
+    /// file whose header declares them. Segments come in order 0, 1, 2, ….
+    pub fn add_soft_tokens(&mut self, segment: u32, tokens: Floats<'_>) -> Result<()> {
+        let name = TensorName::Soft { segment };
+        let Some(soft) = self.header.soft_tokens else {
+            return Err(self.invalid(format!("{name}: the header declares K/V, not soft tokens")));
+        };
+        let expected = self.soft_segments;
+        if segment != expected {
+            return Err(self.invalid(format!("{name}: expected segment {expected} next")));
+        }
+        let hidden = u64::from(soft.hidden);
+        let len = tokens.len() as u64;
+        if len % hidden != 0 {
+            return Err(self.invalid(format!(
+                "{name}: {len} values are not whole rows of {hidden}"
+            )));
+        }
+        let shape = [len / hidden, hidden];
+        let encoding = self.options.encoding.for_values();
+        let group = encoding.quant().map(|_| GROUP_SIZE);
+        let payload = enc::encode_floats(tokens, encoding, &shape, group).map_err(|reason| {
+            SackError::Unquantizable {
+                file: self.file.clone(),
+                tensor: name.to_string(),
+                reason,
+            }
+        })?;
+        self.write_tensor(name, encoding, &shape, group, payload)?;
+        self.soft_segments += 1;
         Ok(())
     }
 
@@ -479,6 +518,45 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SackError::Unquantizable { .. }), "{err}");
         assert!(err.to_string().contains("key.l1.h1.s0"), "{err}");
+    }
+
+    #[test]
+    fn soft_tokens_round_trip_in_a_file_of_their_own() {
+        let mut h = small(KeptLayout::Shared);
+        h.soft_tokens = Some(crate::sack::format::header::SoftTokensInfo { hidden: 3 });
+        h.decoder.first_position = 0;
+        let options = WriteOptions {
+            encoding: KvEncoding::F32,
+            zstd_level: Some(3),
+        };
+        let mut bytes = Vec::new();
+        let mut w = SackWriter::to_stream(&mut bytes, "mem", &h, options).unwrap();
+        let refused = misuse(w.add_positions(0, KeptSet::Shared, &[0]));
+        assert!(refused.contains("soft tokens, not K/V"), "{refused}");
+        let tokens: Vec<f32> = (0..9).map(|i| i as f32 / 4.0).collect();
+        let refused = misuse(w.add_soft_tokens(1, Floats::F32(&tokens[..6])));
+        assert!(refused.contains("expected segment 0"), "{refused}");
+        let refused = misuse(w.add_soft_tokens(0, Floats::F32(&tokens[..5])));
+        assert!(refused.contains("not whole rows of 3"), "{refused}");
+        w.add_soft_tokens(0, Floats::F32(&tokens[..6])).unwrap();
+        w.add_soft_tokens(1, Floats::F32(&tokens[6..])).unwrap();
+        w.finish().unwrap();
+
+        let mut r = SackReader::from_bytes(bytes, "mem").unwrap();
+        assert_eq!(r.format_version(), (FORMAT_MAJOR, 3));
+        assert_eq!(r.read_soft_tokens().unwrap(), (tokens, 3));
+        let refused = r.read_layer(0).unwrap_err().to_string();
+        assert!(refused.contains("soft tokens, not K/V"), "{refused}");
+        r.verify().unwrap();
+        let mut shown = Vec::new();
+        crate::sack::info::render(&r, &mut shown, crate::sack::InfoFormat::Human).unwrap();
+        let shown = String::from_utf8(shown).unwrap();
+        assert!(shown.contains("3 soft tokens of width 3"), "{shown}");
+
+        let mut kv = Vec::new();
+        let w = SackWriter::to_stream(&mut kv, "mem", &small(KeptLayout::Shared), options);
+        let refused = misuse(w.unwrap().add_soft_tokens(0, Floats::F32(&[0.0; 3])));
+        assert!(refused.contains("declares K/V"), "{refused}");
     }
 
     #[test]

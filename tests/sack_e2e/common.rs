@@ -3,7 +3,8 @@
 
 use sac::sack::{
     CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvEncoding,
-    KvInfo, KvSlot, ModelInfo, SackHeader, SackWriter, Sink, TokenizerInfo, WriteOptions,
+    KvInfo, KvSlot, ModelInfo, SackHeader, SackWriter, Sink, SoftTokensInfo, TokenizerInfo,
+    WriteOptions,
 };
 
 /// splitmix64: deterministic data without a dependency.
@@ -55,6 +56,7 @@ pub fn header(layout: KeptLayout, layers: u32, kv_heads: u32, head_dim: u32) -> 
         },
         document: DocumentInfo::of_text(b"a tiny document", 10_000, Some("tiny.txt".into())),
         decoder: DecoderInfo::default(),
+        soft_tokens: None,
         kv: KvInfo {
             layout,
             key_rope: KeyRope::None,
@@ -138,7 +140,30 @@ pub fn sample(layout: KeptLayout, encoding: KvEncoding, zstd_level: Option<i32>)
     bytes
 }
 
-/// Every layout × encoding, with and without zstd.
+/// A small valid file of soft tokens in memory: three segments of 0..=5
+/// rows of width 8.
+pub fn soft_sample(encoding: KvEncoding, zstd_level: Option<i32>) -> Vec<u8> {
+    let mut h = header(KeptLayout::Shared, 2, 2, 8);
+    h.soft_tokens = Some(SoftTokensInfo { hidden: 8 });
+    h.compressor.method = "gmsa".into();
+    let mut bytes = Vec::new();
+    let options = WriteOptions {
+        encoding,
+        zstd_level,
+    };
+    let mut w = SackWriter::to_stream(&mut bytes, "<memory>", &h, options).unwrap();
+    let mut rng = Rng(11);
+    for segment in 0..3 {
+        let rows = 1 + rng.below(5) as usize;
+        let tokens: Vec<f32> = (0..rows * 8).map(|_| rng.normal()).collect();
+        w.add_soft_tokens(segment, Floats::F32(&tokens)).unwrap();
+    }
+    w.finish().unwrap();
+    bytes
+}
+
+/// Every layout × encoding, with and without zstd, and soft tokens in every
+/// encoding.
 pub fn all_variants() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for layout in [
@@ -155,6 +180,16 @@ pub fn all_variants() -> Vec<(String, Vec<u8>)> {
                 .to_lowercase();
                 out.push((name, sample(layout, encoding, level)));
             }
+        }
+    }
+    for encoding in KvEncoding::ALL {
+        for level in [None, Some(3)] {
+            let name = format!(
+                "soft-{encoding:?}-{}",
+                level.map_or("raw".into(), |l| format!("zstd{l}"))
+            )
+            .to_lowercase();
+            out.push((name, soft_sample(encoding, level)));
         }
     }
     out

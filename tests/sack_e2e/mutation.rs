@@ -4,7 +4,7 @@
 
 use sac::sack::{KeptLayout, KvEncoding, SackError, SackReader};
 
-use crate::common::sample;
+use crate::common::{sample, soft_sample};
 
 /// Opens and fully reads `bytes`; the error it must produce.
 fn error_of(bytes: Vec<u8>) -> Option<SackError> {
@@ -45,6 +45,7 @@ fn originals() -> Vec<(&'static str, Vec<u8>)> {
             "per-layer bf16 zstd",
             sample(KeptLayout::PerLayer, KvEncoding::Bf16, Some(1)),
         ),
+        ("soft tokens q8 zstd", soft_sample(KvEncoding::Q8, Some(3))),
     ]
 }
 

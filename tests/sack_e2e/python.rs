@@ -1,5 +1,6 @@
 //! Interop: `scripts/read_sack.py`, written from `man/sack.5` alone, must read
-//! every layout and encoding the Rust writer produces and get the same tensors.
+//! every layout and encoding the Rust writer produces, and soft tokens, and get
+//! the same tensors.
 //! It needs python3 with numpy and zstandard; with the environment variable CI
 //! set their absence fails the test instead of skipping it.
 

@@ -10,6 +10,8 @@
 //! key.l{L}.s{S}       keys of layer L, segment S: [kv_heads, n, head_dim]
 //! key.l{L}.h{H}.s{S}  keys of layer L, head H, segment S: [n, head_dim] (per_head)
 //! value.…             values, named like keys
+//! soft.s{S}           soft tokens of segment S: [n, hidden] (files with
+//!                     header `soft_tokens`, which hold nothing else)
 //! ```
 //!
 //! A segment is a slice of every kept set written together (a compressor
@@ -103,6 +105,11 @@ pub enum TensorName {
         /// Segment index.
         segment: u32,
     },
+    /// Soft tokens.
+    Soft {
+        /// Segment index.
+        segment: u32,
+    },
 }
 
 impl TensorName {
@@ -111,7 +118,8 @@ impl TensorName {
         match self {
             Self::Positions { segment, .. }
             | Self::Key { segment, .. }
-            | Self::Value { segment, .. } => segment,
+            | Self::Value { segment, .. }
+            | Self::Soft { segment } => segment,
         }
     }
 }
@@ -126,6 +134,7 @@ impl fmt::Display for TensorName {
             },
             Self::Key { slot, segment } => ("key", Some(slot.layer), slot.head, segment),
             Self::Value { slot, segment } => ("value", Some(slot.layer), slot.head, segment),
+            Self::Soft { segment } => ("soft", None, None, segment),
         };
         f.write_str(kind)?;
         if let Some(l) = layer {
@@ -193,6 +202,7 @@ impl FromStr for TensorName {
                 slot: KvSlot { layer, head },
                 segment,
             }),
+            ("soft", None, None) => Ok(Self::Soft { segment }),
             _ => Err(bad()),
         }
     }
@@ -245,7 +255,8 @@ impl TensorEntry {
     /// Number of kept tokens the tensor covers (`n` in its shape).
     pub fn kept(&self, layout: KeptLayout) -> u64 {
         let axis = match (self.name, layout) {
-            (TensorName::Positions { .. }, _) | (_, KeptLayout::PerHead) => 0,
+            (TensorName::Positions { .. } | TensorName::Soft { .. }, _)
+            | (_, KeptLayout::PerHead) => 0,
             _ => 1,
         };
         self.shape.get(axis).copied().unwrap_or(0)
@@ -302,7 +313,17 @@ fn check_entry(header: &SackHeader, e: &TensorEntry) -> Result<(), String> {
     let in_model =
         |layer: u32, head: Option<u32>| layer < m.layers && head.is_none_or(|h| h < m.kv_heads);
     let n = e.kept(layout);
+    let soft = header.soft_tokens;
+    if soft.is_some() != matches!(e.name, TensorName::Soft { .. }) {
+        return Err("a file holds either soft tokens (header soft_tokens) or K/V, not both".into());
+    }
     let expected_shape: Vec<u64> = match e.name {
+        TensorName::Soft { .. } => {
+            if e.encoding == Encoding::U32 {
+                return Err("soft tokens need a float encoding".into());
+            }
+            vec![n, u64::from(soft.map_or(0, |s| s.hidden))]
+        }
         TensorName::Positions { set, .. } => {
             let (layer, head) = match set {
                 KeptSet::Shared => (0, None),
@@ -404,6 +425,26 @@ fn check_tiling(tensors: &[TensorEntry], data: std::ops::Range<u64>) -> Result<(
 fn check_grid(header: &SackHeader, tensors: &[TensorEntry], index: &Index) -> Result<(), String> {
     let m = &header.model;
     let layout = header.kv.layout;
+    if header.soft_tokens.is_some() {
+        // Names are unique and every one is a soft tensor (`check_entry`).
+        let total = tensors
+            .iter()
+            .fold(0u64, |sum, e| sum.saturating_add(e.kept(layout)));
+        if total > header.document.tokens {
+            return Err(format!(
+                "{total} soft tokens for a {}-token document",
+                header.document.tokens
+            ));
+        }
+        if tensors.len() as u64 != u64::from(index.segments) {
+            return Err(format!(
+                "directory is incomplete: {} segments need a soft tensor each; found {}",
+                index.segments,
+                tensors.len()
+            ));
+        }
+        return Ok(());
+    }
     let (sets, slots) = match layout {
         KeptLayout::Shared => (1, u64::from(m.layers)),
         KeptLayout::PerLayer => (u64::from(m.layers), u64::from(m.layers)),
@@ -429,6 +470,7 @@ fn check_grid(header: &SackHeader, tensors: &[TensorEntry], index: &Index) -> Re
                     ));
                 }
             }
+            TensorName::Soft { .. } => return Err("soft tokens in a K/V file".into()),
             TensorName::Key { slot, segment } | TensorName::Value { slot, segment } => {
                 if matches!(e.name, TensorName::Key { .. }) {
                     keys += 1;
@@ -477,6 +519,7 @@ mod tests {
             "key.l0.s0",
             "key.l15.h7.s4294967295",
             "value.l2.s9",
+            "soft.s3",
         ] {
             let name: TensorName = s.parse().unwrap();
             assert_eq!(name.to_string(), s);

@@ -30,6 +30,19 @@ pub struct SackHeader {
     /// that need nothing beyond the defaults).
     #[serde(default)]
     pub decoder: DecoderInfo,
+    /// Present when the file holds soft tokens (input embeddings the decoder
+    /// reads in place of the document) instead of K/V. Since minor version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_tokens: Option<SoftTokensInfo>,
+}
+
+/// Soft tokens: `soft.s{S}` tensors of shape `[n, hidden]`, read as input
+/// embeddings at positions `decoder.first_position`, `+1`, … in order of
+/// segments; the question follows the last of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoftTokensInfo {
+    /// Width of each soft token: the model's hidden size.
+    pub hidden: u32,
 }
 
 /// Where the document sits among the decoder's position ids, and what the
@@ -201,7 +214,9 @@ pub const MAX_TOKENS: u64 = 1 << 32;
 impl SackHeader {
     /// The lowest format minor version whose members this header uses.
     pub fn minor_version(&self) -> u16 {
-        if self.decoder.prompt.is_some() || self.model.file.is_some() {
+        if self.soft_tokens.is_some() {
+            3
+        } else if self.decoder.prompt.is_some() || self.model.file.is_some() {
             2
         } else if self.model.revision.is_some() {
             1
@@ -265,6 +280,19 @@ impl SackHeader {
         }
         if (prefix.len() as u64) > u64::from(self.decoder.first_position) + self.document.tokens {
             return Err("header decoder.prefix_embeddings would sit before position 0".into());
+        }
+        if let Some(soft) = &self.soft_tokens {
+            if soft.hidden == 0 || soft.hidden as usize > MAX_HIDDEN {
+                return Err(format!(
+                    "header soft_tokens.hidden = {} is outside 1..={MAX_HIDDEN}",
+                    soft.hidden
+                ));
+            }
+            if !prefix.is_empty() {
+                return Err(
+                    "header decoder.prefix_embeddings come with K/V, not soft tokens".into(),
+                );
+            }
         }
         if let Some(prompt) = &self.decoder.prompt {
             if !matches!(prompt.format.as_str(), "raw" | "chat") {
@@ -345,6 +373,7 @@ pub(crate) mod tests {
             },
             document: DocumentInfo::of_text(b"hello", 4000, Some("hello.txt".into())),
             decoder: DecoderInfo::default(),
+            soft_tokens: None,
             kv: KvInfo {
                 layout,
                 key_rope: KeyRope::Kept,
@@ -384,7 +413,7 @@ pub(crate) mod tests {
         });
         let json = serde_json::to_string(&h).unwrap();
         assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
-        assert_eq!(h.minor_version(), crate::sack::format::FORMAT_MINOR);
+        assert_eq!(h.minor_version(), 2);
         assert!(h.validate().is_ok());
         let mut odd = h.clone();
         odd.decoder.prompt.as_mut().unwrap().format = "jinja".into();

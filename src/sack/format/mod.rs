@@ -25,8 +25,9 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// Newest minor format version this build writes. Minor versions only add
 /// optional header fields, which older readers ignore; a file gets the lowest
 /// minor that has the fields it uses ([`SackHeader::minor_version`]).
-/// 1 added `model.revision`, 2 `decoder.prompt` and `model.file`.
-pub const FORMAT_MINOR: u16 = 2;
+/// 1 added `model.revision`, 2 `decoder.prompt` and `model.file`, 3
+/// `soft_tokens` (with `soft.s{S}` tensors in place of K/V).
+pub const FORMAT_MINOR: u16 = 3;
 
 /// Size of the preamble: magic, major, minor, header length.
 pub const PREAMBLE_LEN: u64 = 16;
