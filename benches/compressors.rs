@@ -109,8 +109,8 @@ fn main() -> anyhow::Result<()> {
         )?;
         let compressor = Compressor::new(&decoder, strategy);
         let started = Instant::now();
-        let cost = compressor.compress(&ids, |chunk| {
-            chunk
+        let cost = compressor.compress(&ids, |out| {
+            out.into_kv()?
                 .layers
                 .last()
                 .map(|l| l.k.to_device(&Device::Cpu))

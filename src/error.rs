@@ -258,6 +258,8 @@ pub enum InputError {
     EmptyQuestion,
     #[error("no answer generated")]
     NoAnswer,
+    #[error("the compressor emits soft tokens, not K/V")]
+    NotKv,
     #[error("{layers} layers x {heads} KV heads x {len} tokens are too many scores to rank")]
     TooManyScores {
         layers: usize,

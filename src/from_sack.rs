@@ -1,7 +1,8 @@
 //! A .sack to what the decoder reads: the layout questions are framed in,
 //! and every layer's kept K/V as decoder-ready tensors. Per-head kept sets
 //! (KVzip, SnapKV) load padded to each layer's longest set, the padding
-//! hidden by a `-inf` score bias.
+//! hidden by a `-inf` score bias. Soft tokens (GMSA) are read by the decoder
+//! once, as input embeddings, and their K/V are the past questions read.
 
 use std::io::{Read, Seek};
 
@@ -11,7 +12,7 @@ use crate::error::Result;
 use crate::generate::DecoderContext;
 use crate::layout::prompt::{PromptFormat, PromptLayout};
 use crate::layout::{self, FitError};
-use crate::model::{Decoder, HeadPairs, SharedKv};
+use crate::model::{Decoder, ForwardInput, HeadPairs, SharedKv};
 use crate::sack::{self, KeyRope, SackHeader, SackReader};
 
 /// A .sack whose context this model cannot read.
@@ -36,6 +37,14 @@ pub enum ContextError {
     },
     #[error("{file} stores keys rotated as a contiguous prefix, which sac does not read")]
     SequentialRope { file: String },
+    #[error("{file} holds no soft tokens")]
+    NoSoftTokens { file: String },
+    #[error("{file} holds soft tokens of width {width}, the model's hidden size is {hidden}")]
+    SoftTokenWidth {
+        file: String,
+        width: u32,
+        hidden: usize,
+    },
 }
 
 /// How the document of `header` was framed, so questions are framed alike.
@@ -70,6 +79,17 @@ pub fn load_context<R: Read + Seek>(
             model: (c.num_layers, c.num_kv_heads, c.head_dim),
         }
         .into());
+    }
+    if let Some(soft) = header.soft_tokens {
+        if soft.hidden as usize != c.hidden_size {
+            return Err(ContextError::SoftTokenWidth {
+                file: reader.file_name().into(),
+                width: soft.hidden,
+                hidden: c.hidden_size,
+            }
+            .into());
+        }
+        return soft_context(reader, decoder, &header);
     }
     let first = header.decoder.first_position;
     let mut past = Vec::with_capacity(c.num_layers);
@@ -110,6 +130,43 @@ pub fn load_context<R: Read + Seek>(
         past,
         question_position,
         prefix,
+    })
+}
+
+/// The past of a file of soft tokens: the decoder's K/V over them, read as
+/// input embeddings from the header's first position.
+fn soft_context<R: Read + Seek>(
+    reader: &mut SackReader<R>,
+    decoder: &Decoder,
+    header: &SackHeader,
+) -> Result<DecoderContext> {
+    let c = decoder.config();
+    let (values, n) = reader.read_soft_tokens()?;
+    if n == 0 {
+        return Err(ContextError::NoSoftTokens {
+            file: reader.file_name().into(),
+        }
+        .into());
+    }
+    let first = u64::from(header.decoder.first_position);
+    let question_position = first + n as u64;
+    if question_position >= c.max_position_embeddings as u64 {
+        return Err(FitError::SackPastPositions {
+            file: reader.file_name().into(),
+            tokens: n as u64,
+            limit: c.max_position_embeddings,
+        }
+        .into());
+    }
+    let device = decoder.device();
+    let embeds =
+        Tensor::from_vec(values, (1, n, c.hidden_size), device)?.to_dtype(decoder.dtype())?;
+    let positions = Tensor::arange(first as u32, question_position as u32, device)?.unsqueeze(0)?;
+    let out = decoder.forward(ForwardInput::causal(&embeds, &positions))?;
+    Ok(DecoderContext {
+        past: out.kv.into_iter().map(SharedKv::from).collect(),
+        question_position: layout::position_id(question_position)?,
+        prefix: None,
     })
 }
 

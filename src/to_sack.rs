@@ -1,16 +1,17 @@
-//! Compressed K/V to a .sack: the header that describes a compressed
-//! document, then one segment per compressor chunk.
+//! Compressed K/V (or soft tokens) to a .sack: the header that describes a
+//! compressed document, then one segment per compressor chunk.
 
 use candle_core::{DType, Tensor};
 
-use crate::compress::{ChunkKv, Kept, Strategy};
+use crate::compress::{ChunkKv, Emitted, Kept, Strategy};
 use crate::error::Result;
-use crate::layout::FIRST_POSITION;
 use crate::layout::prompt::PromptLayout;
+use crate::layout::{FIRST_POSITION, SOFT_TOKENS_FIRST_POSITION};
 use crate::runtime::LoadedModel;
 use crate::sack::{
     CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
-    KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, TokenizerInfo, now_rfc3339,
+    KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, SoftTokensInfo, TokenizerInfo,
+    now_rfc3339,
 };
 
 /// The document being compressed, as the header records it.
@@ -69,9 +70,15 @@ pub fn header(
             },
             key_rope: KeyRope::Kept,
         },
-        soft_tokens: None,
+        soft_tokens: facts.soft_tokens.then_some(SoftTokensInfo {
+            hidden: c.hidden_size as u32,
+        }),
         decoder: DecoderInfo {
-            first_position: FIRST_POSITION,
+            first_position: if facts.soft_tokens {
+                SOFT_TOKENS_FIRST_POSITION
+            } else {
+                FIRST_POSITION
+            },
             prefix_embeddings: prefix,
             // The raw layout is what a header without `prompt` means, so
             // such files stay readable by readers older than minor version 2.
@@ -85,9 +92,21 @@ pub fn header(
     })
 }
 
-/// Writes one chunk's kept K/V as segment `chunk.index`, in the layout its
-/// kept sets have (the header's, see [`header`]).
-pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
+/// Writes what a compressor emitted for one chunk as segment `chunk.index`.
+pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, emitted: &Emitted) -> Result<()> {
+    match emitted {
+        Emitted::Kv(chunk) => write_kv_chunk(writer, chunk),
+        Emitted::Soft(soft) => {
+            let tokens = floats(&soft.tokens)?;
+            writer.add_soft_tokens(soft.chunk.index as u32, Floats::F32(&tokens))?;
+            Ok(())
+        }
+    }
+}
+
+/// Writes one chunk's kept K/V, in the layout its kept sets have (the
+/// header's, see [`header`]).
+fn write_kv_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
     let segment = chunk.chunk.index as u32;
     let indices =
         |positions: &[u32]| -> Vec<u32> { positions.iter().map(|p| p - FIRST_POSITION).collect() };

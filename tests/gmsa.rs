@@ -1,7 +1,8 @@
 //! GMSA against HF transformers + PEFT following the official code
 //! (tests/fixtures/gmsa, made by scripts/make_gmsa_fixtures.py): the pooled
 //! vectors, the soft tokens, and the decoder's logits over the soft tokens
-//! and a question, in f32.
+//! and a question, in f32; then a GMSA .sack through the binary: compress,
+//! info, ask (one question, a batch, a pipe).
 
 mod common;
 
@@ -11,9 +12,10 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sac::adapter::gmsa::GmsaAdapter;
 use sac::compress::gmsa::{group_merge, soft_tokens};
-use sac::model::{ForwardInput, Kernels};
+use sac::layout::prompt::PromptLayout;
+use sac::model::{Decoder, ForwardInput, Kernels};
 
-use common::{load_model_at, max_abs_diff};
+use common::{failing, json_ids, load_model_at, max_abs_diff, run_ok, sac};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -119,5 +121,148 @@ fn an_adapter_for_another_shape_is_refused_clearly() {
     assert!(
         shown.contains("has shape [32, 4], expected [32, 3]"),
         "{shown}"
+    );
+}
+
+const DOCUMENT: &str = "The cat sat on the warm stone wall and watched the birds in the garden. \
+                        Then it jumped down and crossed the grass.";
+const QUESTION: &str = "Where did the cat sit?";
+const MAX_TOKENS: usize = 6;
+
+/// Greedy tokens of `decoder` reading `soft` then `question`, re-reading the
+/// whole sequence at every step: the answer computed without a cache.
+fn greedy(decoder: &Decoder, soft: &Tensor, question: &[u32], eos: &[u32]) -> Vec<u32> {
+    let mut read = question.to_vec();
+    let mut answer = Vec::new();
+    while answer.len() < MAX_TOKENS {
+        let ids = Tensor::new(read.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let embeds = Tensor::cat(
+            &[soft.unsqueeze(0).unwrap(), decoder.embed(&ids).unwrap()],
+            1,
+        )
+        .unwrap();
+        let len = embeds.dim(1).unwrap() as u32;
+        let positions = Tensor::arange(0u32, len, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = decoder
+            .forward(ForwardInput::causal(&embeds, &positions))
+            .unwrap()
+            .hidden;
+        let last = hidden.narrow(1, len as usize - 1, 1).unwrap();
+        let next = decoder
+            .logits(&last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        if eos.contains(&next) {
+            break;
+        }
+        answer.push(next);
+        read.push(next);
+    }
+    answer
+}
+
+fn answer_tokens(json: &[u8]) -> Vec<Vec<u32>> {
+    String::from_utf8(json.to_vec())
+        .unwrap()
+        .lines()
+        .map(|line| json_ids(&serde_json::from_str::<serde_json::Value>(line).unwrap()["tokens"]))
+        .collect()
+}
+
+#[test]
+fn a_gmsa_sack_round_trips_through_compress_info_and_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixture("qwen2").join("adapter");
+    let doc = dir.path().join("doc.txt");
+    std::fs::write(&doc, DOCUMENT).unwrap();
+    let file = dir.path().join("doc.sack");
+    run_ok(
+        sac()
+            .arg("compress")
+            .arg(&doc)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args(["--kv-encoding", "f32", "-q", "-o"])
+            .arg(&file),
+    );
+
+    let m = load_model_at(&fixture("qwen2").join("model"));
+    let gmsa = GmsaAdapter::load(&adapter, &m.config, &Device::Cpu, DType::F32).unwrap();
+    let layout = PromptLayout::raw();
+    let context = layout.context_ids(&m.tokenizer, DOCUMENT).unwrap();
+    let soft = soft_tokens(&m.decoder, &gmsa, &context, Kernels::Inference).unwrap();
+    let question = layout.question_ids(&m.tokenizer, QUESTION).unwrap();
+    let expected = greedy(&m.decoder, &soft, &question, m.tokenizer.eos());
+
+    let info = run_ok(sac().arg("info").arg(&file).arg("--json"));
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["header"]["compressor"]["method"], "gmsa");
+    assert_eq!(info["format_version"], "1.3");
+    assert_eq!(info["soft_tokens"], soft.dim(0).unwrap() as u64);
+    assert_eq!(soft.dim(0).unwrap(), context.len().div_ceil(4));
+
+    let max = MAX_TOKENS.to_string();
+    let one =
+        run_ok(
+            sac()
+                .arg("ask")
+                .arg(&file)
+                .arg(QUESTION)
+                .args(["--json", "--max-tokens", &max]),
+        );
+    assert_eq!(answer_tokens(&one), std::slice::from_ref(&expected));
+    // A random model's answer, but not a degenerate one: the comparison
+    // tells tokens apart.
+    assert!(expected.windows(2).any(|w| w[0] != w[1]), "{expected:?}");
+
+    let batch = dir.path().join("questions.jsonl");
+    let line = serde_json::json!({ "question": QUESTION }).to_string();
+    std::fs::write(&batch, format!("{line}\n{line}\n")).unwrap();
+    let both = run_ok(
+        sac()
+            .arg("ask")
+            .arg(&file)
+            .arg("--batch")
+            .arg(&batch)
+            .args(["--max-tokens", &max]),
+    );
+    assert_eq!(answer_tokens(&both), [expected.clone(), expected.clone()]);
+
+    let shell = format!(
+        "{sac:?} compress - --adapter {adapter:?} --kv-encoding f32 -q < {doc:?} | {sac:?} ask - {QUESTION:?} --json \
+         --max-tokens {max}",
+        sac = env!("CARGO_BIN_EXE_sac"),
+    );
+    let piped = run_ok(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&shell)
+            .env("HF_HUB_OFFLINE", "1"),
+    );
+    assert_eq!(answer_tokens(&piped), std::slice::from_ref(&expected));
+
+    let kv_only = failing(
+        sac()
+            .arg("compress")
+            .arg(&doc)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args(["--compressor", "sac", "-o"])
+            .arg(dir.path().join("x.sack")),
+    );
+    assert!(
+        kv_only.contains("the adapter is for the gmsa compressor, not sac"),
+        "{kv_only}"
     );
 }

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{AdapterProblem, CONFIG_FILE, WEIGHTS_FILE, adapter_error};
-use crate::compress::gmsa::NAME as GMSA;
+use super::{AdapterProblem, CONFIG_FILE, TrainedOn, WEIGHTS_FILE, adapter_error};
+use crate::compress::gmsa::METHOD as GMSA;
 use crate::error::{Error, Result};
 use crate::model::{LayerLora, Layers, LoraTarget, LowRank, ModelConfig, ModelLora};
 
@@ -45,29 +45,39 @@ pub struct GmsaConfig {
 }
 
 impl GmsaConfig {
-    /// Reads and checks `adapter_config.json` in `dir` against `model`.
-    pub fn load(dir: &Path, model: &ModelConfig) -> Result<Self> {
+    /// Reads and checks `adapter_config.json` in `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
         let config: GmsaConfig = serde_json::from_str(&text)
             .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
-        config
-            .validate(model)
-            .map_err(|e| adapter_error(&path, e))?;
+        config.validate().map_err(|e| adapter_error(&path, e))?;
         Ok(config)
     }
 
-    fn validate(&self, model: &ModelConfig) -> std::result::Result<(), AdapterProblem> {
-        if self.method != GMSA {
+    fn validate(&self) -> std::result::Result<(), AdapterProblem> {
+        if self.method != GMSA.name {
             return Err(AdapterProblem::Method {
                 found: self.method.clone(),
-                expected: GMSA,
+                expected: GMSA.name,
             });
         }
         if self.merge_size == 0 || self.lora_rank == 0 {
             return Err(AdapterProblem::NotPositive);
         }
+        if let Some(t) = self
+            .lora_targets
+            .iter()
+            .find(|t| LoraTarget::from_name(t).is_none())
+        {
+            return Err(AdapterProblem::UnknownTarget(t.clone()));
+        }
+        Ok(())
+    }
+
+    /// Refuses layer counts `model` does not have.
+    fn fits(&self, model: &ModelConfig) -> std::result::Result<(), AdapterProblem> {
         for (what, count) in [
             ("encoder_layers", self.encoder_layers),
             ("lsa_layers", self.lsa_layers),
@@ -80,14 +90,17 @@ impl GmsaConfig {
                 });
             }
         }
-        if let Some(t) = self
-            .lora_targets
-            .iter()
-            .find(|t| LoraTarget::from_name(t).is_none())
-        {
-            return Err(AdapterProblem::UnknownTarget(t.clone()));
-        }
         Ok(())
+    }
+}
+
+impl TrainedOn for GmsaConfig {
+    fn base_model(&self) -> &str {
+        &self.base_model
+    }
+
+    fn base_model_fingerprint(&self) -> Option<&str> {
+        self.base_model_fingerprint.as_deref()
     }
 }
 
@@ -104,7 +117,7 @@ pub struct GmsaAdapter {
 impl GmsaAdapter {
     /// Reads an adapter directory and checks it against the model's shapes.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
-        let config = GmsaConfig::load(dir, model)?;
+        let config = GmsaConfig::load(dir)?;
         let weights = dir.join(WEIGHTS_FILE);
         if !weights.is_file() {
             return Err(adapter_error(dir, AdapterProblem::NoWeights));
@@ -121,7 +134,8 @@ impl GmsaAdapter {
         model: &ModelConfig,
         dtype: DType,
     ) -> std::result::Result<Self, AdapterProblem> {
-        config.validate(model)?;
+        config.validate()?;
+        config.fits(model)?;
         let targets = LoraTarget::from_names(&config.lora_targets);
         let rank = config.lora_rank;
         let mut take = |name: String, shape: [usize; 2]| {

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::compress::Trained;
+use crate::compress::gmsa::METHOD as GMSA;
 use crate::compress::sac::METHOD as SAC;
 use crate::error::{Error, Result};
 use crate::fingerprint::{DigestCache, manifest_digest};
@@ -19,6 +21,8 @@ use crate::layout::chunk;
 use crate::model::{LayerLora, LoraTarget, LowRank, ModelConfig, ModelLora};
 
 pub mod gmsa;
+
+pub use gmsa::{GmsaAdapter, GmsaConfig};
 
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -61,34 +65,122 @@ impl AdapterConfig {
     pub fn targets(&self) -> Vec<LoraTarget> {
         LoraTarget::from_names(&self.lora_targets)
     }
+}
+
+impl TrainedOn for AdapterConfig {
+    fn base_model(&self) -> &str {
+        &self.base_model
+    }
+
+    fn base_model_fingerprint(&self) -> Option<&str> {
+        self.base_model_fingerprint.as_deref()
+    }
+}
+
+/// What an adapter's config says of the model it was trained on.
+pub trait TrainedOn {
+    /// A Hub id, or a model directory, absolute or relative to the
+    /// adapter's own directory.
+    fn base_model(&self) -> &str;
+
+    fn base_model_fingerprint(&self) -> Option<&str>;
 
     /// Why this adapter, read from `dir`, does not go with the model `id`
-    /// whose fingerprint is `fingerprint`, if it names another one: its role
-    /// embeddings and LoRA were fitted to that model's weights.
-    pub fn model_mismatch(&self, dir: &Path, id: &str, fingerprint: &str) -> Option<ModelMismatch> {
-        self.base_model_fingerprint
-            .as_deref()
+    /// whose fingerprint is `fingerprint`, if it names another one: its
+    /// weights were fitted to that model's.
+    fn model_mismatch(&self, dir: &Path, id: &str, fingerprint: &str) -> Option<ModelMismatch> {
+        self.base_model_fingerprint()
             .filter(|fp| *fp != fingerprint)
             .map(|fp| ModelMismatch {
                 dir: dir.to_path_buf(),
-                trained_on: self.base_model.clone(),
+                trained_on: self.base_model().to_string(),
                 trained_fingerprint: fp.to_string(),
                 given: id.to_string(),
                 given_fingerprint: fingerprint.to_string(),
             })
     }
 
-    /// [`AdapterConfig::base_model`] for `--model`, with a relative model
+    /// [`TrainedOn::base_model`] for `--model`, with a relative model
     /// directory taken from `dir`, the adapter's directory. Anything else
     /// (a Hub id, an absolute path) is returned as it is.
-    pub fn base_model_from(&self, dir: &Path) -> String {
-        let path = Path::new(&self.base_model);
+    fn base_model_from(&self, dir: &Path) -> String {
+        let path = Path::new(self.base_model());
         let beside = dir.join(path);
         if path.is_relative() && beside.is_dir() {
             beside.to_string_lossy().into_owned()
         } else {
-            self.base_model.clone()
+            self.base_model().to_string()
         }
+    }
+}
+
+/// An adapter directory's config, for whichever method it was trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Config {
+    Sac(AdapterConfig),
+    Gmsa(GmsaConfig),
+}
+
+impl Config {
+    /// Reads `adapter_config.json` in `dir` as the config of the method it
+    /// names.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
+        let method: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
+        if method.get("method").and_then(|m| m.as_str()) == Some(GMSA.name) {
+            Ok(Config::Gmsa(GmsaConfig::load(dir)?))
+        } else {
+            Ok(Config::Sac(AdapterConfig::load(dir)?))
+        }
+    }
+
+    /// The method, ratio and chunk size the adapter was trained for.
+    pub fn trained(&self) -> Trained {
+        match self {
+            Config::Sac(c) => Trained {
+                method: &SAC,
+                ratio: c.ratio,
+                chunk_size: Some(c.chunk_size),
+            },
+            Config::Gmsa(c) => Trained {
+                method: &GMSA,
+                ratio: c.merge_size,
+                chunk_size: None,
+            },
+        }
+    }
+
+    pub fn trained_on(&self) -> &dyn TrainedOn {
+        match self {
+            Config::Sac(c) => c,
+            Config::Gmsa(c) => c,
+        }
+    }
+}
+
+/// A loaded adapter of either kind, on the model's device and in its dtype.
+#[derive(Debug, Clone)]
+pub enum Loaded {
+    Sac(SacAdapter),
+    Gmsa(GmsaAdapter),
+}
+
+impl Loaded {
+    /// The adapter in `dir`, whose config is `config`.
+    pub fn load(
+        config: &Config,
+        dir: &Path,
+        model: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(match config {
+            Config::Sac(_) => Loaded::Sac(SacAdapter::load(dir, model, device, dtype)?),
+            Config::Gmsa(_) => Loaded::Gmsa(GmsaAdapter::load(dir, model, device, dtype)?),
+        })
     }
 }
 

@@ -191,7 +191,8 @@ pub struct CompressArgs {
     #[command(flatten)]
     pub placement: Placement,
 
-    /// SAC adapter directory (adapter.safetensors + adapter_config.json).
+    /// Adapter directory of a trained compressor, sac or gmsa
+    /// (adapter.safetensors + adapter_config.json).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 

@@ -15,9 +15,8 @@ pub(super) type CompressorPick = Option<&'static Method>;
 /// each listed with its summary.
 pub(super) fn compressor() -> impl TypedValueParser<Value = CompressorPick> {
     let auto = PossibleValue::new("auto").help(format!(
-        "`{}` when an adapter is given, else `{}`",
-        Method::default_for(true),
-        Method::default_for(false)
+        "The adapter's method when an adapter is given, else `{}`",
+        Method::default_for(None)
     ));
     let methods = METHODS
         .iter()

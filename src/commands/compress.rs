@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::cli::CompressArgs;
-use sac::adapter::{self, AdapterConfig, AdapterError, SacAdapter};
-use sac::compress::{Compressor, Cost, Method, RepeatPrompt, Request, Settings, Strategy};
+use sac::adapter::{self, AdapterError};
+use sac::compress::{Compressor, Cost, Emitted, Method, RepeatPrompt, Request, Settings, Strategy};
 use sac::error::Error;
 use sac::fingerprint::DigestCache;
 use sac::layout::prompt::{PromptFormat, PromptLayout};
@@ -28,7 +28,7 @@ struct CompressSettings<'a> {
     output: Output,
     model: String,
     /// The adapter's directory and config.
-    adapter: Option<(&'a Path, AdapterConfig)>,
+    adapter: Option<(&'a Path, adapter::Config)>,
     compressor: Settings,
     write: WriteOptions,
 }
@@ -39,26 +39,26 @@ impl<'a> CompressSettings<'a> {
         let adapter = args
             .adapter
             .as_deref()
-            .map(|dir| anyhow::Ok((dir, AdapterConfig::load(dir)?)))
+            .map(|dir| anyhow::Ok((dir, adapter::Config::load(dir)?)))
             .transpose()?;
         let model = match (&args.model, &adapter) {
             (Some(m), _) => m.clone(),
-            (None, Some((dir, config))) => config.base_model_from(dir),
+            (None, Some((dir, config))) => config.trained_on().base_model_from(dir),
             (None, None) => bail!(
                 "no model given: pass --model DIR|FILE.gguf|HUB_ID (or --adapter, or set SAC_MODEL)"
             ),
         };
+        let trained = adapter.as_ref().map(|(_, config)| config.trained());
         let request = Request {
             method: args
                 .compressor
-                .unwrap_or(Method::default_for(adapter.is_some())),
+                .unwrap_or(Method::default_for(trained.as_ref())),
             ratio: args.ratio.map(|r| r as usize),
             chunk_size: args.chunk_size.map(|c| c as usize),
             sinks: args.sinks.map(|s| s as usize),
             head_budget: args.head_budget,
         };
-        let compressor =
-            Settings::resolve(&request, adapter.as_ref().map(|(_, c)| c)).map_err(Error::from)?;
+        let compressor = Settings::resolve(&request, trained.as_ref()).map_err(Error::from)?;
         Ok(CompressSettings {
             output,
             model,
@@ -90,11 +90,15 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     let adapter = match &adapter_config {
         Some((dir, config)) => {
             // The model the adapter names is checked before its tensors are.
-            let mismatch = config.model_mismatch(dir, &model.files.id, &model.fingerprint.model);
+            let mismatch =
+                config
+                    .trained_on()
+                    .model_mismatch(dir, &model.files.id, &model.fingerprint.model);
             if let Some(why) = mismatch {
                 bail!(Error::from(AdapterError::OtherModel(Box::new(why))));
             }
-            let a = SacAdapter::load(
+            let a = adapter::Loaded::load(
+                config,
                 dir,
                 &model.config,
                 model.decoder.device(),
@@ -164,12 +168,17 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         let versus_prefill = summary.cost.prefill.map_or(String::new(), |p| {
             format!(" ({:.1}x its prefill)", seconds / p.as_secs_f64().max(1e-9))
         });
-        let slots = model.config.num_layers * model.config.num_kv_heads;
+        let facts = compressor.strategy().facts();
         eprintln!(
-            "sac: wrote {written}: {} tokens, {:.0} kept{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s{versus_prefill}",
+            "sac: wrote {written}: {} tokens, {:.0} {}{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s{versus_prefill}",
             ids.len(),
-            summary.pairs as f64 / slots as f64,
-            if compressor.strategy().facts().per_head {
+            summary.kept,
+            if facts.soft_tokens {
+                "soft tokens"
+            } else {
+                "kept"
+            },
+            if facts.per_head {
                 " per head on average"
             } else {
                 ""
@@ -214,7 +223,8 @@ fn prompt_layout(
 /// What a compression kept and cost.
 struct Summary {
     /// K/V pairs kept (tokens x layers x KV heads).
-    pairs: usize,
+    /// Tokens kept per KV head on average, or soft tokens.
+    kept: f64,
     cost: Cost,
 }
 
@@ -225,13 +235,17 @@ fn write_sack<S: Sink>(
     ids: &[u32],
 ) -> anyhow::Result<Summary> {
     let c = compressor.decoder().config();
-    let mut pairs = 0;
-    let cost = compressor.compress(ids, |chunk| {
-        pairs += chunk.kept.pairs(c.num_layers, c.num_kv_heads);
-        to_sack::write_chunk(&mut writer, &chunk)
+    let slots = (c.num_layers * c.num_kv_heads) as f64;
+    let mut kept = 0.0;
+    let cost = compressor.compress(ids, |out| {
+        kept += match &out {
+            Emitted::Kv(chunk) => chunk.kept.pairs(c.num_layers, c.num_kv_heads) as f64 / slots,
+            Emitted::Soft(soft) => soft.tokens.dim(0)? as f64,
+        };
+        to_sack::write_chunk(&mut writer, &out)
     })?;
     writer.finish()?;
-    Ok(Summary { pairs, cost })
+    Ok(Summary { kept, cost })
 }
 
 /// Reads the document: UTF-8, not empty, from a file or standard input.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use super::{ChunkKv, Emit, Kept, Pass};
+use super::{ChunkKv, Emit, Emitted, Kept, Pass};
 use crate::error::Result;
 use crate::layout::chunk::{self, Chunk};
 use crate::model::LayerKv;
@@ -35,11 +35,11 @@ pub(super) fn compress(
             .iter()
             .map(|&o| chunk.first_position() + o as u32)
             .collect();
-        emit(ChunkKv {
+        emit(Emitted::Kv(ChunkKv {
             chunk,
             kept: Kept::Shared(positions),
             layers,
-        })?;
+        }))?;
     }
     Ok(started.elapsed())
 }

@@ -17,6 +17,7 @@ pub static METHOD: Method = Method {
         keeps_all: true,
         sinks: false,
         head_budget: None,
+        chunks: true,
     },
     build,
 };
@@ -39,6 +40,7 @@ impl Strategy for Full {
             ratio: 1,
             chunk_size: self.chunk_size,
             per_head: false,
+            soft_tokens: false,
         }
     }
 

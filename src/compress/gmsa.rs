@@ -7,14 +7,82 @@
 //! the pooled vectors (positions 0..m-1, causal, then the final norm) to
 //! soft tokens, which the decoder reads as input embeddings.
 
+use std::time::Instant;
+
 use candle_core::Tensor;
 
+use super::{
+    Cost, Emit, Emitted, Facts, Method, Parts, Pass, SettingsError, SoftTokens, Strategy, Takes,
+};
+use crate::adapter::Loaded;
 use crate::adapter::gmsa::GmsaAdapter;
 use crate::error::Result;
+use crate::layout::chunk::Chunk;
 use crate::model::{Decoder, ForwardInput, Kernels, ops};
 
-/// The method's name, in adapters and .sack headers.
-pub const NAME: &str = "gmsa";
+/// `gmsa` in [`super::METHODS`].
+pub static METHOD: Method = Method {
+    name: "gmsa",
+    summary: "GMSA: soft tokens pooled from an encoder's hidden states and aligned to the \
+              decoder's input (needs a GMSA adapter); the smallest files",
+    takes: Takes {
+        adapter: true,
+        keeps_all: false,
+        sinks: false,
+        head_budget: None,
+        chunks: false,
+    },
+    build,
+};
+
+fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
+    match parts.adapter {
+        Some(Loaded::Gmsa(adapter)) => Ok(Box::new(Gmsa {
+            adapter,
+            len: parts.keep.chunk_size,
+        })),
+        _ => Err(SettingsError::NeedsAdapter(&METHOD).into()),
+    }
+}
+
+/// GMSA with its adapter: the whole context is one chunk, encoded at once
+/// as the official code does.
+#[derive(Debug, Clone, Copy)]
+pub struct Gmsa<'a> {
+    pub adapter: &'a GmsaAdapter,
+    /// The context's length: its one chunk.
+    pub len: usize,
+}
+
+impl Strategy for Gmsa<'_> {
+    fn facts(&self) -> Facts {
+        Facts {
+            method: &METHOD,
+            ratio: self.adapter.config.merge_size,
+            chunk_size: self.len,
+            per_head: false,
+            soft_tokens: true,
+        }
+    }
+
+    fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
+        let started = Instant::now();
+        let tokens = soft_tokens(pass.decoder, self.adapter, ids, pass.kernels)?;
+        pass.report(ids.len());
+        emit(Emitted::Soft(SoftTokens {
+            chunk: Chunk {
+                index: 0,
+                start: 0,
+                len: ids.len(),
+            },
+            tokens,
+        }))?;
+        Ok(Cost {
+            total: started.elapsed(),
+            prefill: None,
+        })
+    }
+}
 
 /// Means of consecutive runs of `merge_size` rows of `hidden` (`[n, h]`),
 /// the `n mod merge_size` rows left over pooled into one more:

@@ -137,6 +137,7 @@ impl Strategy for Kvzip {
             ratio: self.keep.ratio,
             chunk_size: self.keep.chunk_size,
             per_head: true,
+            soft_tokens: false,
         }
     }
 

@@ -11,8 +11,8 @@
 //! - [`kvzip`], [`snapkv`], [`streaming`]: training-free selection from a
 //!   full causal prefill ([`select`]); KVzip and SnapKV keep different
 //!   positions per layer and KV head.
-//! - [`gmsa`]: GMSA's soft tokens, checked against the official code's
-//!   computation; not in [`METHODS`] until a .sack can hold soft tokens.
+//! - [`gmsa`]: GMSA's soft tokens: an encoder's hidden states pooled in
+//!   groups and aligned to the decoder's input embeddings.
 //!
 //! A method is a [`Method`] (its name, what it takes, how it is built) and a
 //! type implementing [`Strategy`] with its own settings, both in its own
@@ -41,10 +41,10 @@ use candle_core::Tensor;
 
 pub use budget::HeadBudget;
 pub use kvzip::RepeatPrompt;
-pub use settings::{Request, Settings, SettingsError};
+pub use settings::{Request, Settings, SettingsError, Trained};
 
-use crate::adapter::SacAdapter;
-use crate::error::Result;
+use crate::adapter;
+use crate::error::{InputError, Result};
 use crate::layout::{self, chunk::Chunk};
 use crate::model::{Decoder, Kernels, LayerKv};
 
@@ -57,6 +57,7 @@ pub static METHODS: &[&Method] = &[
     &kvzip::METHOD,
     &snapkv::METHOD,
     &streaming::METHOD,
+    &gmsa::METHOD,
 ];
 
 /// A compressor: its name (what a .sack records), what it takes, and how
@@ -84,6 +85,9 @@ pub struct Takes {
     /// How its budget is spread over layers and heads, by default; `None`
     /// when it has no such choice.
     pub head_budget: Option<HeadBudget>,
+    /// A chunk size: it reads the context chunk by chunk. Without, it reads
+    /// the whole context as one chunk.
+    pub chunks: bool,
 }
 
 impl Takes {
@@ -94,6 +98,7 @@ impl Takes {
         keeps_all: false,
         sinks: true,
         head_budget: None,
+        chunks: true,
     };
 }
 
@@ -114,19 +119,15 @@ pub struct Keep {
 pub struct Parts<'a, 'p> {
     pub keep: Keep,
     pub head_budget: HeadBudget,
-    pub adapter: Option<&'a SacAdapter>,
+    pub adapter: Option<&'a adapter::Loaded>,
     pub repeat_prompt: &'p dyn Fn() -> Result<RepeatPrompt>,
 }
 
 impl Method {
-    /// The compressor to run when none is named: `sac` with an adapter,
-    /// else `kvzip`.
-    pub fn default_for(adapter: bool) -> &'static Method {
-        if adapter {
-            &sac::METHOD
-        } else {
-            &kvzip::METHOD
-        }
+    /// The compressor to run when none is named: the adapter's method when
+    /// there is one, else `kvzip`.
+    pub fn default_for(adapter: Option<&Trained>) -> &'static Method {
+        adapter.map_or(&kvzip::METHOD, |a| a.method)
     }
 
     /// The compressor called `name`.
@@ -153,6 +154,31 @@ impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name)
     }
+}
+
+/// What a compressor hands on for one chunk: kept K/V, or soft tokens.
+#[derive(Debug, Clone)]
+pub enum Emitted {
+    Kv(ChunkKv),
+    Soft(SoftTokens),
+}
+
+impl Emitted {
+    /// The kept K/V, for a caller that reads nothing else.
+    pub fn into_kv(self) -> Result<ChunkKv> {
+        match self {
+            Emitted::Kv(chunk) => Ok(chunk),
+            Emitted::Soft(_) => Err(InputError::NotKv.into()),
+        }
+    }
+}
+
+/// Input embeddings a decoder reads in place of a chunk of the context.
+#[derive(Debug, Clone)]
+pub struct SoftTokens {
+    pub chunk: Chunk,
+    /// `[n, hidden]`.
+    pub tokens: Tensor,
 }
 
 /// The K/V one chunk contributes to the .sack.
@@ -199,8 +225,8 @@ pub struct Cost {
 /// Told of each piece of work as it is done: tokens run through the model.
 pub type Progress<'a> = &'a (dyn Fn(u64) + 'a);
 
-/// Receives each chunk's kept K/V as soon as it is computed.
-pub type Emit<'e> = &'e mut dyn FnMut(ChunkKv) -> Result<()>;
+/// Receives each chunk's kept K/V (or soft tokens) as soon as it is computed.
+pub type Emit<'e> = &'e mut dyn FnMut(Emitted) -> Result<()>;
 
 /// What every compressor runs on: the model, the graph path, and where
 /// progress goes.
@@ -251,6 +277,8 @@ pub struct Facts {
     pub chunk_size: usize,
     /// Whether each layer and KV head keeps its own positions.
     pub per_head: bool,
+    /// Whether it emits soft tokens rather than K/V.
+    pub soft_tokens: bool,
 }
 
 /// One compression method with its settings.
@@ -348,7 +376,7 @@ impl<'a> Compressor<'a> {
     pub fn compress(
         &self,
         ids: &[u32],
-        mut emit: impl FnMut(ChunkKv) -> Result<()>,
+        mut emit: impl FnMut(Emitted) -> Result<()>,
     ) -> Result<Cost> {
         self.check_document(ids.len())?;
         self.strategy.compress(&self.pass, ids, &mut emit)
@@ -358,8 +386,8 @@ impl<'a> Compressor<'a> {
     /// concatenated along the sequence axis: the past the decoder reads.
     pub fn anchor_past(&self, ids: &[u32]) -> Result<Vec<LayerKv>> {
         let mut chunks: Vec<Vec<LayerKv>> = Vec::new();
-        self.compress(ids, |chunk| {
-            chunks.push(chunk.layers);
+        self.compress(ids, |out| {
+            chunks.push(out.into_kv()?.layers);
             Ok(())
         })?;
         let layers = chunks.first().map_or(0, Vec::len);

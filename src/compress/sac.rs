@@ -9,7 +9,7 @@ use super::SettingsError;
 use super::chunked;
 use super::run::{self, Input};
 use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
-use crate::adapter::SacAdapter;
+use crate::adapter::{Loaded, SacAdapter};
 use crate::error::Result;
 use crate::layout::chunk;
 use crate::model::AttentionMask;
@@ -23,14 +23,15 @@ pub static METHOD: Method = Method {
         keeps_all: false,
         sinks: false,
         head_budget: None,
+        chunks: true,
     },
     build,
 };
 
 fn build<'a>(parts: &Parts<'a, '_>) -> Result<Box<dyn Strategy + 'a>> {
     match parts.adapter {
-        Some(adapter) => Ok(Box::new(Sac::new(adapter))),
-        None => Err(SettingsError::NeedsAdapter(&METHOD).into()),
+        Some(Loaded::Sac(adapter)) => Ok(Box::new(Sac::new(adapter))),
+        _ => Err(SettingsError::NeedsAdapter(&METHOD).into()),
     }
 }
 
@@ -52,6 +53,7 @@ impl Strategy for Sac<'_> {
             ratio: self.adapter.config.ratio,
             chunk_size: self.adapter.config.chunk_size,
             per_head: false,
+            soft_tokens: false,
         }
     }
 

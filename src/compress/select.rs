@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::run::{self, Input};
-use super::{ChunkKv, Cost, Emit, Kept, Pass};
+use super::{ChunkKv, Cost, Emit, Emitted, Kept, Pass};
 use crate::error::Result;
 use crate::layout::{self, chunk};
 use crate::model::{KvCache, LayerKv};
@@ -119,11 +119,11 @@ fn emit_chunks(past: &[LayerKv], kept: &KeptOffsets, chunk_size: usize, emit: Em
                 (Kept::PerHead(kept), layers)
             }
         };
-        emit(ChunkKv {
+        emit(Emitted::Kv(ChunkKv {
             chunk,
             kept,
             layers,
-        })?;
+        }))?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use super::budget::HeadBudget;
 use super::kvzip::RepeatPrompt;
 use super::select::SINKS;
 use super::{Keep, METHODS, Method, Parts, Strategy};
-use crate::adapter::{AdapterConfig, SacAdapter};
+use crate::adapter::Loaded;
 use crate::error::Result;
 use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
@@ -35,6 +35,15 @@ impl Request {
     }
 }
 
+/// What an adapter was trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trained {
+    pub method: &'static Method,
+    pub ratio: usize,
+    /// `None` for a method that reads the context whole.
+    pub chunk_size: Option<usize>,
+}
+
 /// Why a request cannot be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettingsError {
@@ -52,6 +61,13 @@ pub enum SettingsError {
         ratio: usize,
         chunk_size: usize,
     },
+    #[error("the adapter is for the {adapter} compressor, not {method}")]
+    AdapterFor {
+        adapter: &'static Method,
+        method: &'static Method,
+    },
+    #[error("the {0} compressor reads the document whole; it takes no chunk size")]
+    NoChunks(&'static Method),
     #[error("the {0} compressor takes no adapter")]
     TakesNoAdapter(&'static Method),
     #[error("the {0} compressor keeps every token; it takes no ratio")]
@@ -89,7 +105,7 @@ impl Settings {
     /// and `full` keeps every token.
     pub fn resolve(
         request: &Request,
-        adapter: Option<&AdapterConfig>,
+        adapter: Option<&Trained>,
     ) -> std::result::Result<Self, SettingsError> {
         let method = request.method;
         let takes = method.takes;
@@ -98,19 +114,30 @@ impl Settings {
             .ratio
             .or(adapter.map(|a| a.ratio))
             .unwrap_or(default_ratio);
-        let chunk_size = request
-            .chunk_size
-            .or(adapter.map(|a| a.chunk_size))
-            .unwrap_or(DEFAULT_CHUNK_SIZE);
+        let chunk_size = match (takes.chunks, request.chunk_size) {
+            (false, Some(_)) => return Err(SettingsError::NoChunks(method)),
+            (false, None) => usize::MAX,
+            (true, asked) => asked
+                .or(adapter.and_then(|a| a.chunk_size))
+                .unwrap_or(DEFAULT_CHUNK_SIZE),
+        };
         if ratio == 0 || chunk_size == 0 {
             return Err(SettingsError::NotPositive);
         }
         match (takes.adapter, adapter) {
             (true, None) => return Err(SettingsError::NeedsAdapter(method)),
-            (true, Some(a)) if (a.ratio, a.chunk_size) != (ratio, chunk_size) => {
+            (true, Some(a)) if a.method != method => {
+                return Err(SettingsError::AdapterFor {
+                    adapter: a.method,
+                    method,
+                });
+            }
+            (true, Some(a))
+                if a.ratio != ratio || a.chunk_size.is_some_and(|c| c != chunk_size) =>
+            {
                 return Err(SettingsError::NotAsTrained {
                     trained_ratio: a.ratio,
-                    trained_chunk_size: a.chunk_size,
+                    trained_chunk_size: a.chunk_size.unwrap_or(chunk_size),
                     ratio,
                     chunk_size,
                 });
@@ -162,7 +189,7 @@ impl Settings {
     /// `repeat_prompt` is asked for by `kvzip` only.
     pub fn build<'a>(
         &self,
-        adapter: Option<&'a SacAdapter>,
+        adapter: Option<&'a Loaded>,
         repeat_prompt: impl Fn() -> Result<RepeatPrompt>,
         len: usize,
     ) -> Result<Box<dyn Strategy + 'a>> {

@@ -82,6 +82,7 @@ impl Strategy for Snapkv {
             ratio: self.keep.ratio,
             chunk_size: self.keep.chunk_size,
             per_head: true,
+            soft_tokens: false,
         }
     }
 

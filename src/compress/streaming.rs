@@ -46,6 +46,7 @@ impl Strategy for Streaming {
             ratio: self.keep.ratio,
             chunk_size: self.keep.chunk_size,
             per_head: false,
+            soft_tokens: false,
         }
     }
 

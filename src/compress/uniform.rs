@@ -34,6 +34,7 @@ impl Strategy for Uniform {
             ratio: self.keep.ratio,
             chunk_size: self.keep.chunk_size,
             per_head: false,
+            soft_tokens: false,
         }
     }
 

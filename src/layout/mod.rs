@@ -53,6 +53,11 @@ pub enum FitError {
 /// Position id of a context's first token.
 pub const FIRST_POSITION: u32 = 1;
 
+/// Position id of the first soft token: GMSA's decoder reads its soft
+/// tokens from position 0, as the official code does, and the question right
+/// after the last of them.
+pub const SOFT_TOKENS_FIRST_POSITION: u32 = 0;
+
 /// Positions a context must leave free for the question and its answer.
 pub const QUESTION_ROOM: usize = 64;
 

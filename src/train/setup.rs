@@ -8,7 +8,7 @@ use candle_core::DType;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::adapter::{self, AdapterConfig, SacAdapter};
+use crate::adapter::{self, AdapterConfig, SacAdapter, TrainedOn};
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
 use crate::layout::chunk;

@@ -40,8 +40,9 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let mut emitted = vec![vec![(Vec::new(), Vec::new()); c.num_kv_heads]; c.num_layers];
     let mut writer = SackWriter::to_stream(&mut bytes, "<memory>", &header, options).unwrap();
     compressor
-        .compress(&ids, |chunk| {
-            to_sack::write_chunk(&mut writer, &chunk)?;
+        .compress(&ids, |out| {
+            to_sack::write_chunk(&mut writer, &out)?;
+            let chunk = out.into_kv()?;
             let Kept::PerHead(sets) = &chunk.kept else {
                 panic!("kvzip keeps per head");
             };

@@ -49,7 +49,8 @@ pub fn compressed_with(m: &LoadedModel, request: Request, ids: &[u32]) -> Vec<Ve
     let compressor = Compressor::new(&m.decoder, strategy(m, request, ids.len()));
     let mut kept = vec![vec![Vec::new(); c.num_kv_heads]; c.num_layers];
     compressor
-        .compress(ids, |chunk| {
+        .compress(ids, |out| {
+            let chunk = out.into_kv()?;
             for (layer, heads) in kept.iter_mut().enumerate() {
                 for (head, set) in heads.iter_mut().enumerate() {
                     let positions = match &chunk.kept {
