@@ -12,7 +12,8 @@ Writes tests/fixtures/gmsa/{llama3,qwen2}/:
                          adapter.safetensors): encoder LoRA on every linear layer of the
                          first ENCODER_LAYERS layers, and the LSA layer's own weights
   reference.safetensors  context and question ids, the encoder's last hidden states,
-                         the pooled vectors, the soft tokens, the decoder's logits
+                         the pooled vectors, the soft tokens, the decoder's logits,
+                         and the loss of one autoencoding step (stage 1)
 
 What the official code does, and this script with it:
   encoder  the base model truncated to ENCODER_LAYERS layers (embeddings, layers,
@@ -27,6 +28,8 @@ What the official code does, and this script with it:
            tokens.
   decoder  the base model reads the soft tokens, then the prompt's token embeddings,
            positions 0.. without a gap.
+  stage 1  the prompt is "Restate the aforementioned Text.", the target the context and
+           EOS; HF's shifted cross-entropy over the target tokens only.
 Here the LoRA matrices and the LSA layer are random (B is not zero), standing in for
 trained ones. Seeded and single-threaded: a re-run reproduces the same bytes.
 """
@@ -57,6 +60,7 @@ LORA_ALPHA = 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTEXT = "The cat sat on the warm stone wall and watched the birds in the garden."
 QUESTION = "\n### Question: Where did the cat sit?\n### Answer:"
+RESTATE = "Restate the aforementioned Text."
 
 
 def load(model_dir: str, layers: int):
@@ -134,6 +138,13 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
         soft = lsa(inputs_embeds=pooled[None], output_hidden_states=True).hidden_states[-1][0]
         prompt = base.model.embed_tokens(torch.tensor([question]))[0]
         logits = base(inputs_embeds=torch.cat([soft, prompt])[None]).logits[0]
+        restate = tok.encode(RESTATE, add_special_tokens=False).ids
+        target = context + [eos_id]
+        read = base.model.embed_tokens(torch.tensor([restate + target]))[0]
+        labels = [-100] * (soft.shape[0] + len(restate)) + target
+        autoencode_loss = base(
+            inputs_embeds=torch.cat([soft, read])[None], labels=torch.tensor([labels])
+        ).loss
 
     tensors = {}
     for n, p in encoder.named_parameters():
@@ -169,6 +180,9 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
             "pooled": pooled.contiguous(),
             "soft_tokens": soft.contiguous(),
             "logits": logits.contiguous(),
+            "restate_ids": torch.tensor(restate, dtype=torch.int64),
+            "target_ids": torch.tensor(target, dtype=torch.int64),
+            "autoencode_loss": autoencode_loss.reshape(1),
         },
         os.path.join(out, "reference.safetensors"),
     )

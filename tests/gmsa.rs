@@ -1,19 +1,23 @@
 //! GMSA against HF transformers + PEFT following the official code
 //! (tests/fixtures/gmsa, made by scripts/make_gmsa_fixtures.py): the pooled
 //! vectors, the soft tokens, and the decoder's logits over the soft tokens
-//! and a question, in f32; then a GMSA .sack through the binary: compress,
-//! info, ask (one question, a batch, a pipe).
+//! and a question, and the loss of an autoencoding step, in f32; the
+//! gradients of that loss against finite differences in f64; then a GMSA
+//! .sack through the binary: compress, info, ask (one question, a batch, a
+//! pipe).
 
 mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use sac::adapter::gmsa::GmsaAdapter;
 use sac::compress::gmsa::{group_merge, soft_tokens};
 use sac::layout::prompt::PromptLayout;
-use sac::model::{Decoder, ForwardInput, Kernels};
+use sac::model::{self as model_, Decoder, ForwardInput, Kernels};
+use sac::train::data::Sample;
+use sac::train::gmsa::sample_loss;
 
 use common::{failing, json_ids, load_model_at, max_abs_diff, run_ok, sac};
 
@@ -83,6 +87,122 @@ fn soft_tokens_and_logits_match_transformers_and_peft() {
         let logits = m.decoder.logits(&out.hidden.squeeze(0).unwrap()).unwrap();
         let d = max_abs_diff(&logits, &r["logits"]);
         assert!(d <= TOLERANCE, "{name}: logits differ by {d}");
+    }
+}
+
+fn autoencode_sample(r: &HashMap<String, Tensor>) -> Sample {
+    Sample {
+        context: ids(&r["context_ids"]),
+        prompt: ids(&r["restate_ids"]),
+        target: ids(&r["target_ids"]),
+    }
+}
+
+#[test]
+fn an_autoencoding_loss_matches_transformers() {
+    for name in ["llama3", "qwen2"] {
+        let m = load_model_at(&fixture(name).join("model"));
+        let adapter = GmsaAdapter::load(
+            &fixture(name).join("adapter"),
+            &m.config,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let r = reference(name);
+        let loss = sample_loss(
+            &m.decoder,
+            &adapter,
+            &autoencode_sample(&r),
+            Kernels::Training,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let expected = r["autoencode_loss"].to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (loss - expected).abs() <= TOLERANCE,
+            "{name}: loss {loss}, transformers {expected}"
+        );
+    }
+}
+
+#[test]
+fn the_autoencoding_gradients_match_finite_differences() {
+    let dir = fixture("qwen2");
+    let files = model_::source::resolve(dir.join("model").to_str().unwrap(), None, None).unwrap();
+    let model_::Layout::Hf(files) = files.layout else {
+        panic!("a Hugging Face model directory")
+    };
+    let config = model_::ModelConfig::from_file(&files.config).unwrap();
+    let decoder = model_::load_decoder(&files, config.clone(), &Device::Cpu, DType::F64).unwrap();
+    let stored = candle_core::safetensors::load(
+        dir.join("adapter").join("adapter.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let vars: Vec<(String, Var)> = stored
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    let gmsa_config = sac::adapter::GmsaConfig::load(&dir.join("adapter")).unwrap();
+    let mut sample = autoencode_sample(&reference("qwen2"));
+    sample.context.truncate(10);
+    sample.target = sample.context.clone();
+    let loss = || {
+        let tensors = vars
+            .iter()
+            .map(|(name, v)| (name.clone(), v.as_tensor().clone()))
+            .collect();
+        let adapter =
+            GmsaAdapter::from_tensors(gmsa_config.clone(), tensors, &config, DType::F64).unwrap();
+        sample_loss(&decoder, &adapter, &sample, Kernels::Training).unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    for trainable in [
+        "encoder.layers.0.self_attn.q_proj.lora_b",
+        "encoder.layers.1.mlp.down_proj.lora_a",
+        "lsa.layers.0.self_attn.v_proj.weight",
+        "lsa.layers.0.mlp.up_proj.weight",
+    ] {
+        let (_, v) = vars.iter().find(|(n, _)| n == trainable).unwrap();
+        let analytic = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reaches {trainable}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let original = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let n = original.len();
+        for idx in [0, n / 3, n - 1] {
+            let eps = 1e-6;
+            let at = |delta: f64| {
+                let mut x = original.clone();
+                x[idx] += delta;
+                v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            v.set(&Tensor::from_vec(original.clone(), v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let g = analytic[idx];
+            assert!(
+                (g - numeric).abs() <= 1e-6 + 1e-5 * g.abs().max(numeric.abs()),
+                "{trainable}[{idx}]: backprop {g}, finite difference {numeric}"
+            );
+        }
     }
 }
 

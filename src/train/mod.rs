@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod gmsa;
 pub mod log;
 pub mod metrics;
 pub mod optimizer;
