@@ -105,13 +105,15 @@ def check_soft(header, entries):
     hidden = header["soft_tokens"]["hidden"]
     if not 1 <= hidden <= 65536:
         raise SackError("soft_tokens.hidden is outside 1..=65536")
+    if header.get("decoder", {}).get("prefix_embeddings"):
+        raise SackError("decoder.prefix_embeddings come with K/V, not soft tokens")
     segments, rows = set(), 0
     for e in entries:
         m = NAME.match(e["name"])
         if not m or m.group(1) != "soft" or m.group(2) is not None:
             raise SackError(f"{e['name']!r} in a file of soft tokens")
         shape = e["shape"]
-        if len(shape) != 2 or shape[1] != hidden or e["encoding"] == "u32":
+        if len(shape) != 2 or shape[1] != hidden or e["encoding"] in ("u32", "q8-channel", "q4-channel"):
             raise SackError(f"{e['name']}: bad shape or encoding")
         if e["dtype"] != DTYPE_OF[e["encoding"]]:
             raise SackError(f"{e['name']}: dtype does not match encoding")

@@ -141,6 +141,21 @@ fn soft_context<R: Read + Seek>(
     header: &SackHeader,
 ) -> Result<DecoderContext> {
     let c = decoder.config();
+    // Rows as the directory lists them, checked before any is read.
+    let rows: u64 = reader
+        .tensors()
+        .iter()
+        .map(|e| e.shape.first().copied().unwrap_or(0))
+        .sum();
+    let first = u64::from(header.decoder.first_position);
+    if first + rows >= c.max_position_embeddings as u64 {
+        return Err(FitError::SackPastPositions {
+            file: reader.file_name().into(),
+            tokens: rows,
+            limit: c.max_position_embeddings,
+        }
+        .into());
+    }
     let (values, n) = reader.read_soft_tokens()?;
     if n == 0 {
         return Err(ContextError::NoSoftTokens {
@@ -148,16 +163,7 @@ fn soft_context<R: Read + Seek>(
         }
         .into());
     }
-    let first = u64::from(header.decoder.first_position);
     let question_position = first + n as u64;
-    if question_position >= c.max_position_embeddings as u64 {
-        return Err(FitError::SackPastPositions {
-            file: reader.file_name().into(),
-            tokens: n as u64,
-            limit: c.max_position_embeddings,
-        }
-        .into());
-    }
     let device = decoder.device();
     let embeds =
         Tensor::from_vec(values, (1, n, c.hidden_size), device)?.to_dtype(decoder.dtype())?;

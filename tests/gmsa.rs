@@ -34,6 +34,48 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
         .unwrap()
 }
 
+/// The fixture `name`'s model, adapter and reference, in f32.
+fn loaded(
+    name: &str,
+) -> (
+    sac::runtime::LoadedModel,
+    GmsaAdapter,
+    HashMap<String, Tensor>,
+) {
+    let m = load_model_at(&fixture(name).join("model"));
+    let adapter = GmsaAdapter::load(
+        &fixture(name).join("adapter"),
+        &m.config,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    (m, adapter, reference(name))
+}
+
+/// The decoder's last hidden states `[1, m + n, hidden]` reading the soft
+/// tokens `[m, hidden]`, then `ids`, at positions 0.. without a gap.
+fn read_after_soft(decoder: &Decoder, soft: &Tensor, ids: &[u32]) -> Tensor {
+    let ids = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = Tensor::cat(
+        &[soft.unsqueeze(0).unwrap(), decoder.embed(&ids).unwrap()],
+        1,
+    )
+    .unwrap();
+    let len = embeds.dim(1).unwrap() as u32;
+    let positions = Tensor::arange(0u32, len, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    decoder
+        .forward(ForwardInput::causal(&embeds, &positions))
+        .unwrap()
+        .hidden
+}
+
 fn ids(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::U32).unwrap().to_vec1().unwrap()
 }
@@ -41,15 +83,7 @@ fn ids(t: &Tensor) -> Vec<u32> {
 #[test]
 fn soft_tokens_and_logits_match_transformers_and_peft() {
     for name in ["llama3", "qwen2"] {
-        let m = load_model_at(&fixture(name).join("model"));
-        let adapter = GmsaAdapter::load(
-            &fixture(name).join("adapter"),
-            &m.config,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap();
-        let r = reference(name);
+        let (m, adapter, r) = loaded(name);
         let merge = adapter.config.merge_size;
         let pooled = group_merge(&r["encoder_hidden"], merge).unwrap();
         assert!(
@@ -63,28 +97,8 @@ fn soft_tokens_and_logits_match_transformers_and_peft() {
         let d = max_abs_diff(&soft, &r["soft_tokens"]);
         assert!(d <= TOLERANCE, "{name}: soft tokens differ by {d}");
 
-        let question = Tensor::new(ids(&r["question_ids"]).as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let embeds = Tensor::cat(
-            &[
-                soft.unsqueeze(0).unwrap(),
-                m.decoder.embed(&question).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
-        let len = embeds.dim(1).unwrap() as u32;
-        let positions = Tensor::arange(0u32, len, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let out = m
-            .decoder
-            .forward(ForwardInput::causal(&embeds, &positions))
-            .unwrap();
-        let logits = m.decoder.logits(&out.hidden.squeeze(0).unwrap()).unwrap();
+        let hidden = read_after_soft(&m.decoder, &soft, &ids(&r["question_ids"]));
+        let logits = m.decoder.logits(&hidden.squeeze(0).unwrap()).unwrap();
         let d = max_abs_diff(&logits, &r["logits"]);
         assert!(d <= TOLERANCE, "{name}: logits differ by {d}");
     }
@@ -101,15 +115,7 @@ fn autoencode_sample(r: &HashMap<String, Tensor>) -> Sample {
 #[test]
 fn an_autoencoding_loss_matches_transformers() {
     for name in ["llama3", "qwen2"] {
-        let m = load_model_at(&fixture(name).join("model"));
-        let adapter = GmsaAdapter::load(
-            &fixture(name).join("adapter"),
-            &m.config,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap();
-        let r = reference(name);
+        let (m, adapter, r) = loaded(name);
         let loss = sample_loss(
             &m.decoder,
             &adapter,
@@ -178,31 +184,9 @@ fn the_autoencoding_gradients_match_finite_differences() {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let original = v
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let n = original.len();
-        for idx in [0, n / 3, n - 1] {
-            let eps = 1e-6;
-            let at = |delta: f64| {
-                let mut x = original.clone();
-                x[idx] += delta;
-                v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss().to_scalar::<f64>().unwrap()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(original.clone(), v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let g = analytic[idx];
-            assert!(
-                (g - numeric).abs() <= 1e-6 + 1e-5 * g.abs().max(numeric.abs()),
-                "{trainable}[{idx}]: backprop {g}, finite difference {numeric}"
-            );
-        }
+        common::check_gradient(trainable, v, &analytic, || {
+            loss().to_scalar::<f64>().unwrap()
+        });
     }
 }
 
@@ -219,29 +203,21 @@ fn an_adapter_for_another_shape_is_refused_clearly() {
     }
     let config = dir.path().join("adapter_config.json");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("\"encoder_layers\": 2", "\"encoder_layers\": 9"),
-    )
-    .unwrap();
-    let err = GmsaAdapter::load(dir.path(), &m.config, &Device::Cpu, DType::F32).unwrap_err();
-    let shown = format!("{:#}", anyhow::Error::from(err));
-    assert!(
-        shown.contains("encoder_layers 9 is not in 1..=4"),
-        "{shown}"
-    );
-
-    std::fs::write(
-        &config,
-        text.replace("\"lora_rank\": 4", "\"lora_rank\": 3"),
-    )
-    .unwrap();
-    let err = GmsaAdapter::load(dir.path(), &m.config, &Device::Cpu, DType::F32).unwrap_err();
-    let shown = format!("{:#}", anyhow::Error::from(err));
-    assert!(
-        shown.contains("has shape [32, 4], expected [32, 3]"),
-        "{shown}"
-    );
+    for ((from, to), refusal) in [
+        (
+            ("\"encoder_layers\": 2", "\"encoder_layers\": 9"),
+            "encoder_layers 9 is not in 1..=4",
+        ),
+        (
+            ("\"lora_rank\": 4", "\"lora_rank\": 3"),
+            "has shape [32, 4], expected [32, 3]",
+        ),
+    ] {
+        std::fs::write(&config, text.replace(from, to)).unwrap();
+        let err = GmsaAdapter::load(dir.path(), &m.config, &Device::Cpu, DType::F32).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert!(shown.contains(refusal), "{shown}");
+    }
 }
 
 const DOCUMENT: &str = "The cat sat on the warm stone wall and watched the birds in the garden. \
@@ -255,25 +231,9 @@ fn greedy(decoder: &Decoder, soft: &Tensor, question: &[u32], eos: &[u32]) -> Ve
     let mut read = question.to_vec();
     let mut answer = Vec::new();
     while answer.len() < MAX_TOKENS {
-        let ids = Tensor::new(read.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let embeds = Tensor::cat(
-            &[soft.unsqueeze(0).unwrap(), decoder.embed(&ids).unwrap()],
-            1,
-        )
-        .unwrap();
-        let len = embeds.dim(1).unwrap() as u32;
-        let positions = Tensor::arange(0u32, len, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let hidden = decoder
-            .forward(ForwardInput::causal(&embeds, &positions))
-            .unwrap()
-            .hidden;
-        let last = hidden.narrow(1, len as usize - 1, 1).unwrap();
+        let hidden = read_after_soft(decoder, soft, &read);
+        let len = hidden.dim(1).unwrap();
+        let last = hidden.narrow(1, len - 1, 1).unwrap();
         let next = decoder
             .logits(&last)
             .unwrap()

@@ -179,31 +179,9 @@ fn gradients_match_finite_differences() {
                 analytic.iter().any(|g| g.abs() > 1e-8),
                 "{name}: zero gradient {k}"
             );
-            let original = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let n = original.len();
-            for idx in [0, n / 3, n / 2, n - 1] {
-                let eps = 1e-6;
-                let at = |delta: f64| {
-                    let mut x = original.clone();
-                    x[idx] += delta;
-                    v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss(&fx, &t, Kernels::Training).to_scalar::<f64>().unwrap()
-                };
-                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-                v.set(&Tensor::from_vec(original.clone(), v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let g = analytic[idx];
-                assert!(
-                    (g - numeric).abs() <= 1e-6 + 1e-5 * g.abs().max(numeric.abs()),
-                    "{name}: trainable {k}[{idx}]: backprop {g}, finite difference {numeric}"
-                );
-            }
+            common::check_gradient(&format!("{name}: trainable {k}"), v, &analytic, || {
+                loss(&fx, &t, Kernels::Training).to_scalar::<f64>().unwrap()
+            });
         }
     }
 }

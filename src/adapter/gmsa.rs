@@ -16,10 +16,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{AdapterProblem, CONFIG_FILE, TrainedOn, WEIGHTS_FILE, adapter_error};
+use super::{
+    AdapterProblem, TrainedOn, adapter_error, lora_layers, parse_config, read_config, read_weights,
+};
 use crate::compress::gmsa::METHOD as GMSA;
-use crate::error::{Error, Result};
-use crate::model::{LayerLora, Layers, LoraTarget, LowRank, ModelConfig, ModelLora};
+use crate::error::Result;
+use crate::model::{Layers, LoraTarget, ModelConfig, ModelLora};
 
 /// A GMSA `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,16 +49,11 @@ pub struct GmsaConfig {
 impl GmsaConfig {
     /// Reads and checks `adapter_config.json` in `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
-        let config: GmsaConfig = serde_json::from_str(&text)
-            .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
-        config.validate().map_err(|e| adapter_error(&path, e))?;
-        Ok(config)
+        let (path, text) = read_config(dir)?;
+        parse_config(&path, &text, GmsaConfig::validate)
     }
 
-    fn validate(&self) -> std::result::Result<(), AdapterProblem> {
+    pub(super) fn validate(&self) -> std::result::Result<(), AdapterProblem> {
         if self.method != GMSA.name {
             return Err(AdapterProblem::Method {
                 found: self.method.clone(),
@@ -64,7 +61,7 @@ impl GmsaConfig {
             });
         }
         if self.merge_size == 0 || self.lora_rank == 0 {
-            return Err(AdapterProblem::NotPositive);
+            return Err(AdapterProblem::NotPositive("merge_size and lora_rank"));
         }
         if let Some(t) = self
             .lora_targets
@@ -118,13 +115,8 @@ impl GmsaAdapter {
     /// Reads an adapter directory and checks it against the model's shapes.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
         let config = GmsaConfig::load(dir)?;
-        let weights = dir.join(WEIGHTS_FILE);
-        if !weights.is_file() {
-            return Err(adapter_error(dir, AdapterProblem::NoWeights));
-        }
-        let tensors = candle_core::safetensors::load(&weights, device)
-            .map_err(|e| adapter_error(&weights, AdapterProblem::Unreadable(e)))?;
-        Self::from_tensors(config, tensors, model, dtype).map_err(|e| adapter_error(&weights, e))
+        let (path, tensors) = read_weights(dir, device)?;
+        Self::from_tensors(config, tensors, model, dtype).map_err(|e| adapter_error(&path, e))
     }
 
     /// Builds the adapter from tensors named as in `adapter.safetensors`.
@@ -136,38 +128,15 @@ impl GmsaAdapter {
     ) -> std::result::Result<Self, AdapterProblem> {
         config.validate()?;
         config.fits(model)?;
-        let targets = LoraTarget::from_names(&config.lora_targets);
-        let rank = config.lora_rank;
-        let mut take = |name: String, shape: [usize; 2]| {
-            let t = tensors
-                .remove(&name)
-                .ok_or_else(|| AdapterProblem::NoTensor(name.clone()))?;
-            if t.dims() != shape {
-                return Err(AdapterProblem::Shape {
-                    name,
-                    shape: t.dims().to_vec(),
-                    expected: shape.to_vec(),
-                });
-            }
-            t.to_dtype(dtype)
-                .map_err(|source| AdapterProblem::Cast { name, source })
-        };
-        let layers = (0..config.encoder_layers)
-            .map(|i| {
-                LayerLora::try_from_fn(|target| {
-                    if !targets.contains(&target) {
-                        return Ok(None);
-                    }
-                    let (inputs, outputs) = target.features(model);
-                    let stem = format!("encoder.{}", target.tensor_stem(i));
-                    Ok(Some(LowRank {
-                        a: take(format!("{stem}.lora_a"), [inputs, rank])?,
-                        b: take(format!("{stem}.lora_b"), [rank, outputs])?,
-                        scale: config.lora_scale,
-                    }))
-                })
-            })
-            .collect::<std::result::Result<_, AdapterProblem>>()?;
+        let layers = lora_layers(
+            &mut tensors,
+            "encoder.",
+            config.encoder_layers,
+            &LoraTarget::from_names(&config.lora_targets),
+            (config.lora_rank, config.lora_scale),
+            model,
+            dtype,
+        )?;
         let (lsa, rest): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
             .into_iter()
             .partition(|(name, _)| name.starts_with("lsa."));

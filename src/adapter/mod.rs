@@ -1,6 +1,8 @@
-//! SAC adapters: the trained parts of a compressor (anchor role embeddings,
-//! the `[AE]`/`[LM]` special embeddings, LoRA on the attention projections),
-//! stored as a directory with `adapter.safetensors` and `adapter_config.json`.
+//! Adapters: the trained parts of a compressor, stored as a directory with
+//! `adapter.safetensors` and `adapter_config.json`, whose `method` says whose
+//! they are ([`Config`], [`Loaded`]). SAC's (anchor role embeddings, the
+//! `[AE]`/`[LM]` special embeddings, LoRA on the attention projections) are
+//! here; GMSA's in [`gmsa`].
 //!
 //! `import_reference_pt` converts the reference implementation's PyTorch state
 //! dict with candle's pickle reader, which only reads tensors: no Python, and
@@ -51,13 +53,8 @@ pub struct AdapterConfig {
 impl AdapterConfig {
     /// Reads and checks `adapter_config.json` in `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
-        validate_config(&config).map_err(|e| adapter_error(&path, e))?;
-        Ok(config)
+        let (path, text) = read_config(dir)?;
+        parse_config(&path, &text, validate_config)
     }
 
     /// The adapted projections, in a fixed order (unknown names are refused
@@ -125,15 +122,18 @@ impl Config {
     /// Reads `adapter_config.json` in `dir` as the config of the method it
     /// names.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
-        let method: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| adapter_error(&path, AdapterProblem::NotConfig(e)))?;
-        if method.get("method").and_then(|m| m.as_str()) == Some(GMSA.name) {
-            Ok(Config::Gmsa(GmsaConfig::load(dir)?))
+        let (path, text) = read_config(dir)?;
+        let method = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|json| Some(json.get("method")?.as_str()?.to_string()));
+        if method.as_deref() == Some(GMSA.name) {
+            Ok(Config::Gmsa(parse_config(
+                &path,
+                &text,
+                GmsaConfig::validate,
+            )?))
         } else {
-            Ok(Config::Sac(AdapterConfig::load(dir)?))
+            Ok(Config::Sac(parse_config(&path, &text, validate_config)?))
         }
     }
 
@@ -227,8 +227,8 @@ pub enum AdapterProblem {
         count: usize,
         most: usize,
     },
-    #[error("ratio, chunk_size and lora_rank must be positive")]
-    NotPositive,
+    #[error("{0} must be positive")]
+    NotPositive(&'static str),
     #[error(
         "mem_size {mem_size} is fewer than the {needed} anchors of a {chunk_size}-token chunk at \
          ratio {ratio}"
@@ -300,6 +300,88 @@ pub struct ModelMismatch {
     pub given_fingerprint: String,
 }
 
+/// The path and text of `adapter_config.json` in `dir`.
+fn read_config(dir: &Path) -> Result<(PathBuf, String)> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io("cannot read adapter config", &path, e))?;
+    Ok((path, text))
+}
+
+/// `text`, the config at `path`, parsed and checked by `validate`.
+fn parse_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    validate: impl Fn(&T) -> std::result::Result<(), AdapterProblem>,
+) -> Result<T> {
+    let config: T = serde_json::from_str(text)
+        .map_err(|e| adapter_error(path, AdapterProblem::NotConfig(e)))?;
+    validate(&config).map_err(|e| adapter_error(path, e))?;
+    Ok(config)
+}
+
+/// The tensors of `adapter.safetensors` in `dir`, and its path.
+fn read_weights(dir: &Path, device: &Device) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.is_file() {
+        return Err(adapter_error(dir, AdapterProblem::NoWeights));
+    }
+    let tensors = candle_core::safetensors::load(&path, device)
+        .map_err(|e| adapter_error(&path, AdapterProblem::Unreadable(e)))?;
+    Ok((path, tensors))
+}
+
+/// Tensor `name` of `tensors`, removed, checked to have `shape`, cast to
+/// `dtype`.
+fn take(
+    tensors: &mut HashMap<String, Tensor>,
+    name: String,
+    shape: &[usize],
+    dtype: DType,
+) -> std::result::Result<Tensor, AdapterProblem> {
+    let t = tensors
+        .remove(&name)
+        .ok_or_else(|| AdapterProblem::NoTensor(name.clone()))?;
+    if t.dims() != shape {
+        return Err(AdapterProblem::Shape {
+            name,
+            shape: t.dims().to_vec(),
+            expected: shape.to_vec(),
+        });
+    }
+    t.to_dtype(dtype)
+        .map_err(|source| AdapterProblem::Cast { name, source })
+}
+
+/// The LoRA of `layers` layers of `model` on `targets`, taken from
+/// `tensors` named `{prefix}layers.{i}.{block}.{proj}.lora_{a|b}`.
+fn lora_layers(
+    tensors: &mut HashMap<String, Tensor>,
+    prefix: &str,
+    layers: usize,
+    targets: &[LoraTarget],
+    (rank, scale): (usize, f64),
+    model: &ModelConfig,
+    dtype: DType,
+) -> std::result::Result<Vec<LayerLora>, AdapterProblem> {
+    (0..layers)
+        .map(|i| {
+            LayerLora::try_from_fn(|target| {
+                if !targets.contains(&target) {
+                    return Ok(None);
+                }
+                let (inputs, outputs) = target.features(model);
+                let stem = format!("{prefix}{}", target.tensor_stem(i));
+                Ok(Some(LowRank {
+                    a: take(tensors, format!("{stem}.lora_a"), &[inputs, rank], dtype)?,
+                    b: take(tensors, format!("{stem}.lora_b"), &[rank, outputs], dtype)?,
+                    scale,
+                }))
+            })
+        })
+        .collect()
+}
+
 fn adapter_error(path: &Path, problem: AdapterProblem) -> Error {
     AdapterError::At {
         path: path.to_path_buf(),
@@ -338,14 +420,8 @@ impl SacAdapter {
     /// Reads an adapter directory and checks it against the model's shapes.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
         let config = AdapterConfig::load(dir)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        if !weights_path.is_file() {
-            return Err(adapter_error(dir, AdapterProblem::NoWeights));
-        }
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .map_err(|e| adapter_error(&weights_path, AdapterProblem::Unreadable(e)))?;
-        Self::from_tensors(config, tensors, model, dtype)
-            .map_err(|e| adapter_error(&weights_path, e))
+        let (path, tensors) = read_weights(dir, device)?;
+        Self::from_tensors(config, tensors, model, dtype).map_err(|e| adapter_error(&path, e))
     }
 
     /// Builds an adapter from tensors named as in `adapter.safetensors`, cast
@@ -369,41 +445,22 @@ impl SacAdapter {
                 hidden: h,
             });
         }
-        let mut take = |name: &str, shape: &[usize]| {
-            let t = tensors
-                .remove(name)
-                .ok_or_else(|| AdapterProblem::NoTensor(name.into()))?;
-            if t.dims() != shape {
-                return Err(AdapterProblem::Shape {
-                    name: name.into(),
-                    shape: t.dims().to_vec(),
-                    expected: shape.to_vec(),
-                });
-            }
-            t.to_dtype(dtype).map_err(|source| AdapterProblem::Cast {
-                name: name.into(),
-                source,
-            })
-        };
-        let role_tokens = take("role_tokens", &[config.mem_size, h])?;
-        let special_tokens = take("special_tokens", &[2, h])?;
-        let targets = config.targets();
-        let layers = (0..model.num_layers)
-            .map(|i| {
-                LayerLora::try_from_fn(|target| {
-                    if !targets.contains(&target) {
-                        return Ok(None);
-                    }
-                    let (inputs, outputs) = target.features(model);
-                    let p = target.tensor_stem(i);
-                    Ok(Some(LowRank {
-                        a: take(&format!("{p}.lora_a"), &[inputs, rank])?,
-                        b: take(&format!("{p}.lora_b"), &[rank, outputs])?,
-                        scale: config.lora_scale,
-                    }))
-                })
-            })
-            .collect::<std::result::Result<_, AdapterProblem>>()?;
+        let role_tokens = take(
+            &mut tensors,
+            "role_tokens".into(),
+            &[config.mem_size, h],
+            dtype,
+        )?;
+        let special_tokens = take(&mut tensors, "special_tokens".into(), &[2, h], dtype)?;
+        let layers = lora_layers(
+            &mut tensors,
+            "",
+            model.num_layers,
+            &config.targets(),
+            (rank, config.lora_scale),
+            model,
+            dtype,
+        )?;
         if let Some(extra) = tensors.keys().min() {
             return Err(AdapterProblem::Extra(extra.clone()));
         }
@@ -547,7 +604,7 @@ fn reference_lora_name(name: &str) -> Option<String> {
         && parts.next() == Some("self_attn")
         && parts
             .next()
-            .is_some_and(|p| LoraTarget::from_name(p).is_some())
+            .is_some_and(|p| LoraTarget::from_name(p).is_some_and(LoraTarget::is_attention))
         && parts.next().is_none();
     ok.then(|| format!("{stem}.{which}"))
 }
@@ -560,7 +617,9 @@ fn validate_config(c: &AdapterConfig) -> std::result::Result<(), AdapterProblem>
         });
     }
     if c.ratio == 0 || c.chunk_size == 0 || c.lora_rank == 0 {
-        return Err(AdapterProblem::NotPositive);
+        return Err(AdapterProblem::NotPositive(
+            "ratio, chunk_size and lora_rank",
+        ));
     }
     let needed = chunk::mem_size(c.chunk_size, c.ratio);
     if c.mem_size < needed {

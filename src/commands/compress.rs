@@ -114,7 +114,8 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     let layout = prompt_layout(args.prompt, &settings, &model.tokenizer)?;
     let ids = layout.context_ids(&model.tokenizer, &text)?;
     let ratio = settings.ratio();
-    if ratio > ids.len() {
+    // A soft-token method pools a short document into one token.
+    if ratio > ids.len() && settings.method().takes.chunks {
         bail!(
             "--ratio {ratio} is more than the document's {} tokens (with the prompt's): \
              use a ratio of at most {}",
@@ -190,7 +191,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The layout `choice` asks for: `sac` adapters were trained on `raw`;
+/// The layout `choice` asks for: trained adapters are trained on `raw`;
 /// `auto` (`None`) takes the model's chat template when it has one that
 /// renders.
 fn prompt_layout(
@@ -204,7 +205,10 @@ fn prompt_layout(
             Ok(PromptLayout::raw())
         }
         (Some(PromptFormat::Chat), true, _) => {
-            bail!("SAC adapters are trained on the raw layout; pass --prompt raw (or auto)")
+            bail!(
+                "{} adapters are trained on the raw layout; pass --prompt raw (or auto)",
+                settings.method()
+            )
         }
         (Some(PromptFormat::Chat), _, None) => {
             bail!("the model has no chat template; pass --prompt raw (or auto)")
@@ -222,7 +226,6 @@ fn prompt_layout(
 
 /// What a compression kept and cost.
 struct Summary {
-    /// K/V pairs kept (tokens x layers x KV heads).
     /// Tokens kept per KV head on average, or soft tokens.
     kept: f64,
     cost: Cost,

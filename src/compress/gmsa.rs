@@ -6,6 +6,11 @@
 //! the alignment block, trained copies of the model's first layers, maps
 //! the pooled vectors (positions 0..m-1, causal, then the final norm) to
 //! soft tokens, which the decoder reads as input embeddings.
+//!
+//! The encoder reads the context ids the document's layout gives, as every
+//! compressor does: in the raw layout that trained methods use, BOS and
+//! "### Context:" before the text, where the official code encodes the bare
+//! text. An adapter is trained on what it will be given.
 
 use std::time::Instant;
 
@@ -106,8 +111,7 @@ pub fn group_merge(hidden: &Tensor, merge_size: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?.to_dtype(dtype)?)
 }
 
-/// The soft tokens `[ceil(n / merge_size), hidden]` of the document `ids`
-/// (no BOS: GMSA encodes the text alone).
+/// The soft tokens `[ceil(n / merge_size), hidden]` of the context `ids`.
 pub fn soft_tokens(
     decoder: &Decoder,
     adapter: &GmsaAdapter,

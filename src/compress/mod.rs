@@ -308,9 +308,9 @@ pub trait Strategy: fmt::Debug {
         0
     }
 
-    /// Compresses the context `ids` (positions 1..=L), handing each chunk's
-    /// kept K/V to `emit` in order. Callers go through [`Compressor`], which
-    /// checks the context fits first.
+    /// Compresses the context `ids`, handing what each chunk gives (kept
+    /// K/V at positions 1..=L, or soft tokens) to `emit` in order. Callers go
+    /// through [`Compressor`], which checks the context fits first.
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost>;
 }
 
@@ -369,10 +369,10 @@ impl<'a> Compressor<'a> {
         Ok(())
     }
 
-    /// Compresses the context `ids`, handing each chunk's kept K/V to
-    /// `emit` as soon as it is computed, so nothing but the kept K/V (and,
-    /// for the compressors that prefill, the cache they attend to) stays in
-    /// memory.
+    /// Compresses the context `ids`, handing each chunk's kept K/V (or soft
+    /// tokens) to `emit` as soon as it is computed, so nothing but what is
+    /// kept (and, for the compressors that prefill, the cache they attend
+    /// to) stays in memory.
     pub fn compress(
         &self,
         ids: &[u32],

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::layout::chunk::{DEFAULT_CHUNK_SIZE, DEFAULT_RATIO};
 
 /// A compressor request, before it is checked: `None` takes the method's
-/// default (an adapter's ratio and chunk size for `sac`).
+/// default (a trained method's adapter's ratio and chunk size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub method: &'static Method,
@@ -66,6 +66,8 @@ pub enum SettingsError {
         adapter: &'static Method,
         method: &'static Method,
     },
+    #[error("the adapter was trained for ratio {trained_ratio}, not {ratio}")]
+    RatioNotAsTrained { trained_ratio: usize, ratio: usize },
     #[error("the {0} compressor reads the document whole; it takes no chunk size")]
     NoChunks(&'static Method),
     #[error("the {0} compressor takes no adapter")]
@@ -100,9 +102,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Checks `request` against the adapter it comes with, if any: `sac`
-    /// needs one and runs at its ratio and chunk size; the others take none,
-    /// and `full` keeps every token.
+    /// Checks `request` against the adapter it comes with, if any: a
+    /// trained method (`sac`, `gmsa`) needs its own and runs at its ratio
+    /// (and chunk size); the others take none, and `full` keeps every token.
     pub fn resolve(
         request: &Request,
         adapter: Option<&Trained>,
@@ -132,16 +134,23 @@ impl Settings {
                     method,
                 });
             }
-            (true, Some(a))
-                if a.ratio != ratio || a.chunk_size.is_some_and(|c| c != chunk_size) =>
-            {
-                return Err(SettingsError::NotAsTrained {
-                    trained_ratio: a.ratio,
-                    trained_chunk_size: a.chunk_size.unwrap_or(chunk_size),
-                    ratio,
-                    chunk_size,
-                });
-            }
+            (true, Some(a)) => match a.chunk_size {
+                Some(trained) if (a.ratio, trained) != (ratio, chunk_size) => {
+                    return Err(SettingsError::NotAsTrained {
+                        trained_ratio: a.ratio,
+                        trained_chunk_size: trained,
+                        ratio,
+                        chunk_size,
+                    });
+                }
+                None if a.ratio != ratio => {
+                    return Err(SettingsError::RatioNotAsTrained {
+                        trained_ratio: a.ratio,
+                        ratio,
+                    });
+                }
+                _ => {}
+            },
             (false, Some(_)) => return Err(SettingsError::TakesNoAdapter(method)),
             (false, None) if takes.keeps_all && ratio != 1 => {
                 return Err(SettingsError::KeepsAll(method));

@@ -36,8 +36,8 @@ pub struct ForwardInput<'a> {
     /// `[batch, kv_heads, past, head_dim]`; the mask covers these and the new
     /// positions.
     pub past: Option<&'a [LayerKv]>,
-    /// LoRA on the attention projections (the SAC compressor); `None` for
-    /// the frozen decoder.
+    /// LoRA on the layers' projections (SAC's compressor, GMSA's encoder);
+    /// `None` for the frozen decoder.
     pub lora: Option<&'a ModelLora>,
     pub kernels: Kernels,
 }
@@ -107,21 +107,13 @@ pub struct Layers {
 }
 
 impl Layers {
-    /// `count` blocks of the shape `config` describes, named as a model's
-    /// `layers.{i}.*` below `vb`.
+    /// `count` blocks of the shape `config` describes, block `i` named
+    /// `{i}.*` below `vb` (as a model's `layers.{i}.*` below `layers`).
     pub fn load(config: &ModelConfig, vb: VarBuilder, count: usize) -> Result<Self> {
         let blocks = (0..count)
             .map(|i| load_block(config, &vb.pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Layers { blocks })
-    }
-
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
     }
 
     /// The weight and bias tensors the blocks hold.

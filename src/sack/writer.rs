@@ -283,19 +283,30 @@ impl<S: Sink> SackWriter<S> {
                     data.len()
                 )));
             }
-            let group = encoding.quant().map(|_| GROUP_SIZE);
-            // With the length right, only quantization can fail: a value the f16
-            // scales cannot cover.
-            let payload = enc::encode_floats(data, encoding, &shape, group).map_err(|reason| {
-                SackError::Unquantizable {
-                    file: self.file.clone(),
-                    tensor: name.to_string(),
-                    reason,
-                }
-            })?;
-            self.write_tensor(name, encoding, &shape, group, payload)?;
+            self.write_floats(name, data, encoding, &shape)?;
         }
         Ok(())
+    }
+
+    /// Encodes `data`, whose length fits `shape`, and writes it as `name`.
+    fn write_floats(
+        &mut self,
+        name: TensorName,
+        data: Floats<'_>,
+        encoding: Encoding,
+        shape: &[u64],
+    ) -> Result<()> {
+        let group = encoding.quant().map(|_| GROUP_SIZE);
+        // With the length right, only quantization can fail: a value the f16
+        // scales cannot cover.
+        let payload = enc::encode_floats(data, encoding, shape, group).map_err(|reason| {
+            SackError::Unquantizable {
+                file: self.file.clone(),
+                tensor: name.to_string(),
+                reason,
+            }
+        })?;
+        self.write_tensor(name, encoding, shape, group, payload)
     }
 
     /// Writes the soft tokens of `segment`, row-major `[n, hidden]`, in a
@@ -317,16 +328,7 @@ impl<S: Sink> SackWriter<S> {
             )));
         }
         let shape = [len / hidden, hidden];
-        let encoding = self.options.encoding.for_values();
-        let group = encoding.quant().map(|_| GROUP_SIZE);
-        let payload = enc::encode_floats(tokens, encoding, &shape, group).map_err(|reason| {
-            SackError::Unquantizable {
-                file: self.file.clone(),
-                tensor: name.to_string(),
-                reason,
-            }
-        })?;
-        self.write_tensor(name, encoding, &shape, group, payload)?;
+        self.write_floats(name, tokens, self.options.encoding.for_values(), &shape)?;
         self.soft_segments += 1;
         Ok(())
     }

@@ -261,3 +261,38 @@ pub fn causal_with_bidirectional_blocks(
         j <= i || blocks.iter().any(|b| b.contains(&i) && b.contains(&j))
     })
 }
+
+/// Checks `analytic`, the gradient of `loss` (in f64) for `var`, at a few
+/// elements against central finite differences; `var` is left as it was.
+pub fn check_gradient(
+    what: &str,
+    var: &candle_core::Var,
+    analytic: &[f64],
+    loss: impl Fn() -> f64,
+) {
+    let original = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let n = original.len();
+    for idx in [0, n / 3, n / 2, n - 1] {
+        let eps = 1e-6;
+        let at = |delta: f64| {
+            let mut x = original.clone();
+            x[idx] += delta;
+            var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss()
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let g = analytic[idx];
+        assert!(
+            (g - numeric).abs() <= 1e-6 + 1e-5 * g.abs().max(numeric.abs()),
+            "{what}[{idx}]: backprop {g}, finite difference {numeric}"
+        );
+    }
+}

@@ -319,8 +319,11 @@ fn check_entry(header: &SackHeader, e: &TensorEntry) -> Result<(), String> {
     }
     let expected_shape: Vec<u64> = match e.name {
         TensorName::Soft { .. } => {
-            if e.encoding == Encoding::U32 {
-                return Err("soft tokens need a float encoding".into());
+            if matches!(
+                e.encoding,
+                Encoding::U32 | Encoding::Q8Channel | Encoding::Q4Channel
+            ) {
+                return Err("soft tokens need a float or per-token quantized encoding".into());
             }
             vec![n, u64::from(soft.map_or(0, |s| s.hidden))]
         }
@@ -470,7 +473,8 @@ fn check_grid(header: &SackHeader, tensors: &[TensorEntry], index: &Index) -> Re
                     ));
                 }
             }
-            TensorName::Soft { .. } => return Err("soft tokens in a K/V file".into()),
+            // Refused in a K/V file by `check_entry`.
+            TensorName::Soft { .. } => {}
             TensorName::Key { slot, segment } | TensorName::Value { slot, segment } => {
                 if matches!(e.name, TensorName::Key { .. }) {
                     keys += 1;
