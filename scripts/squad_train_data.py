@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Training data for `sac train` from the benchmark's training articles.
+
+    python3 scripts/squad_train_data.py [OUT_DIR]     (default target/sac31)
+
+The quality benchmark (benches/quality/squad.rs) splits the 36 SQuAD v1.1 dev
+articles of ../shared/data/squad-v1.1-dev by article: every third, from the
+first, is the "tune" split, the rest "dev", which the tables report on. The
+tune articles are the training articles. The last two of them are held apart
+for choosing rank, learning rate and steps, so nothing here comes from a dev
+article and nothing chosen is chosen on what it trains on.
+
+Writes, as JSON lines:
+  pretrain.jsonl   {"text"}: one row per training article, its paragraphs joined
+  qa-train.jsonl   {"context", "question", "answer"}: every question of those
+                   articles on its paragraph, with its first gold answer
+  qa-held.jsonl    {"context", "question", "answer": [all gold answers]}: the two
+                   held-apart articles, for `sac train --eval`
+
+The text and questions are SQuAD's (Rajpurkar et al., 2016), CC BY-SA 4.0;
+anything derived from these files keeps that attribution and licence.
+"""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(ROOT, "..", "shared", "data", "squad-v1.1-dev", "paragraphs.jsonl")
+HELD = 2
+
+
+def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "sac31")
+    os.makedirs(out, exist_ok=True)
+    articles: dict[str, list[dict]] = {}
+    with open(SOURCE) as f:
+        for line in f:
+            paragraph = json.loads(line)
+            articles.setdefault(paragraph["title"], []).append(paragraph)
+    tune = [title for i, title in enumerate(articles) if i % 3 == 0]
+    train, held = tune[:-HELD], tune[-HELD:]
+
+    def write(name: str, rows) -> int:
+        n = 0
+        with open(os.path.join(out, name), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                n += 1
+        return n
+
+    texts = write(
+        "pretrain.jsonl",
+        ({"text": "\n\n".join(p["context"] for p in articles[t])} for t in train),
+    )
+    questions = write(
+        "qa-train.jsonl",
+        (
+            {"context": p["context"], "question": q["question"], "answer": q["answers"][0]}
+            for t in train
+            for p in articles[t]
+            for q in p["qas"]
+        ),
+    )
+    held_questions = write(
+        "qa-held.jsonl",
+        (
+            {"context": p["context"], "question": q["question"], "answer": q["answers"]}
+            for t in held
+            for p in articles[t]
+            for q in p["qas"]
+        ),
+    )
+    print(
+        f"{out}: {texts} training articles, {questions} questions; "
+        f"held apart: {', '.join(held)} ({held_questions} questions)"
+    )
+
+
+if __name__ == "__main__":
+    main()
