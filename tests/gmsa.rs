@@ -177,13 +177,7 @@ fn the_autoencoding_gradients_match_finite_differences() {
         "lsa.layers.0.mlp.up_proj.weight",
     ] {
         let (_, v) = vars.iter().find(|(n, _)| n == trainable).unwrap();
-        let analytic = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient reaches {trainable}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let analytic = common::gradient(&grads, v, &format!("no gradient reaches {trainable}"));
         common::check_gradient(trainable, v, &analytic, || {
             loss().to_scalar::<f64>().unwrap()
         });

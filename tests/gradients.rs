@@ -168,13 +168,8 @@ fn gradients_match_finite_differences() {
         let t = Trainables::new(&fx, fx.ids("input_ids").dim(1).unwrap(), DType::F64);
         let grads = loss(&fx, &t, Kernels::Training).backward().unwrap();
         for (k, v) in t.all().into_iter().enumerate() {
-            let analytic = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for trainable {k}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let analytic =
+                common::gradient(&grads, v, &format!("{name}: no gradient for trainable {k}"));
             assert!(
                 analytic.iter().any(|g| g.abs() > 1e-8),
                 "{name}: zero gradient {k}"

@@ -114,8 +114,14 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     let layout = prompt_layout(args.prompt, &settings, &model.tokenizer)?;
     let ids = layout.context_ids(&model.tokenizer, &text)?;
     let ratio = settings.ratio();
-    // A soft-token method pools a short document into one token.
-    if ratio > ids.len() && settings.method().takes.chunks {
+    let strategy = settings.build(
+        adapter.as_ref().map(|(a, _)| a),
+        || RepeatPrompt::new(&model.tokenizer, &layout),
+        ids.len(),
+    )?;
+    // Soft tokens pool a short document into one; a ratio above the length
+    // would keep no token of it.
+    if ratio > ids.len() && !strategy.facts().soft_tokens {
         bail!(
             "--ratio {ratio} is more than the document's {} tokens (with the prompt's): \
              use a ratio of at most {}",
@@ -123,11 +129,6 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    let strategy = settings.build(
-        adapter.as_ref().map(|(a, _)| a),
-        || RepeatPrompt::new(&model.tokenizer, &layout),
-        ids.len(),
-    )?;
     let compressor = Compressor::new(&model.decoder, strategy);
     compressor.check_document(ids.len())?;
     let document = DocumentFacts {

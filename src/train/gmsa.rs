@@ -11,9 +11,10 @@
 use candle_core::Tensor;
 
 use super::data::Sample;
+use super::step::{embeds_after, read_ids, target_loss};
 use crate::adapter::GmsaAdapter;
 use crate::compress::gmsa::soft_tokens;
-use crate::error::{InputError, Result};
+use crate::error::Result;
 use crate::model::{Decoder, ForwardInput, Kernels};
 
 /// Stage 1's prompt, after the soft tokens.
@@ -28,29 +29,14 @@ pub fn sample_loss(
     sample: &Sample,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    let Some((_, read_targets)) = sample.target.split_last() else {
-        return Err(InputError::NoTarget.into());
-    };
+    let read = read_ids(sample)?;
     let soft = soft_tokens(decoder, adapter, &sample.context, kernels)?.unsqueeze(0)?;
-    let device = decoder.device();
-    let read: Vec<u32> = sample.prompt.iter().chain(read_targets).copied().collect();
-    let embeds = match read.is_empty() {
-        true => soft,
-        false => {
-            let ids = Tensor::new(read.as_slice(), device)?.unsqueeze(0)?;
-            Tensor::cat(&[soft, decoder.embed(&ids)?], 1)?
-        }
-    };
-    let len = embeds.dim(1)?;
-    let positions = Tensor::arange(0u32, len as u32, device)?.unsqueeze(0)?;
+    let embeds = embeds_after(decoder, soft, &read)?;
+    let len = embeds.dim(1)? as u32;
+    let positions = Tensor::arange(0u32, len, decoder.device())?.unsqueeze(0)?;
     let out = decoder.forward(ForwardInput {
         kernels,
         ..ForwardInput::causal(&embeds, &positions)
     })?;
-    // The last soft token or prompt token predicts the first target.
-    let first = len - read_targets.len() - 1;
-    let scored = out.hidden.narrow(1, first, sample.target.len())?;
-    let logits = decoder.logits_on(&scored, kernels)?.squeeze(0)?;
-    let targets = Tensor::new(sample.target.as_slice(), device)?;
-    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    target_loss(decoder, &out.hidden, &sample.target, kernels)
 }

@@ -58,24 +58,14 @@ pub fn sample_loss(
     sample: &Sample,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    let Some((_, read_targets)) = sample.target.split_last() else {
-        return Err(InputError::NoTarget.into());
-    };
+    let read = read_ids(sample)?;
     let past = Compressor::new(decoder, Box::new(Sac::new(adapter)))
         .with_kernels(kernels)
         .anchor_past(&sample.context)?;
     let device = decoder.device();
     let hidden_size = decoder.config().hidden_size;
-    // [LM], then the prompt and every target but the last: each position
-    // predicts the next token, so the target is read shifted by one.
-    let read: Vec<u32> = sample.prompt.iter().chain(read_targets).copied().collect();
     let lm = adapter.lm_embedding()?.reshape((1, 1, hidden_size))?;
-    let embeds = if read.is_empty() {
-        lm
-    } else {
-        let ids = Tensor::new(read.as_slice(), device)?.unsqueeze(0)?;
-        Tensor::cat(&[&lm, &decoder.embed(&ids)?], 1)?
-    };
+    let embeds = embeds_after(decoder, lm, &read)?;
     // [LM] just before the question, which follows the context.
     let first = layout::prefix_position(layout::question_position(sample.context.len())?, 1);
     let positions = Tensor::arange(first, first + 1 + read.len() as u32, device)?.unsqueeze(0)?;
@@ -88,10 +78,39 @@ pub fn sample_loss(
         lora: None,
         kernels,
     })?;
-    let scored = out
-        .hidden
-        .narrow(1, sample.prompt.len(), sample.target.len())?;
+    target_loss(decoder, &out.hidden, &sample.target, kernels)
+}
+
+/// What the decoder reads after its prefix for `sample`: the prompt, then
+/// every target but the last, since each position predicts the next token.
+pub(super) fn read_ids(sample: &Sample) -> Result<Vec<u32>> {
+    let Some((_, read_targets)) = sample.target.split_last() else {
+        return Err(InputError::NoTarget.into());
+    };
+    Ok(sample.prompt.iter().chain(read_targets).copied().collect())
+}
+
+/// `prefix` (`[1, n, hidden]`) followed by the token embeddings of `ids`.
+pub(super) fn embeds_after(decoder: &Decoder, prefix: Tensor, ids: &[u32]) -> Result<Tensor> {
+    if ids.is_empty() {
+        return Ok(prefix);
+    }
+    let ids = Tensor::new(ids, decoder.device())?.unsqueeze(0)?;
+    Ok(Tensor::cat(&[&prefix, &decoder.embed(&ids)?], 1)?)
+}
+
+/// Mean cross-entropy of `target` as predicted by the last `target.len()`
+/// positions of `hidden` (`[1, len, hidden]`, read as [`read_ids`] lays it
+/// out: the position before the first target predicts it).
+pub(super) fn target_loss(
+    decoder: &Decoder,
+    hidden: &Tensor,
+    target: &[u32],
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let first = hidden.dim(1)? - target.len();
+    let scored = hidden.narrow(1, first, target.len())?;
     let logits = decoder.logits_on(&scored, kernels)?.squeeze(0)?;
-    let targets = Tensor::new(sample.target.as_slice(), device)?;
+    let targets = Tensor::new(target, decoder.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }

@@ -262,6 +262,22 @@ pub fn causal_with_bidirectional_blocks(
     })
 }
 
+/// `var`'s gradient in `grads`, flattened, in f64; `what` names it if none
+/// reached it.
+pub fn gradient(
+    grads: &candle_core::backprop::GradStore,
+    var: &candle_core::Var,
+    what: &str,
+) -> Vec<f64> {
+    grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{what}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 /// Checks `analytic`, the gradient of `loss` (in f64) for `var`, at a few
 /// elements against central finite differences; `var` is left as it was.
 pub fn check_gradient(

@@ -140,7 +140,7 @@ pub fn sample(layout: KeptLayout, encoding: KvEncoding, zstd_level: Option<i32>)
     bytes
 }
 
-/// A small valid file of soft tokens in memory: three segments of 0..=5
+/// A small valid file of soft tokens in memory: three segments of 1 to 5
 /// rows of width 8.
 pub fn soft_sample(encoding: KvEncoding, zstd_level: Option<i32>) -> Vec<u8> {
     let mut h = header(KeptLayout::Shared, 2, 2, 8);
@@ -173,24 +173,25 @@ pub fn all_variants() -> Vec<(String, Vec<u8>)> {
     ] {
         for encoding in KvEncoding::ALL {
             for level in [None, Some(3)] {
-                let name = format!(
-                    "{layout:?}-{encoding:?}-{}",
-                    level.map_or("raw".into(), |l| format!("zstd{l}"))
-                )
-                .to_lowercase();
+                let name = variant_name(&format!("{layout:?}"), encoding, level);
                 out.push((name, sample(layout, encoding, level)));
             }
         }
     }
     for encoding in KvEncoding::ALL {
         for level in [None, Some(3)] {
-            let name = format!(
-                "soft-{encoding:?}-{}",
-                level.map_or("raw".into(), |l| format!("zstd{l}"))
-            )
-            .to_lowercase();
-            out.push((name, soft_sample(encoding, level)));
+            out.push((
+                variant_name("soft", encoding, level),
+                soft_sample(encoding, level),
+            ));
         }
     }
     out
+}
+
+/// `shared-q8-zstd3`, `soft-f32-raw`: a variant's name, as the seed corpus
+/// files are named.
+fn variant_name(kind: &str, encoding: KvEncoding, level: Option<i32>) -> String {
+    let level = level.map_or("raw".into(), |l| format!("zstd{l}"));
+    format!("{kind}-{encoding:?}-{level}").to_lowercase()
 }
