@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         base_model: "random Llama-3.2-1B shape".into(),
         base_model_fingerprint: None,
     };
-    let params = Trainables::init(adapter, &decoder, 0)?;
+    let params = Trainables::init(sac::adapter::Config::Sac(adapter), &decoder, 0)?;
     let trainable: usize = params.vars().iter().map(|v| v.elem_count()).sum();
     let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
     let init_s = t0.elapsed().as_secs_f64();

@@ -163,12 +163,20 @@ fn soft_context<R: Read + Seek>(
         }
         .into());
     }
-    let question_position = first + n as u64;
-    let device = decoder.device();
-    let embeds =
-        Tensor::from_vec(values, (1, n, c.hidden_size), device)?.to_dtype(decoder.dtype())?;
-    let positions = Tensor::arange(first as u32, question_position as u32, device)?.unsqueeze(0)?;
-    let out = decoder.forward(ForwardInput::causal(&embeds, &positions))?;
+    let tokens = Tensor::from_vec(values, (n, c.hidden_size), decoder.device())?
+        .to_dtype(decoder.dtype())?;
+    soft_past(decoder, &tokens, layout::position_id(first)?)
+}
+
+/// The past of soft tokens `[n, hidden]` (in the model's dtype): the
+/// decoder's K/V over them, read as input embeddings from position `first`;
+/// the question follows at `first + n`. Positions are checked by the caller.
+pub fn soft_past(decoder: &Decoder, tokens: &Tensor, first: u32) -> Result<DecoderContext> {
+    let n = tokens.dim(0)?;
+    let question_position = first as u64 + n as u64;
+    let positions =
+        Tensor::arange(first, question_position as u32, decoder.device())?.unsqueeze(0)?;
+    let out = decoder.forward(ForwardInput::causal(&tokens.unsqueeze(0)?, &positions))?;
     Ok(DecoderContext {
         past: out.kv.into_iter().map(SharedKv::from).collect(),
         question_position: layout::position_id(question_position)?,

@@ -13,11 +13,11 @@ use common::train::{
     adapter_tensors, compress_and_ask, doc, qa_rows, s, train, train_ok, write_rows,
 };
 use common::{fixture_dir, max_abs_diff, sac_fixture};
-use sac::adapter::{AdapterConfig, SacAdapter};
+use sac::adapter::{AdapterConfig, Config, Loaded, SacAdapter};
 use sac::model::{ForwardInput, Kernels};
 use sac::train::data::Sample;
 use sac::train::params::Trainables;
-use sac::train::{Length, PretrainWindow, Stage, TrainSettings, Trainer, step};
+use sac::train::{Length, PretrainWindow, Stage, TrainMethod, TrainSettings, Trainer, step};
 use serde_json::Value;
 
 /// Only the anchors' K/V leave the compressor, and the last layer's queries
@@ -110,6 +110,7 @@ fn base_weights_stay_bit_identical_in_memory() {
     let data = dir.path().join("qa.jsonl");
     write_rows(&data, &qa_rows(2));
     let settings = TrainSettings {
+        method: TrainMethod::Sac,
         stage: Stage::Qa,
         data,
         eval: None,
@@ -120,6 +121,8 @@ fn base_weights_stay_bit_identical_in_memory() {
         chunk_size: Some(16),
         lora_rank: Some(4),
         lora_targets: None,
+        encoder_layers: None,
+        lsa_layers: None,
         lr: 1e-2,
         warmup_steps: None,
         weight_decay: 0.1,
@@ -418,7 +421,7 @@ fn gradients_reach_the_adapter_through_the_anchors() {
         base_model: "fixture".into(),
         base_model_fingerprint: None,
     };
-    let params = Trainables::init(config, decoder, 11).unwrap();
+    let params = Trainables::init(Config::Sac(config), decoder, 11).unwrap();
     // B starts at zero, which would leave A without gradient.
     for (i, (name, var)) in params.named().enumerate() {
         if name.ends_with("lora_b") {
@@ -436,7 +439,9 @@ fn gradients_reach_the_adapter_through_the_anchors() {
     };
     let (_, grads) = step::backward(decoder, &params, std::slice::from_ref(&sample), 1.0).unwrap();
     let loss = || {
-        let adapter = params.adapter(decoder.config(), DType::F64).unwrap();
+        let Loaded::Sac(adapter) = params.adapter(decoder.config(), DType::F64).unwrap() else {
+            unreachable!("a SAC run")
+        };
         step::sample_loss(decoder, &adapter, &sample, Kernels::Training)
             .unwrap()
             .to_scalar::<f64>()

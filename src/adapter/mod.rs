@@ -64,8 +64,10 @@ pub trait TrainedOn {
     }
 }
 
-/// An adapter directory's config, for whichever method it was trained.
-#[derive(Debug, Clone, PartialEq)]
+/// An adapter directory's config, for whichever method it was trained
+/// (written as the method's own config).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
 pub enum Config {
     Sac(AdapterConfig),
     Gmsa(GmsaConfig),
@@ -76,17 +78,23 @@ impl Config {
     /// names.
     pub fn load(dir: &Path) -> Result<Self> {
         let (path, text) = read_config(dir)?;
-        let method = serde_json::from_str::<serde_json::Value>(&text)
+        Self::parse(&path, &text)
+    }
+
+    /// `text`, the config at `path` (a file, or a checkpoint holding one),
+    /// read as the config of the method it names.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let method = serde_json::from_str::<serde_json::Value>(text)
             .ok()
             .and_then(|json| Some(json.get("method")?.as_str()?.to_string()));
         if method.as_deref() == Some(GMSA.name) {
             Ok(Config::Gmsa(parse_config(
-                &path,
-                &text,
+                path,
+                text,
                 GmsaConfig::validate,
             )?))
         } else {
-            Ok(Config::Sac(parse_config(&path, &text, validate_config)?))
+            Ok(Config::Sac(parse_config(path, text, validate_config)?))
         }
     }
 
@@ -240,6 +248,30 @@ pub struct ModelMismatch {
     pub trained_fingerprint: String,
     pub given: String,
     pub given_fingerprint: String,
+}
+
+/// Writes an adapter directory: `tensors` (in f32) and `config`, each file
+/// atomically.
+pub fn save(
+    dir: &Path,
+    config: &impl serde::Serialize,
+    tensors: HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
+    let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
+        what: dir.display().to_string(),
+        source: e,
+    };
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let weights = safetensors::serialize(tensors, None).map_err(|e| serialize(e.into()))?;
+    crate::atomic::write_bytes(&dir.join(WEIGHTS_FILE), &weights)?;
+    let mut json = serde_json::to_string_pretty(config).map_err(|e| serialize(e.into()))?;
+    json.push('\n');
+    crate::atomic::write_bytes(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
 /// The path and text of `adapter_config.json` in `dir`.

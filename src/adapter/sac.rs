@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AdapterProblem, CONFIG_FILE, TrainedOn, WEIGHTS_FILE, adapter_error, lora_layers, parse_config,
-    read_config, read_weights, take,
+    AdapterProblem, TrainedOn, adapter_error, lora_layers, parse_config, read_config, read_weights,
+    take,
 };
 use crate::compress::sac::METHOD as SAC;
 use crate::error::{Error, Result};
@@ -185,19 +185,7 @@ impl SacAdapter {
 
     /// Writes the adapter directory (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io("cannot create adapter directory", dir, e))?;
-        let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
-            what: dir.display().to_string(),
-            source: e,
-        };
-        let weights =
-            safetensors::serialize(self.tensors()?, None).map_err(|e| serialize(e.into()))?;
-        crate::atomic::write_bytes(&dir.join(WEIGHTS_FILE), &weights)?;
-        let mut json =
-            serde_json::to_string_pretty(&self.config).map_err(|e| serialize(e.into()))?;
-        json.push('\n');
-        crate::atomic::write_bytes(&dir.join(CONFIG_FILE), json.as_bytes())
+        super::save(dir, &self.config, self.tensors()?)
     }
 
     /// Converts the reference implementation's `adapter.pt` (a state dict with

@@ -13,10 +13,10 @@ use sac::device::{DTypeSpec, DeviceSpec};
 use sac::model::LoraTarget;
 use sac::runtime::ModelSpec;
 use sac::sack::KvEncoding;
-use sac::train::{Length, PretrainWindow, Stage, TrainSettings};
+use sac::train::{Length, PretrainWindow, Stage, TrainMethod, TrainSettings};
 use values::{
-    CompressorPick, HEAD_BUDGETS, KV_ENCODINGS, PROMPTS, PromptPick, STAGES, choices, compressor,
-    non_negative, positive, probability, ratio,
+    CompressorPick, HEAD_BUDGETS, KV_ENCODINGS, PROMPTS, PromptPick, STAGES, TRAIN_METHODS,
+    choices, compressor, non_negative, positive, probability, ratio,
 };
 
 /// Semantic-Anchor Compression: compress long documents into small, portable
@@ -38,10 +38,11 @@ pub enum Command {
     Info(InfoArgs),
     /// Show what sac sees of a model: architecture, sizes, fingerprints.
     ModelInfo(ModelInfoArgs),
-    /// Train a SAC adapter (role embeddings, [LM], LoRA) with the base model frozen.
+    /// Train a compressor's adapter with the base model frozen: SAC's (role
+    /// embeddings, [LM], LoRA) or GMSA's (encoder LoRA, alignment block).
     ///
     /// The loss is next-token cross-entropy through the frozen decoder reading
-    /// the anchors' K/V as `sac ask` does. Checkpoints, the adapter
+    /// the compressed context as `sac ask` does. Checkpoints, the adapter
     /// (adapter.safetensors, adapter_config.json) and log.jsonl go to --out;
     /// --resume continues an interrupted run exactly.
     Train(Box<TrainArgs>),
@@ -321,8 +322,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Training rows, as JSON lines: {"text"} to pretrain, {"context",
-    /// "question", "answer"} for qa.
+    /// Training rows, as JSON lines: {"text"} to pretrain or autoencode,
+    /// {"context", "question", "answer"} for qa.
     #[arg(long, value_name = "FILE.jsonl")]
     pub data: PathBuf,
 
@@ -336,9 +337,13 @@ pub struct TrainArgs {
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
 
-    /// What the decoder learns.
-    #[arg(long, default_value = "pretrain", value_parser = choices(STAGES))]
-    pub stage: Stage,
+    /// The compressor to train.
+    #[arg(long, default_value = "sac", value_parser = choices(TRAIN_METHODS))]
+    pub method: TrainMethod,
+
+    /// What the decoder learns. Default: pretrain for sac, autoencode for gmsa.
+    #[arg(long, value_parser = choices(STAGES))]
+    pub stage: Option<Stage>,
 
     /// Start from this adapter (e.g. qa after pretrain) instead of a fresh one.
     #[arg(long, value_name = "ADAPTER_DIR")]
@@ -350,13 +355,14 @@ pub struct TrainArgs {
     #[arg(long, requires = "init")]
     pub init_any_model: bool,
 
-    /// Document tokens per anchor. Default: the --init adapter's, else 5.
-    /// An --init adapter at another ratio seeds this one: each anchor starts
+    /// Document tokens per anchor (sac) or per soft token (gmsa's merge
+    /// size). Default: the --init adapter's, else 5 (sac) or 4 (gmsa). An
+    /// --init adapter at another ratio seeds this one: each anchor starts
     /// from the role embedding of its nearest anchor there.
     #[arg(long, value_parser = ratio)]
     pub ratio: Option<u32>,
 
-    /// Tokens per chunk. Default: the --init adapter's, else 510.
+    /// Tokens per chunk (sac). Default: the --init adapter's, else 510.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: Option<u32>,
 
@@ -364,17 +370,29 @@ pub struct TrainArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub lora_rank: Option<u32>,
 
-    /// Attention projections LoRA adapts, comma-separated. Default: the
-    /// --init adapter's, else q_proj,v_proj (the paper's).
+    /// Projections LoRA adapts, comma-separated: sac's attention
+    /// projections, gmsa's any linear layer. Default: the --init adapter's,
+    /// else q_proj,v_proj for sac (the paper's), all seven for gmsa.
     #[arg(
         long,
         value_name = "PROJ,...",
         value_delimiter = ',',
-        value_parser = clap::builder::PossibleValuesParser::new(LoraTarget::ATTENTION.map(LoraTarget::name)),
+        value_parser = clap::builder::PossibleValuesParser::new(LoraTarget::ALL.map(LoraTarget::name)),
     )]
     pub lora_targets: Option<Vec<String>>,
 
-    /// Peak learning rate. Default: 1e-4 for pretrain, 5e-5 for qa (the paper's).
+    /// Gmsa: layers of the base model the encoder runs. Default: the --init
+    /// adapter's, else 8.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub encoder_layers: Option<u32>,
+
+    /// Gmsa: layers of the alignment block, copies of the base model's first
+    /// layers. Default: the --init adapter's, else 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub lsa_layers: Option<u32>,
+
+    /// Peak learning rate. Default: 1e-4 for pretrain and autoencode, 5e-5
+    /// for qa (the papers').
     #[arg(long, value_parser = positive)]
     pub lr: Option<f64>,
 
@@ -427,7 +445,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", default_value_t = 510, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_context: u32,
 
-    /// Pretrain: most context tokens before the continuation.
+    /// Pretrain: most context tokens before the continuation. Autoencode:
+    /// longest text restated (longer ones are skipped).
     #[arg(long, value_name = "N", default_value_t = 2040, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_context: u32,
 
@@ -458,9 +477,11 @@ impl TrainArgs {
                 self.min_context, self.max_context
             ));
         }
-        let stage = self.stage;
+        let method = self.method;
+        let stage = self.stage.unwrap_or(method.stages()[0]);
         let size = |v: Option<u32>| v.map(|n| n as usize);
         Ok(TrainSettings {
+            method,
             stage,
             data: self.data.clone(),
             eval: self.eval.clone(),
@@ -471,8 +492,10 @@ impl TrainArgs {
             chunk_size: size(self.chunk_size),
             lora_rank: size(self.lora_rank),
             lora_targets: self.lora_targets.as_deref().map(LoraTarget::from_names),
+            encoder_layers: size(self.encoder_layers),
+            lsa_layers: size(self.lsa_layers),
             lr: self.lr.unwrap_or(match stage {
-                Stage::Pretrain => 1e-4,
+                Stage::Pretrain | Stage::Autoencode => 1e-4,
                 Stage::Qa => 5e-5,
             }),
             warmup_steps: size(self.warmup_steps),

@@ -6,7 +6,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use sac::compress::{HeadBudget, METHODS, Method};
 use sac::layout::prompt::PromptFormat;
 use sac::sack::KvEncoding;
-use sac::train::Stage;
+use sac::train::{Stage, TrainMethod};
 
 /// A `--compressor` value: a method, or `None` for `auto`.
 pub(super) type CompressorPick = Option<&'static Method>;
@@ -100,6 +100,25 @@ pub(super) const STAGES: Choices<Stage> = &[
         "qa",
         "{\"context\", \"question\", \"answer\"} rows: answer; only the answer is scored",
         Stage::Qa,
+    ),
+    (
+        "autoencode",
+        "{\"text\"} rows: restate the text from its soft tokens (gmsa)",
+        Stage::Autoencode,
+    ),
+];
+
+/// `sac train --method` values.
+pub(super) const TRAIN_METHODS: Choices<TrainMethod> = &[
+    (
+        "sac",
+        "Anchors, role embeddings, [LM] and attention LoRA (stages pretrain, qa)",
+        TrainMethod::Sac,
+    ),
+    (
+        "gmsa",
+        "The encoder's LoRA and the alignment block (stage autoencode)",
+        TrainMethod::Gmsa,
     ),
 ];
 

@@ -90,6 +90,26 @@ fn setup_advice(error: &SetupError) -> Option<String> {
             continuation,
             fit,
         } => format!("--max-context {max_context} with --continuation {continuation}: {fit}"),
+        SetupError::TextTooLong { max_context, fit } => {
+            format!("--max-context {max_context}, restated in full: {fit}")
+        }
+        SetupError::StageNotFor {
+            method,
+            stage,
+            stages,
+        } => format!(
+            "--method {method} has no --stage {stage} (it trains {})",
+            stages.join(", ")
+        ),
+        SetupError::TargetNotFor { method, target } => {
+            format!("--lora-targets: --method {method} cannot adapt {target}")
+        }
+        SetupError::SettingNotFor { setting, method } => {
+            format!("--{setting} applies to --method {method} only")
+        }
+        SetupError::InitMethod { found, method } => {
+            format!("the --init adapter is {found}'s, not --method {method}'s")
+        }
         SetupError::ResumeDiffers { .. } | SetupError::NothingLeft { .. } => return None,
     })
 }

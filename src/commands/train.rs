@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
 use sac::runtime::LoadedModel;
-use sac::train::{Event, Trainer};
+use sac::train::{Event, Stage, Trainer};
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
@@ -18,14 +18,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     }
     sac::atomic::remove_temp_files_on_signal()?;
     let out = settings.out.clone();
-    let min_context = settings.window.min_context;
+    let skip_rule = match settings.stage {
+        Stage::Autoencode => format!(
+            "of more than {} tokens (--max-context)",
+            settings.window.max_context
+        ),
+        _ => format!(
+            "of at most {} tokens (--min-context)",
+            settings.window.min_context
+        ),
+    };
     let model = LoadedModel::load(&args.model.spec())?;
     let mut trainer = Trainer::new(&model, settings)?;
     if trainer.skipped() > 0 && !args.quiet {
-        eprintln!(
-            "sac: skipped {} texts of at most {min_context} tokens (--min-context)",
-            trainer.skipped()
-        );
+        eprintln!("sac: skipped {} texts {skip_rule}", trainer.skipped());
     }
     let plan = trainer.plan();
     let bar = progress_bar(plan.stop as u64, trainer.step() as u64, args.quiet);

@@ -118,7 +118,7 @@ impl Layers {
 
     /// The weight and bias tensors the blocks hold.
     pub fn tensor_count(&self) -> usize {
-        self.blocks.iter().map(Block::tensor_count).sum()
+        self.blocks.iter().map(|b| b.named_tensors().len()).sum()
     }
 }
 
@@ -208,6 +208,14 @@ impl Decoder {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Layer `index`'s weights and biases, named as below the model's
+    /// `layers.{index}` (what [`Layers::load`] reads for one block).
+    pub fn layer_tensors(&self, index: usize) -> Vec<(String, Tensor)> {
+        self.blocks
+            .get(index)
+            .map_or_else(Vec::new, Block::named_tensors)
     }
 
     pub fn dtype(&self) -> DType {
@@ -405,24 +413,42 @@ struct BlockStep<'a> {
 type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
 
 impl Block {
-    fn tensor_count(&self) -> usize {
+    /// The block's weights and biases, named as below a model's
+    /// `layers.{i}` (`input_layernorm.weight`, `self_attn.q_proj.weight`, ...).
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let a = &self.attention;
         let m = &self.mlp;
-        let linears = [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
+        let mut out = vec![
+            (
+                "input_layernorm.weight".into(),
+                self.input_layernorm.clone(),
+            ),
+            (
+                "post_attention_layernorm.weight".into(),
+                self.post_attention_layernorm.clone(),
+            ),
         ];
-        let qk_norms = usize::from(a.q_norm.is_some()) + usize::from(a.k_norm.is_some());
-        2 + qk_norms
-            + linears
-                .iter()
-                .map(|l| 1 + usize::from(l.bias().is_some()))
-                .sum::<usize>()
+        for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(norm) = norm {
+                out.push((format!("self_attn.{name}.weight"), norm.clone()));
+            }
+        }
+        let linears = [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ];
+        for (name, linear) in linears {
+            out.push((format!("{name}.weight"), linear.weight().clone()));
+            if let Some(bias) = linear.bias() {
+                out.push((format!("{name}.bias"), bias.clone()));
+            }
+        }
+        out
     }
 
     fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {

@@ -158,9 +158,10 @@ impl CustomOp2 for FusedKernel {
 /// gradient of `x` only: candle's matmul backward also computes a gradient
 /// for the weight, which nothing trains, and keeps it to the end of the pass
 /// (for a Llama-3.2-1B-shaped model, gigabytes and a third of the backward's
-/// work). A `Var` weight (a model trained from scratch) gets its gradient.
+/// work). A weight made from a `Var` (GMSA's alignment block, cast to the
+/// model's dtype or not) gets its gradient.
 pub fn linear(layer: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    if kernels == Kernels::Inference || layer.weight().is_variable() {
+    if kernels == Kernels::Inference || layer.weight().track_op() {
         return Ok(layer.forward(x)?);
     }
     let weight = layer.weight();

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::adapter::AdapterConfig;
+use crate::adapter::Config;
 use crate::error::{Error, Result};
 
 use super::optimizer::AdamW;
@@ -32,7 +32,8 @@ struct Meta {
     step: usize,
     /// The settings that decide the run's trajectory (see `RunIdentity`).
     run: Value,
-    adapter: AdapterConfig,
+    /// The adapter's config, as `adapter_config.json` holds it.
+    adapter: Value,
 }
 
 /// A checkpoint read back.
@@ -40,7 +41,7 @@ struct Meta {
 pub struct Checkpoint {
     pub step: usize,
     pub run: Value,
-    pub adapter: AdapterConfig,
+    pub adapter: Config,
     /// Named as in `adapter.safetensors`.
     pub params: HashMap<String, Tensor>,
     /// The moments in the order of [`Trainables::named`].
@@ -70,16 +71,16 @@ pub fn save(
         tensors.push((format!("{FIRST_MOMENT}{name}"), m.clone()));
         tensors.push((format!("{SECOND_MOMENT}{name}"), v.clone()));
     }
-    let meta = Meta {
-        format: FORMAT,
-        step,
-        run: run.clone(),
-        adapter: params.config().clone(),
-    };
     let target = path(dir);
     let serialize = |e: Box<dyn std::error::Error + Send + Sync>| Error::Serialize {
         what: target.display().to_string(),
         source: e,
+    };
+    let meta = Meta {
+        format: FORMAT,
+        step,
+        run: run.clone(),
+        adapter: serde_json::to_value(params.config()).map_err(|e| serialize(e.into()))?,
     };
     let meta = serde_json::to_string(&meta).map_err(|e| serialize(e.into()))?;
     let bytes = safetensors::serialize(tensors, Some(HashMap::from([(META_KEY.into(), meta)])))
@@ -180,10 +181,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     };
     let first_moments = moments(FIRST_MOMENT)?;
     let second_moments = moments(SECOND_MOMENT)?;
+    let adapter = Config::parse(&target, &meta.adapter.to_string())?;
     Ok(Checkpoint {
         step: meta.step,
         run: meta.run,
-        adapter: meta.adapter,
+        adapter,
         params,
         first_moments,
         second_moments,

@@ -25,6 +25,9 @@ pub enum Stage {
     /// `{"context", "question", "answer"}`: the decoder answers; only the
     /// answer (and EOS) is scored.
     Qa,
+    /// `{"text"}`: the decoder restates the whole text from its soft tokens
+    /// (GMSA's first stage).
+    Autoencode,
 }
 
 impl Stage {
@@ -32,6 +35,7 @@ impl Stage {
         match self {
             Stage::Pretrain => "pretrain",
             Stage::Qa => "qa",
+            Stage::Autoencode => "autoencode",
         }
     }
 }
@@ -41,8 +45,9 @@ impl Stage {
 pub struct Sample {
     /// Context ids for the compressor, at positions 1..=L.
     pub context: Vec<u32>,
-    /// Tokens the decoder reads after `[LM]` without being scored on them
-    /// (the question prompt; empty when pretraining).
+    /// Tokens the decoder reads after the compressed context (and SAC's
+    /// `[LM]`) without being scored on them (the question prompt, or GMSA's
+    /// [`RESTATE`](super::gmsa::RESTATE); empty when pretraining).
     pub prompt: Vec<u32>,
     /// Tokens the decoder is trained to predict after the prompt.
     pub target: Vec<u32>,
@@ -89,14 +94,15 @@ enum Examples {
         docs: Vec<Vec<u32>>,
         window: PretrainWindow,
     },
-    Qa(Vec<Sample>),
+    /// One sample per row, as read (questions, texts to restate).
+    Fixed(Vec<Sample>),
 }
 
 /// A data file that was read, with what was left out of it.
 #[derive(Debug)]
 pub struct Loaded<T> {
     pub data: T,
-    /// Rows too short to use (pretraining), left out.
+    /// Rows too short (pretraining) or too long (autoencoding) to use, left out.
     pub skipped: usize,
 }
 
@@ -171,9 +177,59 @@ impl TrainSet {
             samples.push(sample);
         }
         Ok(TrainSet {
-            examples: Examples::Qa(samples),
+            examples: Examples::Fixed(samples),
             seed,
             order: None,
+        })
+    }
+
+    /// Reads `{"text"}` rows to restate: the compressor reads each text as a
+    /// context, the decoder reads `restate` after it and is scored on the
+    /// text and `eos`. Texts whose context has more than `max_context`
+    /// tokens are skipped.
+    pub fn autoencode(
+        path: &Path,
+        tokenizer: &TextTokenizer,
+        restate: &[u32],
+        max_context: usize,
+        eos: u32,
+        seed: u64,
+    ) -> Result<Loaded<Self>> {
+        let mut samples = Vec::new();
+        let mut skipped = 0;
+        for (line, row) in read_rows(path)? {
+            let text = string_field(path, line, &row, "text")?;
+            let context = tokenizer
+                .context_ids(&text)
+                .map_err(|e| line_error(path, line, e))?;
+            if context.len() > max_context {
+                skipped += 1;
+                continue;
+            }
+            let mut target = tokenizer
+                .encode(&text)
+                .map_err(|e| line_error(path, line, e))?;
+            target.push(eos);
+            samples.push(Sample {
+                context,
+                prompt: restate.to_vec(),
+                target,
+            });
+        }
+        if samples.is_empty() {
+            return Err(DataError::NothingToRestate {
+                path: path.to_path_buf(),
+                max_context,
+            }
+            .into());
+        }
+        Ok(Loaded {
+            data: TrainSet {
+                examples: Examples::Fixed(samples),
+                seed,
+                order: None,
+            },
+            skipped,
         })
     }
 
@@ -181,7 +237,7 @@ impl TrainSet {
     pub fn len(&self) -> usize {
         match &self.examples {
             Examples::Pretrain { docs, .. } => docs.len(),
-            Examples::Qa(samples) => samples.len(),
+            Examples::Fixed(samples) => samples.len(),
         }
     }
 
@@ -203,7 +259,7 @@ impl TrainSet {
         }
         let row = self.order.as_ref().map_or(0, |(_, o)| o[offset] as usize);
         match &self.examples {
-            Examples::Qa(samples) => samples[row].clone(),
+            Examples::Fixed(samples) => samples[row].clone(),
             Examples::Pretrain { docs, window } => {
                 let ids = &docs[row];
                 let longest = window.max_context.min(ids.len() - 1);
@@ -309,6 +365,8 @@ fn string_field(path: &Path, line: usize, row: &Map<String, Value>, key: &str) -
 pub enum DataError {
     #[error("{} holds no rows", .0.display())]
     NoRows(PathBuf),
+    #[error("{} holds no text of at most {max_context} tokens to restate", path.display())]
+    NothingToRestate { path: PathBuf, max_context: usize },
     #[error("{} line {line}: {problem}", path.display())]
     Row {
         path: PathBuf,
@@ -376,7 +434,9 @@ mod tests {
         let check = || -> Result<()> {
             for (line, row) in read_rows(f.path())? {
                 match stage {
-                    Stage::Pretrain => drop(string_field(f.path(), line, &row, "text")?),
+                    Stage::Pretrain | Stage::Autoencode => {
+                        drop(string_field(f.path(), line, &row, "text")?)
+                    }
                     Stage::Qa => drop(QaRow::parse(f.path(), line, &row)?),
                 }
             }

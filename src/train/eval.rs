@@ -1,15 +1,18 @@
 //! Exact match and F1 of greedy answers to held-out questions, made the way
 //! `sac ask` makes them: the context compressed by the current adapter, the
-//! anchors' K/V as the decoder's past, then `[LM]` and the question, greedy
-//! decoding until EOS or the token budget.
+//! anchors' K/V (SAC) or the decoder's K/V over the soft tokens (GMSA) as
+//! the decoder's past, then SAC's `[LM]` and the question, greedy decoding
+//! until EOS or the token budget.
 
-use crate::adapter::SacAdapter;
+use crate::adapter::Loaded;
 use crate::compress::Compressor;
+use crate::compress::gmsa::soft_tokens;
 use crate::compress::sac::Sac;
 use crate::error::Result;
+use crate::from_sack::soft_past;
 use crate::generate::{Answerer, DecoderContext, SamplingSettings};
-use crate::layout;
-use crate::model::{Decoder, SharedKv};
+use crate::layout::{self, SOFT_TOKENS_FIRST_POSITION};
+use crate::model::{Decoder, Kernels, SharedKv};
 use crate::tokens::TextTokenizer;
 
 use super::data::EvalExample;
@@ -26,12 +29,10 @@ pub struct EvalScores {
 pub fn evaluate(
     decoder: &Decoder,
     tokenizer: &TextTokenizer,
-    adapter: &SacAdapter,
+    adapter: &Loaded,
     examples: &[EvalExample],
     max_tokens: usize,
 ) -> Result<EvalScores> {
-    let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
-    let prefix = compressor.strategy().prefix()?;
     let sampling = SamplingSettings {
         temperature: 0.0,
         top_p: None,
@@ -40,15 +41,23 @@ pub fn evaluate(
     };
     let (mut em, mut f) = (0.0, 0.0);
     for example in examples {
-        let question_position = layout::question_position(example.context.len())?;
-        let context = DecoderContext {
-            past: compressor
-                .anchor_past(&example.context)?
-                .into_iter()
-                .map(SharedKv::from)
-                .collect(),
-            question_position,
-            prefix: prefix.clone(),
+        let context = match adapter {
+            Loaded::Sac(adapter) => {
+                let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
+                DecoderContext {
+                    past: compressor
+                        .anchor_past(&example.context)?
+                        .into_iter()
+                        .map(SharedKv::from)
+                        .collect(),
+                    question_position: layout::question_position(example.context.len())?,
+                    prefix: compressor.strategy().prefix()?,
+                }
+            }
+            Loaded::Gmsa(adapter) => {
+                let tokens = soft_tokens(decoder, adapter, &example.context, Kernels::Inference)?;
+                soft_past(decoder, &tokens, SOFT_TOKENS_FIRST_POSITION)?
+            }
         };
         let answerer = Answerer::new(decoder, context, tokenizer.eos())?;
         let generation = answerer.answer(&example.question, &sampling, |_| Ok(true))?;

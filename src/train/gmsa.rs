@@ -4,8 +4,8 @@
 //! (autoencoding) asks it to restate the context ([`RESTATE`], the context
 //! and EOS as target) with the decoder frozen, so that the encoder's LoRA and
 //! the alignment block learn to pack the context; stage 2 scores answers to
-//! questions. `sac train` runs SAC's objective only so far; this one is
-//! checked against HF transformers and finite differences
+//! questions. `sac train --method gmsa --stage autoencode` runs stage 1;
+//! the objective is checked against HF transformers and finite differences
 //! (`tests/gmsa.rs`).
 
 use candle_core::Tensor;

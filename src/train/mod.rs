@@ -1,7 +1,9 @@
 //! `sac train`: learns a SAC adapter (role embeddings, `[AE]`/`[LM]`, LoRA
 //! on attention projections) with the base model frozen, by next-token
 //! cross-entropy through the frozen decoder reading the anchors' K/V (docs/method.md,
-//! "Training: two stages").
+//! "Training: two stages"); or GMSA's compressor (the encoder's LoRA and the
+//! alignment block) by autoencoding through the frozen decoder reading the
+//! soft tokens ([`gmsa`]).
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
 //! each; per sample, the compressor runs the context chunk by chunk on the
@@ -28,7 +30,7 @@ pub mod step;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -54,6 +56,46 @@ pub const DEFAULT_LORA_RANK: usize = 128;
 pub const DEFAULT_LORA_TARGETS: [LoraTarget; 2] = [LoraTarget::Q, LoraTarget::V];
 /// LoRA scale of a fresh adapter (fixed in the reference).
 pub const LORA_SCALE: f64 = 2.0;
+/// GMSA's encoder: the base model's first layers (the official script's).
+pub const DEFAULT_ENCODER_LAYERS: usize = 8;
+/// GMSA's alignment block: one layer (the official script's).
+pub const DEFAULT_LSA_LAYERS: usize = 1;
+/// GMSA's merge size of a fresh adapter.
+pub const DEFAULT_MERGE_SIZE: usize = 4;
+/// GMSA's LoRA alpha (the official script's); the scale is alpha / rank.
+pub const GMSA_LORA_ALPHA: f64 = 32.0;
+
+/// The compressor a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainMethod {
+    Sac,
+    Gmsa,
+}
+
+impl TrainMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainMethod::Sac => crate::compress::sac::METHOD.name,
+            TrainMethod::Gmsa => crate::compress::gmsa::METHOD.name,
+        }
+    }
+
+    /// The stages this method trains.
+    pub fn stages(self) -> &'static [Stage] {
+        match self {
+            TrainMethod::Sac => &[Stage::Pretrain, Stage::Qa],
+            TrainMethod::Gmsa => &[Stage::Autoencode],
+        }
+    }
+
+    /// The projections its LoRA may adapt: SAC's attention only.
+    pub fn lora_targets(self) -> &'static [LoraTarget] {
+        match self {
+            TrainMethod::Sac => &LoraTarget::ATTENTION,
+            TrainMethod::Gmsa => &LoraTarget::ALL,
+        }
+    }
+}
 
 /// How long a run lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +107,7 @@ pub enum Length {
 /// A run's settings, validated from the flags.
 #[derive(Debug, Clone)]
 pub struct TrainSettings {
+    pub method: TrainMethod,
     pub stage: Stage,
     pub data: PathBuf,
     pub eval: Option<PathBuf>,
@@ -77,9 +120,14 @@ pub struct TrainSettings {
     pub ratio: Option<usize>,
     pub chunk_size: Option<usize>,
     pub lora_rank: Option<usize>,
-    /// `None`: the `--init` adapter's, else [`DEFAULT_LORA_TARGETS`]; in
-    /// [`LoraTarget::ATTENTION`]'s order, each once.
+    /// `None`: the `--init` adapter's, else [`DEFAULT_LORA_TARGETS`] (SAC)
+    /// or all of [`LoraTarget::ALL`] (GMSA); in [`LoraTarget::ALL`]'s order,
+    /// each once.
     pub lora_targets: Option<Vec<LoraTarget>>,
+    /// GMSA: `None`: the `--init` adapter's, else [`DEFAULT_ENCODER_LAYERS`].
+    pub encoder_layers: Option<usize>,
+    /// GMSA: `None`: the `--init` adapter's, else [`DEFAULT_LSA_LAYERS`].
+    pub lsa_layers: Option<usize>,
     pub lr: f64,
     /// `None`: [`Schedule::default_warmup`].
     pub warmup_steps: Option<usize>,
@@ -172,14 +220,15 @@ impl<'a> Trainer<'a> {
     /// (fresh, from `--init`, or from the checkpoint with `--resume`).
     /// Writes nothing.
     pub fn new(model: &'a LoadedModel, settings: TrainSettings) -> Result<Self> {
+        setup::check_method(&settings)?;
         setup::check_output(&settings.out, settings.resume)?;
         let init = settings
             .init
             .as_deref()
-            .map(|dir| setup::load_init(dir, settings.ratio, settings.init_any_model, model))
+            .map(|dir| setup::load_init(dir, &settings, model))
             .transpose()?;
-        let config = setup::adapter_config(&settings, init.as_ref().map(|a| &a.config), model)?;
-        let (train, skipped) = setup::train_set(&settings, model)?;
+        let config = setup::adapter_config(&settings, init.as_ref().map(|(c, _)| c), model)?;
+        let (train, skipped) = setup::train_set(&settings, &config, model)?;
         let eval = match &settings.eval {
             Some(path) => data::eval_examples(path, &model.tokenizer, &model.config)?,
             None => Vec::new(),
@@ -218,8 +267,8 @@ impl<'a> Trainer<'a> {
             (params, optimizer, saved.step)
         } else {
             let params = match init {
-                Some(adapter) => {
-                    Trainables::from_tensors(config, adapter.tensors()?, &model.config, device)?
+                Some((_, tensors)) => {
+                    Trainables::from_tensors(config, tensors, &model.config, device)?
                 }
                 None => Trainables::init(config, &model.decoder, settings.seed)?,
             };
@@ -345,9 +394,7 @@ impl<'a> Trainer<'a> {
             &self.params,
             &self.optimizer,
         )?;
-        self.params
-            .snapshot(&self.model.config, DType::F32)?
-            .save(out)
+        self.params.save(out)
     }
 
     fn evaluate(&self) -> Result<EvalScores> {

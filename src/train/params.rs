@@ -1,16 +1,18 @@
-//! The trainable tensors of a SAC adapter (role embeddings, `[AE]`/`[LM]`,
-//! LoRA A/B) as f32 `Var`s, whatever dtype the frozen base model runs
-//! in; the forward pass sees them through a cast to the model's dtype, which
-//! gradients flow back through.
+//! The trainable tensors of an adapter as f32 `Var`s, whatever dtype the
+//! frozen base model runs in; the forward pass sees them through a cast to
+//! the model's dtype, which gradients flow back through. SAC's: role
+//! embeddings, `[AE]`/`[LM]`, LoRA A/B. GMSA's: the encoder's LoRA A/B and
+//! the alignment block's weights.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::adapter::{AdapterConfig, AdapterError, SacAdapter};
+use crate::adapter::{self, AdapterError, Config, GmsaAdapter, Loaded, SacAdapter};
 use crate::error::{Error, InputError, Result};
-use crate::model::{Decoder, ModelConfig};
+use crate::model::{Decoder, LoraTarget, ModelConfig};
 
 use super::{Stream, rng};
 
@@ -21,35 +23,49 @@ const ROLE_STD: f64 = 0.02;
 /// the optimizer and checkpoints rely on.
 #[derive(Debug)]
 pub struct Trainables {
-    config: AdapterConfig,
+    config: Config,
     vars: Vec<(String, Var)>,
 }
 
 impl Trainables {
-    /// A fresh adapter: role embeddings N(0, 0.02); `[AE]`/`[LM]` drawn from
-    /// N(mean, std) of the model's token embeddings, as the reference does,
-    /// so `[LM]` starts at the scale of a real token; LoRA A Kaiming-uniform
-    /// (PyTorch's default for a linear layer: U(±1/sqrt(in))) and B zero, so
-    /// the compressor starts as the base model.
-    pub fn init(config: AdapterConfig, decoder: &Decoder, seed: u64) -> Result<Self> {
+    /// A fresh adapter. LoRA A is Kaiming-uniform (PyTorch's default for a
+    /// linear layer, and PEFT's: U(±1/sqrt(in))) and B zero, so the
+    /// compressor starts as the base model. SAC's role embeddings are drawn
+    /// from N(0, 0.02) and `[AE]`/`[LM]` from N(mean, std) of the model's
+    /// token embeddings, as the reference does, so `[LM]` starts at the scale
+    /// of a real token. GMSA's alignment block starts as a copy of the
+    /// model's first layers, as the official code's does.
+    pub fn init(config: Config, decoder: &Decoder, seed: u64) -> Result<Self> {
         let model = decoder.config();
-        let device = decoder.device();
         let h = model.hidden_size;
-        let rank = config.lora_rank;
-        let (mean, std) = embedding_stats(decoder)?;
-        let mut shapes: Vec<(String, Vec<usize>, Init)> = vec![
-            (
-                "role_tokens".into(),
-                vec![config.mem_size, h],
-                Init::Normal(0.0, ROLE_STD),
-            ),
-            ("special_tokens".into(), vec![2, h], Init::Normal(mean, std)),
-        ];
-        for i in 0..model.num_layers {
-            for target in config.targets() {
+        let mut shapes: Vec<(String, Vec<usize>, Init)> = Vec::new();
+        let (prefix, layers, targets, rank) = match &config {
+            Config::Sac(c) => {
+                let (mean, std) = embedding_stats(decoder)?;
+                shapes.push((
+                    "role_tokens".into(),
+                    vec![c.mem_size, h],
+                    Init::Normal(0.0, ROLE_STD),
+                ));
+                shapes.push(("special_tokens".into(), vec![2, h], Init::Normal(mean, std)));
+                ("", model.num_layers, c.targets(), c.lora_rank)
+            }
+            Config::Gmsa(c) => {
+                for layer in 0..c.lsa_layers {
+                    for (name, tensor) in decoder.layer_tensors(layer) {
+                        let name = format!("lsa.layers.{layer}.{name}");
+                        shapes.push((name, tensor.dims().to_vec(), Init::Copy(tensor)));
+                    }
+                }
+                let targets = LoraTarget::from_names(&c.lora_targets);
+                ("encoder.", c.encoder_layers, targets, c.lora_rank)
+            }
+        };
+        for i in 0..layers {
+            for &target in &targets {
                 let (inputs, outputs) = target.features(model);
                 let bound = 1.0 / (inputs as f64).sqrt();
-                let p = target.tensor_stem(i);
+                let p = format!("{prefix}{}", target.tensor_stem(i));
                 shapes.push((
                     format!("{p}.lora_a"),
                     vec![inputs, rank],
@@ -59,6 +75,7 @@ impl Trainables {
             }
         }
         shapes.sort_by(|a, b| a.0.cmp(&b.0));
+        let device = decoder.device();
         let mut tensors = HashMap::new();
         for (index, (name, shape, init)) in shapes.into_iter().enumerate() {
             let n = shape.iter().product();
@@ -73,6 +90,10 @@ impl Trainables {
                     (0..n).map(|_| d.sample(&mut r) as f32).collect()
                 }
                 Init::Zeros => vec![0.0; n],
+                Init::Copy(tensor) => {
+                    tensors.insert(name, tensor.to_dtype(DType::F32)?);
+                    continue;
+                }
             };
             tensors.insert(name, Tensor::from_vec(values, shape, device)?);
         }
@@ -82,23 +103,24 @@ impl Trainables {
     /// Variables holding `tensors` (named as in `adapter.safetensors`), after
     /// checking them against the model.
     pub fn from_tensors(
-        config: AdapterConfig,
+        config: Config,
         tensors: HashMap<String, Tensor>,
         model: &ModelConfig,
         device: &Device,
     ) -> Result<Self> {
-        let adapter = SacAdapter::from_tensors(config.clone(), tensors, model, DType::F32)
-            .map_err(AdapterError::Invalid)?;
-        let mut vars = adapter
-            .tensors()?
+        build(&config, tensors.clone(), model, DType::F32)?;
+        let mut vars = tensors
             .into_iter()
-            .map(|(name, t)| Ok((name, Var::from_tensor(&t.to_device(device)?.contiguous()?)?)))
+            .map(|(name, t)| {
+                let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
+                Ok((name, Var::from_tensor(&t)?))
+            })
             .collect::<Result<Vec<_>>>()?;
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Trainables { config, vars })
     }
 
-    pub fn config(&self) -> &AdapterConfig {
+    pub fn config(&self) -> &Config {
         &self.config
     }
 
@@ -113,37 +135,58 @@ impl Trainables {
 
     /// The adapter as the compressor and decoder use it, in `dtype`, with
     /// the graph back to the variables kept.
-    pub fn adapter(&self, model: &ModelConfig, dtype: DType) -> Result<SacAdapter> {
-        self.build(model, dtype, |v| v.as_tensor().clone())
+    pub fn adapter(&self, model: &ModelConfig, dtype: DType) -> Result<Loaded> {
+        let tensors = self.tensors(|v| v.as_tensor().clone());
+        build(&self.config, tensors, model, dtype)
     }
 
-    /// The current values as an adapter with no graph: for evaluation and saving.
-    pub fn snapshot(&self, model: &ModelConfig, dtype: DType) -> Result<SacAdapter> {
-        self.build(model, dtype, Var::as_detached_tensor)
-    }
-
-    fn build(
-        &self,
-        model: &ModelConfig,
-        dtype: DType,
-        tensor: impl Fn(&Var) -> Tensor,
-    ) -> Result<SacAdapter> {
-        let tensors = self
-            .vars
-            .iter()
-            .map(|(n, v)| (n.clone(), tensor(v)))
-            .collect();
-        Ok(
-            SacAdapter::from_tensors(self.config.clone(), tensors, model, dtype)
-                .map_err(AdapterError::Invalid)?,
+    /// The current values as an adapter with no graph, for evaluation.
+    pub fn snapshot(&self, model: &ModelConfig, dtype: DType) -> Result<Loaded> {
+        build(
+            &self.config,
+            self.tensors(Var::as_detached_tensor),
+            model,
+            dtype,
         )
     }
+
+    /// Writes the adapter directory with the current values.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        adapter::save(dir, &self.config, self.tensors(Var::as_detached_tensor))
+    }
+
+    fn tensors(&self, tensor: impl Fn(&Var) -> Tensor) -> HashMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), tensor(v)))
+            .collect()
+    }
+}
+
+/// The adapter `config` describes, from `tensors`, checked against `model`.
+fn build(
+    config: &Config,
+    tensors: HashMap<String, Tensor>,
+    model: &ModelConfig,
+    dtype: DType,
+) -> Result<Loaded> {
+    Ok(match config {
+        Config::Sac(c) => Loaded::Sac(
+            SacAdapter::from_tensors(c.clone(), tensors, model, dtype)
+                .map_err(AdapterError::Invalid)?,
+        ),
+        Config::Gmsa(c) => Loaded::Gmsa(
+            GmsaAdapter::from_tensors(c.clone(), tensors, model, dtype)
+                .map_err(AdapterError::Invalid)?,
+        ),
+    })
 }
 
 enum Init {
     Normal(f64, f64),
     Uniform(f64),
     Zeros,
+    Copy(Tensor),
 }
 
 /// Mean and (unbiased) standard deviation of the token embedding table,

@@ -1,11 +1,12 @@
 //! The training objective of one sample: the compressor (the base model with
 //! the adapter) turns the context into anchor K/V, and the frozen decoder,
 //! reading them as its past, predicts the target after `[LM]` and the prompt,
-//! laid out exactly as `sac ask` lays out a question.
+//! laid out exactly as `sac ask` lays out a question; GMSA's objective is in
+//! [`super::gmsa`]. One backward pass over a batch serves both.
 
 use candle_core::{DType, Tensor};
 
-use crate::adapter::SacAdapter;
+use crate::adapter::{Loaded, SacAdapter};
 use crate::compress::Compressor;
 use crate::compress::sac::Sac;
 use crate::error::{InputError, Result};
@@ -27,7 +28,12 @@ pub fn backward(
     let adapter = params.adapter(decoder.config(), decoder.dtype())?;
     let mut total: Option<Tensor> = None;
     for sample in samples {
-        let loss = sample_loss(decoder, &adapter, sample, Kernels::Training)?;
+        let loss = match &adapter {
+            Loaded::Sac(adapter) => sample_loss(decoder, adapter, sample, Kernels::Training)?,
+            Loaded::Gmsa(adapter) => {
+                super::gmsa::sample_loss(decoder, adapter, sample, Kernels::Training)?
+            }
+        };
         total = Some(match total {
             Some(t) => (t + loss)?,
             None => loss,
