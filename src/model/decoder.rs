@@ -508,35 +508,48 @@ impl Attention {
         // Grouped-query attention without copying K/V per query head: the
         // `group` query heads that share a KV head are stacked along the
         // sequence axis, [b, kv_heads, group * seq, hd]. The shared K/V, the
-        // past and the new positions are attended as separate segments whose
-        // scores share one softmax; K/V are never concatenated, so a decoding
-        // step copies neither the document nor the past.
-        let q = q.reshape((batch, kv_heads, group * seq, hd))?;
+        // past and the new positions are attended as segments whose scores
+        // share one softmax. The scale is applied to the queries, the
+        // smallest operand.
+        let rows = group * seq;
         let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q.reshape((batch, kv_heads, rows, hd))? * scale)?;
         // A layer that keeps nothing of the document has no shared segment.
         let shared = step.shared.filter(|s| !s.kv.is_empty());
         let shared_len = shared.map_or(0, |s| s.kv.len());
         let past_len = step.past.map_or(0, LayerKv::len);
+        // The row's own past and its new positions, as one segment or two.
+        // Joining them copies the past's K/V once ([keys, hd]); keeping them
+        // apart copies scores and weights instead ([rows, keys]) but never
+        // the past, which is what a decoding step of a few rows wants.
+        let joined = match step.past {
+            Some(past) if rows > hd => Some(LayerKv {
+                k: Tensor::cat(&[&past.k, &k], 2)?,
+                v: Tensor::cat(&[&past.v, &v], 2)?,
+            }),
+            _ => None,
+        };
         let acc = ops::accumulation_dtype(q.dtype());
-        let scaled = |scores: Tensor, keys: usize| -> Result<Tensor> {
-            Ok((scores * scale)?
+        let grouped = |scores: Tensor, keys: usize| -> Result<Tensor> {
+            Ok(scores
                 .to_dtype(acc)?
                 .reshape((batch, kv_heads, group, seq, keys))?)
         };
         // The mask covers the row's own past and the new positions only; the
         // shared K/V, usually the longest segment, is visible to every query.
-        let own = match step.past {
-            Some(past) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
-            None => q.matmul(&k.t()?)?,
+        let own = match (step.past, &joined) {
+            (_, Some(joined)) => q.matmul(&joined.k.t()?)?,
+            (Some(past), None) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
+            (None, None) => q.matmul(&k.t()?)?,
         };
-        let own = scaled(own, past_len + seq)?;
+        let own = grouped(own, past_len + seq)?;
         let own = match step.mask {
             Some(mask) => own.broadcast_add(mask)?,
             None => own,
         };
         let scores = match shared {
             Some(shared) => {
-                let mut scores = scaled(shared_matmul(&q, &shared.kv.k.t()?)?, shared_len)?;
+                let mut scores = grouped(shared_matmul(&q, &shared.kv.k.t()?)?, shared_len)?;
                 if let Some(bias) = &shared.bias {
                     let bias = bias
                         .to_dtype(acc)?
@@ -554,15 +567,22 @@ impl Attention {
             .transpose()?;
         let probs = ops::softmax_last_dim(&scores, step.kernels)?
             .to_dtype(x.dtype())?
-            .reshape((batch, kv_heads, group * seq, keys))?;
-        let mut out = probs
-            .narrow(3, shared_len + past_len, seq)?
-            .contiguous()?
-            .matmul(&v)?;
-        if let Some(past) = step.past {
-            let weights = probs.narrow(3, shared_len, past_len)?.contiguous()?;
-            out = (out + weights.matmul(&past.v)?)?;
-        }
+            .reshape((batch, kv_heads, rows, keys))?;
+        let own_weights = |start: usize, len: usize| -> Result<Tensor> {
+            Ok(if start == 0 && len == keys {
+                probs.clone()
+            } else {
+                probs.narrow(3, start, len)?.contiguous()?
+            })
+        };
+        let mut out = match (step.past, &joined) {
+            (_, Some(joined)) => own_weights(shared_len, past_len + seq)?.matmul(&joined.v)?,
+            (Some(past), None) => {
+                let new = own_weights(shared_len + past_len, seq)?.matmul(&v)?;
+                (new + own_weights(shared_len, past_len)?.matmul(&past.v)?)?
+            }
+            (None, None) => own_weights(shared_len, seq)?.matmul(&v)?,
+        };
         if let Some(shared) = shared {
             let weights = probs.narrow(3, 0, shared_len)?;
             out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
