@@ -64,7 +64,9 @@ fn open_file(path: &Path) -> Result<File> {
 impl GgufModel {
     /// Reads the metadata and tensor directory of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = open_file(path)?;
+        // Buffered: the metadata is thousands of small reads (a vocabulary's
+        // strings), each a system call on a bare file.
+        let mut file = std::io::BufReader::new(open_file(path)?);
         let content = Content::read(&mut file).map_err(|e| {
             ConfigError::NotGguf {
                 cause: first_line(&e),
