@@ -12,6 +12,8 @@ article and nothing chosen is chosen on what it trains on.
 
 Writes, as JSON lines:
   pretrain.jsonl   {"text"}: one row per training article, its paragraphs joined
+  paragraphs.jsonl {"text"}: one row per paragraph of the training articles, for
+                   GMSA's autoencoding (`sac train --method gmsa`)
   qa-train.jsonl   {"context", "question", "answer"}: every question of those
                    articles on its paragraph, with its first gold answer
   qa-held.jsonl    {"context", "question", "answer": [all gold answers]}: the two
@@ -53,6 +55,10 @@ def main() -> None:
         "pretrain.jsonl",
         ({"text": "\n\n".join(p["context"] for p in articles[t])} for t in train),
     )
+    paragraphs = write(
+        "paragraphs.jsonl",
+        ({"text": p["context"]} for t in train for p in articles[t]),
+    )
     questions = write(
         "qa-train.jsonl",
         (
@@ -72,7 +78,7 @@ def main() -> None:
         ),
     )
     print(
-        f"{out}: {texts} training articles, {questions} questions; "
+        f"{out}: {texts} training articles, {paragraphs} paragraphs, {questions} questions; "
         f"held apart: {', '.join(held)} ({held_questions} questions)"
     )
 
