@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -210,22 +211,25 @@ impl GgufModel {
     /// Llama family) unpermuted, as the decoder `config` describes.
     pub fn decoder(&self, config: ModelConfig, device: &Device, dtype: DType) -> Result<Decoder> {
         let (_, permuted) = self.architecture()?;
-        let mut file = open_file(&self.path)?;
-        let mut tensors = HashMap::new();
-        for (name, info) in &self.content.tensor_infos {
-            if name == ROPE_FREQS {
-                continue; // read into the config
-            }
-            let hf = hf_name(name)
-                .ok_or_else(|| self.error(ConfigError::UnknownTensor(name.clone())))?;
-            let read = self.dequantized(&mut file, name, info)?;
-            let tensor = match (permuted, hf.rsplit('.').nth(1)) {
-                (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
-                (true, Some("k_proj")) => unpermute(&read, config.num_kv_heads)?,
-                _ => read,
-            };
-            tensors.insert(hf, tensor.to_dtype(dtype)?.to_device(device)?);
-        }
+        // Tensors are read and dequantized in parallel, each thread with a
+        // file handle of its own: dequantizing is most of a small model's load.
+        let tensors = self
+            .content
+            .tensor_infos
+            .par_iter()
+            .filter(|(name, _)| name.as_str() != ROPE_FREQS) // read into the config
+            .map(|(name, info)| {
+                let hf = hf_name(name)
+                    .ok_or_else(|| self.error(ConfigError::UnknownTensor(name.clone())))?;
+                let read = self.dequantized(&mut open_file(&self.path)?, name, info)?;
+                let tensor = match (permuted, hf.rsplit('.').nth(1)) {
+                    (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
+                    (true, Some("k_proj")) => unpermute(&read, config.num_kv_heads)?,
+                    _ => read,
+                };
+                Ok((hf, tensor.to_dtype(dtype)?.to_device(device)?))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Decoder::load(config, vb).map_err(|e| match e {
             Error::Candle(e) => self.error(ConfigError::Weights {
