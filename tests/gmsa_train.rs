@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::train::{
-    adapter_tensors, compress_and_ask, doc, qa_rows, s, train_command, write_rows,
+    adapter_tensors, compress_and_ask, doc, log, losses, qa_rows, s, train_command, write_rows,
 };
 use common::{load_model_at, max_abs_diff};
 use sac::adapter::{Config, GmsaConfig};
@@ -53,21 +53,6 @@ fn train_ok(model: &str, args: &[&str]) {
         "sac train {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn log(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    log(dir)
-        .iter()
-        .filter_map(|r| r.get("loss").and_then(Value::as_f64))
-        .collect()
 }
 
 /// `n` texts of the fixture document to restate.

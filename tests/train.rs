@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::train::{
-    adapter_tensors, compress_and_ask, doc, qa_rows, s, train, train_ok, write_rows,
+    adapter_tensors, compress_and_ask, doc, log, losses, qa_rows, s, train, train_ok, write_rows,
 };
 use common::{fixture_dir, max_abs_diff, sac_fixture};
 use sac::adapter::{AdapterConfig, Config, Loaded, SacAdapter};
@@ -24,21 +24,6 @@ use serde_json::Value;
 /// shape none of them: its q LoRA gets no gradient (nor does it in the
 /// reference). The fixtures have 2 layers.
 const LAST_LAYER_QUERY: &str = "layers.1.self_attn.q_proj";
-
-fn log(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    log(dir)
-        .iter()
-        .filter_map(|r| r.get("loss").and_then(Value::as_f64))
-        .collect()
-}
 
 #[test]
 fn training_lowers_the_loss_and_moves_every_trainable() {

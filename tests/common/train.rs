@@ -73,6 +73,23 @@ pub fn train_ok(model_name: &str, args: &[&str]) {
     );
 }
 
+/// The lines of a run's `log.jsonl`.
+pub fn log(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The step losses of a run's `log.jsonl`.
+pub fn losses(dir: &Path) -> Vec<f64> {
+    log(dir)
+        .iter()
+        .filter_map(|r| r.get("loss").and_then(Value::as_f64))
+        .collect()
+}
+
 pub fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("adapter.safetensors"), &Device::Cpu).unwrap()
 }
