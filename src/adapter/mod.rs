@@ -295,7 +295,10 @@ fn parse_config<T: serde::de::DeserializeOwned>(
 }
 
 /// The tensors of `adapter.safetensors` in `dir`, and its path.
-fn read_weights(dir: &Path, device: &Device) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+pub(crate) fn read_weights(
+    dir: &Path,
+    device: &Device,
+) -> Result<(PathBuf, HashMap<String, Tensor>)> {
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() {
         return Err(adapter_error(dir, AdapterProblem::NoWeights));
@@ -356,7 +359,7 @@ fn lora_layers(
         .collect()
 }
 
-fn adapter_error(path: &Path, problem: AdapterProblem) -> Error {
+pub(crate) fn adapter_error(path: &Path, problem: AdapterProblem) -> Error {
     AdapterError::At {
         path: path.to_path_buf(),
         problem,

@@ -26,6 +26,9 @@ pub struct EvalScores {
     pub examples: usize,
 }
 
+/// What the decoder reads for a context's ids.
+type ContextOf<'a> = dyn Fn(&[u32]) -> Result<DecoderContext> + 'a;
+
 pub fn evaluate(
     decoder: &Decoder,
     tokenizer: &TextTokenizer,
@@ -39,26 +42,32 @@ pub fn evaluate(
         seed: 0,
         max_tokens,
     };
-    let (mut em, mut f) = (0.0, 0.0);
-    for example in examples {
-        let context = match adapter {
-            Loaded::Sac(adapter) => {
-                let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
-                DecoderContext {
+    // What the decoder reads for a context: made once per adapter, used for
+    // every example.
+    let context_of: Box<ContextOf> = match adapter {
+        Loaded::Sac(adapter) => {
+            let compressor = Compressor::new(decoder, Box::new(Sac::new(adapter)));
+            let prefix = compressor.strategy().prefix()?;
+            Box::new(move |ids| {
+                Ok(DecoderContext {
                     past: compressor
-                        .anchor_past(&example.context)?
+                        .anchor_past(ids)?
                         .into_iter()
                         .map(SharedKv::from)
                         .collect(),
-                    question_position: layout::question_position(example.context.len())?,
-                    prefix: compressor.strategy().prefix()?,
-                }
-            }
-            Loaded::Gmsa(adapter) => {
-                let tokens = soft_tokens(decoder, adapter, &example.context, Kernels::Inference)?;
-                soft_past(decoder, &tokens, SOFT_TOKENS_FIRST_POSITION)?
-            }
-        };
+                    question_position: layout::question_position(ids.len())?,
+                    prefix: prefix.clone(),
+                })
+            })
+        }
+        Loaded::Gmsa(adapter) => Box::new(move |ids| {
+            let tokens = soft_tokens(decoder, adapter, ids, Kernels::Inference)?;
+            soft_past(decoder, &tokens, SOFT_TOKENS_FIRST_POSITION)
+        }),
+    };
+    let (mut em, mut f) = (0.0, 0.0);
+    for example in examples {
+        let context = context_of(&example.context)?;
         let answerer = Answerer::new(decoder, context, tokenizer.eos())?;
         let generation = answerer.answer(&example.question, &sampling, |_| Ok(true))?;
         let answer = tokenizer.decode(&generation.tokens)?;

@@ -241,10 +241,11 @@ pub fn load_init(
             };
             (Config::Sac(adapter.config.clone()), adapter.tensors()?)
         }
-        Config::Gmsa(_) => {
-            // Checked whole, then taken as stored.
-            GmsaAdapter::load(dir, &model.config, device, DType::F32)?;
-            let tensors = candle_core::safetensors::load(dir.join(adapter::WEIGHTS_FILE), device)?;
+        Config::Gmsa(ref c) => {
+            // Read once, checked whole, then taken as stored.
+            let (path, tensors) = adapter::read_weights(dir, device)?;
+            GmsaAdapter::from_tensors(c.clone(), tensors.clone(), &model.config, DType::F32)
+                .map_err(|e| adapter::adapter_error(&path, e))?;
             (config, tensors)
         }
     })
