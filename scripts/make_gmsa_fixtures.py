@@ -11,9 +11,14 @@ Writes tests/fixtures/gmsa/{llama3,qwen2}/:
   adapter/               a GMSA adapter in sac's format (adapter_config.json,
                          adapter.safetensors): encoder LoRA on every linear layer of the
                          first ENCODER_LAYERS layers, and the LSA layer's own weights
+  adapter_stage2/        the same adapter after a stage 2: with a decoder LoRA on every
+                         linear layer of every layer (PEFT, random), `decoder_lora` in
+                         its config
   reference.safetensors  context and question ids, the encoder's last hidden states,
                          the pooled vectors, the soft tokens, the decoder's logits,
-                         and the loss of one autoencoding step (stage 1)
+                         the loss of one autoencoding step (stage 1), and with the
+                         decoder LoRA the logits for the question and the loss of one
+                         qa step (stage 2: the answer and EOS scored)
 
 What the official code does, and this script with it:
   encoder  the base model truncated to ENCODER_LAYERS layers (embeddings, layers,
@@ -61,6 +66,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CONTEXT = "The cat sat on the warm stone wall and watched the birds in the garden."
 QUESTION = "\n### Question: Where did the cat sit?\n### Answer:"
 RESTATE = "Restate the aforementioned Text."
+ANSWER = " on the wall"
 
 
 def load(model_dir: str, layers: int):
@@ -84,6 +90,21 @@ def group_merge(hidden: torch.Tensor, k: int) -> torch.Tensor:
     if n % k:
         parts.append(hidden[full:].mean(0, keepdim=True))
     return torch.cat(parts, 0)
+
+
+def lora_tensors(peft_model, prefix: str) -> dict:
+    """A PEFT model's LoRA as sac names it: `{prefix}.layers.{i}.{block}.{proj}.lora_{a|b}`,
+    transposed to [in, rank] and [rank, out]."""
+    tensors = {}
+    for n, p in peft_model.named_parameters():
+        if "lora_" not in n:
+            continue
+        # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.default.weight
+        parts = n.split(".")
+        layer, block, proj, which = parts[4], parts[5], parts[6], parts[7]
+        ours = "lora_a" if which == "lora_A" else "lora_b"
+        tensors[f"{prefix}.layers.{layer}.{block}.{proj}.{ours}"] = p.detach().t().contiguous()
+    return tensors
 
 
 def make(name: str, tok, bos_id: int, eos_id: int) -> None:
@@ -146,15 +167,33 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
             inputs_embeds=torch.cat([soft, read])[None], labels=torch.tensor([labels])
         ).loss
 
-    tensors = {}
-    for n, p in encoder.named_parameters():
-        if "lora_" not in n:
-            continue
-        # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.default.weight
-        parts = n.split(".")
-        layer, block, proj, which = parts[4], parts[5], parts[6], parts[7]
-        ours = "lora_a" if which == "lora_A" else "lora_b"
-        tensors[f"encoder.layers.{layer}.{block}.{proj}.{ours}"] = p.detach().t().contiguous()
+    # Stage 2: the decoder with its own LoRA (drawn after everything above, so
+    # the stage-1 fixtures stay as they were), reading the soft tokens too.
+    decoder = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    decoder.eval()
+    with torch.no_grad():
+        for n, p in decoder.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        answer = tok.encode(ANSWER, add_special_tokens=False).ids + [eos_id]
+        qa_logits = decoder(inputs_embeds=torch.cat([soft, prompt])[None]).logits[0]
+        read = base.model.embed_tokens(torch.tensor([question + answer]))[0]
+        labels = [-100] * (soft.shape[0] + len(question)) + answer
+        qa_loss = decoder(
+            inputs_embeds=torch.cat([soft, read])[None], labels=torch.tensor([labels])
+        ).loss
+
+    tensors = lora_tensors(encoder, "encoder")
     for n, p in lsa.model.layers.named_parameters():
         tensors[f"lsa.layers.{n}"] = p.detach().contiguous()
     save_file(tensors, os.path.join(adapter_dir, "adapter.safetensors"))
@@ -172,6 +211,21 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
         json.dump(config, f, indent=2)
         f.write("\n")
 
+    stage2_dir = os.path.join(out, "adapter_stage2")
+    os.makedirs(stage2_dir)
+    save_file(
+        {**tensors, **lora_tensors(decoder, "decoder")},
+        os.path.join(stage2_dir, "adapter.safetensors"),
+    )
+    config["decoder_lora"] = {
+        "rank": LORA_RANK,
+        "scale": LORA_ALPHA / LORA_RANK,
+        "targets": TARGETS,
+    }
+    with open(os.path.join(stage2_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
     save_file(
         {
             "context_ids": torch.tensor(context, dtype=torch.int64),
@@ -183,6 +237,9 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
             "restate_ids": torch.tensor(restate, dtype=torch.int64),
             "target_ids": torch.tensor(target, dtype=torch.int64),
             "autoencode_loss": autoencode_loss.reshape(1),
+            "answer_ids": torch.tensor(answer, dtype=torch.int64),
+            "qa_logits": qa_logits.contiguous(),
+            "qa_loss": qa_loss.reshape(1),
         },
         os.path.join(out, "reference.safetensors"),
     )

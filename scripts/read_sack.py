@@ -107,6 +107,12 @@ def check_soft(header, entries):
         raise SackError("soft_tokens.hidden is outside 1..=65536")
     if header.get("decoder", {}).get("prefix_embeddings"):
         raise SackError("decoder.prefix_embeddings come with K/V, not soft tokens")
+    adapter = header.get("decoder", {}).get("adapter")
+    if adapter is not None:
+        fingerprint, name = adapter.get("fingerprint"), adapter.get("id")
+        if not isinstance(fingerprint, str) or not isinstance(name, str) \
+                or not 1 <= len(fingerprint.encode()) <= 4096 or len(name.encode()) > 4096:
+            raise SackError("decoder.adapter needs an id and a fingerprint of at most 4096 bytes")
     segments, rows = set(), 0
     for e in entries:
         m = NAME.match(e["name"])
@@ -127,6 +133,8 @@ def check_soft(header, entries):
 
 def check_kv(header, entries):
     """A file of K/V: positions, keys and values for every set, slot and segment."""
+    if header.get("decoder", {}).get("adapter") is not None:
+        raise SackError("decoder.adapter comes with soft tokens, not K/V")
     model, layout = header["model"], header["kv"]["layout"]
     layers, heads, head_dim = model["layers"], model["kv_heads"], model["head_dim"]
     tokens = header["document"]["tokens"]

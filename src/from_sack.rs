@@ -5,15 +5,18 @@
 //! once, as input embeddings, and their K/V are the past questions read.
 
 use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
+use crate::adapter::{self, GmsaAdapter};
 use crate::error::Result;
+use crate::fingerprint::DigestCache;
 use crate::generate::DecoderContext;
 use crate::layout::prompt::{PromptFormat, PromptLayout};
 use crate::layout::{self, FitError};
-use crate::model::{Decoder, ForwardInput, HeadPairs, SharedKv};
-use crate::sack::{self, KeyRope, SackHeader, SackReader};
+use crate::model::{Decoder, ForwardInput, HeadPairs, ModelLora, SharedKv};
+use crate::sack::{self, KeyRope, SackHeader, SackReader, info};
 
 /// A .sack whose context this model cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +48,29 @@ pub enum ContextError {
         width: u32,
         hidden: usize,
     },
+    #[error(
+        "{file} is answered with the decoder LoRA of adapter {id} ({fingerprint}), which was not given"
+    )]
+    NeedsAdapter {
+        file: String,
+        id: String,
+        fingerprint: String,
+    },
+    #[error("{file} is answered by the base model alone, not with the adapter {}", dir.display())]
+    AdapterNotNeeded { file: String, dir: PathBuf },
+    #[error(
+        "{file} is answered with the decoder LoRA of adapter {named}, and {} is another ({found})",
+        dir.display()
+    )]
+    OtherAdapter {
+        file: String,
+        /// Its id and fingerprint.
+        named: String,
+        dir: PathBuf,
+        found: String,
+    },
+    #[error("the adapter {} has no decoder LoRA", .0.display())]
+    NoDecoderLora(PathBuf),
 }
 
 /// How the document of `header` was framed, so questions are framed alike.
@@ -62,12 +88,16 @@ pub fn layout(header: &SackHeader) -> PromptLayout {
 }
 
 /// Reads every layer of a .sack into the past the decoder attends to. Keys
-/// stored before RoPE are rotated here, at their document positions.
+/// stored before RoPE are rotated here, at their document positions. A file
+/// whose header names an adapter for the decoder is read with the decoder
+/// LoRA of `adapter`, which must be that adapter ([`decoder_lora`]).
 pub fn load_context<R: Read + Seek>(
     reader: &mut SackReader<R>,
     decoder: &Decoder,
+    adapter: Option<&Path>,
 ) -> Result<DecoderContext> {
     let header = reader.header().clone();
+    let lora = decoder_lora(&header, reader.file_name(), adapter, decoder)?;
     let c = decoder.config();
     let m = &header.model;
     if (m.layers as usize, m.kv_heads as usize, m.head_dim as usize)
@@ -89,7 +119,7 @@ pub fn load_context<R: Read + Seek>(
             }
             .into());
         }
-        return soft_context(reader, decoder, &header);
+        return soft_context(reader, decoder, &header, lora);
     }
     let first = header.decoder.first_position;
     let mut past = Vec::with_capacity(c.num_layers);
@@ -130,6 +160,7 @@ pub fn load_context<R: Read + Seek>(
         past,
         question_position,
         prefix,
+        lora: None,
     })
 }
 
@@ -139,6 +170,7 @@ fn soft_context<R: Read + Seek>(
     reader: &mut SackReader<R>,
     decoder: &Decoder,
     header: &SackHeader,
+    lora: Option<ModelLora>,
 ) -> Result<DecoderContext> {
     let c = decoder.config();
     // Rows as the directory lists them, checked before any is read.
@@ -165,22 +197,83 @@ fn soft_context<R: Read + Seek>(
     }
     let tokens = Tensor::from_vec(values, (n, c.hidden_size), decoder.device())?
         .to_dtype(decoder.dtype())?;
-    soft_past(decoder, &tokens, layout::position_id(first)?)
+    soft_past(decoder, &tokens, layout::position_id(first)?, lora)
 }
 
-/// The past of soft tokens `[n, hidden]` (in the model's dtype): the
-/// decoder's K/V over them, read as input embeddings from position `first`;
-/// the question follows at `first + n`. Positions are checked by the caller.
-pub fn soft_past(decoder: &Decoder, tokens: &Tensor, first: u32) -> Result<DecoderContext> {
+/// The decoder LoRA the answers of a .sack (`file`, with `header`) need:
+/// none when the header names no adapter, else that of the adapter in `dir`,
+/// which the user gives and whose fingerprint must be the one named. The
+/// file names its adapter; it never chooses one to load.
+pub fn decoder_lora(
+    header: &SackHeader,
+    file: &str,
+    dir: Option<&Path>,
+    decoder: &Decoder,
+) -> Result<Option<ModelLora>> {
+    let (named, dir) = match (&header.decoder.adapter, dir) {
+        (None, None) => return Ok(None),
+        (None, Some(dir)) => {
+            return Err(ContextError::AdapterNotNeeded {
+                file: file.into(),
+                dir: dir.to_path_buf(),
+            }
+            .into());
+        }
+        (Some(named), None) => {
+            return Err(ContextError::NeedsAdapter {
+                file: file.into(),
+                id: info::clean(&named.id),
+                fingerprint: info::clean(&named.fingerprint),
+            }
+            .into());
+        }
+        (Some(named), Some(dir)) => (named, dir),
+    };
+    let found = adapter::fingerprint(dir, &mut DigestCache::open_default())?;
+    if found != named.fingerprint {
+        return Err(ContextError::OtherAdapter {
+            file: file.into(),
+            named: format!(
+                "{} ({})",
+                info::clean(&named.id),
+                info::clean(&named.fingerprint)
+            ),
+            dir: dir.to_path_buf(),
+            found,
+        }
+        .into());
+    }
+    let c = decoder.config();
+    GmsaAdapter::load(dir, c, decoder.device(), decoder.dtype())?
+        .decoder_lora
+        .map(Some)
+        .ok_or_else(|| ContextError::NoDecoderLora(dir.to_path_buf()).into())
+}
+
+/// The past of soft tokens `[n, hidden]` (in the model's dtype): the K/V
+/// over them of the decoder (with `lora`, a GMSA adapter's decoder LoRA, if
+/// given), read as input embeddings from position `first`; the question
+/// follows at `first + n`, read with the same LoRA. Positions are checked by
+/// the caller.
+pub fn soft_past(
+    decoder: &Decoder,
+    tokens: &Tensor,
+    first: u32,
+    lora: Option<ModelLora>,
+) -> Result<DecoderContext> {
     let n = tokens.dim(0)?;
     let question_position = first as u64 + n as u64;
     let positions =
         Tensor::arange(first, question_position as u32, decoder.device())?.unsqueeze(0)?;
-    let out = decoder.forward(ForwardInput::causal(&tokens.unsqueeze(0)?, &positions))?;
+    let out = decoder.forward(ForwardInput {
+        lora: lora.as_ref(),
+        ..ForwardInput::causal(&tokens.unsqueeze(0)?, &positions)
+    })?;
     Ok(DecoderContext {
         past: out.kv.into_iter().map(SharedKv::from).collect(),
         question_position: layout::position_id(question_position)?,
         prefix: None,
+        lora,
     })
 }
 

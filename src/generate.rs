@@ -9,7 +9,9 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use crate::error::{InputError, Result};
 use crate::layout;
 use crate::layout::FitError;
-use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, KvCache, SharedKv, mask};
+use crate::model::{
+    AttentionMask, Decoder, ForwardInput, Kernels, KvCache, ModelLora, SharedKv, mask,
+};
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +45,9 @@ pub struct DecoderContext {
     /// Learned embeddings `[n, hidden]` read at the `n` positions just before
     /// the question: SAC's `[LM]`.
     pub prefix: Option<Tensor>,
+    /// LoRA the decoder reads and answers with: a GMSA adapter's, when its
+    /// second stage fine-tuned the decoder.
+    pub lora: Option<ModelLora>,
 }
 
 /// Why generation stopped.
@@ -106,6 +111,7 @@ pub struct Answerer<'a> {
     shared: Vec<SharedKv>,
     question_position: u32,
     prefix: Option<Tensor>,
+    lora: Option<ModelLora>,
     eos: Vec<u32>,
     stop_rule: Option<StopRule<'a>>,
 }
@@ -114,6 +120,7 @@ impl std::fmt::Debug for Answerer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Answerer")
             .field("question_position", &self.question_position)
+            .field("lora", &self.lora.is_some())
             .field("eos", &self.eos)
             .field("stop_rule", &self.stop_rule.is_some())
             .finish_non_exhaustive()
@@ -149,6 +156,7 @@ impl<'a> Answerer<'a> {
             shared: context.past,
             question_position: context.question_position,
             prefix: context.prefix,
+            lora: context.lora,
             eos: eos.to_vec(),
             stop_rule: None,
         })
@@ -240,7 +248,7 @@ impl<'a> Answerer<'a> {
                     .map_or(AttentionMask::Causal, AttentionMask::Additive),
                 shared: Some(&self.shared),
                 past: past.as_deref(),
-                lora: None,
+                lora: self.lora.as_ref(),
                 kernels: Kernels::Inference,
             })?;
             cache.append(&out.kv)?;

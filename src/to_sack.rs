@@ -9,9 +9,9 @@ use crate::layout::prompt::PromptLayout;
 use crate::layout::{FIRST_POSITION, SOFT_TOKENS_FIRST_POSITION};
 use crate::runtime::LoadedModel;
 use crate::sack::{
-    CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvInfo,
-    KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, SoftTokensInfo, TokenizerInfo,
-    now_rfc3339,
+    AdapterRef, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope,
+    KvInfo, KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, SoftTokensInfo,
+    TokenizerInfo, now_rfc3339,
 };
 
 /// The document being compressed, as the header records it.
@@ -24,11 +24,22 @@ pub struct DocumentFacts<'a> {
     pub layout: &'a PromptLayout,
 }
 
-/// The header of a .sack that `compressor` makes of `document` with `model`.
+/// The adapter a .sack is made with.
+#[derive(Debug, Clone)]
+pub struct UsedAdapter {
+    /// Its directory's name.
+    pub id: String,
+    pub fingerprint: String,
+    /// Whether answers need its decoder LoRA (a GMSA adapter's stage 2).
+    pub for_decoder: bool,
+}
+
+/// The header of a .sack that `compressor` makes of `document` with `model`
+/// (and `adapter`, if it has one).
 pub fn header(
     model: &LoadedModel,
     compressor: &dyn Strategy,
-    adapter_fingerprint: Option<String>,
+    adapter: Option<&UsedAdapter>,
     document: &DocumentFacts,
 ) -> Result<SackHeader> {
     let c = &model.config;
@@ -56,7 +67,7 @@ pub fn header(
             method: facts.method.name.into(),
             ratio: facts.ratio as f64,
             chunk_size: facts.chunk_size as u32,
-            adapter_fingerprint,
+            adapter_fingerprint: adapter.map(|a| a.fingerprint.clone()),
         },
         document: DocumentInfo::of_text(
             document.text.as_bytes(),
@@ -87,6 +98,10 @@ pub fn header(
                 before_document: document.layout.before_document.clone(),
                 before_question: document.layout.before_question.clone(),
                 after_question: document.layout.after_question.clone(),
+            }),
+            adapter: adapter.filter(|a| a.for_decoder).map(|a| AdapterRef {
+                id: a.id.clone(),
+                fingerprint: a.fingerprint.clone(),
             }),
         },
     })

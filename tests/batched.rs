@@ -53,6 +53,7 @@ fn a_batch_answers_as_each_question_alone() {
                     past: shared(&past),
                     question_position: len + 1,
                     prefix,
+                    lora: None,
                 },
                 m.tokenizer.eos(),
             )
@@ -97,6 +98,7 @@ fn stopping_one_row_stops_the_batch() {
             past: shared(&past),
             question_position: len + 1,
             prefix: None,
+            lora: None,
         },
         &[],
     )

@@ -62,6 +62,7 @@ fn uncompressed_greedy(
         past: out.kv.into_iter().map(SharedKv::from).collect(),
         question_position: ids.len() as u32,
         prefix: None,
+        lora: None,
     };
     assert!(context_len < n);
     let sampling = SamplingSettings {

@@ -1,10 +1,12 @@
 //! GMSA against HF transformers + PEFT following the official code
 //! (tests/fixtures/gmsa, made by scripts/make_gmsa_fixtures.py): the pooled
 //! vectors, the soft tokens, and the decoder's logits over the soft tokens
-//! and a question, and the loss of an autoencoding step, in f32; the
-//! gradients of that loss against finite differences in f64; then a GMSA
-//! .sack through the binary: compress, info, ask (one question, a batch, a
-//! pipe).
+//! and a question, and the loss of an autoencoding step, in f32; with a
+//! stage-2 decoder LoRA, the decoder's logits, the first token `ask`
+//! generates, and the loss of a qa step; the gradients of the autoencoding
+//! loss (encoder LoRA, alignment block, decoder LoRA) against finite
+//! differences in f64; then a GMSA .sack through the
+//! binary: compress, info, ask (one question, a batch, a pipe).
 
 mod common;
 
@@ -14,8 +16,10 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use sac::adapter::gmsa::GmsaAdapter;
 use sac::compress::gmsa::{group_merge, soft_tokens};
+use sac::from_sack::soft_past;
+use sac::generate::{Answerer, SamplingSettings};
 use sac::layout::prompt::PromptLayout;
-use sac::model::{self as model_, Decoder, ForwardInput, Kernels};
+use sac::model::{self as model_, Decoder, ForwardInput, Kernels, ModelLora};
 use sac::train::data::Sample;
 use sac::train::gmsa::sample_loss;
 
@@ -42,9 +46,21 @@ fn loaded(
     GmsaAdapter,
     HashMap<String, Tensor>,
 ) {
+    loaded_with(name, "adapter")
+}
+
+/// [`loaded`] with the adapter in the fixture's directory `adapter`.
+fn loaded_with(
+    name: &str,
+    adapter: &str,
+) -> (
+    sac::runtime::LoadedModel,
+    GmsaAdapter,
+    HashMap<String, Tensor>,
+) {
     let m = load_model_at(&fixture(name).join("model"));
     let adapter = GmsaAdapter::load(
-        &fixture(name).join("adapter"),
+        &fixture(name).join(adapter),
         &m.config,
         &Device::Cpu,
         DType::F32,
@@ -54,8 +70,14 @@ fn loaded(
 }
 
 /// The decoder's last hidden states `[1, m + n, hidden]` reading the soft
-/// tokens `[m, hidden]`, then `ids`, at positions 0.. without a gap.
-fn read_after_soft(decoder: &Decoder, soft: &Tensor, ids: &[u32]) -> Tensor {
+/// tokens `[m, hidden]`, then `ids`, at positions 0.. without a gap, with
+/// `lora` (a stage-2 decoder LoRA) if given.
+fn read_after_soft(
+    decoder: &Decoder,
+    soft: &Tensor,
+    ids: &[u32],
+    lora: Option<&ModelLora>,
+) -> Tensor {
     let ids = Tensor::new(ids, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -71,7 +93,10 @@ fn read_after_soft(decoder: &Decoder, soft: &Tensor, ids: &[u32]) -> Tensor {
         .unsqueeze(0)
         .unwrap();
     decoder
-        .forward(ForwardInput::causal(&embeds, &positions))
+        .forward(ForwardInput {
+            lora,
+            ..ForwardInput::causal(&embeds, &positions)
+        })
         .unwrap()
         .hidden
 }
@@ -97,10 +122,62 @@ fn soft_tokens_and_logits_match_transformers_and_peft() {
         let d = max_abs_diff(&soft, &r["soft_tokens"]);
         assert!(d <= TOLERANCE, "{name}: soft tokens differ by {d}");
 
-        let hidden = read_after_soft(&m.decoder, &soft, &ids(&r["question_ids"]));
+        let hidden = read_after_soft(&m.decoder, &soft, &ids(&r["question_ids"]), None);
         let logits = m.decoder.logits(&hidden.squeeze(0).unwrap()).unwrap();
         let d = max_abs_diff(&logits, &r["logits"]);
         assert!(d <= TOLERANCE, "{name}: logits differ by {d}");
+    }
+}
+
+#[test]
+fn a_stage_two_decoder_lora_matches_peft_in_logits_answer_and_loss() {
+    for name in ["llama3", "qwen2"] {
+        let (m, adapter, r) = loaded_with(name, "adapter_stage2");
+        let lora = adapter.decoder_lora.clone().expect("a decoder LoRA");
+        let (context, question) = (ids(&r["context_ids"]), ids(&r["question_ids"]));
+        let soft = soft_tokens(&m.decoder, &adapter, &context, Kernels::Inference).unwrap();
+        let d = max_abs_diff(&soft, &r["soft_tokens"]);
+        assert!(d <= TOLERANCE, "{name}: soft tokens differ by {d}");
+
+        let hidden = read_after_soft(&m.decoder, &soft, &question, Some(&lora));
+        let logits = m.decoder.logits(&hidden.squeeze(0).unwrap()).unwrap();
+        let d = max_abs_diff(&logits, &r["qa_logits"]);
+        assert!(
+            d <= TOLERANCE,
+            "{name}: logits with the decoder LoRA differ by {d}"
+        );
+
+        // `ask`'s path: the decoder's past over the soft tokens, then the
+        // question, both through the LoRA.
+        let context = soft_past(&m.decoder, &soft, 0, Some(lora)).unwrap();
+        let answerer = Answerer::new(&m.decoder, context, &[]).unwrap();
+        let sampling = SamplingSettings {
+            temperature: 0.0,
+            top_p: None,
+            seed: 0,
+            max_tokens: 1,
+        };
+        let first = answerer.answer(&question, &sampling, |_| Ok(true)).unwrap();
+        let last = r["qa_logits"]
+            .get(r["qa_logits"].dim(0).unwrap() - 1)
+            .unwrap();
+        let expected = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(first.tokens, [expected], "{name}: ask's first token");
+
+        let sample = Sample {
+            context: ids(&r["context_ids"]),
+            prompt: question,
+            target: ids(&r["answer_ids"]),
+        };
+        let loss = sample_loss(&m.decoder, &adapter, &sample, Kernels::Training)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let expected = r["qa_loss"].to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (loss - expected).abs() <= TOLERANCE,
+            "{name}: qa loss {loss}, transformers + PEFT {expected}"
+        );
     }
 }
 
@@ -133,8 +210,10 @@ fn an_autoencoding_loss_matches_transformers() {
     }
 }
 
+/// Through the stage-2 adapter, so that the gradients of the encoder's
+/// LoRA, the alignment block and the decoder's LoRA are all checked.
 #[test]
-fn the_autoencoding_gradients_match_finite_differences() {
+fn the_training_gradients_match_finite_differences() {
     let dir = fixture("qwen2");
     let files = model_::source::resolve(dir.join("model").to_str().unwrap(), None, None).unwrap();
     let model_::Layout::Hf(files) = files.layout else {
@@ -143,7 +222,7 @@ fn the_autoencoding_gradients_match_finite_differences() {
     let config = model_::ModelConfig::from_file(&files.config).unwrap();
     let decoder = model_::load_decoder(&files, config.clone(), &Device::Cpu, DType::F64).unwrap();
     let stored = candle_core::safetensors::load(
-        dir.join("adapter").join("adapter.safetensors"),
+        dir.join("adapter_stage2").join("adapter.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -156,7 +235,7 @@ fn the_autoencoding_gradients_match_finite_differences() {
             )
         })
         .collect();
-    let gmsa_config = sac::adapter::GmsaConfig::load(&dir.join("adapter")).unwrap();
+    let gmsa_config = sac::adapter::GmsaConfig::load(&dir.join("adapter_stage2")).unwrap();
     let mut sample = autoencode_sample(&reference("qwen2"));
     sample.context.truncate(10);
     sample.target = sample.context.clone();
@@ -175,6 +254,8 @@ fn the_autoencoding_gradients_match_finite_differences() {
         "encoder.layers.1.mlp.down_proj.lora_a",
         "lsa.layers.0.self_attn.v_proj.weight",
         "lsa.layers.0.mlp.up_proj.weight",
+        "decoder.layers.0.mlp.gate_proj.lora_b",
+        "decoder.layers.3.self_attn.k_proj.lora_a",
     ] {
         let (_, v) = vars.iter().find(|(n, _)| n == trainable).unwrap();
         let analytic = common::gradient(&grads, v, &format!("no gradient reaches {trainable}"));
@@ -225,7 +306,7 @@ fn greedy(decoder: &Decoder, soft: &Tensor, question: &[u32], eos: &[u32]) -> Ve
     let mut read = question.to_vec();
     let mut answer = Vec::new();
     while answer.len() < MAX_TOKENS {
-        let hidden = read_after_soft(decoder, soft, &read);
+        let hidden = read_after_soft(decoder, soft, &read, None);
         let len = hidden.dim(1).unwrap();
         let last = hidden.narrow(1, len - 1, 1).unwrap();
         let next = decoder

@@ -101,7 +101,7 @@ fn pre_rope_keys_are_rotated_on_load() {
         writer.finish().unwrap();
 
         let load = |path| {
-            sac::from_sack::load_context(&mut SackReader::open(path).unwrap(), &model.decoder)
+            sac::from_sack::load_context(&mut SackReader::open(path).unwrap(), &model.decoder, None)
                 .unwrap()
         };
         let (a, b) = (load(&rotated), load(&plain));

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::Context;
+use sac::sack::SackReader;
 use sac::train::metrics;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-
-use anyhow::Context;
 
 use crate::common::run;
 use crate::squad::{Document, Question};
@@ -36,6 +36,14 @@ impl Setting {
             .skip(1)
             .map(|flag| format!("--{flag}"))
             .collect()
+    }
+
+    /// The value of `compress` flag `name` in the spec, if it has one.
+    fn flag(&self, name: &str) -> Option<&str> {
+        self.spec
+            .split('+')
+            .skip(1)
+            .find_map(|flag| flag.strip_prefix(name)?.strip_prefix('='))
     }
 }
 
@@ -190,14 +198,20 @@ pub fn evaluate(
             .map(|q| json!({"id": q.id, "question": q.question}).to_string())
             .collect();
         std::fs::write(&questions, batch.join("\n"))?;
-        let out = run(Command::new(sac)
-            .arg("ask")
+        let mut ask = Command::new(sac);
+        ask.arg("ask")
             .arg(&sack)
             .args(["-m".as_ref(), model.as_os_str()])
             .arg("--batch")
             .arg(&questions)
             .args(["--max-tokens", &asking.max_tokens.to_string()])
-            .args(["--stop", asking.stop]))?;
+            .args(["--stop", asking.stop]);
+        // A GMSA file whose decoder was fine-tuned is answered with its adapter.
+        if SackReader::open(&sack)?.header().decoder.adapter.is_some() {
+            ask.arg("--adapter")
+                .arg(setting.flag("adapter").unwrap_or_default());
+        }
+        let out = run(&mut ask)?;
         let by_id: HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|line| {

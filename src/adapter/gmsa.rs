@@ -8,6 +8,9 @@
 //!   whole layers named as a model's (`input_layernorm.weight`,
 //!   `self_attn.q_proj.weight`, ...), trained from copies of the base
 //!   model's first layers.
+//! - `decoder.layers.{i}.{self_attn|mlp}.{proj}.lora_{a|b}`: with
+//!   `decoder_lora` in the config (stage 2), LoRA on the decoder, every
+//!   layer of the base model, which `sac ask` then answers with.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -44,6 +47,20 @@ pub struct GmsaConfig {
     /// The encoder's adapted projections by name (PEFT's `all-linear` is
     /// all seven).
     pub lora_targets: Vec<String>,
+    /// The decoder's LoRA, trained by stage 2; absent when the decoder is
+    /// the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_lora: Option<DecoderLora>,
+}
+
+/// The shape of the decoder's LoRA, on every layer of the base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderLora {
+    pub rank: usize,
+    /// `alpha / rank`.
+    pub scale: f64,
+    /// The adapted projections by name.
+    pub targets: Vec<String>,
 }
 
 impl GmsaConfig {
@@ -63,12 +80,20 @@ impl GmsaConfig {
         if self.merge_size == 0 || self.lora_rank == 0 {
             return Err(AdapterProblem::NotPositive("merge_size and lora_rank"));
         }
+        if self.decoder_lora.as_ref().is_some_and(|d| d.rank == 0) {
+            return Err(AdapterProblem::NotPositive("decoder_lora.rank"));
+        }
+        let decoder_targets = self.decoder_lora.iter().flat_map(|d| &d.targets);
         if let Some(t) = self
             .lora_targets
             .iter()
+            .chain(decoder_targets)
             .find(|t| LoraTarget::from_name(t).is_none())
         {
-            return Err(AdapterProblem::UnknownTarget(t.clone()));
+            return Err(AdapterProblem::UnknownTarget {
+                name: t.clone(),
+                known: LoraTarget::names(&LoraTarget::ALL),
+            });
         }
         Ok(())
     }
@@ -109,6 +134,8 @@ pub struct GmsaAdapter {
     pub encoder_lora: ModelLora,
     /// The alignment block.
     pub lsa: Layers,
+    /// LoRA on every layer of the decoder, when stage 2 trained one.
+    pub decoder_lora: Option<ModelLora>,
 }
 
 impl GmsaAdapter {
@@ -137,6 +164,20 @@ impl GmsaAdapter {
             model,
             dtype,
         )?;
+        let decoder_lora = match &config.decoder_lora {
+            Some(d) => Some(ModelLora {
+                layers: lora_layers(
+                    &mut tensors,
+                    "decoder.",
+                    model.num_layers,
+                    &LoraTarget::from_names(&d.targets),
+                    (d.rank, d.scale),
+                    model,
+                    dtype,
+                )?,
+            }),
+            None => None,
+        };
         let (lsa, rest): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
             .into_iter()
             .partition(|(name, _)| name.starts_with("lsa."));
@@ -161,6 +202,7 @@ impl GmsaAdapter {
             config,
             encoder_lora: ModelLora { layers },
             lsa,
+            decoder_lora,
         })
     }
 }

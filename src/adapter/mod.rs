@@ -189,8 +189,8 @@ pub enum AdapterProblem {
         chunk_size: usize,
         ratio: usize,
     },
-    #[error("LoRA target `{0}` is not supported (only q_proj, k_proj, v_proj and o_proj)")]
-    UnknownTarget(String),
+    #[error("LoRA target `{name}` is not supported (only {})", known.join(", "))]
+    UnknownTarget { name: String, known: Vec<String> },
     #[error("has no `{WEIGHTS_FILE}`")]
     NoWeights,
     #[error("unreadable weights")]

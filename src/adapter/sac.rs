@@ -309,7 +309,10 @@ pub(super) fn validate_config(c: &AdapterConfig) -> std::result::Result<(), Adap
         .iter()
         .find(|t| LoraTarget::from_name(t).is_none_or(|t| !t.is_attention()))
     {
-        return Err(AdapterProblem::UnknownTarget(t.clone()));
+        return Err(AdapterProblem::UnknownTarget {
+            name: t.clone(),
+            known: LoraTarget::names(&LoraTarget::ATTENTION),
+        });
     }
     Ok(())
 }

@@ -267,6 +267,12 @@ pub struct AskArgs {
     #[command(flatten)]
     pub placement: Placement,
 
+    /// The adapter directory a .sack made with a GMSA adapter whose decoder
+    /// was fine-tuned (stage 2) is answered with; `sac info` names it. It
+    /// must be that adapter (its fingerprint is checked).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
     /// Most tokens to generate per answer.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
@@ -341,7 +347,9 @@ pub struct TrainArgs {
     #[arg(long, default_value = "sac", value_parser = choices(TRAIN_METHODS))]
     pub method: TrainMethod,
 
-    /// What the decoder learns. Default: pretrain for sac, autoencode for gmsa.
+    /// What the decoder learns. Default: pretrain for sac, autoencode for
+    /// gmsa. gmsa's qa (its second stage) fine-tunes the decoder as a LoRA,
+    /// the compressor of the --init adapter frozen.
     #[arg(long, value_parser = choices(STAGES))]
     pub stage: Option<Stage>,
 
@@ -366,13 +374,15 @@ pub struct TrainArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: Option<u32>,
 
-    /// LoRA rank. Default: the --init adapter's, else 128.
+    /// LoRA rank (for gmsa's qa stage, the decoder's). Default: the --init
+    /// adapter's, else 128 (16 for gmsa's decoder).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub lora_rank: Option<u32>,
 
     /// Projections LoRA adapts, comma-separated: sac's attention
-    /// projections, gmsa's any linear layer. Default: the --init adapter's,
-    /// else q_proj,v_proj for sac (the paper's), all seven for gmsa.
+    /// projections, gmsa's any linear layer (its encoder's, or in the qa
+    /// stage its decoder's). Default: the --init adapter's, else
+    /// q_proj,v_proj for sac (the paper's), all seven for gmsa.
     #[arg(
         long,
         value_name = "PROJ,...",

@@ -3,6 +3,7 @@
 
 use sac::Error;
 use sac::compress::{SettingsError, settings};
+use sac::from_sack::ContextError;
 use sac::train::SetupError;
 
 /// `err` with the first library error in its chain that a flag can fix
@@ -35,6 +36,12 @@ fn flag_advice(error: &Error) -> Option<String> {
             format!("the gradient norm is {norm}; the loss diverged (try a lower --lr)")
         }
         Error::NothingToPretrain { .. } => format!("{error} (--min-context)"),
+        Error::Context(ContextError::NeedsAdapter { .. }) => {
+            format!("{error}: pass --adapter DIR")
+        }
+        Error::Context(ContextError::AdapterNotNeeded { .. }) => {
+            format!("{error}: leave out --adapter")
+        }
         Error::NoCuda => {
             "this sac was built without CUDA; rebuild with `--features cuda` or use --device cpu"
                 .into()
@@ -107,6 +114,10 @@ fn setup_advice(error: &SetupError) -> Option<String> {
         SetupError::SettingNotFor { setting, method } => {
             format!("--{setting} applies to --method {method} only")
         }
+        SetupError::NeedsInit { method, stage } => format!(
+            "--method {method} --stage {stage} fine-tunes the decoder of a trained compressor: \
+             pass --init with an adapter of its first stage (--stage autoencode)"
+        ),
         SetupError::InitMethod { found, method } => {
             format!("the --init adapter is {found}'s, not --method {method}'s")
         }

@@ -119,7 +119,7 @@ fn ask<R: Read + Seek>(
     let stops = stop_strings(args, reader.header(), &layout);
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
-    let context = from_sack::load_context(&mut reader, &model.decoder)?;
+    let context = from_sack::load_context(&mut reader, &model.decoder, args.adapter.as_deref())?;
     drop(reader);
     if let Some(differs) = forced {
         eprintln!("sac: warning: {differs}; answering anyway (--force)");

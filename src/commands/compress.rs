@@ -14,7 +14,7 @@ use sac::fingerprint::DigestCache;
 use sac::layout::prompt::{PromptFormat, PromptLayout};
 use sac::runtime::LoadedModel;
 use sac::sack::{SackWriter, Sink, WriteOptions};
-use sac::to_sack::{self, DocumentFacts};
+use sac::to_sack::{self, DocumentFacts, UsedAdapter};
 use sac::tokens::TextTokenizer;
 
 /// Where the .sack goes.
@@ -104,10 +104,16 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
                 model.decoder.device(),
                 model.decoder.dtype(),
             )?;
-            Some((
-                a,
-                adapter::fingerprint(dir, &mut DigestCache::open_default())?,
-            ))
+            let used = UsedAdapter {
+                id: dir
+                    .file_name()
+                    .unwrap_or(dir.as_os_str())
+                    .to_string_lossy()
+                    .into_owned(),
+                fingerprint: adapter::fingerprint(dir, &mut DigestCache::open_default())?,
+                for_decoder: matches!(&a, adapter::Loaded::Gmsa(g) if g.decoder_lora.is_some()),
+            };
+            Some((a, used))
         }
         None => None,
     };
@@ -140,7 +146,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
     let header = to_sack::header(
         &model,
         compressor.strategy(),
-        adapter.as_ref().map(|(_, fp)| fp.clone()),
+        adapter.as_ref().map(|(_, used)| used),
         &document,
     )?;
     let progress = progress_bar(compressor.strategy(), ids.len(), args.quiet);

@@ -257,6 +257,14 @@ fn write_human(s: &Summary<'_>, out: &mut impl Write) -> std::io::Result<()> {
         )?,
         _ => write_kept(s, out)?,
     }
+    if let Some(a) = &h.decoder.adapter {
+        writeln!(
+            out,
+            "decoder     with the LoRA of adapter {} ({}), which answers need",
+            clean(&a.id),
+            clean(&a.fingerprint)
+        )?;
+    }
     match &h.decoder.prompt {
         None => writeln!(
             out,

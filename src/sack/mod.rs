@@ -26,8 +26,8 @@ pub use encoding::{Compression, Dtype, Encoding, Floats, KvEncoding, TensorValue
 pub use error::{Result, SackError};
 pub use format::directory::{KeptSet, KvSlot, TensorEntry, TensorName};
 pub use format::header::{
-    CompressorInfo, DecoderInfo, DocumentInfo, KeptLayout, KeyRope, KvInfo, ModelInfo, PromptInfo,
-    SackHeader, SoftTokensInfo, TokenizerInfo, now_rfc3339,
+    AdapterRef, CompressorInfo, DecoderInfo, DocumentInfo, KeptLayout, KeyRope, KvInfo, ModelInfo,
+    PromptInfo, SackHeader, SoftTokensInfo, TokenizerInfo, now_rfc3339,
 };
 pub use info::InfoFormat;
 pub use reader::{DecodedTensor, HeadKv, SackReader, StoredLayer};

@@ -57,12 +57,18 @@ pub fn evaluate(
                         .collect(),
                     question_position: layout::question_position(ids.len())?,
                     prefix: prefix.clone(),
+                    lora: None,
                 })
             })
         }
         Loaded::Gmsa(adapter) => Box::new(move |ids| {
             let tokens = soft_tokens(decoder, adapter, ids, Kernels::Inference)?;
-            soft_past(decoder, &tokens, SOFT_TOKENS_FIRST_POSITION)
+            soft_past(
+                decoder,
+                &tokens,
+                SOFT_TOKENS_FIRST_POSITION,
+                adapter.decoder_lora.clone(),
+            )
         }),
     };
     let (mut em, mut f) = (0.0, 0.0);

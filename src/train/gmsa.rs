@@ -4,8 +4,9 @@
 //! (autoencoding) asks it to restate the context ([`RESTATE`], the context
 //! and EOS as target) with the decoder frozen, so that the encoder's LoRA and
 //! the alignment block learn to pack the context; stage 2 scores answers to
-//! questions. `sac train --method gmsa --stage autoencode` runs stage 1;
-//! the objective is checked against HF transformers and finite differences
+//! questions with the compressor frozen, the decoder reading everything
+//! through its own LoRA. `sac train --method gmsa --stage autoencode` runs
+//! stage 1, `--stage qa --init STAGE1_ADAPTER` stage 2; the objective is checked against HF transformers and finite differences
 //! (`tests/gmsa.rs`).
 
 use candle_core::Tensor;
@@ -35,6 +36,7 @@ pub fn sample_loss(
     let len = embeds.dim(1)? as u32;
     let positions = Tensor::arange(0u32, len, decoder.device())?.unsqueeze(0)?;
     let out = decoder.forward(ForwardInput {
+        lora: adapter.decoder_lora.as_ref(),
         kernels,
         ..ForwardInput::causal(&embeds, &positions)
     })?;

@@ -3,7 +3,8 @@
 //! cross-entropy through the frozen decoder reading the anchors' K/V (docs/method.md,
 //! "Training: two stages"); or GMSA's compressor (the encoder's LoRA and the
 //! alignment block) by autoencoding through the frozen decoder reading the
-//! soft tokens ([`gmsa`]).
+//! soft tokens ([`gmsa`]), then its decoder's LoRA on questions with the
+//! compressor frozen.
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
 //! each; per sample, the compressor runs the context chunk by chunk on the
@@ -64,6 +65,11 @@ pub const DEFAULT_LSA_LAYERS: usize = 1;
 pub const DEFAULT_MERGE_SIZE: usize = 4;
 /// GMSA's LoRA alpha (the official script's); the scale is alpha / rank.
 pub const GMSA_LORA_ALPHA: f64 = 32.0;
+/// LoRA rank of GMSA's decoder in stage 2 (the official code fine-tunes
+/// the whole decoder; a LoRA keeps the adapter portable).
+pub const DEFAULT_DECODER_LORA_RANK: usize = 16;
+/// Where a GMSA adapter's decoder LoRA tensors are named.
+pub const DECODER_PREFIX: &str = "decoder.";
 
 /// The compressor a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +90,18 @@ impl TrainMethod {
     pub fn stages(self) -> &'static [Stage] {
         match self {
             TrainMethod::Sac => &[Stage::Pretrain, Stage::Qa],
-            TrainMethod::Gmsa => &[Stage::Autoencode],
+            TrainMethod::Gmsa => &[Stage::Autoencode, Stage::Qa],
+        }
+    }
+
+    /// Whether `stage` trains the adapter tensor `name`; the others stay
+    /// at the `--init` adapter's values. GMSA's qa stage (its second) trains
+    /// the decoder's LoRA alone, and its autoencoding everything else; SAC's
+    /// stages train everything.
+    pub fn trains(self, stage: Stage, name: &str) -> bool {
+        match self {
+            TrainMethod::Sac => true,
+            TrainMethod::Gmsa => name.starts_with(DECODER_PREFIX) == (stage == Stage::Qa),
         }
     }
 
@@ -236,6 +253,8 @@ impl<'a> Trainer<'a> {
         let plan = setup::plan(&settings, train.len());
         let identity = setup::identity(&settings, &config, &plan, model)?;
         let device = model.decoder.device();
+        let (method, stage) = (settings.method, settings.stage);
+        let trains = move |name: &str| method.trains(stage, name);
         let (params, optimizer, step) = if settings.resume {
             let saved = checkpoint::load(&settings.out, device)?;
             if let Some((name, was, now)) = checkpoint::first_difference(&saved.run, &identity) {
@@ -255,8 +274,16 @@ impl<'a> Trainer<'a> {
                 }
                 .into());
             }
+            // The checkpoint holds what the run trains; the rest is the
+            // --init adapter's, which the run's identity pins.
+            let mut tensors = saved.params;
+            for (name, t) in init.into_iter().flat_map(|(_, tensors)| tensors) {
+                if !trains(&name) {
+                    tensors.entry(name).or_insert(t);
+                }
+            }
             let params =
-                Trainables::from_tensors(saved.adapter, saved.params, &model.config, device)?;
+                Trainables::from_tensors(saved.adapter, tensors, &model.config, device, trains)?;
             let optimizer = AdamW::restore(
                 &params.vars(),
                 settings.weight_decay,
@@ -267,8 +294,14 @@ impl<'a> Trainer<'a> {
             (params, optimizer, saved.step)
         } else {
             let params = match init {
-                Some((_, tensors)) => {
-                    Trainables::from_tensors(config, tensors, &model.config, device)?
+                Some((_, mut tensors)) => {
+                    // What the --init adapter lacks (the decoder LoRA of
+                    // GMSA's second stage) starts fresh.
+                    let fresh = params::fresh_tensors(&config, &model.decoder, settings.seed)?;
+                    for (name, t) in fresh {
+                        tensors.entry(name).or_insert(t);
+                    }
+                    Trainables::from_tensors(config, tensors, &model.config, device, trains)?
                 }
                 None => Trainables::init(config, &model.decoder, settings.seed)?,
             };

@@ -2,7 +2,9 @@
 //! frozen base model runs in; the forward pass sees them through a cast to
 //! the model's dtype, which gradients flow back through. SAC's: role
 //! embeddings, `[AE]`/`[LM]`, LoRA A/B. GMSA's: the encoder's LoRA A/B and
-//! the alignment block's weights.
+//! the alignment block's weights, then (stage 2) the decoder's LoRA A/B
+//! with those frozen: a run trains the tensors its stage trains, and keeps
+//! the rest as plain tensors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +16,7 @@ use crate::adapter::{self, AdapterError, Config, GmsaAdapter, Loaded, SacAdapter
 use crate::error::{Error, InputError, Result};
 use crate::model::{Decoder, LoraTarget, ModelConfig};
 
-use super::{Stream, rng};
+use super::{DECODER_PREFIX, Stream, rng};
 
 /// Standard deviation of the role embeddings at initialisation (the paper's).
 const ROLE_STD: f64 = 0.02;
@@ -25,6 +27,8 @@ const ROLE_STD: f64 = 0.02;
 pub struct Trainables {
     config: Config,
     vars: Vec<(String, Var)>,
+    /// The adapter's tensors this run does not train.
+    frozen: HashMap<String, Tensor>,
 }
 
 impl Trainables {
@@ -36,88 +40,39 @@ impl Trainables {
     /// of a real token. GMSA's alignment block starts as a copy of the
     /// model's first layers, as the official code's does.
     pub fn init(config: Config, decoder: &Decoder, seed: u64) -> Result<Self> {
-        let model = decoder.config();
-        let h = model.hidden_size;
-        let mut shapes: Vec<(String, Vec<usize>, Init)> = Vec::new();
-        let (prefix, layers, targets, rank) = match &config {
-            Config::Sac(c) => {
-                let (mean, std) = embedding_stats(decoder)?;
-                shapes.push((
-                    "role_tokens".into(),
-                    vec![c.mem_size, h],
-                    Init::Normal(0.0, ROLE_STD),
-                ));
-                shapes.push(("special_tokens".into(), vec![2, h], Init::Normal(mean, std)));
-                ("", model.num_layers, c.targets(), c.lora_rank)
-            }
-            Config::Gmsa(c) => {
-                for layer in 0..c.lsa_layers {
-                    for (name, tensor) in decoder.layer_tensors(layer) {
-                        let name = format!("lsa.layers.{layer}.{name}");
-                        shapes.push((name, tensor.dims().to_vec(), Init::Copy(tensor)));
-                    }
-                }
-                let targets = LoraTarget::from_names(&c.lora_targets);
-                ("encoder.", c.encoder_layers, targets, c.lora_rank)
-            }
-        };
-        for i in 0..layers {
-            for &target in &targets {
-                let (inputs, outputs) = target.features(model);
-                let bound = 1.0 / (inputs as f64).sqrt();
-                let p = format!("{prefix}{}", target.tensor_stem(i));
-                shapes.push((
-                    format!("{p}.lora_a"),
-                    vec![inputs, rank],
-                    Init::Uniform(bound),
-                ));
-                shapes.push((format!("{p}.lora_b"), vec![rank, outputs], Init::Zeros));
-            }
-        }
-        shapes.sort_by(|a, b| a.0.cmp(&b.0));
-        let device = decoder.device();
-        let mut tensors = HashMap::new();
-        for (index, (name, shape, init)) in shapes.into_iter().enumerate() {
-            let n = shape.iter().product();
-            let mut r = rng(seed, Stream::Init, index as u64);
-            let values: Vec<f32> = match init {
-                Init::Normal(mean, std) => {
-                    let d = Normal::new(mean, std).map_err(|e| init_error(&name, e))?;
-                    (0..n).map(|_| d.sample(&mut r) as f32).collect()
-                }
-                Init::Uniform(bound) => {
-                    let d = Uniform::new(-bound, bound).map_err(|e| init_error(&name, e))?;
-                    (0..n).map(|_| d.sample(&mut r) as f32).collect()
-                }
-                Init::Zeros => vec![0.0; n],
-                Init::Copy(tensor) => {
-                    tensors.insert(name, tensor.to_dtype(DType::F32)?);
-                    continue;
-                }
-            };
-            tensors.insert(name, Tensor::from_vec(values, shape, device)?);
-        }
-        Self::from_tensors(config, tensors, model, device)
+        let tensors = fresh_tensors(&config, decoder, seed)?;
+        Self::from_tensors(config, tensors, decoder.config(), decoder.device(), |_| {
+            true
+        })
     }
 
-    /// Variables holding `tensors` (named as in `adapter.safetensors`), after
-    /// checking them against the model.
+    /// Variables holding the tensors (named as in `adapter.safetensors`)
+    /// that `trains` names, the others kept frozen, after checking them all
+    /// against the model.
     pub fn from_tensors(
         config: Config,
         tensors: HashMap<String, Tensor>,
         model: &ModelConfig,
         device: &Device,
+        trains: impl Fn(&str) -> bool,
     ) -> Result<Self> {
         build(&config, tensors.clone(), model, DType::F32)?;
-        let mut vars = tensors
-            .into_iter()
-            .map(|(name, t)| {
-                let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
-                Ok((name, Var::from_tensor(&t)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut vars = Vec::new();
+        let mut frozen = HashMap::new();
+        for (name, t) in tensors {
+            let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
+            if trains(&name) {
+                vars.push((name, Var::from_tensor(&t)?));
+            } else {
+                frozen.insert(name, t);
+            }
+        }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Trainables { config, vars })
+        Ok(Trainables {
+            config,
+            vars,
+            frozen,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -155,10 +110,12 @@ impl Trainables {
         adapter::save(dir, &self.config, self.tensors(Var::as_detached_tensor))
     }
 
+    /// Every tensor of the adapter, the variables' as `tensor` gives them.
     fn tensors(&self, tensor: impl Fn(&Var) -> Tensor) -> HashMap<String, Tensor> {
         self.vars
             .iter()
             .map(|(n, v)| (n.clone(), tensor(v)))
+            .chain(self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())))
             .collect()
     }
 }
@@ -180,6 +137,84 @@ fn build(
                 .map_err(AdapterError::Invalid)?,
         ),
     })
+}
+
+/// A fresh adapter's tensors (see [`Trainables::init`]).
+pub fn fresh_tensors(
+    config: &Config,
+    decoder: &Decoder,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
+    let model = decoder.config();
+    let h = model.hidden_size;
+    let mut shapes: Vec<(String, Vec<usize>, Init)> = Vec::new();
+    // LoRA groups: (tensor prefix, layers, targets, rank).
+    let mut loras = Vec::new();
+    match config {
+        Config::Sac(c) => {
+            let (mean, std) = embedding_stats(decoder)?;
+            shapes.push((
+                "role_tokens".into(),
+                vec![c.mem_size, h],
+                Init::Normal(0.0, ROLE_STD),
+            ));
+            shapes.push(("special_tokens".into(), vec![2, h], Init::Normal(mean, std)));
+            loras.push(("", model.num_layers, c.targets(), c.lora_rank));
+        }
+        Config::Gmsa(c) => {
+            for layer in 0..c.lsa_layers {
+                for (name, tensor) in decoder.layer_tensors(layer) {
+                    let name = format!("lsa.layers.{layer}.{name}");
+                    shapes.push((name, tensor.dims().to_vec(), Init::Copy(tensor)));
+                }
+            }
+            let targets = LoraTarget::from_names(&c.lora_targets);
+            loras.push(("encoder.", c.encoder_layers, targets, c.lora_rank));
+            if let Some(d) = &c.decoder_lora {
+                let targets = LoraTarget::from_names(&d.targets);
+                loras.push((DECODER_PREFIX, model.num_layers, targets, d.rank));
+            }
+        }
+    }
+    for (prefix, layers, targets, rank) in loras {
+        for i in 0..layers {
+            for &target in &targets {
+                let (inputs, outputs) = target.features(model);
+                let bound = 1.0 / (inputs as f64).sqrt();
+                let p = format!("{prefix}{}", target.tensor_stem(i));
+                shapes.push((
+                    format!("{p}.lora_a"),
+                    vec![inputs, rank],
+                    Init::Uniform(bound),
+                ));
+                shapes.push((format!("{p}.lora_b"), vec![rank, outputs], Init::Zeros));
+            }
+        }
+    }
+    shapes.sort_by(|a, b| a.0.cmp(&b.0));
+    let device = decoder.device();
+    let mut tensors = HashMap::new();
+    for (index, (name, shape, init)) in shapes.into_iter().enumerate() {
+        let n = shape.iter().product();
+        let mut r = rng(seed, Stream::Init, index as u64);
+        let values: Vec<f32> = match init {
+            Init::Normal(mean, std) => {
+                let d = Normal::new(mean, std).map_err(|e| init_error(&name, e))?;
+                (0..n).map(|_| d.sample(&mut r) as f32).collect()
+            }
+            Init::Uniform(bound) => {
+                let d = Uniform::new(-bound, bound).map_err(|e| init_error(&name, e))?;
+                (0..n).map(|_| d.sample(&mut r) as f32).collect()
+            }
+            Init::Zeros => vec![0.0; n],
+            Init::Copy(tensor) => {
+                tensors.insert(name, tensor.to_dtype(DType::F32)?);
+                continue;
+            }
+        };
+        tensors.insert(name, Tensor::from_vec(values, shape, device)?);
+    }
+    Ok(tensors)
 }
 
 enum Init {

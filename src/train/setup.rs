@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use crate::adapter::gmsa::DecoderLora;
 use crate::adapter::{self, AdapterConfig, Config, GmsaAdapter, GmsaConfig, SacAdapter};
 use crate::error::{Error, Result};
 use crate::fingerprint::DigestCache;
@@ -25,9 +26,9 @@ use super::data::TrainSet;
 use super::gmsa::RESTATE;
 use super::schedule::Schedule;
 use super::{
-    DEFAULT_ENCODER_LAYERS, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS, DEFAULT_LSA_LAYERS,
-    DEFAULT_MERGE_SIZE, GMSA_LORA_ALPHA, LORA_SCALE, Length, Plan, Stage, TrainMethod,
-    TrainSettings, checkpoint, log,
+    DEFAULT_DECODER_LORA_RANK, DEFAULT_ENCODER_LAYERS, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS,
+    DEFAULT_LSA_LAYERS, DEFAULT_MERGE_SIZE, GMSA_LORA_ALPHA, LORA_SCALE, Length, Plan, Stage,
+    TrainMethod, TrainSettings, checkpoint, log,
 };
 
 /// Why a run cannot start as asked. The settings are named as
@@ -49,6 +50,13 @@ pub enum SetupError {
     SettingNotFor {
         setting: &'static str,
         method: &'static str,
+    },
+    #[error(
+        "{method}'s {stage} stage trains the decoder of a trained compressor, and no adapter to start from was given"
+    )]
+    NeedsInit {
+        method: &'static str,
+        stage: &'static str,
     },
     #[error("the initial adapter is {found}'s, not {method}'s")]
     InitMethod {
@@ -151,6 +159,13 @@ pub fn check_method(settings: &TrainSettings) -> Result<()> {
             method: method.name(),
             stage: settings.stage.name(),
             stages: method.stages().iter().map(|s| s.name()).collect(),
+        }
+        .into());
+    }
+    if method == TrainMethod::Gmsa && settings.stage == Stage::Qa && settings.init.is_none() {
+        return Err(SetupError::NeedsInit {
+            method: method.name(),
+            stage: settings.stage.name(),
         }
         .into());
     }
@@ -350,12 +365,39 @@ pub fn adapter_config(
                 Config::Gmsa(c) => Some(c),
                 Config::Sac(_) => None,
             });
+            // The LoRA flags shape the LoRA the stage trains: the encoder's
+            // in stage 1, the decoder's in stage 2.
+            let stage2 = settings.stage == Stage::Qa;
+            let (encoder_rank, encoder_targets) = match stage2 {
+                true => (None, None),
+                false => (settings.lora_rank, targets),
+            };
             let lora_rank = pick(
-                settings.lora_rank,
+                encoder_rank,
                 init.map(|c| c.lora_rank),
                 DEFAULT_LORA_RANK,
                 "lora-rank",
             )?;
+            let init_decoder = init.and_then(|c| c.decoder_lora.as_ref());
+            let decoder_lora = if stage2 {
+                let rank = pick(
+                    settings.lora_rank,
+                    init_decoder.map(|d| d.rank),
+                    DEFAULT_DECODER_LORA_RANK,
+                    "lora-rank",
+                )?;
+                Some(DecoderLora {
+                    rank,
+                    scale: init_decoder.map_or(GMSA_LORA_ALPHA / rank as f64, |d| d.scale),
+                    targets: pick_targets(
+                        targets,
+                        init_decoder.map(|d| d.targets.as_slice()),
+                        &LoraTarget::ALL,
+                    )?,
+                })
+            } else {
+                init_decoder.cloned()
+            };
             Config::Gmsa(GmsaConfig {
                 method: crate::compress::gmsa::METHOD.name.into(),
                 base_model,
@@ -379,10 +421,11 @@ pub fn adapter_config(
                 lora_rank,
                 lora_scale: init.map_or(GMSA_LORA_ALPHA / lora_rank as f64, |c| c.lora_scale),
                 lora_targets: pick_targets(
-                    targets,
+                    encoder_targets,
                     init.map(|c| c.lora_targets.as_slice()),
                     &LoraTarget::ALL,
                 )?,
+                decoder_lora,
             })
         }
     })
@@ -424,13 +467,20 @@ pub fn identity(
     let w = settings.window;
     let (chunk_size, encoder_layers, lsa_layers, lora_rank, lora_targets) = match config {
         Config::Sac(c) => (Some(c.chunk_size), None, None, c.lora_rank, &c.lora_targets),
-        Config::Gmsa(c) => (
-            None,
-            Some(c.encoder_layers),
-            Some(c.lsa_layers),
-            c.lora_rank,
-            &c.lora_targets,
-        ),
+        Config::Gmsa(c) => {
+            // The LoRA the run trains: the decoder's in stage 2.
+            let (rank, targets) = match (&c.decoder_lora, settings.stage) {
+                (Some(d), Stage::Qa) => (d.rank, &d.targets),
+                _ => (c.lora_rank, &c.lora_targets),
+            };
+            (
+                None,
+                Some(c.encoder_layers),
+                Some(c.lsa_layers),
+                rank,
+                targets,
+            )
+        }
     };
     let id = RunIdentity {
         method: settings.method.name(),

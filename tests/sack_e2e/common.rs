@@ -2,9 +2,9 @@
 //! deterministic files in every layout.
 
 use sac::sack::{
-    CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope, KvEncoding,
-    KvInfo, KvSlot, ModelInfo, SackHeader, SackWriter, Sink, SoftTokensInfo, TokenizerInfo,
-    WriteOptions,
+    AdapterRef, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope,
+    KvEncoding, KvInfo, KvSlot, ModelInfo, SackHeader, SackWriter, Sink, SoftTokensInfo,
+    TokenizerInfo, WriteOptions,
 };
 
 /// splitmix64: deterministic data without a dependency.
@@ -141,11 +141,15 @@ pub fn sample(layout: KeptLayout, encoding: KvEncoding, zstd_level: Option<i32>)
 }
 
 /// A small valid file of soft tokens in memory: three segments of 1 to 5
-/// rows of width 8.
+/// rows of width 8; the zstd-packed ones name an adapter for the decoder.
 pub fn soft_sample(encoding: KvEncoding, zstd_level: Option<i32>) -> Vec<u8> {
     let mut h = header(KeptLayout::Shared, 2, 2, 8);
     h.soft_tokens = Some(SoftTokensInfo { hidden: 8 });
     h.compressor.method = "gmsa".into();
+    h.decoder.adapter = zstd_level.map(|_| AdapterRef {
+        id: "gmsa-4".into(),
+        fingerprint: "blake3:89ab".into(),
+    });
     let mut bytes = Vec::new();
     let options = WriteOptions {
         encoding,

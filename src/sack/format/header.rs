@@ -64,7 +64,26 @@ pub struct DecoderInfo {
     /// layout. Since minor version 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<PromptInfo>,
+    /// The adapter whose LoRA the decoder reads soft tokens and answers
+    /// with (a GMSA adapter whose second stage fine-tuned the decoder). It
+    /// names the adapter so that a reader can ask the user for it; a reader
+    /// never loads an adapter on a file's word. Since minor version 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterRef>,
 }
+
+/// An adapter, by name and fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterRef {
+    /// A name for people: the adapter directory's name when the file was made.
+    pub id: String,
+    /// The adapter's fingerprint (its weights and config, hashed as a
+    /// model's files are); a reader refuses an adapter whose differs.
+    pub fingerprint: String,
+}
+
+/// Longest adapter id or fingerprint a header may hold, in bytes.
+pub const MAX_ADAPTER_NAME: usize = 4096;
 
 /// How the document and a question were framed: the text before the
 /// document (after BOS in the `raw` layout), between the document and the
@@ -214,7 +233,9 @@ pub const MAX_TOKENS: u64 = 1 << 32;
 impl SackHeader {
     /// The lowest format minor version whose members this header uses.
     pub fn minor_version(&self) -> u16 {
-        if self.soft_tokens.is_some() {
+        if self.decoder.adapter.is_some() {
+            4
+        } else if self.soft_tokens.is_some() {
             3
         } else if self.decoder.prompt.is_some() || self.model.file.is_some() {
             2
@@ -292,6 +313,20 @@ impl SackHeader {
                 return Err(
                     "header decoder.prefix_embeddings come with K/V, not soft tokens".into(),
                 );
+            }
+        }
+        if let Some(adapter) = &self.decoder.adapter {
+            if self.soft_tokens.is_none() {
+                return Err("header decoder.adapter comes with soft tokens, not K/V".into());
+            }
+            if adapter.fingerprint.is_empty()
+                || adapter.fingerprint.len() > MAX_ADAPTER_NAME
+                || adapter.id.len() > MAX_ADAPTER_NAME
+            {
+                return Err(format!(
+                    "header decoder.adapter needs a fingerprint, and an id and fingerprint of \
+                     at most {MAX_ADAPTER_NAME} bytes"
+                ));
             }
         }
         if let Some(prompt) = &self.decoder.prompt {
@@ -421,6 +456,29 @@ pub(crate) mod tests {
         let mut long = h.clone();
         long.decoder.prompt.as_mut().unwrap().after_question = "x".repeat(MAX_PROMPT_TEXT + 1);
         assert!(long.validate().unwrap_err().contains("over"));
+    }
+
+    #[test]
+    fn a_decoder_adapter_needs_soft_tokens_and_minor_version_4() {
+        let mut h = sample(KeptLayout::Shared);
+        h.soft_tokens = Some(SoftTokensInfo { hidden: 64 });
+        h.decoder.adapter = Some(AdapterRef {
+            id: "gmsa-4".into(),
+            fingerprint: "blake3:0123".into(),
+        });
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(serde_json::from_str::<SackHeader>(&json).unwrap(), h);
+        assert_eq!(h.minor_version(), 4);
+        h.validate().unwrap();
+        let mut kv = h.clone();
+        kv.soft_tokens = None;
+        assert!(kv.validate().unwrap_err().contains("not K/V"));
+        let mut nameless = h.clone();
+        nameless.decoder.adapter.as_mut().unwrap().fingerprint = String::new();
+        assert!(nameless.validate().is_err());
+        let mut long = h;
+        long.decoder.adapter.as_mut().unwrap().id = "x".repeat(MAX_ADAPTER_NAME + 1);
+        assert!(long.validate().is_err());
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// optional header fields, which older readers ignore; a file gets the lowest
 /// minor that has the fields it uses ([`SackHeader::minor_version`]).
 /// 1 added `model.revision`, 2 `decoder.prompt` and `model.file`, 3
-/// `soft_tokens` (with `soft.s{S}` tensors in place of K/V).
-pub const FORMAT_MINOR: u16 = 3;
+/// `soft_tokens` (with `soft.s{S}` tensors in place of K/V), 4
+/// `decoder.adapter`.
+pub const FORMAT_MINOR: u16 = 4;
 
 /// Size of the preamble: magic, major, minor, header length.
 pub const PREAMBLE_LEN: u64 = 16;
