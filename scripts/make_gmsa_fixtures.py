@@ -92,6 +92,18 @@ def group_merge(hidden: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+def lora_config() -> LoraConfig:
+    """The official code's LoRA: every linear layer (PEFT's all-linear)."""
+    return LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
 def lora_tensors(peft_model, prefix: str) -> dict:
     """A PEFT model's LoRA as sac names it: `{prefix}.layers.{i}.{block}.{proj}.lora_{a|b}`,
     transposed to [in, rank] and [rank, out]."""
@@ -127,17 +139,7 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
     g = torch.Generator().manual_seed(sum(map(ord, name)) * 104729)
 
     encoder = load(model_dir, ENCODER_LAYERS)
-    encoder = get_peft_model(
-        encoder,
-        LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    encoder = get_peft_model(encoder, lora_config())
     with torch.no_grad():
         for n, p in encoder.named_parameters():
             if "lora_" in n:
@@ -169,17 +171,7 @@ def make(name: str, tok, bos_id: int, eos_id: int) -> None:
 
     # Stage 2: the decoder with its own LoRA (drawn after everything above, so
     # the stage-1 fixtures stay as they were), reading the soft tokens too.
-    decoder = get_peft_model(
-        copy.deepcopy(base),
-        LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    decoder = get_peft_model(copy.deepcopy(base), lora_config())
     decoder.eval()
     with torch.no_grad():
         for n, p in decoder.named_parameters():
