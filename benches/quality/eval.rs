@@ -26,6 +26,33 @@ pub struct Setting {
 }
 
 impl Setting {
+    /// `spec` at each of `ratios`, or only at the ratio its own `+ratio=N`
+    /// names (a trained adapter runs at its ratio alone).
+    pub fn at_ratios(spec: &str, ratios: &[usize]) -> anyhow::Result<Vec<Setting>> {
+        let mut parts = spec.split('+');
+        let method = parts.next().unwrap_or_default();
+        let (fixed, flags): (Vec<&str>, Vec<&str>) =
+            parts.partition(|flag| flag.starts_with("ratio="));
+        let spec = std::iter::once(method)
+            .chain(flags)
+            .collect::<Vec<_>>()
+            .join("+");
+        Ok(match fixed.as_slice() {
+            [] => ratios
+                .iter()
+                .map(|&r| Setting {
+                    spec: spec.clone(),
+                    ratio: Some(r),
+                })
+                .collect(),
+            [ratio] => vec![Setting {
+                spec,
+                ratio: Some(ratio["ratio=".len()..].parse().context("a ratio")?),
+            }],
+            _ => anyhow::bail!("{spec}: more than one +ratio="),
+        })
+    }
+
     fn method(&self) -> &str {
         self.spec.split('+').next().unwrap_or_default()
     }

@@ -57,7 +57,8 @@ struct Args {
     layouts: Vec<PromptFormat>,
     #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
     ratios: Vec<usize>,
-    /// Compressors run at every ratio, as METHOD[+FLAG=VALUE...].
+    /// Compressors run at every ratio, as METHOD[+FLAG=VALUE...]; one with
+    /// `+ratio=N` runs at N alone (`gmsa+adapter=DIR+ratio=8`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -210,12 +211,7 @@ fn main() -> anyhow::Result<()> {
         },
     ];
     for method in &args.methods {
-        for &ratio in &args.ratios {
-            settings.push(Setting {
-                spec: method.clone(),
-                ratio: Some(ratio),
-            });
-        }
+        settings.extend(Setting::at_ratios(method, &args.ratios)?);
     }
     let earlier: Vec<Row> = match args.reuse {
         true => eval::earlier_rows(&args.out.join("results.json"))?,
@@ -230,7 +226,8 @@ fn main() -> anyhow::Result<()> {
                 Some(r) => format!("{}-r{r}", setting.spec),
                 None => setting.spec.clone(),
             };
-            let work = args.out.join(layout).join(name);
+            // An adapter's path, as one directory name.
+            let work = args.out.join(layout).join(name.replace('/', "_"));
             let again = earlier.iter().find(|r| {
                 (r.row.as_str(), r.layout.as_str(), r.ratio)
                     == (&setting.spec, layout, setting.ratio)
