@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""sac beside llama.cpp and HF transformers on SmolLM2-135M-Instruct, in one run.
+
+What a user compares: making a .sack of a document (`sac compress`, each compressor)
+against re-prefilling the document in llama.cpp (`llama-bench -p N -n 0`) or transformers
+(one forward pass, logits of the last position only); decoding from a .sack (`sac ask`)
+against llama.cpp's token generation after a prompt of the same length; and `sac ask`'s
+whole-process time to its first token from a ratio-4 .sack of the longest document.
+
+Run from the repository root on an idle machine, after `cargo build --release`,
+`scripts/fetch_smollm2.sh` and `scripts/build_llamacpp.sh`:
+
+    .venv/bin/python scripts/bench_llamacpp.py --sizes 512,2048,4096,8192 --repeats 3
+
+The GGUF (Q4_1) is dequantized once by llama-quantize to F32 and BF16 files (cached in
+target/llamacpp), since sac runs it in f32. Documents are SQuAD v1.1 dev paragraphs
+(CC BY-SA 4.0), cut to the size. Runs of all tools are alternated, round after round;
+the table holds medians, and the ratio is sac's rate over the peer's (above 1: sac is
+faster). Threads: all cores for every tool. Prints a markdown table.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GGUF = os.path.join(ROOT, "target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+SAC = os.path.join(ROOT, "target/release/sac")
+ITEMS = os.path.join(ROOT, "benches/quality/items/dev.jsonl")
+COMPRESSORS = ["full", "uniform", "snapkv", "kvzip"]
+
+
+def run(cmd, **kw):
+    """Runs `cmd` under /usr/bin/time; returns (stdout, stderr, seconds, peak RSS MiB)."""
+    started = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, **kw)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    lines = out.stderr.rstrip("\n").split("\n")
+    return out.stdout, "\n".join(lines[:-1]), seconds, int(lines[-1]) / 1024
+
+
+def llamacpp_bin() -> str:
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts/build_llamacpp.sh")],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def dequantized(bin_dir: str, kind: str) -> str:
+    path = os.path.join(ROOT, f"target/llamacpp/SmolLM2-135M-Instruct.{kind}.gguf")
+    if not os.path.exists(path):
+        subprocess.run([os.path.join(bin_dir, "llama-quantize"), "--allow-requantize",
+                        GGUF, path + ".part", kind], check=True, capture_output=True)
+        os.replace(path + ".part", path)
+    return path
+
+
+def document(words: int) -> str:
+    """The first `words` words of the dev split's paragraphs, in order."""
+    text = []
+    with open(ITEMS) as f:
+        for line in f:
+            text.extend(json.loads(line)["text"].split())
+            if len(text) >= words:
+                break
+    return " ".join(text[:words])
+
+
+def sized_document(tokens: int, workdir: str) -> str:
+    """A document file whose raw-layout context has about `tokens` SmolLM2 tokens."""
+    path = os.path.join(workdir, f"doc{tokens}.txt")
+    words = int(tokens * 0.75)
+    for _ in range(6):
+        with open(path, "w") as f:
+            f.write(document(words))
+        _, err, _, _ = run([SAC, "compress", path, "-m", GGUF, "--compressor", "uniform",
+                            "--ratio", "64", "-o", os.path.join(workdir, "probe.sack")])
+        got = int(re.search(r": (\d+) tokens,", err).group(1))
+        if abs(got - tokens) <= tokens // 100:
+            return path
+        words = int(words * tokens / got)
+    return path
+
+
+def sac_compress(doc: str, compressor: str, out: str):
+    flags = [] if compressor == "full" else ["--ratio", "4"]
+    _, err, _, rss = run([SAC, "compress", doc, "-m", GGUF, "--compressor", compressor,
+                          "-o", out] + flags)
+    return float(re.search(r", (\d+) tokens/s", err).group(1)), rss
+
+
+def llama_bench(bin_dir: str, model: str, threads: int, args):
+    out, _, _, rss = run([os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads),
+                          "-r", "1", "-o", "json"] + args)
+    return json.loads(out)[0]["avg_ts"], rss
+
+
+def hf_prefill(tokens: int, threads: int):
+    """transformers: one forward pass over `tokens` tokens (last logits only), seconds."""
+    code = f"""
+import time, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads({threads})
+m = AutoModelForCausalLM.from_pretrained({os.path.dirname(GGUF)!r}, gguf_file={os.path.basename(GGUF)!r},
+                                         dtype=torch.float32)
+ids = torch.randint(100, 40000, (1, {tokens}), generator=torch.Generator().manual_seed(0))
+with torch.inference_mode():
+    m(ids[:, :16], logits_to_keep=1)
+    t = time.perf_counter(); m(ids, logits_to_keep=1); print(time.perf_counter() - t)
+"""
+    out, _, _, rss = run([os.path.join(ROOT, ".venv/bin/python"), "-c", code])
+    return tokens / float(out.strip().splitlines()[-1]), rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="512,2048,4096,8192")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--compressors", default=",".join(COMPRESSORS))
+    ap.add_argument("--no-transformers", action="store_true")
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    compressors = a.compressors.split(",")
+    bin_dir = llamacpp_bin()
+    f32, bf16 = dequantized(bin_dir, "F32"), dequantized(bin_dir, "BF16")
+    os.environ["RAYON_NUM_THREADS"] = str(a.threads)
+    rates, rss = {}, {}
+
+    def note(key, value):
+        rates.setdefault(key, []).append(value[0])
+        rss[key] = max(rss.get(key, 0), value[1])
+
+    with tempfile.TemporaryDirectory() as work:
+        docs = {n: sized_document(n, work) for n in sizes}
+        full_sack = os.path.join(work, "full1024.sack")
+        run([SAC, "compress", sized_document(1024, work), "-m", GGUF, "--compressor", "full",
+             "-o", full_sack])
+        longest = os.path.join(work, "longest-r4.sack")
+        run([SAC, "compress", docs[max(sizes)], "-m", GGUF, "--compressor", "uniform",
+             "--ratio", "4", "-o", longest])
+        for round_ in range(a.repeats):
+            print(f"round {round_ + 1} of {a.repeats}", file=sys.stderr)
+            for n in sizes:
+                for c in compressors:
+                    note(("sac", c, n), sac_compress(docs[n], c, os.path.join(work, "x.sack")))
+                note(("llama.cpp f32", "prefill", n), llama_bench(bin_dir, f32, a.threads, ["-p", str(n), "-n", "0"]))
+                note(("llama.cpp bf16", "prefill", n), llama_bench(bin_dir, bf16, a.threads, ["-p", str(n), "-n", "0"]))
+                if not a.no_transformers:
+                    note(("transformers f32", "prefill", n), hf_prefill(n, a.threads))
+            out, _, _, mem = run([SAC, "ask", full_sack, "Summarise the text.", "--json",
+                                  "--max-tokens", "128"])
+            note(("sac", "decode", 1024), (json.loads(out)["tokens_per_s"], mem))
+            note(("llama.cpp f32", "decode", 1024),
+                 llama_bench(bin_dir, f32, a.threads, ["-p", "0", "-n", "128", "-d", "1024"]))
+            _, _, seconds, mem = run([SAC, "ask", longest, "Who is it about?", "--max-tokens", "1"])
+            note(("sac", "ask, whole process, to first token", max(sizes)), (1.0 / seconds, mem))
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print("| work | tokens | sac | llama.cpp f32 | sac / llama.cpp f32 | llama.cpp bf16 | transformers f32 | peak RSS MiB (sac) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        peer = med.get(("llama.cpp f32", "prefill", n))
+        bf = med.get(("llama.cpp bf16", "prefill", n))
+        hf = med.get(("transformers f32", "prefill", n))
+        for c in compressors:
+            ours = med[("sac", c, n)]
+            print(f"| compress {c} | {n} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | {bf:.0f} | "
+                  f"{hf:.0f} | {rss[('sac', c, n)]:.0f} |" if hf else
+                  f"| compress {c} | {n} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | {bf:.0f} | - | "
+                  f"{rss[('sac', c, n)]:.0f} |")
+    ours, peer = med[("sac", "decode", 1024)], med[("llama.cpp f32", "decode", 1024)]
+    print(f"| decode 128 after 1,024 | 1024 | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | - | - | "
+          f"{rss[('sac', 'decode', 1024)]:.0f} |")
+    seconds = 1.0 / med[("sac", "ask, whole process, to first token", max(sizes))]
+    print(f"| `sac ask` to first token, ratio-4 .sack, whole process | {max(sizes)} | {seconds:.2f} s | - | - | - | - | "
+          f"{rss[('sac', 'ask, whole process, to first token', max(sizes))]:.0f} |")
+    print(f"\n{a.repeats} alternated rounds, medians; {a.threads} threads; "
+          f"llama.cpp {os.path.basename(os.path.dirname(bin_dir))}.")
+
+
+if __name__ == "__main__":
+    main()
