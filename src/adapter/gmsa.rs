@@ -26,6 +26,9 @@ use crate::compress::gmsa::METHOD as GMSA;
 use crate::error::Result;
 use crate::model::{Layers, LoraTarget, ModelConfig, ModelLora};
 
+/// The prefix of the decoder LoRA's tensor names.
+pub const DECODER_PREFIX: &str = "decoder.";
+
 /// A GMSA `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GmsaConfig {
@@ -168,7 +171,7 @@ impl GmsaAdapter {
             Some(d) => Some(ModelLora {
                 layers: lora_layers(
                     &mut tensors,
-                    "decoder.",
+                    DECODER_PREFIX,
                     model.num_layers,
                     &LoraTarget::from_names(&d.targets),
                     (d.rank, d.scale),

@@ -37,6 +37,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::adapter::gmsa::DECODER_PREFIX;
 use crate::error::{Error, Result};
 use crate::model::LoraTarget;
 use crate::runtime::LoadedModel;
@@ -68,8 +69,6 @@ pub const GMSA_LORA_ALPHA: f64 = 32.0;
 /// LoRA rank of GMSA's decoder in stage 2 (the official code fine-tunes
 /// the whole decoder; a LoRA keeps the adapter portable).
 pub const DEFAULT_DECODER_LORA_RANK: usize = 16;
-/// Where a GMSA adapter's decoder LoRA tensors are named.
-pub const DECODER_PREFIX: &str = "decoder.";
 
 /// The compressor a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,10 +296,11 @@ impl<'a> Trainer<'a> {
                 Some((_, mut tensors)) => {
                     // What the --init adapter lacks (the decoder LoRA of
                     // GMSA's second stage) starts fresh.
-                    let fresh = params::fresh_tensors(&config, &model.decoder, settings.seed)?;
-                    for (name, t) in fresh {
-                        tensors.entry(name).or_insert(t);
-                    }
+                    let fresh =
+                        params::fresh_tensors(&config, &model.decoder, settings.seed, |n| {
+                            !tensors.contains_key(n)
+                        })?;
+                    tensors.extend(fresh);
                     Trainables::from_tensors(config, tensors, &model.config, device, trains)?
                 }
                 None => Trainables::init(config, &model.decoder, settings.seed)?,

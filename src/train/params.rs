@@ -12,11 +12,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand_distr::{Distribution, Normal, Uniform};
 
+use crate::adapter::gmsa::DECODER_PREFIX;
 use crate::adapter::{self, AdapterError, Config, GmsaAdapter, Loaded, SacAdapter};
 use crate::error::{Error, InputError, Result};
 use crate::model::{Decoder, LoraTarget, ModelConfig};
 
-use super::{DECODER_PREFIX, Stream, rng};
+use super::{Stream, rng};
 
 /// Standard deviation of the role embeddings at initialisation (the paper's).
 const ROLE_STD: f64 = 0.02;
@@ -40,7 +41,7 @@ impl Trainables {
     /// of a real token. GMSA's alignment block starts as a copy of the
     /// model's first layers, as the official code's does.
     pub fn init(config: Config, decoder: &Decoder, seed: u64) -> Result<Self> {
-        let tensors = fresh_tensors(&config, decoder, seed)?;
+        let tensors = fresh_tensors(&config, decoder, seed, |_| true)?;
         Self::from_tensors(config, tensors, decoder.config(), decoder.device(), |_| {
             true
         })
@@ -139,11 +140,15 @@ fn build(
     })
 }
 
-/// A fresh adapter's tensors (see [`Trainables::init`]).
+/// A fresh adapter's tensors (see [`Trainables::init`]), those `wanted`
+/// names only. Each tensor draws from its own stream, numbered by its place
+/// among all of the adapter's, so a tensor is the same whichever others are
+/// wanted.
 pub fn fresh_tensors(
     config: &Config,
     decoder: &Decoder,
     seed: u64,
+    wanted: impl Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>> {
     let model = decoder.config();
     let h = model.hidden_size;
@@ -152,13 +157,12 @@ pub fn fresh_tensors(
     let mut loras = Vec::new();
     match config {
         Config::Sac(c) => {
-            let (mean, std) = embedding_stats(decoder)?;
             shapes.push((
                 "role_tokens".into(),
                 vec![c.mem_size, h],
                 Init::Normal(0.0, ROLE_STD),
             ));
-            shapes.push(("special_tokens".into(), vec![2, h], Init::Normal(mean, std)));
+            shapes.push(("special_tokens".into(), vec![2, h], Init::LikeTokens));
             loras.push(("", model.num_layers, c.targets(), c.lora_rank));
         }
         Config::Gmsa(c) => {
@@ -195,12 +199,20 @@ pub fn fresh_tensors(
     let device = decoder.device();
     let mut tensors = HashMap::new();
     for (index, (name, shape, init)) in shapes.into_iter().enumerate() {
+        if !wanted(&name) {
+            continue;
+        }
         let n = shape.iter().product();
         let mut r = rng(seed, Stream::Init, index as u64);
+        let mut normal = |mean, std| -> Result<Vec<f32>> {
+            let d = Normal::new(mean, std).map_err(|e| init_error(&name, e))?;
+            Ok((0..n).map(|_| d.sample(&mut r) as f32).collect())
+        };
         let values: Vec<f32> = match init {
-            Init::Normal(mean, std) => {
-                let d = Normal::new(mean, std).map_err(|e| init_error(&name, e))?;
-                (0..n).map(|_| d.sample(&mut r) as f32).collect()
+            Init::Normal(mean, std) => normal(mean, std)?,
+            Init::LikeTokens => {
+                let (mean, std) = embedding_stats(decoder)?;
+                normal(mean, std)?
             }
             Init::Uniform(bound) => {
                 let d = Uniform::new(-bound, bound).map_err(|e| init_error(&name, e))?;
@@ -219,6 +231,8 @@ pub fn fresh_tensors(
 
 enum Init {
     Normal(f64, f64),
+    /// N(mean, std) of the model's token embeddings (read only if drawn).
+    LikeTokens,
     Uniform(f64),
     Zeros,
     Copy(Tensor),
