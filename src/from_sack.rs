@@ -202,14 +202,33 @@ fn soft_context<R: Read + Seek>(
 
 /// The decoder LoRA the answers of a .sack (`file`, with `header`) need:
 /// none when the header names no adapter, else that of the adapter in `dir`,
-/// which the user gives and whose fingerprint must be the one named. The
-/// file names its adapter; it never chooses one to load.
+/// checked by [`check_adapter`].
 pub fn decoder_lora(
     header: &SackHeader,
     file: &str,
     dir: Option<&Path>,
     decoder: &Decoder,
 ) -> Result<Option<ModelLora>> {
+    let Some(dir) = check_adapter(header, file, dir)? else {
+        return Ok(None);
+    };
+    let c = decoder.config();
+    GmsaAdapter::load(dir, c, decoder.device(), decoder.dtype())?
+        .decoder_lora
+        .map(Some)
+        .ok_or_else(|| ContextError::NoDecoderLora(dir.to_path_buf()).into())
+}
+
+/// The adapter directory the answers of a .sack (`file`, with `header`)
+/// are read with: none when the header names no adapter, else `dir`, which
+/// the user gives and whose fingerprint must be the one named. The file
+/// names its adapter; it never chooses one to load. Nothing is loaded, so
+/// `ask` checks this before the model.
+pub fn check_adapter<'a>(
+    header: &SackHeader,
+    file: &str,
+    dir: Option<&'a Path>,
+) -> Result<Option<&'a Path>> {
     let (named, dir) = match (&header.decoder.adapter, dir) {
         (None, None) => return Ok(None),
         (None, Some(dir)) => {
@@ -243,11 +262,7 @@ pub fn decoder_lora(
         }
         .into());
     }
-    let c = decoder.config();
-    GmsaAdapter::load(dir, c, decoder.device(), decoder.dtype())?
-        .decoder_lora
-        .map(Some)
-        .ok_or_else(|| ContextError::NoDecoderLora(dir.to_path_buf()).into())
+    Ok(Some(dir))
 }
 
 /// The past of soft tokens `[n, hidden]` (in the model's dtype): the K/V

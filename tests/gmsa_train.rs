@@ -327,6 +327,11 @@ fn stage_two_trains_the_decoder_lora_alone_and_ask_needs_that_adapter() {
         cmd
     };
     assert_fails(&mut ask(&[]), "which was not given: pass --adapter DIR");
+    // Refused before any model is looked for.
+    assert_fails(
+        &mut ask(&["--model", "/nonexistent/model"]),
+        "which was not given: pass --adapter DIR",
+    );
     assert_fails(&mut ask(&["--adapter", s(&stage1)]), "is another");
     let answer: Value =
         serde_json::from_slice(&run_ok(&mut ask(&["--adapter", s(&whole)]))).unwrap();

@@ -58,7 +58,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
     ratios: Vec<usize>,
     /// Compressors run at every ratio, as METHOD[+FLAG=VALUE...]; one with
-    /// `+ratio=N` runs at N alone (`gmsa+adapter=DIR+ratio=8`).
+    /// `+ratio=N` runs at N alone (`gmsa+adapter=DIR+ratio=8`). `--methods ''`
+    /// runs only the `none` and `full` rows.
     #[arg(
         long,
         value_delimiter = ',',
@@ -210,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             ratio: None,
         },
     ];
-    for method in &args.methods {
+    for method in args.methods.iter().filter(|m| !m.is_empty()) {
         settings.extend(Setting::at_ratios(method, &args.ratios)?);
     }
     let earlier: Vec<Row> = match args.reuse {

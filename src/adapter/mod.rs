@@ -29,8 +29,8 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 
 /// What an adapter's config says of the model it was trained on.
 pub trait TrainedOn {
-    /// A Hub id, or a model directory, absolute or relative to the
-    /// adapter's own directory.
+    /// A Hub id, or a model directory or GGUF file, absolute or relative to
+    /// the adapter's own directory.
     fn base_model(&self) -> &str;
 
     fn base_model_fingerprint(&self) -> Option<&str>;
@@ -51,12 +51,13 @@ pub trait TrainedOn {
     }
 
     /// [`TrainedOn::base_model`] for `--model`, with a relative model
-    /// directory taken from `dir`, the adapter's directory. Anything else
-    /// (a Hub id, an absolute path) is returned as it is.
+    /// directory or GGUF file taken from `dir`, the adapter's directory, when
+    /// it is there. Anything else (a Hub id, an absolute path) is returned as
+    /// it is.
     fn base_model_from(&self, dir: &Path) -> String {
         let path = Path::new(self.base_model());
         let beside = dir.join(path);
-        if path.is_relative() && beside.is_dir() {
+        if path.is_relative() && beside.exists() {
             beside.to_string_lossy().into_owned()
         } else {
             self.base_model().to_string()

@@ -370,6 +370,11 @@ mod tests {
         let beside = config("../model").base_model_from(&adapter);
         assert!(Path::new(&beside).is_dir(), "{beside}");
         assert!(beside.starts_with(&*adapter.to_string_lossy()));
+        // A GGUF file beside the adapter, likewise.
+        std::fs::write(root.path().join("model.gguf"), b"GGUF").unwrap();
+        let file = config("../model.gguf").base_model_from(&adapter);
+        assert!(Path::new(&file).is_file(), "{file}");
+        assert!(file.starts_with(&*adapter.to_string_lossy()));
         // Not a directory beside the adapter: a Hub id (or a path relative
         // to where sac runs), kept as written.
         assert_eq!(config("owner/name").base_model_from(&adapter), "owner/name");

@@ -114,6 +114,8 @@ fn ask<R: Read + Seek>(
     settings: &AskSettings,
     mut reader: SackReader<R>,
 ) -> anyhow::Result<()> {
+    // A missing or wrong --adapter is refused before the model loads.
+    from_sack::check_adapter(reader.header(), reader.file_name(), args.adapter.as_deref())?;
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
     let layout = from_sack::layout(reader.header());
     let stops = stop_strings(args, reader.header(), &layout);
