@@ -6,7 +6,8 @@
 //!
 //! `cargo bench --bench quality -- [--split dev|tune] [--questions N]
 //! [--quick] [--layouts raw,chat] [--ratios 2,4,8,16]
-//! [--methods kvzip,snapkv+head-budget=shared,...] [--peers FILE...]`.
+//! [--methods kvzip,snapkv+head-budget=shared,...] [--no-baselines]
+//! [--peers FILE...]`.
 //!
 //! Writes OUT/results.{md,json}, each row's answers in
 //! OUT/LAYOUT/ROW-rRATIO/answers.jsonl, and OUT/prompts.json: the token ids
@@ -66,6 +67,9 @@ struct Args {
         default_value = "kvzip,snapkv,streaming,uniform"
     )]
     methods: Vec<String>,
+    /// Leave out the `none` and `full` rows (a learning curve of adapters).
+    #[arg(long)]
+    no_baselines: bool,
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
@@ -201,16 +205,15 @@ fn main() -> anyhow::Result<()> {
         args.split.name()
     );
 
-    let mut settings = vec![
-        Setting {
-            spec: "none".into(),
-            ratio: None,
-        },
-        Setting {
-            spec: "full".into(),
-            ratio: None,
-        },
-    ];
+    let mut settings = match args.no_baselines {
+        true => Vec::new(),
+        false => ["none", "full"]
+            .map(|spec| Setting {
+                spec: spec.into(),
+                ratio: None,
+            })
+            .into(),
+    };
     for method in args.methods.iter().filter(|m| !m.is_empty()) {
         settings.extend(Setting::at_ratios(method, &args.ratios)?);
     }
