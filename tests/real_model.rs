@@ -31,9 +31,16 @@ fn smollm2() -> &'static Path {
     })
 }
 
-fn squad() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/squad/oil_crisis.json");
+/// A paragraph of tests/fixtures/squad with one of its questions.
+fn squad_item(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/squad")
+        .join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn squad() -> Value {
+    squad_item("oil_crisis")
 }
 
 #[test]
@@ -99,6 +106,39 @@ fn a_squad_paragraph_is_answered_and_the_answer_stops() {
         text.ends_with("first ") && !text.contains("oil shock"),
         "{text:?}"
     );
+}
+
+/// The SAC adapter shipped in assets/ (ratio 4, trained here on the
+/// benchmark's training articles) compresses a paragraph of a dev article,
+/// which it never saw, and the answer comes from that .sack: the same
+/// question asked of another paragraph's .sack is answered otherwise.
+#[test]
+fn the_shipped_sac_adapter_answers_from_an_unseen_paragraph() {
+    let item = squad_item("amazon_rainforest");
+    let adapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sac-smollm2-r4");
+    let dir = tempfile::tempdir().unwrap();
+    let question = item["question"].as_str().unwrap();
+    let answer_from = |name: &str, text: &str| {
+        let doc = dir.path().join(format!("{name}.txt"));
+        std::fs::write(&doc, text).unwrap();
+        let sack = dir.path().join(format!("{name}.sack"));
+        let flags = ["--adapter", adapter.to_str().unwrap()];
+        common::compress(sac(), &doc, smollm2(), &flags, &sack);
+        let out = run_ok(sac().arg("ask").arg(&sack).arg(question).args([
+            "--json",
+            "--max-tokens",
+            "16",
+        ]));
+        let answer: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(answer["stop"], "eos", "{name}: {answer}");
+        answer["answer"].as_str().unwrap().to_lowercase()
+    };
+    let own = answer_from("amazon", item["context"].as_str().unwrap());
+    let gold = item["answers"][2].as_str().unwrap().to_lowercase();
+    assert_eq!(gold, "atlantic");
+    assert!(own.contains(&gold), "{own:?} does not name {gold:?}");
+    let other = answer_from("oil", squad()["context"].as_str().unwrap());
+    assert!(!other.contains(&gold), "{other:?} from another paragraph");
 }
 
 /// Token ids equal llama.cpp's, and f32 logits equal HF transformers' on the
