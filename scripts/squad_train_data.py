@@ -18,6 +18,10 @@ Writes, as JSON lines:
                    articles on its paragraph, with its first gold answer
   qa-held.jsonl    {"context", "question", "answer": [all gold answers]}: the two
                    held-apart articles, for `sac train --eval`
+  qa-train-doc.jsonl, qa-held-doc.jsonl: the same questions, each on a window of
+                   consecutive paragraphs of its article as long as the quality
+                   benchmark's documents (about 8,000 characters, 2,000 tokens), its
+                   own paragraph at a seeded random place in it
 
 The text and questions are SQuAD's (Rajpurkar et al., 2016), CC BY-SA 4.0;
 anything derived from these files keeps that attribution and licence.
@@ -25,11 +29,34 @@ anything derived from these files keeps that attribution and licence.
 
 import json
 import os
+import random
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "..", "shared", "data", "squad-v1.1-dev", "paragraphs.jsonl")
 HELD = 2
+# About the length in characters of the benchmark's 2,000-token documents.
+WINDOW_CHARS = 8000
+
+
+def window(paragraphs: list[dict], at: int, rng: random.Random) -> str:
+    """Consecutive paragraphs around paragraph `at`, up to WINDOW_CHARS, with `at` placed at
+    a random share of the window: paragraphs are added before it until that share is used,
+    then after it, then before it again if the article ends first."""
+    budget = WINDOW_CHARS - len(paragraphs[at]["context"])
+    before_share = rng.random() * budget
+    lo, hi = at, at + 1
+    while lo > 0 and len(paragraphs[lo - 1]["context"]) <= before_share:
+        before_share -= len(paragraphs[lo - 1]["context"])
+        budget -= len(paragraphs[lo - 1]["context"])
+        lo -= 1
+    while hi < len(paragraphs) and len(paragraphs[hi]["context"]) <= budget:
+        budget -= len(paragraphs[hi]["context"])
+        hi += 1
+    while lo > 0 and len(paragraphs[lo - 1]["context"]) <= budget:
+        budget -= len(paragraphs[lo - 1]["context"])
+        lo -= 1
+    return "\n\n".join(p["context"] for p in paragraphs[lo:hi])
 
 
 def main() -> None:
@@ -77,6 +104,21 @@ def main() -> None:
             for q in p["qas"]
         ),
     )
+    rng = random.Random(0)
+    for name, titles, answers in [("qa-train-doc.jsonl", train, False), ("qa-held-doc.jsonl", held, True)]:
+        write(
+            name,
+            (
+                {
+                    "context": window(articles[t], i, rng),
+                    "question": q["question"],
+                    "answer": q["answers"] if answers else q["answers"][0],
+                }
+                for t in titles
+                for i, p in enumerate(articles[t])
+                for q in p["qas"]
+            ),
+        )
     print(
         f"{out}: {texts} training articles, {paragraphs} paragraphs, {questions} questions; "
         f"held apart: {', '.join(held)} ({held_questions} questions)"
