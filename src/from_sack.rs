@@ -90,14 +90,15 @@ pub fn layout(header: &SackHeader) -> PromptLayout {
 /// Reads every layer of a .sack into the past the decoder attends to. Keys
 /// stored before RoPE are rotated here, at their document positions. A file
 /// whose header names an adapter for the decoder is read with the decoder
-/// LoRA of `adapter`, which must be that adapter ([`decoder_lora`]).
+/// LoRA of `adapter`, checked against this file's header by
+/// [`check_adapter`].
 pub fn load_context<R: Read + Seek>(
     reader: &mut SackReader<R>,
     decoder: &Decoder,
-    adapter: Option<&Path>,
+    adapter: CheckedAdapter,
 ) -> Result<DecoderContext> {
     let header = reader.header().clone();
-    let lora = decoder_lora(&header, reader.file_name(), adapter, decoder)?;
+    let lora = decoder_lora(adapter, decoder)?;
     let c = decoder.config();
     let m = &header.model;
     if (m.layers as usize, m.kv_heads as usize, m.head_dim as usize)
@@ -200,16 +201,9 @@ fn soft_context<R: Read + Seek>(
     soft_past(decoder, &tokens, layout::position_id(first)?, lora)
 }
 
-/// The decoder LoRA the answers of a .sack (`file`, with `header`) need:
-/// none when the header names no adapter, else that of the adapter in `dir`,
-/// checked by [`check_adapter`].
-pub fn decoder_lora(
-    header: &SackHeader,
-    file: &str,
-    dir: Option<&Path>,
-    decoder: &Decoder,
-) -> Result<Option<ModelLora>> {
-    let Some(dir) = check_adapter(header, file, dir)? else {
+/// The decoder LoRA of a checked adapter, if there is one.
+fn decoder_lora(adapter: CheckedAdapter, decoder: &Decoder) -> Result<Option<ModelLora>> {
+    let Some(dir) = adapter.0 else {
         return Ok(None);
     };
     let c = decoder.config();
@@ -218,6 +212,12 @@ pub fn decoder_lora(
         .map(Some)
         .ok_or_else(|| ContextError::NoDecoderLora(dir.to_path_buf()).into())
 }
+
+/// The adapter directory a .sack's answers are read with, as
+/// [`check_adapter`] found it; the only way to make one, so that
+/// [`load_context`] never reads a file with an unchecked adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedAdapter<'a>(Option<&'a Path>);
 
 /// The adapter directory the answers of a .sack (`file`, with `header`)
 /// are read with: none when the header names no adapter, else `dir`, which
@@ -228,9 +228,9 @@ pub fn check_adapter<'a>(
     header: &SackHeader,
     file: &str,
     dir: Option<&'a Path>,
-) -> Result<Option<&'a Path>> {
+) -> Result<CheckedAdapter<'a>> {
     let (named, dir) = match (&header.decoder.adapter, dir) {
-        (None, None) => return Ok(None),
+        (None, None) => return Ok(CheckedAdapter(None)),
         (None, Some(dir)) => {
             return Err(ContextError::AdapterNotNeeded {
                 file: file.into(),
@@ -262,7 +262,7 @@ pub fn check_adapter<'a>(
         }
         .into());
     }
-    Ok(Some(dir))
+    Ok(CheckedAdapter(Some(dir)))
 }
 
 /// The past of soft tokens `[n, hidden]` (in the model's dtype): the K/V

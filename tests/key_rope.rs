@@ -100,10 +100,8 @@ fn pre_rope_keys_are_rotated_on_load() {
         }
         writer.finish().unwrap();
 
-        let load = |path| {
-            sac::from_sack::load_context(&mut SackReader::open(path).unwrap(), &model.decoder, None)
-                .unwrap()
-        };
+        let load =
+            |path| common::load_context(&mut SackReader::open(path).unwrap(), &model.decoder);
         let (a, b) = (load(&rotated), load(&plain));
         assert_eq!(a.question_position, b.question_position);
         for (x, y) in a.past.iter().zip(&b.past) {

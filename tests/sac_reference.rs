@@ -80,7 +80,7 @@ fn ask_tokens(sack_path: &Path, question: &str) -> Vec<i64> {
 fn answer_logits(sack_path: &Path, question_ids: &[u32], answer_ids: &[u32]) -> Tensor {
     let model = common::load_model("llama3");
     let mut reader = SackReader::open(sack_path).unwrap();
-    let context = sac::from_sack::load_context(&mut reader, &model.decoder, None).unwrap();
+    let context = common::load_context(&mut reader, &model.decoder);
     let mut ids = question_ids.to_vec();
     ids.extend(&answer_ids[..answer_ids.len() - 1]);
     let mut embeds = model

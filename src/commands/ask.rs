@@ -115,13 +115,14 @@ fn ask<R: Read + Seek>(
     mut reader: SackReader<R>,
 ) -> anyhow::Result<()> {
     // A missing or wrong --adapter is refused before the model loads.
-    from_sack::check_adapter(reader.header(), reader.file_name(), args.adapter.as_deref())?;
+    let adapter =
+        from_sack::check_adapter(reader.header(), reader.file_name(), args.adapter.as_deref())?;
     let (model, forced) = load_model(args, reader.header(), reader.file_name())?;
     let layout = from_sack::layout(reader.header());
     let stops = stop_strings(args, reader.header(), &layout);
     let mut info = Vec::new();
     info::render(&reader, &mut info, InfoFormat::Human)?;
-    let context = from_sack::load_context(&mut reader, &model.decoder, args.adapter.as_deref())?;
+    let context = from_sack::load_context(&mut reader, &model.decoder, adapter)?;
     drop(reader);
     if let Some(differs) = forced {
         eprintln!("sac: warning: {differs}; answering anyway (--force)");

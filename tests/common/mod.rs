@@ -312,3 +312,13 @@ pub fn check_gradient(
         );
     }
 }
+
+/// The decoder's past read from a .sack whose header names no adapter
+/// (checked, as `sac ask` checks it).
+pub fn load_context<R: std::io::Read + std::io::Seek>(
+    reader: &mut sac::sack::SackReader<R>,
+    decoder: &Decoder,
+) -> sac::generate::DecoderContext {
+    let adapter = sac::from_sack::check_adapter(reader.header(), reader.file_name(), None).unwrap();
+    sac::from_sack::load_context(reader, decoder, adapter).unwrap()
+}

@@ -122,7 +122,7 @@ fn a_per_head_sack_reads_as_each_heads_kept_kv() {
             past,
             question_position,
             ..
-        } = sac::from_sack::load_context(&mut reader, &m.decoder, None).unwrap();
+        } = crate::common::load_context(&mut reader, &m.decoder);
         let ids = m.tokenizer.context_ids(&text()).unwrap();
         let len = ids.len();
         assert_eq!(question_position as usize, len + 1);
