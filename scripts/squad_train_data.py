@@ -43,19 +43,24 @@ def window(paragraphs: list[dict], at: int, rng: random.Random) -> str:
     """Consecutive paragraphs around paragraph `at`, up to WINDOW_CHARS, with `at` placed at
     a random share of the window: paragraphs are added before it until that share is used,
     then after it, then before it again if the article ends first."""
-    budget = WINDOW_CHARS - len(paragraphs[at]["context"])
-    before_share = rng.random() * budget
+    lengths = [len(p["context"]) for p in paragraphs]
+    budget = WINDOW_CHARS - lengths[at]
     lo, hi = at, at + 1
-    while lo > 0 and len(paragraphs[lo - 1]["context"]) <= before_share:
-        before_share -= len(paragraphs[lo - 1]["context"])
-        budget -= len(paragraphs[lo - 1]["context"])
-        lo -= 1
-    while hi < len(paragraphs) and len(paragraphs[hi]["context"]) <= budget:
-        budget -= len(paragraphs[hi]["context"])
+
+    def grow_before(limit: float) -> int:
+        """Adds paragraphs before the window while they fit in `limit`; returns their length."""
+        nonlocal lo
+        used = 0
+        while lo > 0 and used + lengths[lo - 1] <= limit:
+            used += lengths[lo - 1]
+            lo -= 1
+        return used
+
+    budget -= grow_before(rng.random() * budget)
+    while hi < len(lengths) and lengths[hi] <= budget:
+        budget -= lengths[hi]
         hi += 1
-    while lo > 0 and len(paragraphs[lo - 1]["context"]) <= budget:
-        budget -= len(paragraphs[lo - 1]["context"])
-        lo -= 1
+    grow_before(budget)
     return "\n\n".join(p["context"] for p in paragraphs[lo:hi])
 
 
