@@ -7,7 +7,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{Fixture, max_abs_diff};
-use sac::model::{AttentionMask, ForwardInput, Kernels, LayerLora, LowRank, ModelLora};
+use sac::model::{
+    AttentionMask, AttentionProbe, ForwardInput, Kernels, LayerLora, LowRank, ModelLora, Reduce,
+    SharedKv,
+};
 
 const RANK: usize = 3;
 
@@ -177,6 +180,98 @@ fn gradients_match_finite_differences() {
             common::check_gradient(&format!("{name}: trainable {k}"), v, &analytic, || {
                 loss(&fx, &t, Kernels::Training).to_scalar::<f64>().unwrap()
             });
+        }
+    }
+}
+
+/// Hidden states and probe of one configuration of passes, on `kernels`: a
+/// document prefilled causally, read as shared K/V (its last slot hidden
+/// from KV head 0 by a bias); a first pass after it that becomes the past of
+/// a second, probed pass.
+fn shared_past_probe_pass(fx: &Fixture, kernels: Kernels) -> (Tensor, Vec<Tensor>) {
+    let ids = fx.ids("input_ids");
+    let seq = ids.dim(1).unwrap();
+    let half = seq / 2;
+    let positions = |from: usize, to: usize| {
+        Tensor::arange(from as u32, to as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let pass = |ids: &Tensor, at: &Tensor, shared, past, probe: Option<&AttentionProbe>| {
+        let embeds = fx.decoder.embed(ids).unwrap();
+        let input = ForwardInput {
+            shared,
+            past,
+            kernels,
+            ..ForwardInput::causal(&embeds, at)
+        };
+        match probe {
+            Some(probe) => fx.decoder.forward_probed(input, probe),
+            None => fx.decoder.forward(input),
+        }
+        .unwrap()
+    };
+    let document = ids.narrow(1, 0, half).unwrap();
+    let rest = ids.narrow(1, half, seq - half).unwrap();
+    let doc = pass(&document, &positions(1, half + 1), None, None, None);
+    let shared: Vec<SharedKv> = doc
+        .kv
+        .into_iter()
+        .map(|kv| {
+            let kv_heads = kv.k.dim(1).unwrap();
+            let bias: Vec<f32> = (0..kv_heads * half)
+                .map(|i| {
+                    if i == half - 1 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            SharedKv {
+                kv,
+                bias: Some(Tensor::from_vec(bias, (kv_heads, half), &Device::Cpu).unwrap()),
+            }
+        })
+        .collect();
+    let first = pass(
+        &rest,
+        &positions(half + 1, seq + 1),
+        Some(&shared),
+        None,
+        None,
+    );
+    let probe = AttentionProbe {
+        sinks: 1,
+        keys: 2..(seq - half).min(5),
+        reduce: Reduce::Max,
+    };
+    let second = pass(
+        &rest,
+        &positions(seq + 1, seq + 1 + rest.dim(1).unwrap()),
+        Some(&shared),
+        Some(&first.kv),
+        Some(&probe),
+    );
+    (second.hidden, second.attention)
+}
+
+#[test]
+fn fused_attention_gives_the_materialised_paths_numbers() {
+    for name in common::PARITY_MODELS {
+        let fx = Fixture::load(name, DType::F32);
+        let (fused, fused_probe) = shared_past_probe_pass(&fx, Kernels::Inference);
+        let (plain, plain_probe) = shared_past_probe_pass(&fx, Kernels::Training);
+        let d = max_abs_diff(&fused, &plain);
+        assert!(
+            d <= 1e-5,
+            "{name}: fused attention's hidden states differ by {d}"
+        );
+        assert_eq!(fused_probe.len(), plain_probe.len());
+        for (a, b) in fused_probe.iter().zip(&plain_probe) {
+            let d = max_abs_diff(a, b);
+            assert!(d <= 1e-5, "{name}: fused attention's probe differs by {d}");
         }
     }
 }

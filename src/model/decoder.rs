@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
+use super::attention;
 use super::config::ModelConfig;
 use super::kv::{LayerKv, SharedKv};
 use super::lora::{LayerLora, LowRank, ModelLora};
@@ -399,14 +400,14 @@ impl Decoder {
 }
 
 /// What every block of one forward pass shares, plus its own past and LoRA.
-struct BlockStep<'a> {
+pub(super) struct BlockStep<'a> {
     tables: &'a RopeTables,
-    mask: Option<&'a Tensor>,
+    pub(super) mask: Option<&'a Tensor>,
     shared: Option<&'a SharedKv>,
-    past: Option<&'a LayerKv>,
+    pub(super) past: Option<&'a LayerKv>,
     lora: &'a LayerLora,
-    probe: Option<&'a AttentionProbe>,
-    kernels: Kernels,
+    pub(super) probe: Option<&'a AttentionProbe>,
+    pub(super) kernels: Kernels,
 }
 
 /// A block's output, the K/V it computed, and what the probe measured.
@@ -516,77 +517,7 @@ impl Attention {
         let q = (q.reshape((batch, kv_heads, rows, hd))? * scale)?;
         // A layer that keeps nothing of the document has no shared segment.
         let shared = step.shared.filter(|s| !s.kv.is_empty());
-        let shared_len = shared.map_or(0, |s| s.kv.len());
-        let past_len = step.past.map_or(0, LayerKv::len);
-        // The row's own past and its new positions, as one segment or two.
-        // Joining them copies the past's K/V once ([keys, hd]); keeping them
-        // apart copies scores and weights instead ([rows, keys]) but never
-        // the past, which is what a decoding step of a few rows wants.
-        let joined = match step.past {
-            Some(past) if rows > hd => Some(LayerKv {
-                k: Tensor::cat(&[&past.k, &k], 2)?,
-                v: Tensor::cat(&[&past.v, &v], 2)?,
-            }),
-            _ => None,
-        };
-        let acc = ops::accumulation_dtype(q.dtype());
-        let grouped = |scores: Tensor, keys: usize| -> Result<Tensor> {
-            Ok(scores
-                .to_dtype(acc)?
-                .reshape((batch, kv_heads, group, seq, keys))?)
-        };
-        // The mask covers the row's own past and the new positions only; the
-        // shared K/V, usually the longest segment, is visible to every query.
-        let own = match (step.past, &joined) {
-            (_, Some(joined)) => q.matmul(&joined.k.t()?)?,
-            (Some(past), None) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
-            (None, None) => q.matmul(&k.t()?)?,
-        };
-        let own = grouped(own, past_len + seq)?;
-        let own = match step.mask {
-            Some(mask) => own.broadcast_add(mask)?,
-            None => own,
-        };
-        let scores = match shared {
-            Some(shared) => {
-                let mut scores = grouped(shared_matmul(&q, &shared.kv.k.t()?)?, shared_len)?;
-                if let Some(bias) = &shared.bias {
-                    let bias = bias
-                        .to_dtype(acc)?
-                        .reshape((1, kv_heads, 1, 1, shared_len))?;
-                    scores = scores.broadcast_add(&bias)?;
-                }
-                Tensor::cat(&[scores, own], 4)?
-            }
-            None => own,
-        };
-        let keys = shared_len + past_len + seq;
-        let measured = step
-            .probe
-            .map(|p| p.measure(&scores, shared_len, past_len))
-            .transpose()?;
-        let probs = ops::softmax_last_dim(&scores, step.kernels)?
-            .to_dtype(x.dtype())?
-            .reshape((batch, kv_heads, rows, keys))?;
-        let own_weights = |start: usize, len: usize| -> Result<Tensor> {
-            Ok(if start == 0 && len == keys {
-                probs.clone()
-            } else {
-                probs.narrow(3, start, len)?.contiguous()?
-            })
-        };
-        let mut out = match (step.past, &joined) {
-            (_, Some(joined)) => own_weights(shared_len, past_len + seq)?.matmul(&joined.v)?,
-            (Some(past), None) => {
-                let new = own_weights(shared_len + past_len, seq)?.matmul(&v)?;
-                (new + own_weights(shared_len, past_len)?.matmul(&past.v)?)?
-            }
-            (None, None) => own_weights(shared_len, seq)?.matmul(&v)?,
-        };
-        if let Some(shared) = shared {
-            let weights = probs.narrow(3, 0, shared_len)?;
-            out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
-        }
+        let (out, measured) = attention::attend(&q, (&k, &v), shared, step, (group, seq, hd))?;
         let out = out
             .reshape((batch, heads, seq, hd))?
             .transpose(1, 2)?
@@ -597,25 +528,4 @@ impl Attention {
             measured,
         ))
     }
-}
-
-/// `x @ m` for `x` of shape `[batch, kv_heads, rows, inner]` and a single-row
-/// `m` of shape `[1, kv_heads, inner, cols]` that every row of the batch
-/// shares: the batch is folded into the rows, so `m` is read once and never
-/// copied per row.
-fn shared_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let (batch, kv_heads, rows, inner) = x.dims4()?;
-    if batch == 1 {
-        return Ok(x.contiguous()?.matmul(m)?);
-    }
-    let cols = m.dim(3)?;
-    let folded = x
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((1, kv_heads, batch * rows, inner))?;
-    Ok(folded
-        .matmul(m)?
-        .reshape((kv_heads, batch, rows, cols))?
-        .transpose(0, 1)?
-        .contiguous()?)
 }

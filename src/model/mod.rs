@@ -1,7 +1,9 @@
 //! The model runtime: configuration, weights, and a forward pass whose KV,
 //! masks and positions are all in the caller's hands.
 
+mod attention;
 pub mod config;
+pub mod cpu;
 pub mod decoder;
 pub mod gguf;
 pub mod known;

@@ -14,6 +14,7 @@ use candle_core::{
 };
 use candle_nn::{Linear, Module};
 
+use super::cpu;
 use crate::error::Result;
 
 /// Which kernels a forward pass uses.
@@ -162,7 +163,7 @@ impl CustomOp2 for FusedKernel {
 /// model's dtype or not) gets its gradient.
 pub fn linear(layer: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     if kernels == Kernels::Inference || layer.weight().track_op() {
-        return Ok(layer.forward(x)?);
+        return Ok(inference_linear(layer, x)?);
     }
     let weight = layer.weight();
     let dims = x.dims();
@@ -181,6 +182,30 @@ pub fn linear(layer: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// A decoding step's few rows go to [`cpu::linear`], which spreads them
+/// over the threads; the rest, and anything with a gradient, to candle.
+fn inference_linear(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let w = layer.weight();
+    let dims = x.dims();
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    // The thin kernel has no backward pass: a product that records its ops
+    // (a trained weight, or an input on the way to one) stays with candle.
+    let thin = rows <= cpu::linear::MAX_ROWS
+        && cpu::applies(x)
+        && cpu::applies(w)
+        && w.is_contiguous()
+        && !w.track_op()
+        && !x.track_op();
+    if !thin {
+        return layer.forward(x);
+    }
+    let y = cpu::linear::matmul_t(x, w)?;
+    match layer.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `x @ w^T` for a 2-D `x` and a constant weight `w` (`[out, in]`), with a

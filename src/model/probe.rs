@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
+use super::kv::LayerKv;
 use super::ops::{self, Kernels};
 use crate::error::{InputError, Result};
 
@@ -62,20 +63,72 @@ impl AttentionProbe {
     /// layer's masked scores `[batch, kv_heads, group, seq, keys]`, whose key
     /// axis holds `shared` keys, then `past` keys, then the pass's own.
     pub(crate) fn measure(&self, scores: &Tensor, shared: usize, past: usize) -> Result<Tensor> {
-        let total = scores.dim(4)?;
-        let own = total - shared - past;
-        let n = self.keys.len();
-        let parts = [
-            (shared, self.sinks),
-            (shared + self.keys.start, n),
-            (shared + past, own),
+        let own = scores.dim(4)? - shared - past;
+        let parts = self
+            .columns(past, own)
+            .map(|(start, len)| scores.narrow(4, shared + start, len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.fold(&parts)
+    }
+
+    /// The same weights for a pass whose attention never materialised its
+    /// scores: only the columns the probe's softmax reads are computed, from
+    /// the scaled queries `[batch, kv_heads, group * seq, head_dim]`, the
+    /// past and new keys, and the pass's mask `[1 or batch, 1, 1, seq,
+    /// past + seq]`.
+    pub(crate) fn measure_from_keys(
+        &self,
+        q: &Tensor,
+        past: Option<&LayerKv>,
+        new_k: &Tensor,
+        mask: Option<&Tensor>,
+        (group, seq): (usize, usize),
+    ) -> Result<Tensor> {
+        let (batch, kv_heads, _, _) = q.dims4()?;
+        let past_len = past.map_or(0, LayerKv::len);
+        let acc = ops::accumulation_dtype(q.dtype());
+        let parts = self
+            .columns(past_len, seq)
+            .map(|(start, len)| -> Result<Tensor> {
+                let keys = match past {
+                    Some(past) if start < past_len => past.k.narrow(2, start, len)?,
+                    _ => new_k.clone(),
+                };
+                let scores = q
+                    .matmul(&keys.t()?)?
+                    .to_dtype(acc)?
+                    .reshape((batch, kv_heads, group, seq, len))?;
+                Ok(match mask {
+                    Some(mask) => scores.broadcast_add(&mask.narrow(4, start, len)?)?,
+                    None => scores,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.fold(&parts)
+    }
+
+    /// The probe's columns among a pass's past and own keys, `(start, len)`
+    /// counted from the first past key: the sinks, the keys reported on,
+    /// the pass's own keys.
+    fn columns(&self, past: usize, own: usize) -> impl Iterator<Item = (usize, usize)> {
+        [
+            (0, self.sinks),
+            (self.keys.start, self.keys.len()),
+            (past, own),
         ]
         .into_iter()
         .filter(|&(_, len)| len > 0)
-        .map(|(start, len)| scores.narrow(4, start, len))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-        let probs = ops::softmax_last_dim(&Tensor::cat(&parts, 4)?, Kernels::Inference)?
-            .narrow(4, self.sinks, n)?;
+    }
+
+    /// Softmax over the masked score columns `[batch, kv_heads, group, seq,
+    /// _]` of [`AttentionProbe::columns`], taken on the reported keys and
+    /// folded to `[kv_heads, keys.len()]`.
+    fn fold(&self, parts: &[Tensor]) -> Result<Tensor> {
+        let probs = ops::softmax_last_dim(&Tensor::cat(parts, 4)?, Kernels::Inference)?.narrow(
+            4,
+            self.sinks,
+            self.keys.len(),
+        )?;
         let fold = |t: &Tensor, dim: usize| -> Result<Tensor> {
             Ok(match self.reduce {
                 Reduce::Max => t.max(dim)?,

@@ -1,0 +1,186 @@
+//! One layer's attention over the K/V a pass reads (a shared document, the
+//! row's own past) and its new positions, by one of two paths: the fused CPU
+//! kernel ([`cpu::attention`]), which never materialises the scores, or
+//! candle's ops on the materialised scores, which training's backward pass
+//! and other devices need. Both report the attention probe's weights.
+
+use candle_core::Tensor;
+
+use super::cpu::{self, attention as fused};
+use super::decoder::BlockStep;
+use super::kv::{LayerKv, SharedKv};
+use super::ops::{self, Kernels};
+use crate::error::Result;
+
+/// `softmax(q k^T) v` for the scaled queries `q` `[batch, kv_heads, group *
+/// seq, head_dim]` (the `group` query heads of a KV head stacked along the
+/// rows) against `shared`, the step's past and the new `(k, v)`; returns
+/// the output in `q`'s shape and what the step's probe measured.
+pub(super) fn attend(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    shared: Option<&SharedKv>,
+    step: &BlockStep,
+    (group, seq, hd): (usize, usize, usize),
+) -> Result<(Tensor, Option<Tensor>)> {
+    let fused = step.kernels == Kernels::Inference
+        && cpu::applies(q)
+        && ![q, k, v].iter().any(|t| t.track_op());
+    if !fused {
+        return plain_attention(q, (k, v), shared, step, (group, seq, hd));
+    }
+    let measured = step
+        .probe
+        .map(|p| p.measure_from_keys(q, step.past, k, step.mask, (group, seq)))
+        .transpose()?;
+    Ok((fused_attention(q, (k, v), shared, step, seq)?, measured))
+}
+
+/// Attention through materialised scores: the path that training (whose
+/// backward pass needs the probabilities) and devices without the fused
+/// kernel take. `q` is
+/// `[batch, kv_heads, group * seq, head_dim]`, scaled; returns the output in
+/// the same shape and what the probe measured.
+fn plain_attention(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    shared: Option<&SharedKv>,
+    step: &BlockStep,
+    (group, seq, hd): (usize, usize, usize),
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (batch, kv_heads, rows, _) = q.dims4()?;
+    let shared_len = shared.map_or(0, |s| s.kv.len());
+    let past_len = step.past.map_or(0, LayerKv::len);
+    // The row's own past and its new positions, as one segment or two.
+    // Joining them copies the past's K/V once ([keys, hd]); keeping them
+    // apart copies scores and weights instead ([rows, keys]) but never
+    // the past, which is what a decoding step of a few rows wants.
+    let joined = match step.past {
+        Some(past) if rows > hd => Some(LayerKv {
+            k: Tensor::cat(&[&past.k, k], 2)?,
+            v: Tensor::cat(&[&past.v, v], 2)?,
+        }),
+        _ => None,
+    };
+    let acc = ops::accumulation_dtype(q.dtype());
+    let grouped = |scores: Tensor, keys: usize| -> Result<Tensor> {
+        Ok(scores
+            .to_dtype(acc)?
+            .reshape((batch, kv_heads, group, seq, keys))?)
+    };
+    // The mask covers the row's own past and the new positions only; the
+    // shared K/V, usually the longest segment, is visible to every query.
+    let own = match (step.past, &joined) {
+        (_, Some(joined)) => q.matmul(&joined.k.t()?)?,
+        (Some(past), None) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
+        (None, None) => q.matmul(&k.t()?)?,
+    };
+    let own = grouped(own, past_len + seq)?;
+    let own = match step.mask {
+        Some(mask) => own.broadcast_add(mask)?,
+        None => own,
+    };
+    let scores = match shared {
+        Some(shared) => {
+            let mut scores = grouped(shared_matmul(q, &shared.kv.k.t()?)?, shared_len)?;
+            if let Some(bias) = &shared.bias {
+                let bias = bias
+                    .to_dtype(acc)?
+                    .reshape((1, kv_heads, 1, 1, shared_len))?;
+                scores = scores.broadcast_add(&bias)?;
+            }
+            Tensor::cat(&[scores, own], 4)?
+        }
+        None => own,
+    };
+    let keys = shared_len + past_len + seq;
+    let measured = step
+        .probe
+        .map(|p| p.measure(&scores, shared_len, past_len))
+        .transpose()?;
+    let probs = ops::softmax_last_dim(&scores, step.kernels)?
+        .to_dtype(q.dtype())?
+        .reshape((batch, kv_heads, rows, keys))?;
+    let own_weights = |start: usize, len: usize| -> Result<Tensor> {
+        Ok(if start == 0 && len == keys {
+            probs.clone()
+        } else {
+            probs.narrow(3, start, len)?.contiguous()?
+        })
+    };
+    let mut out = match (step.past, &joined) {
+        (_, Some(joined)) => own_weights(shared_len, past_len + seq)?.matmul(&joined.v)?,
+        (Some(past), None) => {
+            let new = own_weights(shared_len + past_len, seq)?.matmul(v)?;
+            (new + own_weights(shared_len, past_len)?.matmul(&past.v)?)?
+        }
+        (None, None) => own_weights(shared_len, seq)?.matmul(v)?,
+    };
+    if let Some(shared) = shared {
+        let weights = probs.narrow(3, 0, shared_len)?;
+        out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
+    }
+    Ok((out, measured))
+}
+
+/// The same attention through [`fused::attend`], never materialising
+/// the scores: the shared K/V unmasked (with its bias), then the row's past
+/// and new positions under the mask.
+fn fused_attention(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    shared: Option<&SharedKv>,
+    step: &BlockStep,
+    seq: usize,
+) -> Result<Tensor> {
+    let past_len = step.past.map_or(0, LayerKv::len);
+    let mut segments = Vec::with_capacity(3);
+    if let Some(shared) = shared {
+        segments.push(fused::Segment {
+            k: &shared.kv.k,
+            v: &shared.kv.v,
+            bias: shared.bias.as_ref(),
+            mask_offset: None,
+        });
+    }
+    if let Some(past) = step.past {
+        segments.push(fused::Segment {
+            k: &past.k,
+            v: &past.v,
+            bias: None,
+            mask_offset: Some(0),
+        });
+    }
+    segments.push(fused::Segment {
+        k,
+        v,
+        bias: None,
+        mask_offset: Some(past_len),
+    });
+    let mask = step
+        .mask
+        .map(|m| m.reshape((m.dim(0)?, seq, past_len + seq)))
+        .transpose()?;
+    Ok(fused::attend(q, &segments, mask.as_ref(), seq)?)
+}
+
+/// `x @ m` for `x` of shape `[batch, kv_heads, rows, inner]` and a single-row
+/// `m` of shape `[1, kv_heads, inner, cols]` that every row of the batch
+/// shares: the batch is folded into the rows, so `m` is read once and never
+/// copied per row.
+fn shared_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let (batch, kv_heads, rows, inner) = x.dims4()?;
+    if batch == 1 {
+        return Ok(x.contiguous()?.matmul(m)?);
+    }
+    let cols = m.dim(3)?;
+    let folded = x
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((1, kv_heads, batch * rows, inner))?;
+    Ok(folded
+        .matmul(m)?
+        .reshape((kv_heads, batch, rows, cols))?
+        .transpose(0, 1)?
+        .contiguous()?)
+}

@@ -1,0 +1,520 @@
+//! Attention on the CPU without the score matrix: queries in blocks of rows,
+//! keys in blocks of columns, an online softmax between them (FlashAttention's
+//! recurrence), and `gemm`'s kernels for the two products of each tile.
+//!
+//! The plain path in `decoder.rs` materialises `[rows, keys]` scores, then
+//! passes over them to add the mask, to softmax (scalar `expf`) and to cut
+//! them per segment: at 4,000 tokens that was about half of a prefill's time
+//! on SmolLM2, most of it memory traffic. Here a tile of scores lives in a
+//! buffer the size of the L2 cache, the exponential is vectorised, and a tile
+//! whose every score is masked (a causal chunk's future) is skipped.
+//!
+//! Inference only: training needs the probabilities for its backward pass,
+//! and the attention probe reads the scores, so both keep the plain path.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::f32_slice;
+
+/// Query rows per task and key columns per tile: a tile's scores (32 KiB)
+/// and the block's output stay in L1/L2 however long the context.
+const ROWS: usize = 32;
+const COLS: usize = 256;
+
+/// One run of keys and values, `[1 or batch, kv_heads, len, head_dim]`.
+pub struct Segment<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// An additive `[kv_heads, len]` term on this segment's scores.
+    pub bias: Option<&'a Tensor>,
+    /// Where this segment's columns start in the mask, if the mask covers it.
+    pub mask_offset: Option<usize>,
+}
+
+/// `softmax(q k^T + bias + mask) v` over the segments' keys, as if they were
+/// one concatenated run.
+///
+/// `q` is `[batch, kv_heads, group * seq, head_dim]` and already scaled: the
+/// `group` query heads that share a KV head stacked along the rows, so row
+/// `r` is position `r % seq`. `mask` is additive, `[1 or batch, seq, keys]`
+/// over the columns of the segments that have a `mask_offset`. Returns
+/// `[batch, kv_heads, group * seq, head_dim]`.
+pub fn attend(
+    q: &Tensor,
+    segments: &[Segment],
+    mask: Option<&Tensor>,
+    seq: usize,
+) -> Result<Tensor> {
+    let (batch, kv_heads, rows, hd) = q.dims4()?;
+    let q = q.contiguous()?;
+    let q_guard = q.storage_and_layout();
+    let q_data = f32_slice(&q_guard.0, q_guard.1)?;
+    let mask = mask.map(as_f32).transpose()?;
+    let mask_guard = mask.as_ref().map(Tensor::storage_and_layout);
+    let mask_view = match &mask_guard {
+        Some((storage, layout)) => {
+            let dims = layout.dims();
+            let [mask_rows, mask_seq, keys] = dims else {
+                candle_core::bail!("attention mask of shape {dims:?}, want [batch, seq, keys]")
+            };
+            if *mask_seq != seq || (*mask_rows != 1 && *mask_rows != batch) {
+                candle_core::bail!("attention mask of shape {dims:?} for {batch} rows of {seq}")
+            }
+            Some(MaskView {
+                data: f32_slice(storage, layout)?,
+                batched: *mask_rows != 1,
+                seq,
+                keys: *keys,
+            })
+        }
+        None => None,
+    };
+    let tensors: Vec<(Tensor, Tensor, Option<Tensor>)> = segments
+        .iter()
+        .map(|s| {
+            Ok((
+                s.k.contiguous()?,
+                s.v.contiguous()?,
+                s.bias.map(as_f32).transpose()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = tensors
+        .iter()
+        .map(|(k, v, b)| {
+            (
+                k.storage_and_layout(),
+                v.storage_and_layout(),
+                b.as_ref().map(Tensor::storage_and_layout),
+            )
+        })
+        .collect();
+    let mut views = Vec::with_capacity(segments.len());
+    for ((segment, (k, v, bias)), (kt, _, _)) in segments.iter().zip(&guards).zip(&tensors) {
+        let (k_rows, k_heads, len, k_hd) = kt.dims4()?;
+        if k_heads != kv_heads || k_hd != hd || (k_rows != 1 && k_rows != batch) {
+            candle_core::bail!(
+                "attention segment of shape {:?} for queries {:?}",
+                kt.dims(),
+                q.dims()
+            )
+        }
+        if let (Some(offset), Some(mask)) = (segment.mask_offset, &mask_view) {
+            if offset + len > mask.keys {
+                candle_core::bail!(
+                    "attention mask of {} keys, segment ends at {}",
+                    mask.keys,
+                    offset + len
+                )
+            }
+        }
+        views.push(SegmentView {
+            k: f32_slice(&k.0, k.1)?,
+            v: f32_slice(&v.0, v.1)?,
+            bias: bias.as_ref().map(|(s, l)| f32_slice(s, l)).transpose()?,
+            batched: k_rows != 1,
+            len,
+            mask_offset: segment.mask_offset.filter(|_| mask_view.is_some()),
+        });
+    }
+    let shape = Shape { kv_heads, hd, seq };
+    let mut out = vec![0f32; batch * kv_heads * rows * hd];
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(rows * hd)
+        .enumerate()
+        .flat_map(|(bh, head)| {
+            head.chunks_mut(ROWS * hd)
+                .enumerate()
+                .map(move |(block, o)| (bh, block * ROWS, o))
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(bh, first_row, o)| {
+        let task = Task {
+            batch: bh / kv_heads,
+            head: bh % kv_heads,
+            first_row,
+            q: &q_data[(bh * rows + first_row) * hd..][..o.len()],
+        };
+        task.run(&shape, &views, mask_view.as_ref(), o);
+    });
+    Tensor::from_vec(out, (batch, kv_heads, rows, hd), &Device::Cpu)
+}
+
+/// The mask and bias come in the accumulation dtype: f32 for an f32 model.
+fn as_f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+struct Shape {
+    kv_heads: usize,
+    hd: usize,
+    seq: usize,
+}
+
+struct MaskView<'a> {
+    data: &'a [f32],
+    batched: bool,
+    seq: usize,
+    keys: usize,
+}
+
+struct SegmentView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    bias: Option<&'a [f32]>,
+    batched: bool,
+    len: usize,
+    mask_offset: Option<usize>,
+}
+
+/// One block of query rows of one (batch row, KV head).
+struct Task<'a> {
+    batch: usize,
+    head: usize,
+    first_row: usize,
+    q: &'a [f32],
+}
+
+impl Task<'_> {
+    fn run(
+        &self,
+        shape: &Shape,
+        segments: &[SegmentView],
+        mask: Option<&MaskView>,
+        out: &mut [f32],
+    ) {
+        let hd = shape.hd;
+        let n = out.len() / hd;
+        let mut max = vec![f32::NEG_INFINITY; n];
+        let mut sum = vec![0f32; n];
+        let mut scores = vec![0f32; n * COLS];
+        for segment in segments {
+            let at = if segment.batched {
+                self.batch * shape.kv_heads + self.head
+            } else {
+                self.head
+            };
+            let keys = &segment.k[at * segment.len * hd..][..segment.len * hd];
+            let values = &segment.v[at * segment.len * hd..][..segment.len * hd];
+            let bias = segment
+                .bias
+                .map(|b| &b[self.head * segment.len..][..segment.len]);
+            for start in (0..segment.len).step_by(COLS) {
+                let cols = COLS.min(segment.len - start);
+                // The mask's rows for this tile, one per query row.
+                let mask_rows = |r: usize| -> Option<&[f32]> {
+                    let (mask, offset) = (mask?, segment.mask_offset?);
+                    let position = (self.first_row + r) % shape.seq;
+                    let row = if mask.batched {
+                        self.batch * mask.seq + position
+                    } else {
+                        position
+                    };
+                    Some(&mask.data[row * mask.keys + offset + start..][..cols])
+                };
+                if (0..n).all(|r| {
+                    mask_rows(r).is_some_and(|m| m.iter().all(|x| *x == f32::NEG_INFINITY))
+                }) {
+                    continue;
+                }
+                let tile = &mut scores[..n * cols];
+                // SAFETY: the pointers and strides describe `n x hd`, `hd x
+                // cols` (keys read transposed) and `n x cols` matrices inside
+                // the slices above.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        cols,
+                        hd,
+                        tile.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        false,
+                        self.q.as_ptr(),
+                        1,
+                        hd as isize,
+                        keys[start * hd..].as_ptr(),
+                        hd as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
+                    let bias = bias.map(|b| &b[start..start + cols]);
+                    let rescale = softmax_tile(row, bias, mask_rows(r), &mut max[r], &mut sum[r]);
+                    if rescale != 1.0 {
+                        out[r * hd..(r + 1) * hd]
+                            .iter_mut()
+                            .for_each(|o| *o *= rescale);
+                    }
+                }
+                // SAFETY: `n x cols` probabilities times the `cols x hd`
+                // values of this tile, added to the `n x hd` output.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        hd,
+                        cols,
+                        out.as_mut_ptr(),
+                        1,
+                        hd as isize,
+                        true,
+                        tile.as_ptr(),
+                        1,
+                        cols as isize,
+                        values[start * hd..].as_ptr(),
+                        1,
+                        hd as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+        for (row, total) in out.chunks_exact_mut(hd).zip(&sum) {
+            let inverse = if *total > 0.0 { total.recip() } else { 0.0 };
+            row.iter_mut().for_each(|o| *o *= inverse);
+        }
+    }
+}
+
+/// One row of a tile: adds the bias and mask, moves the row's running
+/// maximum, turns the scores into `exp(score - max)` in place and adds them
+/// to the running sum. Returns the factor the row's output so far must be
+/// scaled by (`exp(old max - new max)`).
+fn softmax_tile(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { softmax_tile_avx2(row, bias, mask, max, sum) };
+    }
+    softmax_tile_portable(row, bias, mask, max, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_tile_avx2(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    softmax_tile_portable(row, bias, mask, max, sum)
+}
+
+#[inline(always)]
+fn softmax_tile_portable(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    for extra in [bias, mask].into_iter().flatten() {
+        row.iter_mut().zip(extra).for_each(|(s, e)| *s += e);
+    }
+    let new_max = max.max(lanes(row, f32::NEG_INFINITY, f32::max));
+    if new_max == f32::NEG_INFINITY {
+        row.iter_mut().for_each(|s| *s = 0.0);
+        return 1.0;
+    }
+    row.iter_mut().for_each(|s| *s = exp(*s - new_max));
+    let total = lanes(row, 0.0, |a, b| a + b);
+    let rescale = exp(*max - new_max);
+    *sum = *sum * rescale + total;
+    *max = new_max;
+    rescale
+}
+
+/// `row` folded with `f` in 16 independent lanes, then the lanes folded: a
+/// loop the compiler vectorises, which a single accumulator (a strict chain
+/// of float operations) is not.
+#[inline(always)]
+fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, *x);
+        }
+    }
+    tail.iter().chain(&acc).fold(init, |a, x| f(a, *x))
+}
+
+/// `e^x` for `x <= 0`, to within a few f32 ulps, written so that a loop over
+/// it vectorises: Cody-Waite reduction to `x = n ln 2 + r`, `|r| <= ln2 / 2`,
+/// a degree-6 Taylor polynomial for `e^r`, and `2^n` built in the exponent
+/// bits. Below `-87` (and at `-inf`) it is 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let clamped = x.max(-87.0);
+    // Adding 1.5 * 2^23 rounds to an integer n, which then sits in the low
+    // mantissa bits: shifted into the exponent field (with its bias, 127),
+    // they make 2^n with integer operations alone.
+    const ROUND: f32 = 12_582_912.0;
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The same attention with every score materialised.
+    fn reference(
+        q: &Tensor,
+        segments: &[Segment],
+        mask: Option<&Tensor>,
+        seq: usize,
+    ) -> Result<Tensor> {
+        let (batch, kv_heads, rows, _) = q.dims4()?;
+        let group = rows / seq;
+        let mut scores = Vec::new();
+        let mut values = Vec::new();
+        for s in segments {
+            let len = s.k.dim(2)?;
+            let k =
+                s.k.broadcast_as((batch, kv_heads, len, s.k.dim(3)?))?
+                    .contiguous()?;
+            let mut part = q
+                .matmul(&k.t()?)?
+                .reshape((batch, kv_heads, group, seq, len))?;
+            if let Some(bias) = s.bias {
+                part = part.broadcast_add(&bias.reshape((1, kv_heads, 1, 1, len))?)?;
+            }
+            if let (Some(mask), Some(offset)) = (mask, s.mask_offset) {
+                let m = mask.narrow(2, offset, len)?;
+                part = part.broadcast_add(&m.reshape((m.dim(0)?, 1, 1, seq, len))?)?;
+            }
+            scores.push(part.reshape((batch, kv_heads, rows, len))?);
+            values.push(
+                s.v.broadcast_as((batch, kv_heads, len, s.v.dim(3)?))?
+                    .contiguous()?,
+            );
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&Tensor::cat(&scores, 3)?)?;
+        probs.matmul(&Tensor::cat(&values, 2)?)
+    }
+
+    #[test]
+    fn matches_materialised_scores_across_tiles_segments_and_masks() -> Result<()> {
+        let (batch, kv_heads, group, seq, hd) = (2, 2, 3, 300, 16);
+        let (shared_len, past_len) = (520, 40);
+        let q = random(&[batch, kv_heads, group * seq, hd], 1);
+        let shared_k = random(&[1, kv_heads, shared_len, hd], 2);
+        let shared_v = random(&[1, kv_heads, shared_len, hd], 3);
+        // Head 1 keeps 20 fewer shared slots than head 0.
+        let hidden: Vec<f32> = (0..kv_heads * shared_len)
+            .map(|i| {
+                if i >= 2 * shared_len - 20 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.1
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(hidden, (kv_heads, shared_len), &Device::Cpu)?;
+        let past_k = random(&[batch, kv_heads, past_len, hd], 4);
+        let past_v = random(&[batch, kv_heads, past_len, hd], 5);
+        let new_k = random(&[batch, kv_heads, seq, hd], 6);
+        let new_v = random(&[batch, kv_heads, seq, hd], 7);
+        // Causal over the new positions; the second row also hides its past.
+        let keys = past_len + seq;
+        let mask: Vec<f32> = (0..batch * seq * keys)
+            .map(|i| {
+                let (b, s, key) = (i / (seq * keys), i / keys % seq, i % keys);
+                let hidden = key > past_len + s || (b == 1 && key < past_len);
+                if hidden { f32::NEG_INFINITY } else { 0.0 }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, seq, keys), &Device::Cpu)?;
+        let segments = [
+            Segment {
+                k: &shared_k,
+                v: &shared_v,
+                bias: Some(&bias),
+                mask_offset: None,
+            },
+            Segment {
+                k: &past_k,
+                v: &past_v,
+                bias: None,
+                mask_offset: Some(0),
+            },
+            Segment {
+                k: &new_k,
+                v: &new_v,
+                bias: None,
+                mask_offset: Some(past_len),
+            },
+        ];
+        for (segments, mask) in [(&segments[..], Some(&mask)), (&segments[2..], None)] {
+            let got = attend(&q, segments, mask, seq)?;
+            let want = reference(&q, segments, mask, seq)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "largest difference {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn exp_matches_the_library_below_zero() {
+        for i in 0..20_000 {
+            let x = -(i as f32) * 0.004;
+            let (got, want) = (exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= want * 4e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+    }
+}
