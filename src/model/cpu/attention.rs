@@ -2,15 +2,15 @@
 //! keys in blocks of columns, an online softmax between them (FlashAttention's
 //! recurrence), and `gemm`'s kernels for the two products of each tile.
 //!
-//! The plain path in `decoder.rs` materialises `[rows, keys]` scores, then
-//! passes over them to add the mask, to softmax (scalar `expf`) and to cut
-//! them per segment: at 4,000 tokens that was about half of a prefill's time
-//! on SmolLM2, most of it memory traffic. Here a tile of scores lives in a
+//! The materialised path (`model/attention.rs`) computes `[rows, keys]`
+//! scores, then passes over them to add the mask, to softmax (scalar `expf`)
+//! and to cut them per segment: at 4,000 tokens the profile of SmolLM2's
+//! prefill had about half its samples there, most of it memory traffic. Here a tile of scores lives in a
 //! buffer the size of the L2 cache, the exponential is vectorised, and a tile
 //! whose every score is masked (a causal chunk's future) is skipped.
 //!
-//! Inference only: training needs the probabilities for its backward pass,
-//! and the attention probe reads the scores, so both keep the plain path.
+//! Inference only: training needs the probabilities for its backward pass
+//! and keeps the materialised path.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -47,6 +47,9 @@ pub fn attend(
     seq: usize,
 ) -> Result<Tensor> {
     let (batch, kv_heads, rows, hd) = q.dims4()?;
+    if q.elem_count() == 0 {
+        return Tensor::zeros(q.dims(), DType::F32, &Device::Cpu);
+    }
     let q = q.contiguous()?;
     let q_guard = q.storage_and_layout();
     let q_data = f32_slice(&q_guard.0, q_guard.1)?;
@@ -99,6 +102,14 @@ pub fn attend(
                 kt.dims(),
                 q.dims()
             )
+        }
+        if let Some(bias) = segment.bias {
+            if bias.dims() != [kv_heads, len] {
+                candle_core::bail!(
+                    "attention bias of shape {:?} for {kv_heads} heads of {len} keys",
+                    bias.dims()
+                )
+            }
         }
         if let (Some(offset), Some(mask)) = (segment.mask_offset, &mask_view) {
             if offset + len > mask.keys {
@@ -501,6 +512,13 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "largest difference {diff}");
         }
+        let misshapen = Segment {
+            bias: Some(&new_k),
+            ..segments[2]
+        };
+        assert!(attend(&q, &[misshapen], None, seq).is_err());
+        let none = q.narrow(2, 0, 0)?;
+        assert_eq!(attend(&none, &segments[2..], None, 0)?.dims(), none.dims());
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! Here the output features are split in blocks across rayon's threads, each
 //! block a `gemm` call of its own on the block's rows of `w`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::f32_slice;
@@ -24,6 +24,11 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows: usize = dims[..dims.len() - 1].iter().product();
     if dims.last() != Some(&inner) || rows > MAX_ROWS {
         candle_core::bail!("thin matmul of {dims:?} by a [{features}, {inner}] weight")
+    }
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has an inner dimension") = features;
+    if rows == 0 || features == 0 {
+        return Tensor::zeros(out_dims, DType::F32, &Device::Cpu);
     }
     let x = x.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
@@ -65,8 +70,6 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 );
             }
         });
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has an inner dimension") = features;
     let out = Tensor::from_vec(out, (features, rows), &Device::Cpu)?;
     if rows == 1 {
         out.reshape(out_dims)
