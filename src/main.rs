@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     pin_thread_count();
+    keep_freed_pages();
     let cli = cli::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -37,6 +38,20 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// mimalloc hands the pages of freed memory back to the kernel after 10 ms;
+/// the next tensor of that size faults them in and the kernel zeroes them
+/// again. A forward pass frees and allocates the same sizes layer after
+/// layer, so keep them: `compress --compressor full` of 3,812 tokens went
+/// from 445-457 to 605-623 tokens/s, peak RSS 3-5 % higher.
+fn keep_freed_pages() {
+    // `mi_option_purge_delay` in mimalloc.h's `mi_option_t` (v2 and v3),
+    // which libmimalloc-sys does not name; -1 is "never purge".
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: mi_option_set is not thread-safe; this runs first thing in
+    // `main`, before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
 /// candle's CPU matmul asks for the thread count on every call, and unless
