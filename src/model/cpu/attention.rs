@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use super::{Strided, f32_slice, product};
 
 /// Query rows per task and key columns per tile: a tile's scores (32 KiB)
 /// and the block's output stay in L1/L2 however long the context.
@@ -230,30 +230,28 @@ impl Task<'_> {
                     continue;
                 }
                 let tile = &mut scores[..n * cols];
-                // SAFETY: the pointers and strides describe `n x hd`, `hd x
+                // SAFETY: the pointers and steps describe `n x hd`, `hd x
                 // cols` (keys read transposed) and `n x cols` matrices inside
                 // the slices above.
                 unsafe {
-                    gemm::gemm(
-                        n,
-                        cols,
-                        hd,
-                        tile.as_mut_ptr(),
-                        1,
-                        cols as isize,
+                    product(
+                        (n, cols, hd),
+                        Strided {
+                            ptr: tile.as_mut_ptr(),
+                            col_step: 1,
+                            row_step: cols,
+                        },
                         false,
-                        self.q.as_ptr(),
-                        1,
-                        hd as isize,
-                        keys[start * hd..].as_ptr(),
-                        hd as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Strided {
+                            ptr: self.q.as_ptr(),
+                            col_step: 1,
+                            row_step: hd,
+                        },
+                        Strided {
+                            ptr: keys[start * hd..].as_ptr(),
+                            col_step: hd,
+                            row_step: 1,
+                        },
                     );
                 }
                 for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
@@ -268,26 +266,24 @@ impl Task<'_> {
                 // SAFETY: `n x cols` probabilities times the `cols x hd`
                 // values of this tile, added to the `n x hd` output.
                 unsafe {
-                    gemm::gemm(
-                        n,
-                        hd,
-                        cols,
-                        out.as_mut_ptr(),
-                        1,
-                        hd as isize,
+                    product(
+                        (n, hd, cols),
+                        Strided {
+                            ptr: out.as_mut_ptr(),
+                            col_step: 1,
+                            row_step: hd,
+                        },
                         true,
-                        tile.as_ptr(),
-                        1,
-                        cols as isize,
-                        values[start * hd..].as_ptr(),
-                        1,
-                        hd as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Strided {
+                            ptr: tile.as_ptr(),
+                            col_step: 1,
+                            row_step: cols,
+                        },
+                        Strided {
+                            ptr: values[start * hd..].as_ptr(),
+                            col_step: 1,
+                            row_step: hd,
+                        },
                     );
                 }
             }

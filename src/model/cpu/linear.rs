@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use super::{Strided, f32_slice, product};
 
 /// At most this many rows take this path; more are a prefill, whose product
 /// `gemm` already spreads over the threads.
@@ -47,26 +47,24 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             // `cols x inner` block of `w` into a column-major `rows x cols`
             // block of the output, all inside the slices above.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    cols,
-                    inner,
-                    dst.as_mut_ptr(),
-                    rows as isize,
-                    1,
+                product(
+                    (rows, cols, inner),
+                    Strided {
+                        ptr: dst.as_mut_ptr(),
+                        col_step: rows,
+                        row_step: 1,
+                    },
                     false,
-                    xs.as_ptr(),
-                    1,
-                    inner as isize,
-                    ws[first * inner..].as_ptr(),
-                    inner as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Strided {
+                        ptr: xs.as_ptr(),
+                        col_step: 1,
+                        row_step: inner,
+                    },
+                    Strided {
+                        ptr: ws[first * inner..].as_ptr(),
+                        col_step: inner,
+                        row_step: 1,
+                    },
                 );
             }
         });

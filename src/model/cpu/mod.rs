@@ -20,3 +20,52 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
         _ => candle_core::bail!("the CPU kernels need contiguous f32 tensors on the CPU"),
     }
 }
+
+/// A row-major or column-major matrix in memory: its first element and the
+/// steps between its columns and its rows.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    col_step: usize,
+    row_step: usize,
+}
+
+/// `dst = lhs rhs` (`accumulate`: `dst += lhs rhs`) for an `m x k` `lhs` and
+/// a `k x n` `rhs`, on the calling thread: the callers already run in
+/// parallel.
+///
+/// # Safety
+/// Each matrix, with its steps, must lie inside one live allocation, and
+/// `dst` must not overlap the others.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col_step as isize,
+            dst.row_step as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col_step as isize,
+            lhs.row_step as isize,
+            rhs.ptr,
+            rhs.col_step as isize,
+            rhs.row_step as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
