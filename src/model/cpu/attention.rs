@@ -5,9 +5,10 @@
 //! The materialised path (`model/attention.rs`) computes `[rows, keys]`
 //! scores, then passes over them to add the mask, to softmax (scalar `expf`)
 //! and to cut them per segment: at 4,000 tokens the profile of SmolLM2's
-//! prefill had about half its samples there, most of it memory traffic. Here a tile of scores lives in a
-//! buffer the size of the L2 cache, the exponential is vectorised, and a tile
-//! whose every score is masked (a causal chunk's future) is skipped.
+//! prefill had about half its samples there, most of it memory traffic.
+//! Here a tile of scores lives in a buffer the size of the L2 cache, the
+//! exponential is vectorised, and a tile whose every score is masked (a
+//! causal chunk's future) is skipped.
 //!
 //! Inference only: training needs the probabilities for its backward pass
 //! and keeps the materialised path.
@@ -67,7 +68,6 @@ pub fn attend(
             Some(MaskView {
                 data: f32_slice(storage, layout)?,
                 batched: *mask_rows != 1,
-                seq,
                 keys: *keys,
             })
         }
@@ -126,10 +126,15 @@ pub fn attend(
             bias: bias.as_ref().map(|(s, l)| f32_slice(s, l)).transpose()?,
             batched: k_rows != 1,
             len,
-            mask_offset: segment.mask_offset.filter(|_| mask_view.is_some()),
+            mask_offset: segment.mask_offset,
         });
     }
-    let shape = Shape { kv_heads, hd, seq };
+    let shape = Shape {
+        kv_heads,
+        hd,
+        seq,
+        softmax: softmax_kernel(),
+    };
     let mut out = vec![0f32; batch * kv_heads * rows * hd];
     let tasks: Vec<(usize, usize, &mut [f32])> = out
         .chunks_mut(rows * hd)
@@ -157,16 +162,18 @@ fn as_f32(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
 }
 
+/// What every task of one call shares.
 struct Shape {
     kv_heads: usize,
     hd: usize,
     seq: usize,
+    /// [`softmax_tile`] compiled for this CPU, picked once per call.
+    softmax: SoftmaxTile,
 }
 
 struct MaskView<'a> {
     data: &'a [f32],
     batched: bool,
-    seq: usize,
     keys: usize,
 }
 
@@ -218,7 +225,7 @@ impl Task<'_> {
                     let (mask, offset) = (mask?, segment.mask_offset?);
                     let position = (self.first_row + r) % shape.seq;
                     let row = if mask.batched {
-                        self.batch * mask.seq + position
+                        self.batch * shape.seq + position
                     } else {
                         position
                     };
@@ -256,7 +263,8 @@ impl Task<'_> {
                 }
                 for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
                     let bias = bias.map(|b| &b[start..start + cols]);
-                    let rescale = softmax_tile(row, bias, mask_rows(r), &mut max[r], &mut sum[r]);
+                    let rescale =
+                        (shape.softmax)(row, bias, mask_rows(r), &mut max[r], &mut sum[r]);
                     if rescale != 1.0 {
                         out[r * hd..(r + 1) * hd]
                             .iter_mut()
@@ -295,23 +303,17 @@ impl Task<'_> {
     }
 }
 
-/// One row of a tile: adds the bias and mask, moves the row's running
-/// maximum, turns the scores into `exp(score - max)` in place and adds them
-/// to the running sum. Returns the factor the row's output so far must be
-/// scaled by (`exp(old max - new max)`).
-fn softmax_tile(
-    row: &mut [f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-    max: &mut f32,
-    sum: &mut f32,
-) -> f32 {
+/// [`softmax_tile`]'s signature.
+type SoftmaxTile = fn(&mut [f32], Option<&[f32]>, Option<&[f32]>, &mut f32, &mut f32) -> f32;
+
+/// [`softmax_tile`] with AVX2 and FMA where the CPU has them, else portable.
+fn softmax_kernel() -> SoftmaxTile {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { softmax_tile_avx2(row, bias, mask, max, sum) };
+        return |row, bias, mask, max, sum| unsafe { softmax_tile_avx2(row, bias, mask, max, sum) };
     }
-    softmax_tile_portable(row, bias, mask, max, sum)
+    softmax_tile
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -323,11 +325,15 @@ unsafe fn softmax_tile_avx2(
     max: &mut f32,
     sum: &mut f32,
 ) -> f32 {
-    softmax_tile_portable(row, bias, mask, max, sum)
+    softmax_tile(row, bias, mask, max, sum)
 }
 
+/// One row of a tile: adds the bias and mask, moves the row's running
+/// maximum, turns the scores into `exp(score - max)` in place and adds them
+/// to the running sum. Returns the factor the row's output so far must be
+/// scaled by (`exp(old max - new max)`).
 #[inline(always)]
-fn softmax_tile_portable(
+fn softmax_tile(
     row: &mut [f32],
     bias: Option<&[f32]>,
     mask: Option<&[f32]>,

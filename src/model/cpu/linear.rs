@@ -21,7 +21,7 @@ const BLOCK: usize = 64;
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (features, inner) = w.dims2()?;
     let dims = x.dims();
-    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
     if dims.last() != Some(&inner) || rows > MAX_ROWS {
         candle_core::bail!("thin matmul of {dims:?} by a [{features}, {inner}] weight")
     }
@@ -99,13 +99,10 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-4, "{rows} rows: largest difference {diff}");
         }
-        assert!(
-            matmul_t(
-                &Tensor::zeros((MAX_ROWS + 1, 48), candle_core::DType::F32, &Device::Cpu)?,
-                &w
-            )
-            .is_err()
-        );
+        let empty = Tensor::zeros((2, 0, 48), DType::F32, &Device::Cpu)?;
+        assert_eq!(matmul_t(&empty, &w)?.dims(), [2, 0, 200]);
+        let tall = Tensor::zeros((MAX_ROWS + 1, 48), DType::F32, &Device::Cpu)?;
+        assert!(matmul_t(&tall, &w).is_err());
         Ok(())
     }
 }
