@@ -12,7 +12,7 @@ use super::{Cost, Emit, Facts, Method, Parts, Pass, Strategy, Takes};
 use crate::adapter::{Loaded, SacAdapter};
 use crate::error::Result;
 use crate::layout::chunk;
-use crate::model::AttentionMask;
+use crate::model::{AttentionMask, LayerKv};
 
 /// `sac` in [`super::METHODS`].
 pub static METHOD: Method = Method {
@@ -62,28 +62,40 @@ impl Strategy for Sac<'_> {
     }
 
     fn compress(&self, pass: &Pass, ids: &[u32], emit: Emit) -> Result<Cost> {
-        let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| {
-            let kept = chunk::anchor_offsets(chunk.len, self.adapter.config.ratio);
-            let kept_t = chunked::offsets_tensor(pass, &kept)?;
-            let roles = role_embeddings(self.adapter, chunk.len, &kept_t, kept.len())?;
-            let input = Input {
-                extra: Some(roles),
-                mask: AttentionMask::Full,
-                lora: Some(&self.adapter.lora),
-                ..Input::causal(chunk_ids, chunk.first_position() as usize, None)
-            };
-            let kv = run::forward(pass, input)?.kv;
-            let kv = kv
-                .iter()
-                .map(|l| l.select(&kept_t))
-                .collect::<Result<_>>()?;
-            Ok((kept, kv))
-        };
+        let encode = |chunk: &chunk::Chunk, chunk_ids: &[u32]| self.encode(pass, chunk, chunk_ids);
         let total = chunked::compress(pass, ids, self.adapter.config.chunk_size, encode, emit)?;
         Ok(Cost {
             total,
             prefill: None,
         })
+    }
+}
+
+impl Sac<'_> {
+    /// One chunk's bidirectional pass: the chunk's anchor offsets (0-based)
+    /// and their K/V in every layer. Chunks are independent of each other,
+    /// which lets `sac train` backpropagate into one chunk at a time.
+    pub fn encode(
+        &self,
+        pass: &Pass,
+        chunk: &chunk::Chunk,
+        chunk_ids: &[u32],
+    ) -> Result<(Vec<usize>, Vec<LayerKv>)> {
+        let kept = chunk::anchor_offsets(chunk.len, self.adapter.config.ratio);
+        let kept_t = chunked::offsets_tensor(pass, &kept)?;
+        let roles = role_embeddings(self.adapter, chunk.len, &kept_t, kept.len())?;
+        let input = Input {
+            extra: Some(roles),
+            mask: AttentionMask::Full,
+            lora: Some(&self.adapter.lora),
+            ..Input::causal(chunk_ids, chunk.first_position() as usize, None)
+        };
+        let kv = run::forward(pass, input)?.kv;
+        let kv = kv
+            .iter()
+            .map(|l| l.select(&kept_t))
+            .collect::<Result<_>>()?;
+        Ok((kept, kv))
     }
 }
 

@@ -1,8 +1,11 @@
 //! One layer's attention over the K/V a pass reads (a shared document, the
-//! row's own past) and its new positions, by one of two paths: the fused CPU
-//! kernel ([`cpu::attention`]), which never materialises the scores, or
-//! candle's ops on the materialised scores, which training's backward pass
-//! and other devices need. Both report the attention probe's weights.
+//! row's own past) and its new positions, by one of three paths: the fused
+//! CPU kernel ([`cpu::attention`]), which never materialises the scores; the
+//! same kernel with a backward pass that recomputes them
+//! ([`cpu::attention_grad`]), for training's passes over a chunk; or
+//! candle's ops on the materialised scores, which other training passes and
+//! other devices take. The first and last report the attention probe's
+//! weights.
 
 use candle_core::Tensor;
 
@@ -23,10 +26,25 @@ pub(super) fn attend(
     step: &BlockStep,
     (group, seq, hd): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let fused = step.kernels == Kernels::Inference
-        && cpu::applies(q)
-        && ![q, k, v].iter().any(|t| t.track_op());
-    if !fused {
+    if !cpu::applies(q) {
+        return plain_attention(q, (k, v), shared, step, (group, seq, hd));
+    }
+    if step.kernels == Kernels::Training {
+        // A chunk's own attention, as SAC's compressor runs it in training,
+        // is the step's largest: the tiled kernel, and its scores recomputed
+        // in the backward pass. Passes reading a past are a question's few
+        // rows, which the materialised path serves as well.
+        if shared.is_none() && step.past.is_none() && step.probe.is_none() {
+            let mask = step
+                .mask
+                .map(|m| m.reshape((m.dim(0)?, seq, seq)))
+                .transpose()?;
+            let out = cpu::attention_grad::attend_differentiable(q, (k, v), mask.as_ref(), seq)?;
+            return Ok((out, None));
+        }
+        return plain_attention(q, (k, v), shared, step, (group, seq, hd));
+    }
+    if [q, k, v].iter().any(|t| t.track_op()) {
         return plain_attention(q, (k, v), shared, step, (group, seq, hd));
     }
     let measured = step

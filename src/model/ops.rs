@@ -51,15 +51,18 @@ pub fn softmax_last_dim(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
 /// RMSNorm over the last dimension with a learned per-channel weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
     Ok(match kernels {
-        Kernels::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?,
-        Kernels::Training => {
+        Kernels::Inference if x.dtype() != DType::F64 => {
+            candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?
+        }
+        _ => {
             // The fused kernel normalises; the weight is applied outside it,
             // so that candle's own multiply carries its gradient.
             let dtype = x.dtype();
             let x = x.to_dtype(accumulation_dtype(dtype))?.contiguous()?;
             let normed = if x.dtype() == DType::F64 {
                 // The kernel takes no f64 (and sums in f32); f64 is for
-                // checking gradients against finite differences.
+                // checking gradients against finite differences, whose
+                // inference passes come here too.
                 let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
                 x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
             } else {

@@ -7,10 +7,10 @@
 //! compressor frozen.
 //!
 //! One optimizer step: `grad_accum` backward passes over `batch` samples
-//! each; per sample, the compressor runs the context chunk by chunk on the
-//! differentiable path ([`step::sample_loss`]), the decoder reads `[LM]`,
-//! the prompt and the target after the anchors, and the loss flows back
-//! through the anchors' K/V into the adapter. Gradients are summed in f32,
+//! each; per sample, the compressor runs the context chunk by chunk, the
+//! decoder reads `[LM]`, the prompt and the target after the anchors, and
+//! the loss flows back through the anchors' K/V into the adapter, one chunk
+//! at a time ([`step::backward`]). Gradients are summed in f32,
 //! clipped by global norm, and applied by AdamW under a warmup + cosine
 //! schedule. Everything random derives from the seed, and the data order
 //! from the seed and the sample's index, so a checkpoint (variables,

@@ -2,16 +2,17 @@
 //! the adapter) turns the context into anchor K/V, and the frozen decoder,
 //! reading them as its past, predicts the target after `[LM]` and the prompt,
 //! laid out exactly as `sac ask` lays out a question; GMSA's objective is in
-//! [`super::gmsa`]. One backward pass over a batch serves both.
+//! [`super::gmsa`]. [`backward`] sums either over a batch.
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 
 use crate::adapter::{Loaded, SacAdapter};
-use crate::compress::Compressor;
 use crate::compress::sac::Sac;
+use crate::compress::{Compressor, Pass};
 use crate::error::{InputError, Result};
-use crate::layout;
-use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels};
+use crate::layout::{self, chunk};
+use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, LayerKv};
 
 use super::data::Sample;
 use super::params::Trainables;
@@ -19,39 +20,146 @@ use super::params::Trainables;
 /// One backward pass: the losses of `samples` summed and multiplied by
 /// `scale`; returns that value and each variable's gradient (in the order of
 /// [`Trainables::named`], zero for a variable the loss does not reach).
+///
+/// A SAC sample is backpropagated chunk by chunk ([`sac_sample_backward`]),
+/// so memory holds one chunk's graph however long the context is; a GMSA
+/// sample's graph is built whole.
 pub fn backward(
     decoder: &Decoder,
     params: &Trainables,
     samples: &[Sample],
     scale: f64,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let adapter = params.adapter(decoder.config(), decoder.dtype())?;
-    let mut total: Option<Tensor> = None;
-    for sample in samples {
-        let loss = match &adapter {
-            Loaded::Sac(adapter) => sample_loss(decoder, adapter, sample, Kernels::Training)?,
-            Loaded::Gmsa(adapter) => {
-                super::gmsa::sample_loss(decoder, adapter, sample, Kernels::Training)?
-            }
-        };
-        total = Some(match total {
-            Some(t) => (t + loss)?,
-            None => loss,
-        });
-    }
-    let Some(total) = total else {
+    if samples.is_empty() {
         return Err(InputError::NoSample.into());
-    };
-    let scaled = (total * scale)?;
-    let store = scaled.backward()?;
-    let grads = params
-        .named()
-        .map(|(_, var)| match store.get(var.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => Ok(var.as_tensor().zeros_like()?),
+    }
+    let mut grads = Gradients::new(params);
+    let mut total = 0.0;
+    match params.adapter(decoder.config(), decoder.dtype())? {
+        Loaded::Sac(adapter) => {
+            for sample in samples {
+                total += sac_sample_backward(decoder, &adapter, sample, scale, &mut grads)?;
+            }
+        }
+        Loaded::Gmsa(adapter) => {
+            for sample in samples {
+                let loss = super::gmsa::sample_loss(decoder, &adapter, sample, Kernels::Training)?;
+                total += grads.backward(&(loss * scale)?)?;
+            }
+        }
+    }
+    Ok((total, grads.finish()?))
+}
+
+/// The trainables' gradients summed over several backward passes.
+struct Gradients<'a> {
+    params: &'a Trainables,
+    sums: Vec<Option<Tensor>>,
+}
+
+impl<'a> Gradients<'a> {
+    fn new(params: &'a Trainables) -> Self {
+        Gradients {
+            params,
+            sums: params.named().map(|_| None).collect(),
+        }
+    }
+
+    /// Backpropagates `objective` (a scalar), adds what reaches the
+    /// trainables, and returns the objective's value and the store, which
+    /// also holds the gradients of any other variable in the graph.
+    fn add(&mut self, objective: &Tensor) -> Result<(f64, GradStore)> {
+        let store = objective.backward()?;
+        for ((_, var), sum) in self.params.named().zip(&mut self.sums) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let value = objective.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((value, store))
+    }
+
+    fn backward(&mut self, objective: &Tensor) -> Result<f64> {
+        Ok(self.add(objective)?.0)
+    }
+
+    fn finish(self) -> Result<Vec<Tensor>> {
+        self.params
+            .named()
+            .zip(self.sums)
+            .map(|((_, var), sum)| match sum {
+                Some(g) => Ok(g),
+                None => Ok(var.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+}
+
+/// Backpropagates `scale` times one SAC sample's loss into `grads` without
+/// holding the whole graph: the anchors' K/V of every chunk are computed
+/// first with no graph and become leaves of the decoder's loss, whose
+/// backward pass gives their gradients (and `[LM]`'s); then each chunk is
+/// encoded again on the differentiable path and its anchors' K/V, dotted
+/// with those gradients, are backpropagated into the adapter. Chunks do not
+/// see each other, so this is the whole sample's gradient, for one more
+/// forward pass without a graph (`tests/train.rs` checks it against finite
+/// differences). Returns the scaled loss.
+fn sac_sample_backward(
+    decoder: &Decoder,
+    adapter: &SacAdapter,
+    sample: &Sample,
+    scale: f64,
+    grads: &mut Gradients,
+) -> Result<f64> {
+    let sac = Sac::new(adapter);
+    let mut anchors: Vec<Vec<(Var, Var)>> = Vec::new();
+    Compressor::new(decoder, Box::new(sac)).compress(&sample.context, |out| {
+        let leaves = out
+            .into_kv()?
+            .layers
+            .into_iter()
+            .map(|l| Ok((Var::from_tensor(&l.k)?, Var::from_tensor(&l.v)?)))
+            .collect::<Result<_>>()?;
+        anchors.push(leaves);
+        Ok(())
+    })?;
+    let layers = anchors.first().map_or(0, Vec::len);
+    let past = (0..layers)
+        .map(|layer| {
+            let keys: Vec<&Tensor> = anchors.iter().map(|c| c[layer].0.as_tensor()).collect();
+            let values: Vec<&Tensor> = anchors.iter().map(|c| c[layer].1.as_tensor()).collect();
+            Ok(LayerKv {
+                k: Tensor::cat(&keys, 2)?,
+                v: Tensor::cat(&values, 2)?,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+    let loss = loss_after(decoder, adapter, sample, &past, Kernels::Training)?;
+    let (value, store) = grads.add(&(loss * scale)?)?;
+    let pass = Pass {
+        kernels: Kernels::Training,
+        ..Pass::new(decoder)
+    };
+    let chunks = chunk::chunks(sample.context.len(), adapter.config.chunk_size);
+    for (chunk, leaves) in chunks.zip(&anchors) {
+        let ids = &sample.context[chunk.start..chunk.start + chunk.len];
+        let (_, kv) = sac.encode(&pass, &chunk, ids)?;
+        let mut terms = Vec::new();
+        for (layer, (k, v)) in kv.iter().zip(leaves) {
+            for (x, leaf) in [(&layer.k, k), (&layer.v, v)] {
+                if let Some(g) = store.get(leaf.as_tensor()) {
+                    terms.push((x * g)?.sum_all()?);
+                }
+            }
+        }
+        if !terms.is_empty() {
+            grads.backward(&Tensor::stack(&terms, 0)?.sum_all()?)?;
+        }
+    }
+    Ok(value)
 }
 
 /// Mean next-token cross-entropy over `sample.target` (a scalar tensor in
@@ -64,10 +172,22 @@ pub fn sample_loss(
     sample: &Sample,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    let read = read_ids(sample)?;
     let past = Compressor::new(decoder, Box::new(Sac::new(adapter)))
         .with_kernels(kernels)
         .anchor_past(&sample.context)?;
+    loss_after(decoder, adapter, sample, &past, kernels)
+}
+
+/// [`sample_loss`] with the anchors' K/V given: the decoder reads them as
+/// its past, then `[LM]`, the prompt and the target.
+fn loss_after(
+    decoder: &Decoder,
+    adapter: &SacAdapter,
+    sample: &Sample,
+    past: &[LayerKv],
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let read = read_ids(sample)?;
     let device = decoder.device();
     let hidden_size = decoder.config().hidden_size;
     let lm = adapter.lm_embedding()?.reshape((1, 1, hidden_size))?;
@@ -80,7 +200,7 @@ pub fn sample_loss(
         positions: &positions,
         mask: AttentionMask::Causal,
         shared: None,
-        past: Some(&past),
+        past: Some(past),
         lora: None,
         kernels,
     })?;

@@ -397,10 +397,10 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(in crate::model::cpu) fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut state = seed
             .wrapping_mul(6364136223846793005)
@@ -416,8 +416,8 @@ mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
-    /// The same attention with every score materialised.
-    fn reference(
+    /// The same attention with every score materialised, differentiable.
+    pub(in crate::model::cpu) fn reference(
         q: &Tensor,
         segments: &[Segment],
         mask: Option<&Tensor>,
@@ -448,7 +448,8 @@ mod tests {
                     .contiguous()?,
             );
         }
-        let probs = candle_nn::ops::softmax_last_dim(&Tensor::cat(&scores, 3)?)?;
+        // candle's plain-op softmax, which has a backward pass.
+        let probs = candle_nn::ops::softmax(&Tensor::cat(&scores, 3)?, candle_core::D::Minus1)?;
         probs.matmul(&Tensor::cat(&values, 2)?)
     }
 

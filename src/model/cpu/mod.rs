@@ -4,6 +4,7 @@
 //! crate behind candle's CPU matmul, on the pieces.
 
 pub mod attention;
+pub mod attention_grad;
 pub mod linear;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
