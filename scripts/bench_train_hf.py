@@ -2,7 +2,7 @@
 """The step `sac train --stage qa` takes, in HF transformers + PEFT, for a speed comparison.
 
     .venv/bin/python scripts/bench_train_hf.py --data qa.jsonl --steps 3 --grad-accum 8 \
-        [--ratio 4] [--lora-rank 16] [--threads 2]
+        [--ratio 4] [--lora-rank 16] [--threads 2] [--attn eager|sdpa]
 
 SmolLM2-135M-Instruct (the GGUF of scripts/fetch_smollm2.sh, dequantized to f32 by
 transformers), SAC's QA step as sac computes it: per sample, the context (BOS, "### Context:\\n",
@@ -99,12 +99,14 @@ def main() -> None:
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
+                   help="transformers' attention: materialised scores, or torch's fused SDPA kernel")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=GGUF)
     base = AutoModelForCausalLM.from_pretrained(
-        MODEL_DIR, gguf_file=GGUF, dtype=torch.float32, attn_implementation="eager"
+        MODEL_DIR, gguf_file=GGUF, dtype=torch.float32, attn_implementation=a.attn
     )
     for param in base.parameters():
         param.requires_grad_(False)

@@ -71,10 +71,13 @@ impl<'a> Gradients<'a> {
     fn add(&mut self, objective: &Tensor) -> Result<(f64, GradStore)> {
         let store = objective.backward()?;
         for ((_, var), sum) in self.params.named().zip(&mut self.sums) {
-            if let Some(g) = store.get(var.as_tensor()) {
+            // Detached: a variable's gradient is built from the forward
+            // pass's activations, and would otherwise keep that pass's whole
+            // graph alive for as long as the sum lives.
+            if let Some(g) = store.get(var.as_tensor()).map(Tensor::detach) {
                 *sum = Some(match sum.take() {
                     Some(s) => (s + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -106,7 +109,8 @@ impl<'a> Gradients<'a> {
 /// with those gradients, are backpropagated into the adapter. Chunks do not
 /// see each other, so this is the whole sample's gradient, for one more
 /// forward pass without a graph (`tests/train.rs` checks it against finite
-/// differences). Returns the scaled loss.
+/// differences). A context of one chunk is backpropagated whole. Returns the
+/// scaled loss.
 fn sac_sample_backward(
     decoder: &Decoder,
     adapter: &SacAdapter,
@@ -114,6 +118,11 @@ fn sac_sample_backward(
     scale: f64,
     grads: &mut Gradients,
 ) -> Result<f64> {
+    if sample.context.len() <= adapter.config.chunk_size {
+        // One chunk: its graph is the whole sample's anyway.
+        let loss = sample_loss(decoder, adapter, sample, Kernels::Training)?;
+        return grads.backward(&(loss * scale)?);
+    }
     let sac = Sac::new(adapter);
     let mut anchors: Vec<Vec<(Var, Var)>> = Vec::new();
     Compressor::new(decoder, Box::new(sac)).compress(&sample.context, |out| {
@@ -151,7 +160,7 @@ fn sac_sample_backward(
         for (layer, (k, v)) in kv.iter().zip(leaves) {
             for (x, leaf) in [(&layer.k, k), (&layer.v, v)] {
                 if let Some(g) = store.get(leaf.as_tensor()) {
-                    terms.push((x * g)?.sum_all()?);
+                    terms.push((x * g.detach())?.sum_all()?);
                 }
             }
         }
