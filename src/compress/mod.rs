@@ -390,16 +390,6 @@ impl<'a> Compressor<'a> {
             chunks.push(out.into_kv()?.layers);
             Ok(())
         })?;
-        let layers = chunks.first().map_or(0, Vec::len);
-        (0..layers)
-            .map(|layer| {
-                let keys: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].k).collect();
-                let values: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].v).collect();
-                Ok(LayerKv {
-                    k: Tensor::cat(&keys, 2)?,
-                    v: Tensor::cat(&values, 2)?,
-                })
-            })
-            .collect()
+        LayerKv::concat_chunks(&chunks)
     }
 }

@@ -31,6 +31,22 @@ impl LayerKv {
             v: self.v.index_select(indices, 2)?,
         })
     }
+
+    /// Every layer's K/V of `chunks` (`chunks[chunk][layer]`) joined along
+    /// the sequence axis, in chunk order: one `LayerKv` per layer.
+    pub fn concat_chunks(chunks: &[Vec<LayerKv>]) -> Result<Vec<LayerKv>> {
+        let layers = chunks.first().map_or(0, Vec::len);
+        (0..layers)
+            .map(|layer| {
+                let keys: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].k).collect();
+                let values: Vec<&Tensor> = chunks.iter().map(|c| &c[layer].v).collect();
+                Ok(LayerKv {
+                    k: Tensor::cat(&keys, 2)?,
+                    v: Tensor::cat(&values, 2)?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One layer's K/V that every row of a batch reads (a loaded document),

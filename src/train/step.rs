@@ -124,28 +124,25 @@ fn sac_sample_backward(
         return grads.backward(&(loss * scale)?);
     }
     let sac = Sac::new(adapter);
-    let mut anchors: Vec<Vec<(Var, Var)>> = Vec::new();
+    // The anchors' K/V of every chunk, as variables: the loss's leaves.
+    let as_leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(t)?.into_inner()) };
+    let mut anchors: Vec<Vec<LayerKv>> = Vec::new();
     Compressor::new(decoder, Box::new(sac)).compress(&sample.context, |out| {
         let leaves = out
             .into_kv()?
             .layers
-            .into_iter()
-            .map(|l| Ok((Var::from_tensor(&l.k)?, Var::from_tensor(&l.v)?)))
+            .iter()
+            .map(|l| {
+                Ok(LayerKv {
+                    k: as_leaf(&l.k)?,
+                    v: as_leaf(&l.v)?,
+                })
+            })
             .collect::<Result<_>>()?;
         anchors.push(leaves);
         Ok(())
     })?;
-    let layers = anchors.first().map_or(0, Vec::len);
-    let past = (0..layers)
-        .map(|layer| {
-            let keys: Vec<&Tensor> = anchors.iter().map(|c| c[layer].0.as_tensor()).collect();
-            let values: Vec<&Tensor> = anchors.iter().map(|c| c[layer].1.as_tensor()).collect();
-            Ok(LayerKv {
-                k: Tensor::cat(&keys, 2)?,
-                v: Tensor::cat(&values, 2)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let past = LayerKv::concat_chunks(&anchors)?;
     let loss = loss_after(decoder, adapter, sample, &past, Kernels::Training)?;
     let (value, store) = grads.add(&(loss * scale)?)?;
     let pass = Pass {
@@ -153,13 +150,13 @@ fn sac_sample_backward(
         ..Pass::new(decoder)
     };
     let chunks = chunk::chunks(sample.context.len(), adapter.config.chunk_size);
-    for (chunk, leaves) in chunks.zip(&anchors) {
+    for (chunk, chunk_leaves) in chunks.zip(&anchors) {
         let ids = &sample.context[chunk.start..chunk.start + chunk.len];
         let (_, kv) = sac.encode(&pass, &chunk, ids)?;
         let mut terms = Vec::new();
-        for (layer, (k, v)) in kv.iter().zip(leaves) {
-            for (x, leaf) in [(&layer.k, k), (&layer.v, v)] {
-                if let Some(g) = store.get(leaf.as_tensor()) {
+        for (layer, leaves) in kv.iter().zip(chunk_leaves) {
+            for (x, leaf) in [(&layer.k, &leaves.k), (&layer.v, &leaves.v)] {
+                if let Some(g) = store.get(leaf) {
                     terms.push((x * g.detach())?.sum_all()?);
                 }
             }
