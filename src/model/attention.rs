@@ -26,25 +26,21 @@ pub(super) fn attend(
     step: &BlockStep,
     (group, seq, hd): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>)> {
-    if !cpu::applies(q) {
-        return plain_attention(q, (k, v), shared, step, (group, seq, hd));
+    let tiled = cpu::applies(q);
+    let training = step.kernels == Kernels::Training;
+    // A chunk's own attention, as SAC's compressor runs it in training, is
+    // the step's largest: the tiled kernel, and its scores recomputed in the
+    // backward pass. Passes reading a past are a question's few rows, which
+    // the materialised path serves as well.
+    if tiled && training && shared.is_none() && step.past.is_none() && step.probe.is_none() {
+        let mask = step
+            .mask
+            .map(|m| m.reshape((m.dim(0)?, seq, seq)))
+            .transpose()?;
+        let out = cpu::attention_grad::attend_differentiable(q, (k, v), mask.as_ref(), seq)?;
+        return Ok((out, None));
     }
-    if step.kernels == Kernels::Training {
-        // A chunk's own attention, as SAC's compressor runs it in training,
-        // is the step's largest: the tiled kernel, and its scores recomputed
-        // in the backward pass. Passes reading a past are a question's few
-        // rows, which the materialised path serves as well.
-        if shared.is_none() && step.past.is_none() && step.probe.is_none() {
-            let mask = step
-                .mask
-                .map(|m| m.reshape((m.dim(0)?, seq, seq)))
-                .transpose()?;
-            let out = cpu::attention_grad::attend_differentiable(q, (k, v), mask.as_ref(), seq)?;
-            return Ok((out, None));
-        }
-        return plain_attention(q, (k, v), shared, step, (group, seq, hd));
-    }
-    if [q, k, v].iter().any(|t| t.track_op()) {
+    if !tiled || training || [q, k, v].iter().any(|t| t.track_op()) {
         return plain_attention(q, (k, v), shared, step, (group, seq, hd));
     }
     let measured = step

@@ -11,7 +11,7 @@ use crate::adapter::{Loaded, SacAdapter};
 use crate::compress::sac::Sac;
 use crate::compress::{Compressor, Pass};
 use crate::error::{InputError, Result};
-use crate::layout::{self, chunk};
+use crate::layout::{self, chunk::Chunk};
 use crate::model::{AttentionMask, Decoder, ForwardInput, Kernels, LayerKv};
 
 use super::data::Sample;
@@ -126,10 +126,11 @@ fn sac_sample_backward(
     let sac = Sac::new(adapter);
     // The anchors' K/V of every chunk, as variables: the loss's leaves.
     let as_leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(t)?.into_inner()) };
+    let mut chunks: Vec<Chunk> = Vec::new();
     let mut anchors: Vec<Vec<LayerKv>> = Vec::new();
     Compressor::new(decoder, Box::new(sac)).compress(&sample.context, |out| {
+        let out = out.into_kv()?;
         let leaves = out
-            .into_kv()?
             .layers
             .iter()
             .map(|l| {
@@ -139,6 +140,7 @@ fn sac_sample_backward(
                 })
             })
             .collect::<Result<_>>()?;
+        chunks.push(out.chunk);
         anchors.push(leaves);
         Ok(())
     })?;
@@ -149,10 +151,9 @@ fn sac_sample_backward(
         kernels: Kernels::Training,
         ..Pass::new(decoder)
     };
-    let chunks = chunk::chunks(sample.context.len(), adapter.config.chunk_size);
-    for (chunk, chunk_leaves) in chunks.zip(&anchors) {
+    for (chunk, chunk_leaves) in chunks.iter().zip(&anchors) {
         let ids = &sample.context[chunk.start..chunk.start + chunk.len];
-        let (_, kv) = sac.encode(&pass, &chunk, ids)?;
+        let (_, kv) = sac.encode(&pass, chunk, ids)?;
         let mut terms = Vec::new();
         for (layer, leaves) in kv.iter().zip(chunk_leaves) {
             for (x, leaf) in [(&layer.k, &leaves.k), (&layer.v, &leaves.v)] {
