@@ -41,7 +41,12 @@ pub fn remove_temp_files_on_signal() -> Result<()> {
         for path in pending.iter() {
             let _ = std::fs::remove_file(path);
         }
-        std::process::exit(130);
+        // Not `std::process::exit`: that runs the C libraries' exit handlers
+        // (the CUDA runtime's, cuBLAS's) while the main thread is still inside
+        // them. A `sac train` on a GPU stopped by `timeout` aborted there with
+        // glibc's "malloc_consolidate(): unaligned fastbin chunk detected".
+        // SAFETY: `_exit` only ends the process.
+        unsafe { libc::_exit(130) }
     })
     .map_err(Error::Signal)
 }
