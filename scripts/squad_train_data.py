@@ -12,6 +12,10 @@ article and nothing chosen is chosen on what it trains on.
 
 Writes, as JSON lines:
   pretrain.jsonl   {"text"}: one row per training article, its paragraphs joined
+  pretrain-windows.jsonl {"text"}: from every paragraph of the training articles, it
+                   and the paragraphs after it up to PRETRAIN_CHARS (`sac train`'s
+                   pretraining reads a row from its start, so each paragraph starts one
+                   context of up to 2,040 tokens and its continuation)
   paragraphs.jsonl {"text"}: one row per paragraph of the training articles, for
                    GMSA's autoencoding (`sac train --method gmsa`)
   qa-train.jsonl   {"context", "question", "answer"}: every question of those
@@ -37,6 +41,8 @@ SOURCE = os.path.join(ROOT, "..", "shared", "data", "squad-v1.1-dev", "paragraph
 HELD = 2
 # About the length in characters of the benchmark's 2,000-token documents.
 WINDOW_CHARS = 8000
+# A little over 2,040 + 256 tokens of this text (about 4 characters a token).
+PRETRAIN_CHARS = 10000
 
 
 def window(paragraphs: list[dict], at: int, rng: random.Random) -> str:
@@ -86,6 +92,18 @@ def main() -> None:
     texts = write(
         "pretrain.jsonl",
         ({"text": "\n\n".join(p["context"] for p in articles[t])} for t in train),
+    )
+    def following(paragraphs: list[dict], at: int) -> str:
+        """Paragraph `at` and those after it while the text stays within PRETRAIN_CHARS."""
+        hi, used = at + 1, len(paragraphs[at]["context"])
+        while hi < len(paragraphs) and used + len(paragraphs[hi]["context"]) <= PRETRAIN_CHARS:
+            used += len(paragraphs[hi]["context"])
+            hi += 1
+        return "\n\n".join(p["context"] for p in paragraphs[at:hi])
+
+    write(
+        "pretrain-windows.jsonl",
+        ({"text": following(articles[t], i)} for t in train for i in range(len(articles[t]))),
     )
     paragraphs = write(
         "paragraphs.jsonl",
