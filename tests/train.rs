@@ -387,14 +387,10 @@ fn training_loss_is_the_reference_decoders() {
     }
 }
 
-/// Backpropagation from the decoder's loss through the anchors' K/V of three
-/// chunks into every trainable tensor, checked against central finite
-/// differences (f64 model; the f32 variables are perturbed by exactly
-/// representable steps).
-#[test]
-fn gradients_reach_the_adapter_through_the_anchors() {
-    let fx = common::Fixture::load("llama3", DType::F64);
-    let decoder = &fx.decoder;
+/// A SAC run on `decoder` with anchors every 3 tokens of 8-token chunks
+/// (its LoRA B away from zero, which would leave A without gradient), and a
+/// sample whose 20-token context makes three chunks.
+fn three_chunk_run(decoder: &sac::model::Decoder) -> (Trainables, Sample) {
     let config = AdapterConfig {
         method: "sac".into(),
         ratio: 3,
@@ -407,7 +403,6 @@ fn gradients_reach_the_adapter_through_the_anchors() {
         base_model_fingerprint: None,
     };
     let params = Trainables::init(Config::Sac(config), decoder, 11).unwrap();
-    // B starts at zero, which would leave A without gradient.
     for (i, (name, var)) in params.named().enumerate() {
         if name.ends_with("lora_b") {
             let values: Vec<f32> = (0..var.elem_count())
@@ -422,6 +417,27 @@ fn gradients_reach_the_adapter_through_the_anchors() {
         prompt: vec![3, 9, 27],
         target: vec![81, 243, 29, 87],
     };
+    (params, sample)
+}
+
+/// The gradients of [`three_chunk_run`]'s sample on the fixture model in `dtype`.
+fn three_chunk_gradients(dtype: DType) -> Vec<Tensor> {
+    let fx = common::Fixture::load("llama3", dtype);
+    let (params, sample) = three_chunk_run(&fx.decoder);
+    step::backward(&fx.decoder, &params, &[sample], 1.0)
+        .unwrap()
+        .1
+}
+
+/// Backpropagation from the decoder's loss through the anchors' K/V of three
+/// chunks into every trainable tensor, checked against central finite
+/// differences (f64 model; the f32 variables are perturbed by exactly
+/// representable steps).
+#[test]
+fn gradients_reach_the_adapter_through_the_anchors() {
+    let fx = common::Fixture::load("llama3", DType::F64);
+    let decoder = &fx.decoder;
+    let (params, sample) = three_chunk_run(decoder);
     let (_, grads) = step::backward(decoder, &params, std::slice::from_ref(&sample), 1.0).unwrap();
     let loss = || {
         let Loaded::Sac(adapter) = params.adapter(decoder.config(), DType::F64).unwrap() else {
@@ -464,5 +480,31 @@ fn gradients_reach_the_adapter_through_the_anchors() {
                 "{name}[{idx}]: backprop {g}, finite difference {numeric}"
             );
         }
+    }
+}
+
+/// The path CPU training takes in f32 (the tiled attention, whose backward
+/// pass recomputes the probabilities, and the fused kernels) gives the
+/// gradients of the f64 path that the finite differences above check.
+#[test]
+fn f32_gradients_are_the_f64_ones() {
+    let exact = three_chunk_gradients(DType::F64);
+    let fast = three_chunk_gradients(DType::F32);
+    for (e, f) in exact.iter().zip(&fast) {
+        let scale = e
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(e, f);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{:?}: f32 and f64 gradients differ by {diff} (largest {scale})",
+            e.shape()
+        );
     }
 }

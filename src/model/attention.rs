@@ -50,9 +50,9 @@ pub(super) fn attend(
     Ok((fused_attention(q, (k, v), shared, step, seq)?, measured))
 }
 
-/// Attention through materialised scores: the path that training (whose
-/// backward pass needs the probabilities) and devices without the fused
-/// kernel take. `q` is
+/// Attention through materialised scores: the path of devices without the
+/// fused kernel, of training passes that read a past, and of any pass whose
+/// inputs carry a graph. `q` is
 /// `[batch, kv_heads, group * seq, head_dim]`, scaled; returns the output in
 /// the same shape and what the probe measured.
 fn plain_attention(

@@ -37,18 +37,30 @@ pub fn backward(
     let mut total = 0.0;
     match params.adapter(decoder.config(), decoder.dtype())? {
         Loaded::Sac(adapter) => {
+            // The same values with no graph, for each sample's first pass.
+            let Loaded::Sac(values) = params.snapshot(decoder.config(), decoder.dtype())? else {
+                unreachable!("one adapter config builds one kind of adapter")
+            };
             for sample in samples {
-                total += sac_sample_backward(decoder, &adapter, sample, scale, &mut grads)?;
+                total +=
+                    sac_sample_backward(decoder, (&adapter, &values), sample, scale, &mut grads)?;
             }
         }
         Loaded::Gmsa(adapter) => {
             for sample in samples {
                 let loss = super::gmsa::sample_loss(decoder, &adapter, sample, Kernels::Training)?;
-                total += grads.backward(&(loss * scale)?)?;
+                let objective = (loss * scale)?;
+                total += scalar(&objective)?;
+                grads.add(&objective)?;
             }
         }
     }
     Ok((total, grads.finish()?))
+}
+
+/// A scalar tensor's value (a device sync on a GPU).
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// The trainables' gradients summed over several backward passes.
@@ -66,9 +78,9 @@ impl<'a> Gradients<'a> {
     }
 
     /// Backpropagates `objective` (a scalar), adds what reaches the
-    /// trainables, and returns the objective's value and the store, which
-    /// also holds the gradients of any other variable in the graph.
-    fn add(&mut self, objective: &Tensor) -> Result<(f64, GradStore)> {
+    /// trainables, and returns the store, which also holds the gradients of
+    /// any other variable in the graph.
+    fn add(&mut self, objective: &Tensor) -> Result<GradStore> {
         let store = objective.backward()?;
         for ((_, var), sum) in self.params.named().zip(&mut self.sums) {
             // Detached: a variable's gradient is built from the forward
@@ -81,12 +93,7 @@ impl<'a> Gradients<'a> {
                 });
             }
         }
-        let value = objective.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((value, store))
-    }
-
-    fn backward(&mut self, objective: &Tensor) -> Result<f64> {
-        Ok(self.add(objective)?.0)
+        Ok(store)
     }
 
     fn finish(self) -> Result<Vec<Tensor>> {
@@ -103,7 +110,8 @@ impl<'a> Gradients<'a> {
 
 /// Backpropagates `scale` times one SAC sample's loss into `grads` without
 /// holding the whole graph: the anchors' K/V of every chunk are computed
-/// first with no graph and become leaves of the decoder's loss, whose
+/// first with no graph (from `values`, the adapter's tensors detached) and
+/// become leaves of the decoder's loss, whose
 /// backward pass gives their gradients (and `[LM]`'s); then each chunk is
 /// encoded again on the differentiable path and its anchors' K/V, dotted
 /// with those gradients, are backpropagated into the adapter. Chunks do not
@@ -113,22 +121,22 @@ impl<'a> Gradients<'a> {
 /// scaled loss.
 fn sac_sample_backward(
     decoder: &Decoder,
-    adapter: &SacAdapter,
+    (adapter, values): (&SacAdapter, &SacAdapter),
     sample: &Sample,
     scale: f64,
     grads: &mut Gradients,
 ) -> Result<f64> {
     if sample.context.len() <= adapter.config.chunk_size {
         // One chunk: its graph is the whole sample's anyway.
-        let loss = sample_loss(decoder, adapter, sample, Kernels::Training)?;
-        return grads.backward(&(loss * scale)?);
+        let loss = (sample_loss(decoder, adapter, sample, Kernels::Training)? * scale)?;
+        grads.add(&loss)?;
+        return scalar(&loss);
     }
-    let sac = Sac::new(adapter);
     // The anchors' K/V of every chunk, as variables: the loss's leaves.
     let as_leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(t)?.into_inner()) };
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut anchors: Vec<Vec<LayerKv>> = Vec::new();
-    Compressor::new(decoder, Box::new(sac)).compress(&sample.context, |out| {
+    Compressor::new(decoder, Box::new(Sac::new(values))).compress(&sample.context, |out| {
         let out = out.into_kv()?;
         let leaves = out
             .layers
@@ -145,8 +153,12 @@ fn sac_sample_backward(
         Ok(())
     })?;
     let past = LayerKv::concat_chunks(&anchors)?;
-    let loss = loss_after(decoder, adapter, sample, &past, Kernels::Training)?;
-    let (value, store) = grads.add(&(loss * scale)?)?;
+    let loss = (loss_after(decoder, adapter, sample, &past, Kernels::Training)? * scale)?;
+    let store = grads.add(&loss)?;
+    // Nothing below needs the decoder's graph, which the loss holds.
+    let value = scalar(&loss)?;
+    drop((loss, past));
+    let sac = Sac::new(adapter);
     let pass = Pass {
         kernels: Kernels::Training,
         ..Pass::new(decoder)
@@ -163,7 +175,7 @@ fn sac_sample_backward(
             }
         }
         if !terms.is_empty() {
-            grads.backward(&Tensor::stack(&terms, 0)?.sum_all()?)?;
+            grads.add(&Tensor::stack(&terms, 0)?.sum_all()?)?;
         }
     }
     Ok(value)

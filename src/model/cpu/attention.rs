@@ -10,8 +10,9 @@
 //! exponential is vectorised, and a tile whose every score is masked (a
 //! causal chunk's future) is skipped.
 //!
-//! Inference only: training needs the probabilities for its backward pass
-//! and keeps the materialised path.
+//! Training's chunk attention runs it too, through `attention_grad.rs`,
+//! whose backward pass recomputes the probabilities; training passes that
+//! read a past keep the materialised path.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;

@@ -6,21 +6,27 @@
 //! SAC's 510-token chunks on SmolLM2, most of a step's memory); here a
 //! layer keeps only its output.
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention::{Segment, attend};
 
 /// `softmax(q k^T + mask) v` with a gradient for `q`, `k` and `v`: `q` is
 /// `[batch, kv_heads, group * seq, head_dim]` and already scaled (row `r`
 /// is position `r % seq`), `k` and `v` `[batch, kv_heads, keys, head_dim]`,
-/// `mask` additive and `[1 or batch, seq, keys]`.
+/// `mask` additive and `[1 or batch, seq, keys]`. A row whose every key is
+/// masked gives zeros, and no gradient.
 pub fn attend_differentiable(
     q: &Tensor,
     (k, v): (&Tensor, &Tensor),
     mask: Option<&Tensor>,
     seq: usize,
 ) -> Result<Tensor> {
+    if k.dim(0)? != q.dim(0)? {
+        candle_core::bail!("attention-recomputed: keys for one batch row, queries for several");
+    }
     let segment = Segment {
         k,
         v,
@@ -35,8 +41,8 @@ pub fn attend_differentiable(
         k,
         v,
         Recomputed {
-            out,
-            mask: mask.cloned(),
+            out: Mutex::new(Some(out)),
+            mask: mask.map(|m| m.to_dtype(DType::F32)).transpose()?,
             seq,
         },
     )
@@ -45,7 +51,8 @@ pub fn attend_differentiable(
 /// The op whose forward pass hands back the kernel's output and whose
 /// backward pass recomputes the probabilities.
 struct Recomputed {
-    out: Tensor,
+    /// Taken by the forward pass, so that only the graph's copy lives on.
+    out: Mutex<Option<Tensor>>,
     mask: Option<Tensor>,
     seq: usize,
 }
@@ -64,7 +71,15 @@ impl CustomOp3 for Recomputed {
         _v: &CpuStorage,
         _v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
+        let out = self
+            .out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(out) = out else {
+            candle_core::bail!("attention-recomputed: the forward pass ran twice")
+        };
+        let (storage, layout) = out.storage_and_layout();
         match &*storage {
             Storage::Cpu(out) => Ok((out.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("attention-recomputed: the output is not on the CPU"),
@@ -94,8 +109,12 @@ impl CustomOp3 for Recomputed {
                 .broadcast_add(&mask.unsqueeze(1)?.unsqueeze(1)?)?
                 .reshape((batch, kv_heads, rows, keys))?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mut probs = candle_nn::ops::softmax_last_dim(&scores)?;
         drop(scores);
+        if self.mask.is_some() {
+            // A row with every key masked is NaN here and zero in the forward pass.
+            probs = probs.eq(&probs)?.where_cond(&probs, &probs.zeros_like()?)?;
+        }
         let grad = grad.detach().contiguous()?;
         let dv = probs.t()?.matmul(&grad)?;
         let dot = (&grad * out.detach())?.sum_keepdim(D::Minus1)?;
