@@ -8,7 +8,9 @@
 //!   named on the command line of `compress`, `ask`, `model-info` or
 //!   `train`: each such load leaves a note under the sac cache directory
 //!   (`models/<digest of the model and tokenizer fingerprints>` holding the
-//!   path), and the header's fingerprints find it.
+//!   paths that model was loaded from, newest first), and the header's
+//!   fingerprints find it: the header's own path if it is noted and still
+//!   there, else the newest noted path that is.
 //!
 //! The caller then checks the files' fingerprints against the header's before
 //! reading any of them as a model.
@@ -21,6 +23,10 @@ use super::source::SourceError;
 use crate::error::{Error, Result};
 use crate::fingerprint::ModelFingerprint;
 use crate::model::source::{self, ModelFiles, Network};
+
+/// Paths kept in a model's note: copies of one model beyond these are
+/// forgotten, oldest first.
+const NOTED_PATHS: usize = 8;
 
 /// Local models (directories, `.gguf` files) the user has loaded, by their
 /// model and tokenizer fingerprints.
@@ -52,27 +58,47 @@ impl KnownModels {
         self.dir.as_ref().map(|d| d.join(name))
     }
 
-    /// Notes that the model with `fingerprint` is at `path`. A note that
-    /// cannot be written only costs a `--model` later, so failures are
-    /// ignored.
+    /// Notes that the model with `fingerprint` is (also, and most recently)
+    /// at `path`. A note that cannot be written only costs a `--model`
+    /// later, so failures are ignored.
     pub fn remember(&self, fingerprint: &ModelFingerprint, path: &Path) {
         let (Some(note), Some(text)) = (self.note(fingerprint), path.to_str()) else {
             return;
         };
-        if std::fs::read_to_string(&note).is_ok_and(|old| old == text) {
+        if text.contains('\n') {
+            return;
+        }
+        let old = std::fs::read_to_string(&note).unwrap_or_default();
+        let paths: Vec<&str> = std::iter::once(text)
+            .chain(old.lines().filter(|line| *line != text))
+            .take(NOTED_PATHS)
+            .collect();
+        let new = paths.join("\n");
+        if new == old {
             return;
         }
         if let Some(parent) = note.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let _ = crate::atomic::write_bytes(&note, text.as_bytes());
+        let _ = crate::atomic::write_bytes(&note, new.as_bytes());
     }
 
-    /// Where the model with `fingerprint` was loaded from, if noted.
-    pub fn recall(&self, fingerprint: &ModelFingerprint) -> Option<PathBuf> {
+    /// Where the model with `fingerprint` was loaded from, if noted: `named`
+    /// (the path a .sack header gives) if it is one of the noted paths and
+    /// still exists, else the newest noted path that exists, else the
+    /// newest (whose absence the caller reports).
+    pub fn recall(&self, fingerprint: &ModelFingerprint, named: &str) -> Option<PathBuf> {
         let text = std::fs::read_to_string(self.note(fingerprint)?).ok()?;
-        let dir = PathBuf::from(text);
-        dir.is_absolute().then_some(dir)
+        let noted: Vec<PathBuf> = text
+            .lines()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .collect();
+        let named = noted.iter().find(|p| p.as_os_str() == named && p.exists());
+        named
+            .or_else(|| noted.iter().find(|p| p.exists()))
+            .or(noted.first())
+            .cloned()
     }
 }
 
@@ -123,7 +149,7 @@ impl Trusted {
         if !Path::new(named.id).is_absolute() {
             return Err(SourceError::NeitherHubIdNorDirectory(named.id.to_string()).into());
         }
-        match self.known.recall(named.fingerprint) {
+        match self.known.recall(named.fingerprint, named.id) {
             Some(path) => source::resolve_local(&path),
             None => Err(Error::UnknownLocalModel(named.id.to_string())),
         }
@@ -147,14 +173,17 @@ mod tests {
     fn notes_are_recalled_by_both_fingerprints() {
         let dir = tempfile::tempdir().unwrap();
         let known = KnownModels::at(dir.path().join("models"));
-        assert_eq!(known.recall(&fp(FP)), None);
+        assert_eq!(known.recall(&fp(FP), ""), None);
         known.remember(&fp(FP), Path::new("/models/tiny"));
-        assert_eq!(known.recall(&fp(FP)), Some(PathBuf::from("/models/tiny")));
+        assert_eq!(
+            known.recall(&fp(FP), ""),
+            Some(PathBuf::from("/models/tiny"))
+        );
         let other_tokenizer = ModelFingerprint {
             tokenizer: "sha256:1".into(),
             ..fp(FP)
         };
-        assert_eq!(known.recall(&other_tokenizer), None);
+        assert_eq!(known.recall(&other_tokenizer, ""), None);
         // A fingerprint is no path: nothing outside the notes is read or written.
         for odd in ["sha256:../../etc/passwd", "../x", "", "/etc/passwd"] {
             known.remember(&fp(odd), Path::new("/x"));
@@ -164,6 +193,37 @@ mod tests {
             assert_eq!(name.len(), 64, "{name:?}");
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A model loaded from several places is found at the one a header
+    /// names while it exists, else at the newest that does: a deleted copy
+    /// does not hide the others.
+    #[test]
+    fn every_noted_copy_of_a_model_is_recalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let known = KnownModels::at(dir.path().join("models"));
+        let copy = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        };
+        let (first, second, third) = (copy("first"), copy("second"), copy("third"));
+        for path in [&first, &second, &third, &second] {
+            known.remember(&fp(FP), path);
+        }
+        let name = |p: &Path| p.to_str().unwrap().to_string();
+        assert_eq!(known.recall(&fp(FP), &name(&first)), Some(first.clone()));
+        assert_eq!(known.recall(&fp(FP), "/elsewhere"), Some(second.clone()));
+        std::fs::remove_dir(&second).unwrap();
+        assert_eq!(known.recall(&fp(FP), &name(&second)), Some(third.clone()));
+        std::fs::remove_dir(&third).unwrap();
+        std::fs::remove_dir(&first).unwrap();
+        assert_eq!(known.recall(&fp(FP), "/elsewhere"), Some(second.clone()));
+        for i in 0..2 * NOTED_PATHS {
+            known.remember(&fp(FP), &dir.path().join(format!("copy{i}")));
+        }
+        let note = std::fs::read_to_string(known.note(&fp(FP)).unwrap()).unwrap();
+        assert_eq!(note.lines().count(), NOTED_PATHS);
     }
 
     /// A Hub cache holding the fixture model `mistral` as `acme/tiny` at
