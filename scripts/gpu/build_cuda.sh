@@ -11,9 +11,11 @@
 # CUDA 13 libraries (a toolkit's, or PyTorch's cu13 wheels') on
 # LD_LIBRARY_PATH. A clean build takes about 11 minutes on 2 cores.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-KIT=$(realpath -m "${1:-target/cuda-kit}")
-TARGET=$(realpath -m "${2:-target/cuda}")
+ROOT=$(realpath "$(dirname "$0")/../..")
+# Paths given are the caller's; the defaults are in the repository.
+KIT=$(realpath -m "${1:-$ROOT/target/cuda-kit}")
+TARGET=$(realpath -m "${2:-$ROOT/target/cuda}")
+cd "$ROOT"
 CUDA=$KIT/site/nvidia/cu13
 WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88
   nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88

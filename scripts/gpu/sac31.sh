@@ -15,7 +15,8 @@
 #      fifth of the budget;
 #   2. QA on document-length windows (qa-train-doc.jsonl), as many steps as
 #      the pretraining's speed says fit in half the budget, judged on
-#      qa-held-doc49.jsonl at a third, two thirds and the end; the adapter
+#      qa-held-doc49.jsonl (every 19th of qa-held-doc.jsonl, made if missing)
+#      at a third, two thirds and the end; the adapter
 #      at half the steps is kept for the dev curve;
 #   3. the dev documents (benches/quality/items/dev.jsonl, picked as the
 #      bench picks them for --questions 500) compressed with each adapter and
@@ -29,8 +30,11 @@ S=$1 M=$2 D=$3 O=$4 BUDGET=$5
 RATIOS=${RATIOS:-4 8 16}
 mkdir -p "$O"
 DEV=$(mktemp -d)
+trap 'rm -rf "$DEV"' EXIT
+[ -f "$D/qa-held-doc49.jsonl" ] || awk 'NR%19==1' "$D/qa-held-doc.jsonl" > "$D/qa-held-doc49.jsonl"
 start=$(date +%s)
-left() { python3 -c "print(max(10, $BUDGET - ($(date +%s) - $start) - $1))"; }
+# Seconds of the budget left, less $1; at least 1 (`timeout 0` would not stop).
+left() { python3 -c "print(max(1, $BUDGET - ($(date +%s) - $start) - $1))"; }
 
 python3 - "$DEV" "${DEV_QUESTIONS:-500}" <<'PY'
 import json, sys
@@ -59,23 +63,26 @@ for i, d in enumerate(picked):
 print(f"{len(picked)} dev documents, {written} questions")
 PY
 
-# Answers of adapter $1 at ratio $2 to every dev question, as peers rows named $3.
+# Answers of adapter $1 at ratio $2 to every dev question, as peers rows named
+# $3, into a file of their own under $DEV (OUT/peers.jsonl joins them at the end).
 dev_answers() {
   local a=$1 r=$2 row=$3 w
   w=$(mktemp -d)
   for t in "$DEV"/doc*.txt; do
     local i=${t%.txt}
-    "$S" compress "$t" -o "$w/d.sack" -m "$M" --prompt raw --compressor sac --adapter "$a" \
-        --ratio "$r" --dtype f32 -q &&
-      "$S" ask "$w/d.sack" -m "$M" --batch "$i.jsonl" --max-tokens 32 --stop $'\n' --dtype f32 \
-        >> "$w/answers.jsonl"
+    timeout -k 10 "$(left 5)" "$S" compress "$t" -o "$w/d.sack" -m "$M" --prompt raw \
+        --compressor sac --adapter "$a" --ratio "$r" --dtype f32 -q &&
+      timeout -k 10 "$(left 5)" "$S" ask "$w/d.sack" -m "$M" --batch "$i.jsonl" --max-tokens 32 \
+        --stop $'\n' --dtype f32 >> "$w/answers.jsonl"
   done
-  python3 - "$w/answers.jsonl" "$row" "$r" >> "$O/peers.jsonl" <<'PY'
-import json, sys
+  python3 - "$w/answers.jsonl" "$row" "$r" > "$(mktemp "$DEV/answers.XXXXXX")" <<'PY'
+import json, os, sys
 path, row, ratio = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for line in open(path):
+lines = open(path).read().splitlines() if os.path.exists(path) else []
+for line in lines:
     v = json.loads(line)
     print(json.dumps({"row": row, "layout": "raw", "ratio": ratio, "id": v["id"], "answer": v["answer"]}))
+print(f"{row}: {len(lines)} answers", file=sys.stderr)
 PY
   rm -rf "$w"
 }
@@ -97,7 +104,7 @@ print(int(v[len(v) // 2]) if v else 0)' "$1"
 ratio_run() {
   local r=$1 w=$O/r$1
   local pt=$((BUDGET / 5)) qa=$((BUDGET / 2))
-  timeout "$pt" "$S" train -m "$M" --data "$D/pretrain-windows.jsonl" --init assets/sac-smollm2-r4 \
+  timeout -k 20 "$pt" "$S" train -m "$M" --data "$D/pretrain-windows.jsonl" --init assets/sac-smollm2-r4 \
       --ratio "$r" --out "$w/pt" --stage pretrain --lr 1e-4 --grad-accum 8 --steps "${PT_STEPS:-200}" \
       --save-every 5 --seed 1 -q
   local speed steps
@@ -111,11 +118,14 @@ ratio_run() {
   local qa_args=(-m "$M" --data "$D/qa-train-doc.jsonl" --init "$init" --ratio "$r" --out "$w/qa"
     --stage qa --lr 1e-4 --grad-accum 8 --steps "$steps" --save-every $((steps / 3)) --seed 2 -q
     --eval "$D/qa-held-doc49.jsonl" --eval-max-tokens 24)
-  timeout "$(left 90)" "$S" train "${qa_args[@]}" --stop-after $((steps / 2))
-  mkdir -p "$w/qa-half" && cp "$w/qa/adapter"* "$w/qa-half/"
-  dev_answers "$w/qa-half" "$r" "sac (H200 adapter r$r, $(saved_step "$w/qa/log.jsonl") QA steps)" &
-  timeout "$(left 75)" "$S" train "${qa_args[@]}" --resume
-  dev_answers "$w/qa" "$r" "sac (H200 adapter r$r, $(saved_step "$w/qa/log.jsonl") QA steps)"
+  timeout -k 20 "$(left 90)" "$S" train "${qa_args[@]}" --stop-after $((steps / 2))
+  mkdir -p "$w/qa-half" && cp "$w/qa/adapter"* "$w/qa-half/" || return
+  local label
+  label="sac (H200 adapter r$r, $(saved_step "$w/qa/log.jsonl") QA steps)"
+  dev_answers "$w/qa-half" "$r" "$label" &
+  timeout -k 20 "$(left 75)" "$S" train "${qa_args[@]}" --resume
+  label="sac (H200 adapter r$r, $(saved_step "$w/qa/log.jsonl") QA steps)"
+  dev_answers "$w/qa" "$r" "$label"
   wait
 }
 
@@ -123,8 +133,8 @@ for r in $RATIOS; do
   ratio_run "$r" > "$O/r$r.log" 2>&1 &
 done
 wait
+cat "$DEV"/answers.* > "$O/peers.jsonl"
 for r in $RATIOS; do
   tar -C "$O" -czf "$O/r$r.tgz" --exclude checkpoint.safetensors "r$r" && rm -rf "${O:?}/r$r"
 done
-rm -rf "$DEV"
 echo "done in $(($(date +%s) - start)) s"

@@ -25,7 +25,7 @@ pub fn attend_differentiable(
     seq: usize,
 ) -> Result<Tensor> {
     if k.dim(0)? != q.dim(0)? {
-        candle_core::bail!("attention-recomputed: keys for one batch row, queries for several");
+        candle_core::bail!("attention-recomputed: keys and queries of different batch sizes");
     }
     let segment = Segment {
         k,
@@ -113,7 +113,9 @@ impl CustomOp3 for Recomputed {
         drop(scores);
         if self.mask.is_some() {
             // A row with every key masked is NaN here and zero in the forward pass.
-            probs = probs.eq(&probs)?.where_cond(&probs, &probs.zeros_like()?)?;
+            let zero =
+                Tensor::zeros((), probs.dtype(), probs.device())?.broadcast_as(probs.shape())?;
+            probs = probs.eq(&probs)?.where_cond(&probs, &zero)?;
         }
         let grad = grad.detach().contiguous()?;
         let dv = probs.t()?.matmul(&grad)?;
@@ -193,6 +195,47 @@ mod tests {
         let frozen = random(&[1, 1, seq, hd], 15);
         let out = attend_differentiable(&frozen, (&frozen, &frozen), None, seq)?;
         assert!(!out.track_op());
+        Ok(())
+    }
+
+    /// A query row that may read no key gives zeros and no gradient, and
+    /// leaves the other rows' gradients finite.
+    #[test]
+    fn a_fully_masked_row_has_no_gradient() -> Result<()> {
+        let (seq, hd) = (6, 8);
+        let q = Var::from_tensor(&random(&[1, 1, seq, hd], 21))?;
+        let k = Var::from_tensor(&random(&[1, 1, seq, hd], 22))?;
+        let v = Var::from_tensor(&random(&[1, 1, seq, hd], 23))?;
+        // Causal, and row 0 also hides its own key: it reads nothing.
+        let mask: Vec<f32> = (0..seq * seq)
+            .map(|i| {
+                let (row, key) = (i / seq, i % seq);
+                if key > row || row == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, seq, seq), &Device::Cpu)?;
+        let out = attend_differentiable(
+            q.as_tensor(),
+            (k.as_tensor(), v.as_tensor()),
+            Some(&mask),
+            seq,
+        )?;
+        let weights = random(&[1, 1, seq, hd], 24);
+        let [dq, dk, dv]: [Tensor; 3] = grads(&out, &weights, &[&q, &k, &v])?
+            .try_into()
+            .expect("three gradients");
+        let first_row =
+            |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.narrow(0, 0, hd)?.to_vec1() };
+        assert!(first_row(&out)?.iter().all(|&x| x == 0.0));
+        assert!(first_row(&dq)?.iter().all(|&x| x == 0.0));
+        for g in [&dq, &dk, &dv] {
+            let values: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            assert!(values.iter().all(|x| x.is_finite()), "{values:?}");
+        }
         Ok(())
     }
 }
