@@ -138,8 +138,15 @@ fn a_sack_whose_model_moved_says_to_pass_model() {
         std::fs::copy(src.join(name), before.join(name)).unwrap();
     }
     let sack = dir.path().join("d.sack");
+    // A cache of its own: other tests note other copies of this model, which
+    // `ask` would rightly find.
+    let sac = || {
+        let mut cmd = common::sac();
+        cmd.env("SAC_CACHE_DIR", dir.path().join("cache"));
+        cmd
+    };
     common::run_ok(
-        common::sac()
+        sac()
             .arg("compress")
             .arg(common::sac_fixture("doc_edge.txt"))
             .arg("-m")
@@ -148,11 +155,11 @@ fn a_sack_whose_model_moved_says_to_pass_model() {
             .arg(&sack),
     );
     std::fs::rename(&before, &after).unwrap();
-    let err = common::failing(common::sac().arg("ask").arg(&sack).arg("Q?"));
+    let err = common::failing(sac().arg("ask").arg(&sack).arg("Q?"));
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("pass --model"), "{err}");
     common::run_ok(
-        common::sac()
+        sac()
             .arg("ask")
             .arg(&sack)
             .args(["Q?", "--max-tokens", "2", "-m"])
