@@ -60,12 +60,9 @@ fn keep_freed_pages() {
 /// few hundred reads per generated token on a small model). Ask once, and pin
 /// the answer in the variable candle reads.
 fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = candle_core::utils::get_num_threads();
-        // SAFETY: called first thing in `main`, before any other thread exists,
-        // so nothing can read the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    }
+    default_env("RAYON_NUM_THREADS", || {
+        candle_core::utils::get_num_threads().to_string()
+    });
 }
 
 /// candle's CPU ops run on a pool of its own beside rayon's (which runs the
@@ -76,8 +73,15 @@ fn pin_thread_count() {
 /// runs each): 856 -> 943 tokens/s at 510 tokens, 718 -> 813 at 2,048
 /// (five runs), 631 -> 645 at 4,096; decoding and training unchanged.
 fn park_idle_candle_workers() {
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+    default_env("CANDLE_BARRIER_POOL_SPIN_LIMIT", || "0".into());
+}
+
+/// Sets the environment variable `name` to `value()` unless the user set it.
+/// Only for the start of `main`, before any other thread exists.
+fn default_env(name: &str, value: impl FnOnce() -> String) {
+    if std::env::var_os(name).is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists,
+        // so nothing can read the environment concurrently.
+        unsafe { std::env::set_var(name, value()) };
     }
 }
