@@ -45,6 +45,11 @@ pub enum Error {
     #[error("{}: no text is long enough to pretrain on: each needs more than {min_context} tokens", path.display())]
     NothingToPretrain { path: PathBuf, min_context: usize },
 
+    /// The thread writing a .sack ended before the compressor did (its own
+    /// error is the one reported).
+    #[error("the .sack writer stopped early")]
+    WriterStopped,
+
     /// A CUDA device asked of a build without CUDA.
     #[error("this sac was built without CUDA; rebuild with `--features cuda` or run on the CPU")]
     NoCuda,
@@ -183,7 +188,9 @@ impl Error {
             | Error::Input(_)
             | Error::Settings(_)
             | Error::Setup(_) => "invalid input",
-            Error::Serialize { .. } | Error::Signal(_) => "sac failed inside",
+            Error::Serialize { .. } | Error::Signal(_) | Error::WriterStopped => {
+                "sac failed inside"
+            }
             Error::Sack(_) => "a .sack is unreadable",
             Error::Candle(_) => "a tensor operation failed",
         }

@@ -1,16 +1,21 @@
 //! Compressed K/V (or soft tokens) to a .sack: the header that describes a
 //! compressed document, then one segment per compressor chunk.
 
-use candle_core::{DType, Tensor};
+use std::ops::Range;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use crate::compress::{ChunkKv, Emitted, Kept, Strategy};
-use crate::error::Result;
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+
+use crate::compress::{Emitted, Kept, Strategy};
+use crate::error::{Error, Result};
 use crate::layout::prompt::PromptLayout;
 use crate::layout::{FIRST_POSITION, SOFT_TOKENS_FIRST_POSITION};
 use crate::runtime::LoadedModel;
 use crate::sack::{
     AdapterRef, CompressorInfo, DecoderInfo, DocumentInfo, Floats, KeptLayout, KeptSet, KeyRope,
-    KvInfo, KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, SoftTokensInfo,
+    KvInfo, KvSlot, ModelInfo, PromptInfo, SackHeader, SackWriter, Sink, SlotKv, SoftTokensInfo,
     TokenizerInfo, now_rfc3339,
 };
 
@@ -107,66 +112,300 @@ pub fn header(
     })
 }
 
-/// Writes what a compressor emitted for one chunk as segment `chunk.index`.
-pub fn write_chunk<S: Sink>(writer: &mut SackWriter<S>, emitted: &Emitted) -> Result<()> {
-    match emitted {
-        Emitted::Kv(chunk) => write_kv_chunk(writer, chunk),
-        Emitted::Soft(soft) => {
-            let tokens = floats(&soft.tokens)?;
-            writer.add_soft_tokens(soft.chunk.index as u32, Floats::F32(&tokens))?;
-            Ok(())
-        }
-    }
+/// Runs `compress`, which hands each chunk a compressor emits to the
+/// function it is given, and writes every chunk to `writer` on a thread of
+/// its own while the next one is computed: the copy off the model's device
+/// (which on a GPU waits for the chunk's kernels) and the encoding happen
+/// there. Returns what `compress` returned and the time it spent waiting
+/// for the writer to catch up.
+pub fn overlapped<S: Sink + Send, T>(
+    writer: &mut SackWriter<S>,
+    compress: impl FnOnce(&mut dyn FnMut(&Emitted) -> Result<()>) -> Result<T>,
+) -> Result<(T, Duration)> {
+    std::thread::scope(|scope| {
+        // One chunk queued while one is written and the next is computed.
+        let (queue, chunks) = mpsc::sync_channel::<Emitted>(1);
+        let thread = scope.spawn(move || {
+            chunks
+                .iter()
+                .try_for_each(|emitted| HostChunk::of(&emitted)?.write(writer))
+        });
+        let mut waited = Duration::ZERO;
+        let computed = compress(&mut |emitted| {
+            let started = Instant::now();
+            let sent = queue.send(emitted.clone());
+            waited += started.elapsed();
+            // The writer hung up: its own error comes from `join` below.
+            sent.map_err(|_| Error::WriterStopped)
+        });
+        drop(queue);
+        let started = Instant::now();
+        let written = thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        waited += started.elapsed();
+        written?;
+        Ok((computed?, waited))
+    })
 }
 
-/// Writes one chunk's kept K/V, in the layout its kept sets have (the
-/// header's, see [`header`]).
-fn write_kv_chunk<S: Sink>(writer: &mut SackWriter<S>, chunk: &ChunkKv) -> Result<()> {
-    let segment = chunk.chunk.index as u32;
-    let indices =
-        |positions: &[u32]| -> Vec<u32> { positions.iter().map(|p| p - FIRST_POSITION).collect() };
-    match &chunk.kept {
-        Kept::Shared(positions) => {
-            writer.add_positions(segment, KeptSet::Shared, &indices(positions))?;
-            for (layer, kv) in chunk.layers.iter().enumerate() {
-                let slot = KvSlot {
-                    layer: layer as u32,
-                    head: None,
-                };
-                write_kv(writer, segment, slot, &kv.k, &kv.v)?;
+/// What a compressor emitted for one chunk, copied to the host.
+struct HostChunk {
+    segment: u32,
+    content: HostContent,
+}
+
+enum HostContent {
+    /// Each kept set's 0-based indices; each slot with where its keys and
+    /// its values lie in `values`.
+    Kv {
+        sets: Vec<(KeptSet, Vec<u32>)>,
+        slots: Vec<(KvSlot, Range<usize>, Range<usize>)>,
+        values: HostFloats,
+    },
+    Soft(HostFloats),
+}
+
+impl HostChunk {
+    /// Copies `emitted` off the device, in the layout its kept sets have
+    /// (the header's, see [`header`]).
+    fn of(emitted: &Emitted) -> Result<Self> {
+        let chunk = match emitted {
+            Emitted::Kv(chunk) => chunk,
+            Emitted::Soft(soft) => {
+                return Ok(HostChunk {
+                    segment: soft.chunk.index as u32,
+                    content: HostContent::Soft(HostFloats::of(&soft.tokens)?),
+                });
             }
-        }
-        Kept::PerHead(sets) => {
-            for ((layer, kv), heads) in chunk.layers.iter().enumerate().zip(sets) {
-                for (head, positions) in heads.iter().enumerate() {
-                    let (layer, head) = (layer as u32, head as u32);
-                    let set = KeptSet::Head { layer, head };
-                    writer.add_positions(segment, set, &indices(positions))?;
-                    let own = kv.head(head as usize, positions.len())?;
-                    let slot = KvSlot {
-                        layer,
-                        head: Some(head),
-                    };
-                    write_kv(writer, segment, slot, &own.k, &own.v)?;
+        };
+        let indices = |positions: &[u32]| -> Vec<u32> {
+            positions.iter().map(|p| p - FIRST_POSITION).collect()
+        };
+        let (mut sets, mut slots, mut tensors) = (Vec::new(), Vec::new(), Vec::new());
+        match &chunk.kept {
+            Kept::Shared(positions) => {
+                sets.push((KeptSet::Shared, indices(positions)));
+                for (layer, kv) in chunk.layers.iter().enumerate() {
+                    slots.push(KvSlot {
+                        layer: layer as u32,
+                        head: None,
+                    });
+                    tensors.extend([kv.k.flatten_all()?, kv.v.flatten_all()?]);
+                }
+            }
+            Kept::PerHead(heads) => {
+                for ((layer, kv), heads) in chunk.layers.iter().enumerate().zip(heads) {
+                    for (head, positions) in heads.iter().enumerate() {
+                        let (layer, head) = (layer as u32, head as u32);
+                        sets.push((KeptSet::Head { layer, head }, indices(positions)));
+                        let own = kv.head(head as usize, positions.len())?;
+                        slots.push(KvSlot {
+                            layer,
+                            head: Some(head),
+                        });
+                        tensors.extend([own.k.flatten_all()?, own.v.flatten_all()?]);
+                    }
                 }
             }
         }
+        // One copy off the device for the whole chunk, not one a tensor.
+        let values = HostFloats::of(&Tensor::cat(&tensors, 0)?)?;
+        let mut end = 0;
+        let mut next = |t: &Tensor| {
+            let start = end;
+            end += t.elem_count();
+            start..end
+        };
+        let slots = slots
+            .into_iter()
+            .zip(tensors.chunks_exact(2))
+            .map(|(slot, kv)| (slot, next(&kv[0]), next(&kv[1])))
+            .collect();
+        Ok(HostChunk {
+            segment: chunk.chunk.index as u32,
+            content: HostContent::Kv {
+                sets,
+                slots,
+                values,
+            },
+        })
     }
-    Ok(())
+
+    /// Writes the chunk as its segment: the kept positions of every set,
+    /// then every slot's keys and values in one batch, which the writer
+    /// encodes in parallel.
+    fn write<S: Sink>(&self, writer: &mut SackWriter<S>) -> Result<()> {
+        match &self.content {
+            HostContent::Soft(tokens) => {
+                writer.add_soft_tokens(self.segment, tokens.floats(0..tokens.len()))?
+            }
+            HostContent::Kv {
+                sets,
+                slots,
+                values,
+            } => {
+                for (set, indices) in sets {
+                    writer.add_positions(self.segment, *set, indices)?;
+                }
+                let slots: Vec<SlotKv> = slots
+                    .iter()
+                    .map(|(slot, k, v)| SlotKv {
+                        slot: *slot,
+                        keys: values.floats(k.clone()),
+                        values: values.floats(v.clone()),
+                    })
+                    .collect();
+                writer.add_kvs(self.segment, &slots)?;
+            }
+        }
+        Ok(())
+    }
 }
 
-fn write_kv<S: Sink>(
-    writer: &mut SackWriter<S>,
-    segment: u32,
-    slot: KvSlot,
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<()> {
-    let (keys, values) = (floats(k)?, floats(v)?);
-    writer.add_kv(segment, slot, Floats::F32(&keys), Floats::F32(&values))?;
-    Ok(())
+/// A tensor's values copied to the host in the precision the model made
+/// them, which the writer encodes from without a detour through f32.
+enum HostFloats {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
 }
 
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+impl HostFloats {
+    fn of(t: &Tensor) -> Result<Self> {
+        let flat = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::BF16 => Self::Bf16(flat.to_vec1()?),
+            DType::F16 => Self::F16(flat.to_vec1()?),
+            _ => Self::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    /// The values in `range`.
+    fn floats(&self, range: Range<usize>) -> Floats<'_> {
+        match self {
+            Self::F32(v) => Floats::F32(&v[range]),
+            Self::Bf16(v) => Floats::Bf16(&v[range]),
+            Self::F16(v) => Floats::F16(&v[range]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Write};
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::compress::ChunkKv;
+    use crate::layout::chunk::{self, Chunk};
+    use crate::model::LayerKv;
+    use crate::sack::format::header::tests::sample;
+    use crate::sack::{KeptLayout, WriteOptions};
+
+    const TOKENS: usize = 300;
+
+    fn header() -> SackHeader {
+        let mut h = sample(KeptLayout::Shared);
+        (h.model.layers, h.model.kv_heads, h.model.head_dim) = (2, 2, 4);
+        h.document.tokens = TOKENS as u64;
+        h
+    }
+
+    /// Every chunk of a document of [`TOKENS`] tokens, all kept, each value
+    /// its own.
+    fn chunks() -> Vec<Emitted> {
+        chunk::chunks(TOKENS, 64)
+            .map(|chunk: Chunk| {
+                let layer = |l: usize| {
+                    let t = |offset: f32| {
+                        let n = 2 * chunk.len * 4;
+                        let values: Vec<f32> = (0..n)
+                            .map(|i| offset + (chunk.start * 8 + i) as f32 * 1e-3)
+                            .collect();
+                        Tensor::from_vec(values, (1, 2, chunk.len, 4), &Device::Cpu)
+                    };
+                    Ok(LayerKv {
+                        k: t(l as f32)?,
+                        v: t(-(l as f32))?,
+                    })
+                };
+                let layers = (0..2)
+                    .map(layer)
+                    .collect::<candle_core::Result<_>>()
+                    .unwrap();
+                Emitted::Kv(ChunkKv {
+                    kept: Kept::Shared(chunk.positions()),
+                    chunk,
+                    layers,
+                })
+            })
+            .collect()
+    }
+
+    /// The .sack of [`chunks`] written through [`overlapped`] to `sink`.
+    fn write_overlapped<W: Write + Send>(sink: W) -> Result<(usize, Duration)> {
+        let mut writer = SackWriter::to_stream(sink, "<test>", &header(), WriteOptions::default())?;
+        let (handed, waited) = overlapped(&mut writer, |write| {
+            let mut handed = 0;
+            for emitted in chunks() {
+                write(&emitted)?;
+                handed += 1;
+            }
+            Ok(handed)
+        })?;
+        writer.finish()?;
+        Ok((handed, waited))
+    }
+
+    #[test]
+    fn overlapped_writing_gives_the_bytes_of_writing_in_turn() -> Result<()> {
+        let mut overlapped = Vec::new();
+        assert_eq!(write_overlapped(&mut overlapped)?.0, chunks().len());
+        let mut in_turn = Vec::new();
+        let mut writer =
+            SackWriter::to_stream(&mut in_turn, "<test>", &header(), WriteOptions::default())?;
+        for emitted in chunks() {
+            HostChunk::of(&emitted)?.write(&mut writer)?;
+        }
+        writer.finish()?;
+        assert!(overlapped.len() > 4 * TOKENS);
+        assert_eq!(overlapped, in_turn);
+        Ok(())
+    }
+
+    /// Takes the first `left` bytes, then fails.
+    struct Full {
+        left: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if buf.len() > self.left {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+            }
+            self.left -= buf.len();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_writer_stops_the_compressor_with_its_own_error() {
+        let err = write_overlapped(Full { left: 2_000 }).unwrap_err();
+        assert!(matches!(err, Error::Sack(_)), "{err:?}");
+        assert!(err.to_string().contains("<test>"), "{err}");
+    }
 }

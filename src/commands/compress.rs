@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
@@ -161,7 +162,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             )
         }
         Output::Stdout => {
-            let stdout = std::io::stdout().lock();
+            let stdout = std::io::stdout();
             let writer = SackWriter::to_stream(stdout, "<stdout>", &header, options)?;
             (
                 write_sack(writer, &compressor, &ids)?,
@@ -178,7 +179,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
         });
         let facts = compressor.strategy().facts();
         eprintln!(
-            "sac: wrote {written}: {} tokens, {:.0} {}{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s{versus_prefill}",
+            "sac: wrote {written}: {} tokens, {:.0} {}{} ({method}, ratio {}), {:.0} tokens/s, {seconds:.2} s, {:.2} s of it waiting on the writer{versus_prefill}",
             ids.len(),
             summary.kept,
             if facts.soft_tokens {
@@ -193,6 +194,7 @@ pub fn run(args: &CompressArgs) -> anyhow::Result<()> {
             },
             ratio,
             ids.len() as f64 / seconds.max(1e-9),
+            summary.writing.as_secs_f64(),
         );
     }
     Ok(())
@@ -236,10 +238,13 @@ struct Summary {
     /// Tokens kept per KV head on average, or soft tokens.
     kept: f64,
     cost: Cost,
+    /// The part of the cost the compressor spent waiting for the writer to
+    /// catch up.
+    writing: Duration,
 }
 
 /// Compresses `ids` chunk by chunk into `writer`.
-fn write_sack<S: Sink>(
+fn write_sack<S: Sink + Send>(
     mut writer: SackWriter<S>,
     compressor: &Compressor,
     ids: &[u32],
@@ -247,15 +252,21 @@ fn write_sack<S: Sink>(
     let c = compressor.decoder().config();
     let slots = (c.num_layers * c.num_kv_heads) as f64;
     let mut kept = 0.0;
-    let cost = compressor.compress(ids, |out| {
-        kept += match &out {
-            Emitted::Kv(chunk) => chunk.kept.pairs(c.num_layers, c.num_kv_heads) as f64 / slots,
-            Emitted::Soft(soft) => soft.tokens.dim(0)? as f64,
-        };
-        to_sack::write_chunk(&mut writer, &out)
+    let (cost, writing) = to_sack::overlapped(&mut writer, |write| {
+        compressor.compress(ids, |out| {
+            kept += match &out {
+                Emitted::Kv(chunk) => chunk.kept.pairs(c.num_layers, c.num_kv_heads) as f64 / slots,
+                Emitted::Soft(soft) => soft.tokens.dim(0)? as f64,
+            };
+            write(&out)
+        })
     })?;
     writer.finish()?;
-    Ok(Summary { kept, cost })
+    Ok(Summary {
+        kept,
+        cost,
+        writing,
+    })
 }
 
 /// Reads the document: UTF-8, not empty, from a file or standard input.

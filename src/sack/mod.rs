@@ -31,4 +31,4 @@ pub use format::header::{
 };
 pub use info::InfoFormat;
 pub use reader::{DecodedTensor, HeadKv, SackReader, StoredLayer};
-pub use writer::{SackWriter, Sink, StreamSink, WriteOptions};
+pub use writer::{SackWriter, Sink, SlotKv, StreamSink, WriteOptions};

@@ -7,6 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::atomic::AtomicFile;
 use crate::sack::encoding::compress::{self, LEVELS};
 use crate::sack::encoding::quant::GROUP_SIZE;
@@ -215,14 +217,18 @@ impl<S: Sink> SackWriter<S> {
             }
             last = Some(p);
         }
-        let shape = [positions.len() as u64];
-        self.write_tensor(
+        let shape = vec![positions.len() as u64];
+        let payload = enc::encode_u32(positions);
+        let sealed = seal(
+            self.options,
+            &self.file,
             name,
             Encoding::U32,
-            &shape,
+            shape,
             None,
-            enc::encode_u32(positions),
+            payload,
         )?;
+        self.write_sealed(sealed)?;
         self.sets.insert(
             set,
             SetState {
@@ -245,68 +251,67 @@ impl<S: Sink> SackWriter<S> {
         keys: Floats<'_>,
         values: Floats<'_>,
     ) -> Result<()> {
-        let layout = self.header.kv.layout;
-        let m = &self.header.model;
-        let key_name = TensorName::Key { slot, segment };
-        let set = layout
-            .set_of(slot)
-            .filter(|_| slot.layer < m.layers && slot.head.is_none_or(|h| h < m.kv_heads))
-            .ok_or_else(|| {
-                self.invalid(format!(
-                    "{key_name} does not fit layout {layout:?} and the model"
-                ))
-            })?;
-        let kept = match self.sets.get(&set) {
-            Some(s) if s.segment == segment => s.kept as u64,
-            _ => {
-                return Err(self.invalid(format!(
-                    "{key_name}: add the positions of segment {segment} first"
-                )));
-            }
-        };
-        let shape = match layout {
-            KeptLayout::PerHead => vec![kept, u64::from(m.head_dim)],
-            KeptLayout::Shared | KeptLayout::PerLayer => {
-                vec![u64::from(m.kv_heads), kept, u64::from(m.head_dim)]
-            }
-        };
-        let kv = self.options.encoding;
-        let value_name = TensorName::Value { slot, segment };
-        let elements: u64 = shape.iter().product();
-        for (name, data, encoding) in [
-            (key_name, keys, kv.for_keys()),
-            (value_name, values, kv.for_values()),
-        ] {
-            if data.len() as u64 != elements {
-                return Err(self.invalid(format!(
-                    "{name}: {} values given, shape {shape:?} needs {elements}",
-                    data.len()
-                )));
-            }
-            self.write_floats(name, data, encoding, &shape)?;
-        }
-        Ok(())
+        self.add_kvs(segment, &[SlotKv { slot, keys, values }])
     }
 
-    /// Encodes `data`, whose length fits `shape`, and writes it as `name`.
-    fn write_floats(
-        &mut self,
-        name: TensorName,
-        data: Floats<'_>,
-        encoding: Encoding,
-        shape: &[u64],
-    ) -> Result<()> {
-        let group = encoding.quant().map(|_| GROUP_SIZE);
-        // With the length right, only quantization can fail: a value the f16
-        // scales cannot cover.
-        let payload = enc::encode_floats(data, encoding, shape, group).map_err(|reason| {
-            SackError::Unquantizable {
-                file: self.file.clone(),
-                tensor: name.to_string(),
-                reason,
+    /// [`add_kv`](Self::add_kv) for many slots of `segment` at once: all are
+    /// checked first, then their tensors are encoded and compressed in
+    /// parallel and written in the order given.
+    pub fn add_kvs(&mut self, segment: u32, slots: &[SlotKv<'_>]) -> Result<()> {
+        let layout = self.header.kv.layout;
+        let m = &self.header.model;
+        let kv = self.options.encoding;
+        let mut jobs = Vec::with_capacity(2 * slots.len());
+        let mut batch = HashSet::new();
+        for &SlotKv { slot, keys, values } in slots {
+            let key_name = TensorName::Key { slot, segment };
+            let set = layout
+                .set_of(slot)
+                .filter(|_| slot.layer < m.layers && slot.head.is_none_or(|h| h < m.kv_heads))
+                .ok_or_else(|| {
+                    self.invalid(format!(
+                        "{key_name} does not fit layout {layout:?} and the model"
+                    ))
+                })?;
+            let kept = match self.sets.get(&set) {
+                Some(s) if s.segment == segment => s.kept as u64,
+                _ => {
+                    return Err(self.invalid(format!(
+                        "{key_name}: add the positions of segment {segment} first"
+                    )));
+                }
+            };
+            let shape = match layout {
+                KeptLayout::PerHead => vec![kept, u64::from(m.head_dim)],
+                KeptLayout::Shared | KeptLayout::PerLayer => {
+                    vec![u64::from(m.kv_heads), kept, u64::from(m.head_dim)]
+                }
+            };
+            let elements: u64 = shape.iter().product();
+            for (name, data, encoding) in [
+                (key_name, keys, kv.for_keys()),
+                (TensorName::Value { slot, segment }, values, kv.for_values()),
+            ] {
+                if data.len() as u64 != elements {
+                    return Err(self.invalid(format!(
+                        "{name}: {} values given, shape {shape:?} needs {elements}",
+                        data.len()
+                    )));
+                }
+                if self.names.contains(&name) || !batch.insert(name) {
+                    return Err(self.invalid(format!("{name} was already written")));
+                }
+                jobs.push((name, data, encoding, shape.clone()));
             }
-        })?;
-        self.write_tensor(name, encoding, shape, group, payload)
+        }
+        let (options, file) = (self.options, self.file.as_str());
+        let sealed = jobs
+            .into_par_iter()
+            .map(|(name, data, encoding, shape)| {
+                seal_floats(options, file, name, data, encoding, shape)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sealed.into_iter().try_for_each(|t| self.write_sealed(t))
     }
 
     /// Writes the soft tokens of `segment`, row-major `[n, hidden]`, in a
@@ -327,35 +332,27 @@ impl<S: Sink> SackWriter<S> {
                 "{name}: {len} values are not whole rows of {hidden}"
             )));
         }
-        let shape = [len / hidden, hidden];
-        self.write_floats(name, tokens, self.options.encoding.for_values(), &shape)?;
+        let shape = vec![len / hidden, hidden];
+        let encoding = self.options.encoding.for_values();
+        let sealed = seal_floats(self.options, &self.file, name, tokens, encoding, shape)?;
+        self.write_sealed(sealed)?;
         self.soft_segments += 1;
         Ok(())
     }
 
-    fn write_tensor(
-        &mut self,
-        name: TensorName,
-        encoding: Encoding,
-        shape: &[u64],
-        group_size: Option<u32>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
+    fn write_sealed(&mut self, tensor: Sealed) -> Result<()> {
+        let Sealed {
+            name,
+            encoding,
+            shape,
+            group_size,
+            stored,
+            compression,
+            crc32,
+        } = tensor;
         if !self.names.insert(name) {
             return Err(self.invalid(format!("{name} was already written")));
         }
-        let compressed = match self.options.zstd_level {
-            Some(level) => Some(
-                compress::compress(&payload, level)
-                    .map_err(io_err(&self.file, format!("compressing {name}")))?,
-            )
-            .filter(|c| compress::expansion_allowed(c.len() as u64, payload.len() as u64)),
-            None => None,
-        };
-        let (stored, compression) = match compressed {
-            Some(c) => (c, Compression::Zstd),
-            None => (payload, Compression::None),
-        };
         self.out.write_all(&stored).map_err(io_err(
             &self.file,
             format!(
@@ -367,13 +364,13 @@ impl<S: Sink> SackWriter<S> {
         self.entries.push(TensorEntry {
             name,
             dtype: encoding.dtype(),
-            shape: shape.to_vec(),
+            shape,
             encoding,
             group_size,
             compression,
             offset: self.offset,
             stored_len: stored.len() as u64,
-            crc32: crc32(&stored),
+            crc32,
         });
         self.offset += stored.len() as u64;
         Ok(())
@@ -419,6 +416,82 @@ impl<S: Sink> SackWriter<S> {
             "syncing and moving the finished file into place",
         ))
     }
+}
+
+/// Keys and values of one slot, for [`SackWriter::add_kvs`].
+#[derive(Clone, Copy, Debug)]
+pub struct SlotKv<'a> {
+    pub slot: KvSlot,
+    pub keys: Floats<'a>,
+    pub values: Floats<'a>,
+}
+
+/// A tensor ready to be written: its payload encoded, compressed and
+/// checksummed.
+struct Sealed {
+    name: TensorName,
+    encoding: Encoding,
+    shape: Vec<u64>,
+    group_size: Option<u32>,
+    stored: Vec<u8>,
+    compression: Compression,
+    crc32: u32,
+}
+
+/// Encodes `data`, whose length fits `shape`, as `encoding` and seals it.
+fn seal_floats(
+    options: WriteOptions,
+    file: &str,
+    name: TensorName,
+    data: Floats<'_>,
+    encoding: Encoding,
+    shape: Vec<u64>,
+) -> Result<Sealed> {
+    let group = encoding.quant().map(|_| GROUP_SIZE);
+    // With the length right, only quantization can fail: a value the f16
+    // scales cannot cover.
+    let payload = enc::encode_floats(data, encoding, &shape, group).map_err(|reason| {
+        SackError::Unquantizable {
+            file: file.to_string(),
+            tensor: name.to_string(),
+            reason,
+        }
+    })?;
+    seal(options, file, name, encoding, shape, group, payload)
+}
+
+/// Compresses `payload` as `options` say, unless zstd would shrink it past
+/// what a reader accepts.
+fn seal(
+    options: WriteOptions,
+    file: &str,
+    name: TensorName,
+    encoding: Encoding,
+    shape: Vec<u64>,
+    group_size: Option<u32>,
+    payload: Vec<u8>,
+) -> Result<Sealed> {
+    let compressed = match options.zstd_level {
+        Some(level) => Some(
+            compress::compress(&payload, level)
+                .map_err(io_err(file, format!("compressing {name}")))?,
+        )
+        .filter(|c| compress::expansion_allowed(c.len() as u64, payload.len() as u64)),
+        None => None,
+    };
+    let (stored, compression) = match compressed {
+        Some(c) => (c, Compression::Zstd),
+        None => (payload, Compression::None),
+    };
+    Ok(Sealed {
+        name,
+        encoding,
+        shape,
+        group_size,
+        crc32: crc32(&stored),
+        stored,
+        compression,
+    })
 }
 
 #[cfg(test)]
@@ -617,6 +690,40 @@ mod tests {
         let mut r = SackReader::from_bytes(bytes, "<pipe>").unwrap();
         r.verify().unwrap();
         assert_eq!(r.read_layer(1).unwrap().heads[1].positions, [1, 10]);
+    }
+
+    /// A batch of slots is checked whole before anything is written, and
+    /// writes what the same slots added one by one write.
+    #[test]
+    fn a_batch_of_slots_writes_what_slot_by_slot_writes() {
+        let h = small(KeptLayout::Shared);
+        let keys: Vec<Vec<f32>> = (0..2)
+            .map(|l| (0..16).map(|i| (l * 16 + i) as f32 * 0.37).collect())
+            .collect();
+        let slot = |layer| KvSlot { layer, head: None };
+        let slots: Vec<SlotKv> = (0..2)
+            .map(|l| SlotKv {
+                slot: slot(l),
+                keys: Floats::F32(&keys[l as usize]),
+                values: Floats::F32(&keys[1 - l as usize]),
+            })
+            .collect();
+        let start = || {
+            let mut w =
+                SackWriter::to_stream(Vec::new(), "mem", &h, WriteOptions::default()).unwrap();
+            w.add_positions(0, KeptSet::Shared, &[1, 2]).unwrap();
+            w
+        };
+        let mut batch = start();
+        let twice = [slots[1], slots[1]];
+        assert!(misuse(batch.add_kvs(0, &twice)).contains("already written"));
+        batch.add_kvs(0, &slots).unwrap();
+        let mut one_by_one = start();
+        for s in &slots {
+            one_by_one.add_kv(0, s.slot, s.keys, s.values).unwrap();
+        }
+        let bytes = |w: SackWriter<StreamSink<Vec<u8>>>| w.out.into_inner().unwrap().0;
+        assert_eq!(bytes(batch), bytes(one_by_one));
     }
 
     fn write_one_segment(w: &mut SackWriter<AtomicFile>) {

@@ -39,9 +39,9 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
     let mut bytes = Vec::new();
     let mut emitted = vec![vec![(Vec::new(), Vec::new()); c.num_kv_heads]; c.num_layers];
     let mut writer = SackWriter::to_stream(&mut bytes, "<memory>", &header, options).unwrap();
-    compressor
-        .compress(&ids, |out| {
-            to_sack::write_chunk(&mut writer, &out)?;
+    to_sack::overlapped(&mut writer, |write| {
+        compressor.compress(&ids, |out| {
+            write(&out)?;
             let chunk = out.into_kv()?;
             let Kept::PerHead(sets) = &chunk.kept else {
                 panic!("kvzip keeps per head");
@@ -56,7 +56,8 @@ fn kvzip_sack(m: &LoadedModel) -> (Vec<u8>, Emitted) {
             }
             Ok(())
         })
-        .unwrap();
+    })
+    .unwrap();
     writer.finish().unwrap();
     (bytes, emitted)
 }

@@ -231,7 +231,7 @@ pub fn encode_floats(
         return Err(format!("{} values given for shape {shape:?}", values.len()));
     }
     let le = |bytes: &mut Vec<u8>, b: &[u8]| bytes.extend_from_slice(b);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(values.len() * encoding.width().unwrap_or(1));
     match (encoding, values) {
         (Encoding::F32, v) => v
             .to_f32()
