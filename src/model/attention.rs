@@ -4,8 +4,9 @@
 //! same kernel with a backward pass that recomputes them
 //! ([`cpu::attention_grad`]), for training's passes over a chunk; or
 //! candle's ops on the materialised scores, which other training passes and
-//! other devices take. The first and last report the attention probe's
-//! weights.
+//! other devices take (on CUDA, with the mask and softmax in one kernel of
+//! our own, [`super::cuda`]). The first and last report the attention
+//! probe's weights.
 
 use candle_core::Tensor;
 
@@ -62,7 +63,7 @@ fn plain_attention(
     step: &BlockStep,
     (group, seq, hd): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (batch, kv_heads, rows, _) = q.dims4()?;
+    let rows = q.dim(2)?;
     let shared_len = shared.map_or(0, |s| s.kv.len());
     let past_len = step.past.map_or(0, LayerKv::len);
     // The row's own past and its new positions, as one segment or two.
@@ -76,45 +77,23 @@ fn plain_attention(
         }),
         _ => None,
     };
-    let acc = ops::accumulation_dtype(q.dtype());
-    let grouped = |scores: Tensor, keys: usize| -> Result<Tensor> {
-        Ok(scores
-            .to_dtype(acc)?
-            .reshape((batch, kv_heads, group, seq, keys))?)
-    };
-    // The mask covers the row's own past and the new positions only; the
-    // shared K/V, usually the longest segment, is visible to every query.
     let own = match (step.past, &joined) {
         (_, Some(joined)) => q.matmul(&joined.k.t()?)?,
         (Some(past), None) => Tensor::cat(&[q.matmul(&past.k.t()?)?, q.matmul(&k.t()?)?], 3)?,
         (None, None) => q.matmul(&k.t()?)?,
     };
-    let own = grouped(own, past_len + seq)?;
-    let own = match step.mask {
-        Some(mask) => own.broadcast_add(mask)?,
-        None => own,
-    };
-    let scores = match shared {
-        Some(shared) => {
-            let mut scores = grouped(shared_matmul(q, &shared.kv.k.t()?)?, shared_len)?;
-            if let Some(bias) = &shared.bias {
-                let bias = bias
-                    .to_dtype(acc)?
-                    .reshape((1, kv_heads, 1, 1, shared_len))?;
-                scores = scores.broadcast_add(&bias)?;
-            }
-            Tensor::cat(&[scores, own], 4)?
-        }
-        None => own,
-    };
     let keys = shared_len + past_len + seq;
-    let measured = step
-        .probe
-        .map(|p| p.measure(&scores, shared_len, past_len))
-        .transpose()?;
-    let probs = ops::softmax_last_dim(&scores, step.kernels)?
-        .to_dtype(q.dtype())?
-        .reshape((batch, kv_heads, rows, keys))?;
+    let (probs, measured) = match one_kernel_softmax(&own, shared, step, seq)? {
+        // The probe then reads only its own columns, as the fused CPU path's does.
+        Some(probs) => {
+            let measured = step
+                .probe
+                .map(|p| p.measure_from_keys(q, step.past, k, step.mask, (group, seq)))
+                .transpose()?;
+            (probs, measured)
+        }
+        None => softmax_materialised(q, own, shared, step, (group, seq))?,
+    };
     let own_weights = |start: usize, len: usize| -> Result<Tensor> {
         Ok(if start == 0 && len == keys {
             probs.clone()
@@ -135,6 +114,86 @@ fn plain_attention(
         out = (out + shared_matmul(&weights, &shared.kv.v)?)?;
     }
     Ok((out, measured))
+}
+
+/// The attention weights `[batch, kv_heads, group * seq, keys]` from the
+/// row's own scores `own` (past and new keys) and the shared K/V's, each
+/// step on the materialised scores in the accumulation dtype, and what the
+/// probe measured. The mask covers the row's own past and the new positions
+/// only; the shared K/V, usually the longest segment, is visible to every
+/// query.
+fn softmax_materialised(
+    q: &Tensor,
+    own: Tensor,
+    shared: Option<&SharedKv>,
+    step: &BlockStep,
+    (group, seq): (usize, usize),
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (batch, kv_heads, rows, _) = q.dims4()?;
+    let shared_len = shared.map_or(0, |s| s.kv.len());
+    let past_len = step.past.map_or(0, LayerKv::len);
+    let acc = ops::accumulation_dtype(q.dtype());
+    let grouped = |scores: Tensor, keys: usize| -> Result<Tensor> {
+        Ok(scores
+            .to_dtype(acc)?
+            .reshape((batch, kv_heads, group, seq, keys))?)
+    };
+    let own = grouped(own, past_len + seq)?;
+    let own = match step.mask {
+        Some(mask) => own.broadcast_add(mask)?,
+        None => own,
+    };
+    let scores = match shared {
+        Some(shared) => {
+            let mut scores = grouped(shared_matmul(q, &shared.kv.k.t()?)?, shared_len)?;
+            if let Some(bias) = &shared.bias {
+                let bias = bias
+                    .to_dtype(acc)?
+                    .reshape((1, kv_heads, 1, 1, shared_len))?;
+                scores = scores.broadcast_add(&bias)?;
+            }
+            Tensor::cat(&[scores, own], 4)?
+        }
+        None => own,
+    };
+    let measured = step
+        .probe
+        .map(|p| p.measure(&scores, shared_len, past_len))
+        .transpose()?;
+    let probs = ops::softmax_last_dim(&scores, step.kernels)?
+        .to_dtype(q.dtype())?
+        .reshape((batch, kv_heads, rows, shared_len + past_len + seq))?;
+    Ok((probs, measured))
+}
+
+/// On CUDA, an inference pass's softmax of its own scores (no shared K/V)
+/// with the mask added, in one kernel ([`cuda::masked_softmax`]) instead of
+/// four passes over the scores; `None` where the general path is needed.
+#[cfg(feature = "cuda")]
+fn one_kernel_softmax(
+    own: &Tensor,
+    shared: Option<&SharedKv>,
+    step: &BlockStep,
+    seq: usize,
+) -> Result<Option<Tensor>> {
+    let applies = own.device().is_cuda()
+        && step.kernels == Kernels::Inference
+        && shared.is_none()
+        && !own.track_op();
+    Ok(applies
+        .then(|| super::cuda::masked_softmax(own, step.mask, seq))
+        .transpose()?)
+}
+
+/// Without CUDA there is no such kernel: see the CUDA build's.
+#[cfg(not(feature = "cuda"))]
+fn one_kernel_softmax(
+    _: &Tensor,
+    _: Option<&SharedKv>,
+    _: &BlockStep,
+    _: usize,
+) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// The same attention through [`fused::attend`], never materialising

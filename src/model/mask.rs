@@ -19,9 +19,17 @@ pub enum AttentionMask<'a> {
     Additive(&'a Tensor),
 }
 
-/// The additive causal mask `[seq, past + seq]`.
+/// The additive causal mask `[seq, past + seq]`. The past, which every new
+/// token sees, is zeros made where the mask lives; only the new tokens'
+/// triangle is built on the host and copied there (a chunk after a long
+/// past would otherwise copy megabytes of zeros to a GPU each pass).
 pub fn causal(seq: usize, past: usize, device: &Device) -> Result<Tensor> {
-    additive_from_fn(seq, past + seq, device, |i, j| j <= past + i)
+    let own = additive_from_fn(seq, seq, device, |i, j| j <= i)?;
+    if past == 0 {
+        return Ok(own);
+    }
+    let seen = Tensor::zeros((seq, past), DType::F32, device)?;
+    Ok(Tensor::cat(&[&seen, &own], 1)?)
 }
 
 /// The additive causal mask `[rows, seq, past + seq]` for a batch whose rows

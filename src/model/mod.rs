@@ -4,6 +4,8 @@
 mod attention;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod decoder;
 pub mod gguf;
 pub mod known;
