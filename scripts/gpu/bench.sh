@@ -1,34 +1,22 @@
 #!/usr/bin/env bash
 # The GPU numbers of docs/benchmarks.md, on a CUDA build (`cargo build
 # --release --features cuda`): every compressor against the CPU on the
-# fixture models (f32 tokens must agree), then a random model of
-# Llama-3.2-1B's shape in bf16: compress speed, 20 separate asks against a
-# batch of 100, and `sac train` steps (rank 128, one 510-token chunk and a
-# 256-token continuation) with the peak GPU memory nvidia-smi reports.
+# fixture models (scripts/gpu/agree.sh), then a random model of
+# Llama-3.2-1B's shape in bf16 (compress speed: scripts/gpu/speed.sh): 20
+# separate asks against a batch of 100, and `sac train` steps (rank 128,
+# one 510-token chunk and a 256-token continuation) with the peak GPU
+# memory nvidia-smi reports.
 # Needs python3 with torch and safetensors (for the random weights).
 #   SAC=path/to/sac scripts/gpu/bench.sh
 set -uo pipefail
 S=${SAC:-$PWD/target/release/sac}
 export SAC_CACHE_DIR=${SAC_CACHE_DIR:-/tmp/sac-gpu-cache} HF_HUB_OFFLINE=1
 T=$(mktemp -d)
-ask_tokens() { "$S" ask "$1" 'What is the first word?' --json --max-tokens 8 --device "$2" --dtype f32 |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens"])'; }
-for m in qwen2 llama3; do
-  for c in full uniform kvzip snapkv streaming; do
-    for dev in cpu cuda; do
-      "$S" compress tests/fixtures/sac/doc_long.txt -o "$T/$m-$c-$dev.sack" -m "tests/fixtures/parity/$m" \
-          --compressor "$c" --kv-encoding f32 --device "$dev" --dtype f32 -q
-    done
-    [ "$(ask_tokens "$T/$m-$c-cpu.sack" cpu)" = "$(ask_tokens "$T/$m-$c-cuda.sack" cuda)" ] &&
-        echo "$m $c: cpu and cuda agree" || echo "$m $c: cpu and cuda DIFFER"
-  done
-done
+SAC="$S" bash scripts/gpu/agree.sh
 
 python3 scripts/gpu/make_1b.py "$T/m1b"
 for i in 1 2 3 4 5 6; do cat tests/fixtures/sac/doc_long.txt; done > "$T/long.txt"
-for c in full uniform kvzip; do
-  "$S" compress "$T/long.txt" -o "$T/1b-$c.sack" -m "$T/m1b" --compressor "$c" --device cuda 2>&1 | tail -1
-done
+"$S" compress "$T/long.txt" -o "$T/1b-full.sack" -m "$T/m1b" --compressor full --device cuda -q
 for i in $(seq 100); do echo "What does the document say about item $i?"; done > "$T/q.txt"
 start=$(date +%s.%N)
 for i in $(seq 20); do "$S" ask "$T/1b-full.sack" "$(sed -n "${i}p" "$T/q.txt")" --max-tokens 16 --device cuda > /dev/null; done
