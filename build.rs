@@ -1,8 +1,9 @@
 //! With the `cuda` feature, compiles sac's own CUDA kernels (`src/model/cuda`)
 //! to PTX with nvcc (`$NVCC`, else on the PATH), for the GPU generation
-//! `$CUDA_COMPUTE_CAP` names (default 90: H100, H200); the driver compiles
-//! the PTX for the GPU at hand when the kernels are first loaded. Without the
-//! feature it does nothing.
+//! `$CUDA_COMPUTE_CAP` names (default 75, the oldest CUDA 13 supports); the
+//! driver compiles the PTX for the GPU at hand, of that generation or a
+//! newer one, when the kernels are first loaded. Without the feature it does
+//! nothing.
 
 use std::env;
 use std::path::PathBuf;
@@ -14,12 +15,13 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo::rerun-if-env-changed=PATH");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".into());
     for kernel in KERNELS {
         let source = format!("src/model/cuda/{kernel}.cu");
         println!("cargo::rerun-if-changed={source}");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""sac beside llama.cpp and HF transformers on SmolLM2-135M-Instruct, in one run.
+"""sac beside llama.cpp and HF transformers on SmolLM2-135M-Instruct (or the 1B shape), in one run.
 
 What a user compares: making a .sack of a document (`sac compress`, each compressor)
 against re-prefilling the document in llama.cpp (`llama-bench -p N -n 0`) or transformers
@@ -13,7 +13,11 @@ Run from the repository root on an idle machine, after `cargo build --release`,
     .venv/bin/python scripts/bench_llamacpp.py --sizes 512,2048,4096,7500 --repeats 3
 
 The GGUF (Q4_1) is dequantized once by llama-quantize to F32 and BF16 files (cached in
-target/llamacpp), since sac runs it in f32. Documents are SQuAD v1.1 dev paragraphs
+target/llamacpp), since sac runs it in f32. `--shape 1b` runs a model of Llama-3.2-1B's
+layer shapes (16 layers, hidden 2048, 32 query and 8 KV heads, MLP 8192) with random
+weights and SmolLM2's tokenizer and vocabulary, written once as an F32 GGUF with
+llama.cpp's gguf-py (numpy only; cached in target/llamacpp); sac and llama.cpp read that
+file, llama.cpp's bf16 column its llama-quantize'd BF16 copy. Documents are SQuAD v1.1 dev paragraphs
 (CC BY-SA 4.0), cut to the size. Runs of all tools are alternated, round after round;
 the table holds medians, and the ratio is sac's rate over the peer's (above 1: sac is
 faster). Threads: all cores for every tool. Prints a markdown table.
@@ -31,8 +35,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(ROOT, "target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+ONE_B = os.path.join(ROOT, "target/llamacpp/llama-1b-shape.F32.gguf")
 SAC = os.path.join(ROOT, "target/release/sac")
 ITEMS = os.path.join(ROOT, "benches/quality/items/dev.jsonl")
+MODEL = GGUF  # what sac (and transformers) read: the GGUF, or the 1B shape's
 COMPRESSORS = ["full", "uniform", "snapkv", "kvzip"]
 
 
@@ -53,13 +59,54 @@ def llamacpp_bin() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def dequantized(bin_dir: str, kind: str) -> str:
-    path = os.path.join(ROOT, f"target/llamacpp/SmolLM2-135M-Instruct.{kind}.gguf")
+def quantized(bin_dir: str, source: str, path: str, kind: str) -> str:
+    """`source` converted by llama-quantize to `kind` at `path`, once."""
     if not os.path.exists(path):
         subprocess.run([os.path.join(bin_dir, "llama-quantize"), "--allow-requantize",
-                        GGUF, path + ".part", kind], check=True, capture_output=True)
+                        source, path + ".part", kind], check=True, capture_output=True)
         os.replace(path + ".part", path)
     return path
+
+
+def one_b_shape(bin_dir: str) -> str:
+    """The 1B-shaped F32 GGUF (see the module's help), written once."""
+    if os.path.exists(ONE_B):
+        return ONE_B
+    build = os.path.dirname(bin_dir)  # target/llamacpp/build-VERSION
+    version = os.path.basename(build).removeprefix("build-")
+    sys.path.insert(0, os.path.join(os.path.dirname(build), f"llama_cpp_python-{version}",
+                                    "vendor", "llama.cpp", "gguf-py"))
+    import gguf
+    import numpy as np
+    source = gguf.GGUFReader(GGUF)
+    shape = {"llama.block_count": 16, "llama.embedding_length": 2048, "llama.feed_forward_length": 8192,
+             "llama.attention.head_count": 32, "llama.attention.head_count_kv": 8,
+             "llama.rope.dimension_count": 64, "general.file_type": 0}
+    out = gguf.GGUFWriter(ONE_B + ".part", "llama")
+    for name, field in source.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.quantization_version"):
+            continue
+        value = shape.get(name, field.contents())
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        out.add_key_value(name, value, field.types[0], sub)
+    rng = np.random.default_rng(0)
+    vocab, h, kv, ff = source.fields["llama.vocab_size"].contents(), 2048, 512, 8192
+    tensors = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    for i in range(16):
+        tensors.update({f"blk.{i}.{n}": s for n, s in [
+            ("attn_norm.weight", (h,)), ("ffn_norm.weight", (h,)), ("attn_q.weight", (h, h)),
+            ("attn_k.weight", (kv, h)), ("attn_v.weight", (kv, h)), ("attn_output.weight", (h, h)),
+            ("ffn_gate.weight", (ff, h)), ("ffn_up.weight", (ff, h)), ("ffn_down.weight", (h, ff))]})
+    for name, dims in tensors.items():
+        values = np.ones(dims, np.float32) if len(dims) == 1 else \
+            rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02)
+        out.add_tensor(name, values)
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+    os.replace(ONE_B + ".part", ONE_B)
+    return ONE_B
 
 
 def document(words: int) -> str:
@@ -82,7 +129,7 @@ def sized_document(tokens: int, workdir: str) -> str:
     for _ in range(6):
         with open(path, "w") as f:
             f.write(document(words))
-        _, err, _, _ = run([SAC, "compress", path, "-m", GGUF, "--compressor", "uniform",
+        _, err, _, _ = run([SAC, "compress", path, "-m", MODEL, "--compressor", "uniform",
                             "--ratio", "64", "-o", os.path.join(workdir, "probe.sack")])
         got = int(re.search(r": (\d+) tokens,", err).group(1))
         if abs(got - tokens) <= tokens // 100:
@@ -93,7 +140,7 @@ def sized_document(tokens: int, workdir: str) -> str:
 
 def sac_compress(doc: str, compressor: str, out: str):
     flags = [] if compressor == "full" else ["--ratio", "4"]
-    _, err, _, rss = run([SAC, "compress", doc, "-m", GGUF, "--compressor", compressor,
+    _, err, _, rss = run([SAC, "compress", doc, "-m", MODEL, "--compressor", compressor,
                           "-o", out] + flags)
     return float(re.search(r", (\d+) tokens/s", err).group(1)), rss
 
@@ -110,7 +157,7 @@ def hf_prefill(tokens: int, threads: int):
 import time, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads({threads})
-m = AutoModelForCausalLM.from_pretrained({os.path.dirname(GGUF)!r}, gguf_file={os.path.basename(GGUF)!r},
+m = AutoModelForCausalLM.from_pretrained({os.path.dirname(MODEL)!r}, gguf_file={os.path.basename(MODEL)!r},
                                          dtype=torch.float32)
 ids = torch.randint(100, 40000, (1, {tokens}), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
@@ -128,11 +175,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compressors", default=",".join(COMPRESSORS))
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--shape", choices=["smollm2", "1b"], default="smollm2")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     compressors = a.compressors.split(",")
     bin_dir = llamacpp_bin()
-    f32, bf16 = dequantized(bin_dir, "F32"), dequantized(bin_dir, "BF16")
+    global MODEL
+    if a.shape == "1b":
+        MODEL = f32 = one_b_shape(bin_dir)
+        bf16 = quantized(bin_dir, f32, ONE_B.replace(".F32.", ".BF16."), "BF16")
+    else:
+        f32, bf16 = (quantized(bin_dir, GGUF, os.path.join(ROOT, f"target/llamacpp/SmolLM2-135M-Instruct.{kind}.gguf"),
+                               kind) for kind in ("F32", "BF16"))
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
     rates, rss = {}, {}
 
@@ -143,10 +197,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         docs = {n: sized_document(n, work) for n in sizes}
         full_sack = os.path.join(work, "full1024.sack")
-        run([SAC, "compress", sized_document(1024, work), "-m", GGUF, "--compressor", "full",
+        run([SAC, "compress", sized_document(1024, work), "-m", MODEL, "--compressor", "full",
              "-o", full_sack])
         longest = os.path.join(work, "longest-r4.sack")
-        run([SAC, "compress", docs[max(sizes)], "-m", GGUF, "--compressor", "uniform",
+        run([SAC, "compress", docs[max(sizes)], "-m", MODEL, "--compressor", "uniform",
              "--ratio", "4", "-o", longest])
         for round_ in range(a.repeats):
             print(f"round {round_ + 1} of {a.repeats}", file=sys.stderr)

@@ -116,12 +116,12 @@ pub fn header(
 /// function it is given, and writes every chunk to `writer` on a thread of
 /// its own while the next one is computed: the copy off the model's device
 /// (which on a GPU waits for the chunk's kernels) and the encoding happen
-/// there. Returns what `compress` returned and the time it spent waiting
-/// for the writer to catch up.
+/// there. Returns what `compress` returned and how long its caller waited
+/// on the writer.
 pub fn overlapped<S: Sink + Send, T>(
     writer: &mut SackWriter<S>,
     compress: impl FnOnce(&mut dyn FnMut(&Emitted) -> Result<()>) -> Result<T>,
-) -> Result<(T, Duration)> {
+) -> Result<(T, WriterWait)> {
     std::thread::scope(|scope| {
         // One chunk queued while one is written and the next is computed.
         let (queue, chunks) = mpsc::sync_channel::<Emitted>(1);
@@ -130,11 +130,11 @@ pub fn overlapped<S: Sink + Send, T>(
                 .iter()
                 .try_for_each(|emitted| HostChunk::of(&emitted)?.write(writer))
         });
-        let mut waited = Duration::ZERO;
+        let mut blocked = Duration::ZERO;
         let computed = compress(&mut |emitted| {
             let started = Instant::now();
             let sent = queue.send(emitted.clone());
-            waited += started.elapsed();
+            blocked += started.elapsed();
             // The writer hung up: its own error comes from `join` below.
             sent.map_err(|_| Error::WriterStopped)
         });
@@ -143,10 +143,22 @@ pub fn overlapped<S: Sink + Send, T>(
         let written = thread
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        waited += started.elapsed();
+        let tail = started.elapsed();
         written?;
-        Ok((computed?, waited))
+        Ok((computed?, WriterWait { blocked, tail }))
     })
+}
+
+/// How long [`overlapped`]'s caller waited on the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterWait {
+    /// Handing chunks over while the writer was behind: inside the
+    /// compressor's own time.
+    pub blocked: Duration,
+    /// After the compressor was done, until the writer was: the chunks
+    /// still queued, copied off the device (on a GPU, once their kernels
+    /// ran) and written. The compression's time is the compressor's and this.
+    pub tail: Duration,
 }
 
 /// What a compressor emitted for one chunk, copied to the host.
@@ -353,7 +365,7 @@ mod tests {
     }
 
     /// The .sack of [`chunks`] written through [`overlapped`] to `sink`.
-    fn write_overlapped<W: Write + Send>(sink: W) -> Result<(usize, Duration)> {
+    fn write_overlapped<W: Write + Send>(sink: W) -> Result<(usize, WriterWait)> {
         let mut writer = SackWriter::to_stream(sink, "<test>", &header(), WriteOptions::default())?;
         let (handed, waited) = overlapped(&mut writer, |write| {
             let mut handed = 0;

@@ -238,8 +238,8 @@ struct Summary {
     /// Tokens kept per KV head on average, or soft tokens.
     kept: f64,
     cost: Cost,
-    /// The part of the cost the compressor spent waiting for the writer to
-    /// catch up.
+    /// The part of the cost spent waiting for the writer (see
+    /// [`to_sack::WriterWait`]).
     writing: Duration,
 }
 
@@ -252,7 +252,7 @@ fn write_sack<S: Sink + Send>(
     let c = compressor.decoder().config();
     let slots = (c.num_layers * c.num_kv_heads) as f64;
     let mut kept = 0.0;
-    let (cost, writing) = to_sack::overlapped(&mut writer, |write| {
+    let (mut cost, wait) = to_sack::overlapped(&mut writer, |write| {
         compressor.compress(ids, |out| {
             kept += match &out {
                 Emitted::Kv(chunk) => chunk.kept.pairs(c.num_layers, c.num_kv_heads) as f64 / slots,
@@ -262,10 +262,11 @@ fn write_sack<S: Sink + Send>(
         })
     })?;
     writer.finish()?;
+    cost.total += wait.tail;
     Ok(Summary {
         kept,
         cost,
-        writing,
+        writing: wait.blocked + wait.tail,
     })
 }
 

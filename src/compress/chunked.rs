@@ -41,5 +41,5 @@ pub(super) fn compress(
             layers,
         }))?;
     }
-    Ok(started.elapsed())
+    pass.elapsed(started)
 }

@@ -83,7 +83,7 @@ impl Strategy for Gmsa<'_> {
             tokens,
         }))?;
         Ok(Cost {
-            total: started.elapsed(),
+            total: pass.elapsed(started)?,
             prefill: None,
         })
     }

@@ -174,7 +174,7 @@ impl Kvzip {
         let started = Instant::now();
         let mut cache = KvCache::default();
         select::prefill(pass, self.keep.chunk_size, ids, &mut cache)?;
-        let prefill = started.elapsed();
+        let prefill = pass.elapsed(started)?;
 
         let past = cache.past()?;
         let sinks = self.keep.sinks.min(len);

@@ -35,7 +35,7 @@ pub mod streaming;
 pub mod uniform;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
@@ -257,6 +257,13 @@ impl<'a> Pass<'a> {
             kernels: Kernels::Inference,
             progress: None,
         }
+    }
+
+    /// The time since `started`, once the work queued on the decoder's
+    /// device is done: a GPU runs behind the thread that queues its kernels.
+    pub fn elapsed(&self, started: Instant) -> Result<Duration> {
+        self.decoder.device().synchronize()?;
+        Ok(started.elapsed())
     }
 
     /// Reports `tokens` more of [`Strategy::work`] done.

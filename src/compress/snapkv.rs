@@ -119,7 +119,7 @@ impl Snapkv {
         )?;
         cache.append(&out.kv)?;
         pass.report(len - observed);
-        let prefill = started.elapsed();
+        let prefill = pass.elapsed(started)?;
 
         let mut scores = Scores::new(c.num_layers, c.num_kv_heads, len);
         for (layer, measured) in out.attention.iter().enumerate() {

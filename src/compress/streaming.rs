@@ -57,7 +57,7 @@ impl Strategy for Streaming {
         let selection = Selection {
             cache,
             kept: KeptOffsets::Shared(kept(ids.len(), self.keep.ratio, self.keep.sinks)),
-            prefill: started.elapsed(),
+            prefill: pass.elapsed(started)?,
         };
         select::emit(selection, self.keep.chunk_size, started, emit)
     }

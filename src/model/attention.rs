@@ -177,6 +177,7 @@ fn one_kernel_softmax(
     seq: usize,
 ) -> Result<Option<Tensor>> {
     let applies = own.device().is_cuda()
+        && own.dtype() != candle_core::DType::F64
         && step.kernels == Kernels::Inference
         && shared.is_none()
         && !own.track_op();

@@ -79,6 +79,10 @@ impl MaskedSoftmax {
         let elements = layout.shape().elem_count();
         let cols = layout.dims().last().copied().unwrap_or(1).max(1);
         let rows = elements / cols;
+        if rows == 0 || self.seq == 0 {
+            // SAFETY: nothing to write.
+            return Ok(unsafe { dev.alloc::<T>(elements)? });
+        }
         let mask = match mask {
             Some((m, l)) => {
                 let (start, end) = contiguous(l, "the mask")?;
