@@ -54,16 +54,22 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             // A CUDA build on a machine without a GPU (or driver) runs on the CPU.
-            DeviceSpec::Auto if cfg!(feature = "cuda") => {
-                Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
-            }
+            DeviceSpec::Auto if cfg!(feature = "cuda") => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
             DeviceSpec::Auto => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) if cfg!(feature = "cuda") => {
-                Device::new_cuda(n).map_err(|source| Error::Cuda { ordinal: n, source })
+                open_cuda(n).map_err(|source| Error::Cuda { ordinal: n, source })
             }
             DeviceSpec::Cuda(_) => Err(Error::NoCuda),
         }
     }
+}
+
+/// CUDA device `n`, its memory pool set up for sac's many small allocations.
+fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(n)?;
+    #[cfg(feature = "cuda")]
+    crate::model::cuda::keep_freed_memory(&device)?;
+    Ok(device)
 }
 
 /// The user's `--dtype` choice.

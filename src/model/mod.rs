@@ -5,7 +5,7 @@ mod attention;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod decoder;
 pub mod gguf;
 pub mod known;

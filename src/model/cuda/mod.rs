@@ -1,13 +1,44 @@
 //! sac's own CUDA kernels, compiled to PTX by `build.rs` with the `cuda`
-//! feature and loaded by the driver on first use.
+//! feature and loaded by the driver on first use, and how a CUDA device is
+//! set up.
 
+use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
 
 const MASKED_SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/masked_softmax.ptx"));
+
+/// Has `device`'s default memory pool keep the memory freed tensors give
+/// back instead of returning it to the driver at every synchronisation (its
+/// release threshold is 0 unless set), which makes the next allocations map
+/// memory again: candle allocates a tensor for every op, and a compression
+/// synchronises once a chunk. The pool then holds the pass's peak, as
+/// PyTorch's caching allocator does.
+pub fn keep_freed_memory(device: &Device) -> candle_core::Result<()> {
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let ordinal = cuda.cuda_stream().context().cu_device();
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool; the release
+    // threshold attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal)
+            .result()
+            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&raw mut threshold).cast(),
+        )
+        .result()
+        .w()
+    }
+}
 
 /// `softmax(scores + mask)` over the last dimension, accumulated in f32 and
 /// returned in the scores' dtype, in one pass of one kernel. `scores` is
