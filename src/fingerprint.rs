@@ -150,10 +150,11 @@ impl DigestCache {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         let key = real.to_string_lossy().into_owned();
-        if let Some(hit) = self.entries.get(&key) {
-            if hit.size == meta.len() && hit.mtime_ns == mtime_ns {
-                return Ok((hit.size, hit.sha256.clone()));
-            }
+        if let Some(hit) = self.entries.get(&key)
+            && hit.size == meta.len()
+            && hit.mtime_ns == mtime_ns
+        {
+            return Ok((hit.size, hit.sha256.clone()));
         }
         let sha256 = sha256_file(&real)?;
         self.entries.insert(

@@ -115,11 +115,11 @@ impl TextTokenizer {
         let id = end
             .and_then(|end| self.inner.token_to_id(&end))
             .filter(special);
-        if let Some(id) = id {
-            if !self.eos.contains(&id) {
-                self.eos.push(id);
-                self.eos.sort_unstable();
-            }
+        if let Some(id) = id
+            && !self.eos.contains(&id)
+        {
+            self.eos.push(id);
+            self.eos.sort_unstable();
         }
         self.chat_template = template;
         self

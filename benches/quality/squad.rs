@@ -30,7 +30,7 @@ impl Split {
     }
 
     fn holds(self, article: usize) -> bool {
-        (article % 3 == 0) == (self == Split::Tune)
+        article.is_multiple_of(3) == (self == Split::Tune)
     }
 }
 

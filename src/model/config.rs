@@ -235,7 +235,7 @@ impl ModelConfig {
         if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_hidden_layers == 0 {
             return Err(ConfigError::NotPositive);
         }
-        if raw.num_attention_heads % num_kv_heads != 0 {
+        if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(ConfigError::Heads {
                 heads: raw.num_attention_heads,
                 kv_heads: num_kv_heads,
@@ -244,7 +244,7 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(ConfigError::HeadDim(head_dim));
         }
         let rope = raw.rope_parameters.or(raw.rope_scaling);

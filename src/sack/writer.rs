@@ -327,7 +327,7 @@ impl<S: Sink> SackWriter<S> {
         }
         let hidden = u64::from(soft.hidden);
         let len = tokens.len() as u64;
-        if len % hidden != 0 {
+        if !len.is_multiple_of(hidden) {
             return Err(self.invalid(format!(
                 "{name}: {len} values are not whole rows of {hidden}"
             )));

@@ -352,7 +352,7 @@ impl<'a> Trainer<'a> {
             let report = self.train_step()?;
             log.write(&json!(report))?;
             observe(Event::Step(&report));
-            if self.step % self.settings.save_every == 0 || self.step == self.plan.stop {
+            if self.step.is_multiple_of(self.settings.save_every) || self.step == self.plan.stop {
                 self.save()?;
                 observe(Event::Saved(self.step));
                 if !self.eval.is_empty() {

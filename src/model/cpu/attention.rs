@@ -104,22 +104,22 @@ pub fn attend(
                 q.dims()
             )
         }
-        if let Some(bias) = segment.bias {
-            if bias.dims() != [kv_heads, len] {
-                candle_core::bail!(
-                    "attention bias of shape {:?} for {kv_heads} heads of {len} keys",
-                    bias.dims()
-                )
-            }
+        if let Some(bias) = segment.bias
+            && bias.dims() != [kv_heads, len]
+        {
+            candle_core::bail!(
+                "attention bias of shape {:?} for {kv_heads} heads of {len} keys",
+                bias.dims()
+            )
         }
-        if let (Some(offset), Some(mask)) = (segment.mask_offset, &mask_view) {
-            if offset + len > mask.keys {
-                candle_core::bail!(
-                    "attention mask of {} keys, segment ends at {}",
-                    mask.keys,
-                    offset + len
-                )
-            }
+        if let (Some(offset), Some(mask)) = (segment.mask_offset, &mask_view)
+            && offset + len > mask.keys
+        {
+            candle_core::bail!(
+                "attention mask of {} keys, segment ends at {}",
+                mask.keys,
+                offset + len
+            )
         }
         views.push(SegmentView {
             k: f32_slice(&k.0, k.1)?,
