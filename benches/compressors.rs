@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use common::{LLAMA_3_2_1B, Placement, random_weights};
+use common::{LLAMA_3_2_1B, Placement};
 use sac::compress::{
     Compressor, RepeatPrompt, Request, Settings, full, kvzip, snapkv, streaming, uniform,
 };
@@ -62,10 +62,10 @@ fn plain_prefill(decoder: &Decoder, ids: &Tensor) -> anyhow::Result<f64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (device, dtype) = args.placement.open()?;
     let mut config = ModelConfig::from_json(LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
     config.num_layers = args.layers;
-    let decoder = Decoder::load(config.clone(), random_weights(&config, dtype, &device)?)?;
+    let (decoder, dtype) = args.placement.random_decoder(&config)?;
+    let device = decoder.device().clone();
     let vocab = config.vocab_size as u32;
     let ids: Vec<u32> = (0..args.tokens as u32)
         .map(|i| (i * 104_729 + 17) % vocab)
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             "compressor": "plain prefill",
             "tokens": args.tokens,
             "layers": args.layers,
-            "dtype": format!("{dtype:?}").to_lowercase(),
+            "dtype": dtype,
             "device": args.placement.device.to_string(),
             "threads": candle_core::utils::get_num_threads(),
             "seconds": prefill_s,

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use common::{LLAMA_3_2_1B, Placement, random_weights};
-use sac::model::{Decoder, ForwardInput, ModelConfig};
+use common::{LLAMA_3_2_1B, Placement};
+use sac::model::{ForwardInput, ModelConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -28,10 +28,10 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (device, dtype) = args.placement.open()?;
     let config = ModelConfig::from_json(LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let decoder = Decoder::load(config.clone(), random_weights(&config, dtype, &device)?)?;
+    let (decoder, dtype) = args.placement.random_decoder(&config)?;
+    let device = decoder.device().clone();
     let init_s = t0.elapsed().as_secs_f64();
 
     let n = args.tokens;
@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
             "impl": "sac",
             "threads": candle_core::utils::get_num_threads(),
             "tokens": n,
-            "dtype": format!("{dtype:?}").to_lowercase(),
+            "dtype": dtype,
             "device": args.placement.device.to_string(),
             "init_s": init_s,
             "warmup_s": warmup_s,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use sac::adapter::AdapterConfig;
-use sac::device::{DTypeSpec, DeviceSpec};
+use sac::device::{DTypeSpec, DeviceSpec, Workload};
 use sac::layout::chunk;
 use sac::model::{Decoder, ModelConfig};
 use sac::train::data::Sample;
@@ -58,7 +58,7 @@ fn status_gib(field: &str) -> Option<f64> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = args.device.open()?;
-    let dtype = args.dtype.resolve(&device);
+    let dtype = args.dtype.resolve(&device, Workload::Training).dtype;
     let mut config = ModelConfig::from_json(common::LLAMA_3_2_1B).map_err(anyhow::Error::msg)?;
     if let Some(layers) = args.layers {
         config.num_layers = layers;

@@ -13,7 +13,9 @@ Run from the repository root on an idle machine, after `cargo build --release`,
     .venv/bin/python scripts/bench_llamacpp.py --sizes 512,2048,4096,7500 --repeats 3
 
 The GGUF (Q4_1) is dequantized once by llama-quantize to F32 and BF16 files (cached in
-target/llamacpp), since sac runs it in f32. `--shape 1b` runs a model of Llama-3.2-1B's
+target/llamacpp): sac's `--dtype f32` runs beside the F32 file, its `--dtype bf16` (bf16
+weights under f32 activations on a CPU with AVX512-BF16, as llama.cpp runs a BF16 file)
+beside the BF16 file. `--shape 1b` runs a model of Llama-3.2-1B's
 layer shapes (16 layers, hidden 2048, 32 query and 8 KV heads, MLP 8192) with random
 weights and SmolLM2's tokenizer and vocabulary, written once as an F32 GGUF with
 llama.cpp's gguf-py (numpy only; cached in target/llamacpp); sac and llama.cpp read that
@@ -138,10 +140,10 @@ def sized_document(tokens: int, workdir: str) -> str:
     return path
 
 
-def sac_compress(doc: str, compressor: str, out: str):
+def sac_compress(doc: str, compressor: str, dtype: str, out: str):
     flags = [] if compressor == "full" else ["--ratio", "4"]
     _, err, _, rss = run([SAC, "compress", doc, "-m", MODEL, "--compressor", compressor,
-                          "-o", out] + flags)
+                          "--dtype", dtype, "-o", out] + flags)
     return float(re.search(r", (\d+) tokens/s", err).group(1)), rss
 
 
@@ -174,11 +176,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compressors", default=",".join(COMPRESSORS))
+    ap.add_argument("--dtypes", default="f32,bf16",
+                    help="sac's --dtype values, each beside llama.cpp's file of that dtype")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--shape", choices=["smollm2", "1b"], default="smollm2")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     compressors = a.compressors.split(",")
+    dtypes = a.dtypes.split(",")
     bin_dir = llamacpp_bin()
     global MODEL
     if a.shape == "1b":
@@ -188,6 +193,7 @@ def main() -> None:
         f32, bf16 = (quantized(bin_dir, GGUF, os.path.join(ROOT, f"target/llamacpp/SmolLM2-135M-Instruct.{kind}.gguf"),
                                kind) for kind in ("F32", "BF16"))
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
+    peers = {"f32": f32, "bf16": bf16}
     rates, rss = {}, {}
 
     def note(key, value):
@@ -198,49 +204,51 @@ def main() -> None:
         docs = {n: sized_document(n, work) for n in sizes}
         full_sack = os.path.join(work, "full1024.sack")
         run([SAC, "compress", sized_document(1024, work), "-m", MODEL, "--compressor", "full",
-             "-o", full_sack])
+             "--dtype", "f32", "-o", full_sack])
         longest = os.path.join(work, "longest-r4.sack")
         run([SAC, "compress", docs[max(sizes)], "-m", MODEL, "--compressor", "uniform",
              "--ratio", "4", "-o", longest])
         for round_ in range(a.repeats):
             print(f"round {round_ + 1} of {a.repeats}", file=sys.stderr)
             for n in sizes:
-                for c in compressors:
-                    note(("sac", c, n), sac_compress(docs[n], c, os.path.join(work, "x.sack")))
-                note(("llama.cpp f32", "prefill", n), llama_bench(bin_dir, f32, a.threads, ["-p", str(n), "-n", "0"]))
-                note(("llama.cpp bf16", "prefill", n), llama_bench(bin_dir, bf16, a.threads, ["-p", str(n), "-n", "0"]))
+                for d in dtypes:
+                    for c in compressors:
+                        note(("sac", d, c, n), sac_compress(docs[n], c, d, os.path.join(work, "x.sack")))
+                    note(("llama.cpp", d, "prefill", n),
+                         llama_bench(bin_dir, peers[d], a.threads, ["-p", str(n), "-n", "0"]))
                 if not a.no_transformers:
-                    note(("transformers f32", "prefill", n), hf_prefill(n, a.threads))
-            out, _, _, mem = run([SAC, "ask", full_sack, "Summarise the text.", "--json",
-                                  "--max-tokens", "128"])
-            note(("sac", "decode", 1024), (json.loads(out)["tokens_per_s"], mem))
-            note(("llama.cpp f32", "decode", 1024),
-                 llama_bench(bin_dir, f32, a.threads, ["-p", "0", "-n", "128", "-d", "1024"]))
-            _, _, seconds, mem = run([SAC, "ask", longest, "Who is it about?", "--max-tokens", "1"])
-            note(("sac", "ask, whole process, to first token", max(sizes)), (1.0 / seconds, mem))
+                    note(("transformers", "f32", "prefill", n), hf_prefill(n, a.threads))
+            for d in dtypes:
+                out, _, _, mem = run([SAC, "ask", full_sack, "Summarise the text.", "--json",
+                                      "--max-tokens", "128", "--dtype", d])
+                note(("sac", d, "decode", 1024), (json.loads(out)["tokens_per_s"], mem))
+                note(("llama.cpp", d, "decode", 1024),
+                     llama_bench(bin_dir, peers[d], a.threads, ["-p", "0", "-n", "128", "-d", "1024"]))
+                _, _, seconds, mem = run([SAC, "ask", longest, "Who is it about?", "--max-tokens", "1",
+                                          "--dtype", d])
+                note(("sac", d, "first token", max(sizes)), (1.0 / seconds, mem))
 
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print("| work | tokens | sac | llama.cpp f32 | sac / llama.cpp f32 | llama.cpp bf16 | transformers f32 | peak RSS MiB (sac) |")
+    print("| work | tokens | sac dtype | sac | llama.cpp, same dtype | sac / llama.cpp | transformers f32 "
+          "| peak RSS MiB (sac) |")
     print("|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        peer = med.get(("llama.cpp f32", "prefill", n))
-        bf = med.get(("llama.cpp bf16", "prefill", n))
-        hf = med.get(("transformers f32", "prefill", n))
+        hf = med.get(("transformers", "f32", "prefill", n))
         for c in compressors:
-            ours = med[("sac", c, n)]
-            print(f"| compress {c} | {n} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | {bf:.0f} | "
-                  f"{hf:.0f} | {rss[('sac', c, n)]:.0f} |" if hf else
-                  f"| compress {c} | {n} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | {bf:.0f} | - | "
-                  f"{rss[('sac', c, n)]:.0f} |")
-    ours, peer = med[("sac", "decode", 1024)], med[("llama.cpp f32", "decode", 1024)]
-    print(f"| decode 128 after 1,024 | 1024 | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | - | - | "
-          f"{rss[('sac', 'decode', 1024)]:.0f} |")
-    seconds = 1.0 / med[("sac", "ask, whole process, to first token", max(sizes))]
-    print(f"| `sac ask` to first token, ratio-4 .sack, whole process | {max(sizes)} | {seconds:.2f} s | - | - | - | - | "
-          f"{rss[('sac', 'ask, whole process, to first token', max(sizes))]:.0f} |")
+            for d in dtypes:
+                ours, peer = med[("sac", d, c, n)], med[("llama.cpp", d, "prefill", n)]
+                print(f"| compress {c} | {n} | {d} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | "
+                      f"{f'{hf:.0f}' if hf else '-'} | {rss[('sac', d, c, n)]:.0f} |")
+    for d in dtypes:
+        ours, peer = med[("sac", d, "decode", 1024)], med[("llama.cpp", d, "decode", 1024)]
+        print(f"| decode 128 after 1,024 | 1024 | {d} | {ours:.0f} tok/s | {peer:.0f} | {ours / peer:.2f}x | - | "
+              f"{rss[('sac', d, 'decode', 1024)]:.0f} |")
+    for d in dtypes:
+        key = ("sac", d, "first token", max(sizes))
+        print(f"| `sac ask` to first token, ratio-4 .sack, whole process | {max(sizes)} | {d} | "
+              f"{1.0 / med[key]:.2f} s | - | - | - | {rss[key]:.0f} |")
     print(f"\n{a.repeats} alternated rounds, medians; {a.threads} threads; "
           f"llama.cpp {os.path.basename(os.path.dirname(bin_dir))}.")
-
 
 if __name__ == "__main__":
     main()

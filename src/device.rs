@@ -75,7 +75,8 @@ fn open_cuda(n: usize) -> candle_core::Result<Device> {
 /// The user's `--dtype` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeSpec {
-    /// f32 on the CPU (exact, and fast enough there); bf16 on a GPU.
+    /// bf16 on a GPU. On the CPU, f32, with bf16 weights for inference
+    /// where the CPU has AVX512-BF16 (twice f32's speed there).
     #[default]
     Auto,
     F32,
@@ -99,15 +100,41 @@ impl FromStr for DTypeSpec {
     }
 }
 
+/// What a model is loaded for: training needs every product differentiable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Inference,
+    Training,
+}
+
+/// How a model computes: the dtype of its tensors, and whether its
+/// projections' weights are packed bf16 for the CPU kernel
+/// (`model::cpu::bf16`) while everything else stays in `dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub dtype: DType,
+    pub bf16_weights: bool,
+}
+
 impl DTypeSpec {
-    /// The float type to compute in on `device`.
-    pub fn resolve(self, device: &Device) -> DType {
-        match self {
-            DTypeSpec::Auto if device.is_cpu() => DType::F32,
-            DTypeSpec::Auto => DType::BF16,
-            DTypeSpec::F32 => DType::F32,
-            DTypeSpec::Bf16 => DType::BF16,
-            DTypeSpec::F16 => DType::F16,
+    /// The precision to compute in on `device`. bf16 on a CPU with
+    /// AVX512-BF16 is bf16 weights under f32 activations for inference (as
+    /// llama.cpp runs a bf16 model); elsewhere, and for training, every
+    /// tensor is in bf16.
+    pub fn resolve(self, device: &Device, workload: Workload) -> Precision {
+        let packs = device.is_cpu()
+            && workload == Workload::Inference
+            && crate::model::cpu::bf16::available();
+        let (dtype, bf16_weights) = match self {
+            DTypeSpec::Auto | DTypeSpec::Bf16 if packs => (DType::F32, true),
+            DTypeSpec::Auto if device.is_cpu() => (DType::F32, false),
+            DTypeSpec::Auto | DTypeSpec::Bf16 => (DType::BF16, false),
+            DTypeSpec::F32 => (DType::F32, false),
+            DTypeSpec::F16 => (DType::F16, false),
+        };
+        Precision {
+            dtype,
+            bf16_weights,
         }
     }
 }
@@ -141,8 +168,28 @@ mod tests {
     }
 
     #[test]
-    fn auto_dtype_is_f32_on_cpu() {
-        assert_eq!(DTypeSpec::Auto.resolve(&Device::Cpu), DType::F32);
-        assert_eq!(DTypeSpec::Bf16.resolve(&Device::Cpu), DType::BF16);
+    fn auto_dtype_on_cpu_is_f32_with_bf16_weights_where_the_cpu_has_them() {
+        let packs = crate::model::cpu::bf16::available();
+        let cpu = |spec: DTypeSpec, workload| spec.resolve(&Device::Cpu, workload);
+        for spec in [DTypeSpec::Auto, DTypeSpec::Bf16] {
+            assert_eq!(
+                cpu(spec, Workload::Inference),
+                Precision {
+                    dtype: if packs || spec == DTypeSpec::Auto {
+                        DType::F32
+                    } else {
+                        DType::BF16
+                    },
+                    bf16_weights: packs,
+                }
+            );
+        }
+        let exact = Precision {
+            dtype: DType::F32,
+            bf16_weights: false,
+        };
+        assert_eq!(cpu(DTypeSpec::Auto, Workload::Training), exact);
+        assert_eq!(cpu(DTypeSpec::F32, Workload::Inference), exact);
+        assert_eq!(cpu(DTypeSpec::Bf16, Workload::Training).dtype, DType::BF16);
     }
 }

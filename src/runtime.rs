@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use crate::device::{DTypeSpec, DeviceSpec};
+use crate::device::{DTypeSpec, DeviceSpec, Workload};
 use crate::error::Result;
 use crate::fingerprint::{DigestCache, ModelFingerprint, fingerprint};
 use crate::model::gguf::GgufModel;
@@ -23,6 +23,7 @@ pub struct ModelSpec {
     pub gguf_file: Option<String>,
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
+    pub workload: Workload,
 }
 
 #[derive(Debug)]
@@ -70,11 +71,17 @@ impl ResolvedModel {
     }
 
     /// Reads the config, tokenizer and weights, placed on `device` in
-    /// `dtype`, by the loader of the files' layout.
-    pub fn load(self, device: DeviceSpec, dtype: DTypeSpec) -> Result<LoadedModel> {
+    /// `dtype` for `workload`, by the loader of the files' layout.
+    pub fn load(
+        self,
+        device: DeviceSpec,
+        dtype: DTypeSpec,
+        workload: Workload,
+    ) -> Result<LoadedModel> {
         let files = self.files;
         let device: Device = device.open()?;
-        let dtype = dtype.resolve(&device);
+        let precision = dtype.resolve(&device, workload);
+        let dtype = precision.dtype;
         let (config, tokenizer, decoder) = match &files.layout {
             Layout::Hf(hf) => {
                 let config = ModelConfig::from_file(&hf.config)?;
@@ -90,6 +97,10 @@ impl ResolvedModel {
                 (config, tokenizer, decoder)
             }
         };
+        let mut decoder = decoder;
+        if precision.bf16_weights {
+            decoder.pack_bf16()?;
+        }
         Ok(LoadedModel {
             files,
             config,
@@ -103,6 +114,6 @@ impl ResolvedModel {
 impl LoadedModel {
     /// Loads the model the user named in `spec` ([`ResolvedModel::named`]).
     pub fn load(spec: &ModelSpec) -> Result<Self> {
-        ResolvedModel::named(spec)?.load(spec.device, spec.dtype)
+        ResolvedModel::named(spec)?.load(spec.device, spec.dtype, spec.workload)
     }
 }

@@ -225,6 +225,7 @@ fn load(model: &Path) -> LoadedModel {
         gguf_file: None,
         device: sac::device::DeviceSpec::Cpu,
         dtype: sac::device::DTypeSpec::F32,
+        workload: sac::device::Workload::Inference,
     })
     .unwrap()
 }

@@ -82,7 +82,7 @@ fn a_fresh_alignment_block_is_the_models_first_layer() {
     };
     let params = Trainables::init(Config::Gmsa(config), &m.decoder, 0).unwrap();
     let named: Vec<_> = params.named().collect();
-    let layer = m.decoder.layer_tensors(0);
+    let layer = m.decoder.layer_tensors(0).unwrap();
     // 2 encoder layers x 7 projections x A/B, and the block's tensors.
     assert_eq!(named.len(), 2 * 7 * 2 + layer.len());
     for (name, tensor) in &layer {

@@ -189,13 +189,7 @@ fn bf16_logits_are_as_close_to_f32_as_transformers_bf16() {
         let logits = fx.decoder.logits(&out.hidden).unwrap().squeeze(0).unwrap();
         let truth = fx.tensor("causal.logits");
         let hf_bf16 = fx.tensor("causal.logits_bf16");
-        let range = truth
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let range = common::max_abs(truth);
         let bf16_step = 2f32.powi(range.log2().floor() as i32 - 7);
         let ours = max_abs_diff(&logits, truth);
         let theirs = max_abs_diff(hf_bf16, truth);

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{max_abs_diff, run_ok, sac};
+use sac::device::DTypeSpec;
 use serde_json::Value;
 
 /// The SHA-256 of the Q4_1 file, hence its model fingerprint.
@@ -181,4 +182,61 @@ fn token_ids_and_logits_match_llama_cpp_and_transformers() {
         row_diff < 1e-3 && column_diff < 1e-3,
         "logits differ from transformers' by {row_diff} (rows) and {column_diff} (columns)"
     );
+}
+
+/// `--dtype bf16` (on a CPU with AVX512-BF16: bf16 weights under f32
+/// activations, what `auto` picks there) answers from a full .sack with
+/// f32's greedy tokens, and its logits stay within bf16's rounding of
+/// f32's. (A selecting compressor may keep other tokens once its scores
+/// move by that rounding: kvzip's answers here differ in their wording.)
+#[test]
+fn bf16_answers_with_f32_greedy_tokens_and_close_logits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/fixtures/squad/black_death.txt")).unwrap();
+    let exact = common::load_model_at(smollm2());
+    let ids = exact.tokenizer.encode(&text).unwrap();
+    let logits = |model: &sac::runtime::LoadedModel| {
+        common::causal_logits(model, &ids, 0)
+            .i(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let want = logits(&exact);
+    drop(exact);
+    let got = logits(&common::load_model_in(smollm2(), DTypeSpec::Bf16));
+    let diff = max_abs_diff(&got, &want);
+    let scale = common::max_abs(&want);
+    let argmax = |t: &Tensor| t.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let same = argmax(&got)
+        .iter()
+        .zip(argmax(&want))
+        .filter(|(a, b)| **a == *b)
+        .count();
+    eprintln!(
+        "bf16 vs f32 logits: max |diff| {diff} of max |logit| {scale}; \
+         {same} of {} next-token choices agree",
+        ids.len()
+    );
+    assert!(diff < 0.1 * scale, "{diff} of {scale}");
+    assert!(same * 100 >= ids.len() * 95, "{same} of {}", ids.len());
+
+    let item = squad();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("paragraph.txt");
+    std::fs::write(&doc, item["context"].as_str().unwrap()).unwrap();
+    let answer = |dtype: &str| {
+        let sack = dir.path().join(format!("{dtype}.sack"));
+        let flags = ["--compressor", "full", "--dtype", dtype];
+        common::compress(sac(), &doc, smollm2(), &flags, &sack);
+        let out = run_ok(
+            sac()
+                .arg("ask")
+                .arg(&sack)
+                .arg(item["question"].as_str().unwrap())
+                .args(["--json", "--max-tokens", "48", "--dtype", dtype]),
+        );
+        serde_json::from_slice::<Value>(&out).unwrap()["tokens"].clone()
+    };
+    assert_eq!(answer("bf16"), answer("f32"));
 }

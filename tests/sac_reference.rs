@@ -30,7 +30,16 @@ fn compress(doc: &str, out: &Path, extra: &[&str]) {
         .arg(sac_fixture(doc))
         .arg("-o")
         .arg(out)
-        .args(["-m", &base_model(), "--kv-encoding", "f32", "-q"])
+        // f32 throughout: the reference's tolerance is f32's.
+        .args([
+            "-m",
+            &base_model(),
+            "--kv-encoding",
+            "f32",
+            "--dtype",
+            "f32",
+            "-q",
+        ])
         .args(extra);
     run_ok(&mut cmd);
 }

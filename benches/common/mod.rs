@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sac::device::{DTypeSpec, DeviceSpec};
-use sac::model::ModelConfig;
+use sac::device::{DTypeSpec, DeviceSpec, Workload};
+use sac::model::{Decoder, ModelConfig};
 use serde_json::{Value, json};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::TrainerWrapper;
@@ -48,10 +48,19 @@ pub struct Placement {
 }
 
 impl Placement {
-    pub fn open(&self) -> anyhow::Result<(Device, DType)> {
+    /// A decoder of `config`'s shape with random weights, placed and packed
+    /// as `sac` would for inference; with a name for its precision.
+    pub fn random_decoder(&self, config: &ModelConfig) -> anyhow::Result<(Decoder, String)> {
         let device = self.device.open()?;
-        let dtype = self.dtype.resolve(&device);
-        Ok((device, dtype))
+        let precision = self.dtype.resolve(&device, Workload::Inference);
+        let vb = random_weights(config, precision.dtype, &device)?;
+        let mut decoder = Decoder::load(config.clone(), vb)?;
+        let mut name = format!("{:?}", precision.dtype).to_lowercase();
+        if precision.bf16_weights {
+            decoder.pack_bf16()?;
+            name.push_str(" (bf16 weights)");
+        }
+        Ok((decoder, name))
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use sac::device::{DTypeSpec, DeviceSpec};
+use sac::device::{DTypeSpec, DeviceSpec, Workload};
 use sac::layout::prompt::{PromptFormat, PromptLayout};
 use sac::runtime::{LoadedModel, ModelSpec};
 use serde_json::json;
@@ -95,6 +95,7 @@ fn load(model: &Path) -> anyhow::Result<LoadedModel> {
         gguf_file: None,
         device: DeviceSpec::Cpu,
         dtype: DTypeSpec::Auto,
+        workload: Workload::Inference,
     })?)
 }
 

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub use man::man_page;
 use sac::compress::HeadBudget;
-use sac::device::{DTypeSpec, DeviceSpec};
+use sac::device::{DTypeSpec, DeviceSpec, Workload};
 use sac::model::LoraTarget;
 use sac::runtime::ModelSpec;
 use sac::sack::KvEncoding;
@@ -124,7 +124,8 @@ pub struct Placement {
     #[arg(long, default_value_t = DeviceSpec::Auto, value_name = "DEVICE")]
     pub device: DeviceSpec,
 
-    /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
+    /// Compute dtype: auto (bf16 on a GPU; f32 on a CPU, with bf16 weights
+    /// where it has AVX512-BF16), f32, bf16 or f16.
     #[arg(long, default_value = "auto", value_name = "DTYPE")]
     pub dtype: DTypeSpec,
 }
@@ -144,6 +145,7 @@ impl Placement {
             gguf_file: self.gguf_file.clone(),
             device: self.device,
             dtype: self.dtype,
+            workload: Workload::Inference,
         }
     }
 }

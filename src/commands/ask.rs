@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::AskArgs;
+use sac::device::Workload;
 use sac::error::Error;
 use sac::fingerprint::ModelFingerprint;
 use sac::from_sack;
@@ -258,7 +259,11 @@ fn load_model(
     if let Some(file) = resolved.files.hub_gguf_file() {
         at.push_str(&format!(" --gguf-file {file}"));
     }
-    match resolved.load(args.placement.device, args.placement.dtype) {
+    match resolved.load(
+        args.placement.device,
+        args.placement.dtype,
+        Workload::Inference,
+    ) {
         Ok(model) => Ok((model, forced)),
         // The files came from the cache on the header's word: say what failed,
         // not what they hold.

@@ -7,7 +7,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
-use sac::runtime::LoadedModel;
+use sac::device::Workload;
+use sac::runtime::{LoadedModel, ModelSpec};
 use sac::train::{Event, Stage, Trainer};
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
@@ -28,7 +29,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             settings.window.min_context
         ),
     };
-    let model = LoadedModel::load(&args.model.spec())?;
+    let spec = ModelSpec {
+        workload: Workload::Training,
+        ..args.model.spec()
+    };
+    let model = LoadedModel::load(&spec)?;
     let mut trainer = Trainer::new(&model, settings)?;
     if trainer.skipped() > 0 && !args.quiet {
         eprintln!("sac: skipped {} texts {skip_rule}", trainer.skipped());

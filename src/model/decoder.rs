@@ -17,6 +17,7 @@ use super::lora::{LayerLora, LowRank, ModelLora};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Kernels};
 use super::probe::AttentionProbe;
+use super::projection::Projection;
 use super::rope::{Rope, RopeTables};
 use crate::error::{InputError, Result};
 
@@ -74,10 +75,10 @@ pub struct ForwardOutput {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     /// Per-head RMSNorm weights on q and k (Qwen3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -85,9 +86,9 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +120,7 @@ impl Layers {
 
     /// The weight and bias tensors the blocks hold.
     pub fn tensor_count(&self) -> usize {
-        self.blocks.iter().map(|b| b.named_tensors().len()).sum()
+        self.blocks.iter().map(Block::tensor_count).sum()
     }
 }
 
@@ -161,7 +162,7 @@ pub struct Decoder {
     embed_tokens: Embedding,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Linear,
+    lm_head: Projection,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -173,11 +174,11 @@ fn linear(
     out_dim: usize,
     bias: bool,
     name: &str,
-) -> Result<Linear> {
+) -> Result<Projection> {
     let vb = vb.pp(name);
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias).into())
 }
 
 impl Decoder {
@@ -191,7 +192,7 @@ impl Decoder {
         let embed_tokens = Embedding::new(embed_weight.clone(), h);
         let blocks = Layers::load(c, model.pp("layers"), c.num_layers)?.blocks;
         let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed_weight, None)
+            Linear::new(embed_weight, None).into()
         } else {
             linear(&vb, h, c.vocab_size, false, "lm_head")?
         };
@@ -213,10 +214,29 @@ impl Decoder {
 
     /// Layer `index`'s weights and biases, named as below the model's
     /// `layers.{index}` (what [`Layers::load`] reads for one block).
-    pub fn layer_tensors(&self, index: usize) -> Vec<(String, Tensor)> {
+    /// A packed bf16 weight comes back in f32.
+    pub fn layer_tensors(&self, index: usize) -> Result<Vec<(String, Tensor)>> {
         self.blocks
             .get(index)
-            .map_or_else(Vec::new, Block::named_tensors)
+            .map_or_else(|| Ok(Vec::new()), Block::named_tensors)
+    }
+
+    /// Whether the projections' weights are packed bf16 ([`Self::pack_bf16`]).
+    pub fn bf16_weights(&self) -> bool {
+        self.lm_head.bf16().is_some()
+    }
+
+    /// Packs every projection's weight, the head's included, in bf16 for
+    /// the CPU kernel ([`super::cpu::bf16`]); the activations, norms,
+    /// embeddings and K/V stay in the model's dtype (f32).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for proj in block.projections_mut() {
+                *proj = proj.packed_bf16()?;
+            }
+        }
+        self.lm_head = self.lm_head.packed_bf16()?;
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {
@@ -410,15 +430,24 @@ pub(super) struct BlockStep<'a> {
     pub(super) kernels: Kernels,
 }
 
+/// A block's projections, named as below a model's `layers.{i}`.
+const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// A block's output, the K/V it computed, and what the probe measured.
 type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
 
 impl Block {
     /// The block's weights and biases, named as below a model's
     /// `layers.{i}` (`input_layernorm.weight`, `self_attn.q_proj.weight`, ...).
-    fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let a = &self.attention;
-        let m = &self.mlp;
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![
             (
                 "input_layernorm.weight".into(),
@@ -429,27 +458,59 @@ impl Block {
                 self.post_attention_layernorm.clone(),
             ),
         ];
+        let a = &self.attention;
         for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
             if let Some(norm) = norm {
                 out.push((format!("self_attn.{name}.weight"), norm.clone()));
             }
         }
-        let linears = [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ];
-        for (name, linear) in linears {
+        for (name, proj) in PROJECTIONS.iter().zip(self.projections()) {
+            let linear = proj.linear()?;
             out.push((format!("{name}.weight"), linear.weight().clone()));
             if let Some(bias) = linear.bias() {
                 out.push((format!("{name}.bias"), bias.clone()));
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// How many tensors [`Self::named_tensors`] gives, without unpacking.
+    fn tensor_count(&self) -> usize {
+        let a = &self.attention;
+        let norms = 2 + usize::from(a.q_norm.is_some()) + usize::from(a.k_norm.is_some());
+        let biases = self
+            .projections()
+            .iter()
+            .filter(|p| p.bias().is_some())
+            .count();
+        norms + PROJECTIONS.len() + biases
+    }
+
+    /// The projections, in the order of [`PROJECTIONS`].
+    fn projections(&self) -> [&Projection; 7] {
+        let (a, m) = (&self.attention, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        let (a, m) = (&mut self.attention, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
     }
 
     fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
@@ -475,7 +536,12 @@ impl Block {
     }
 }
 
-fn project(proj: &Linear, lora: Option<&LowRank>, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+fn project(
+    proj: &Projection,
+    lora: Option<&LowRank>,
+    x: &Tensor,
+    kernels: Kernels,
+) -> Result<Tensor> {
     let base = ops::linear(proj, x, kernels)?;
     match lora {
         Some(lora) => Ok((base + lora.delta(x)?)?),

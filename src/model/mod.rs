@@ -14,6 +14,7 @@ pub mod lora;
 pub mod mask;
 pub mod ops;
 pub mod probe;
+pub mod projection;
 pub mod rope;
 pub mod source;
 

@@ -15,6 +15,7 @@ use candle_core::{
 use candle_nn::{Linear, Module};
 
 use super::cpu;
+use super::projection::Projection;
 use crate::error::Result;
 
 /// Which kernels a forward pass uses.
@@ -157,16 +158,29 @@ impl CustomOp2 for FusedKernel {
     }
 }
 
-/// `x @ w^T + b`. On `Kernels::Training` a weight that is not a `Var` is frozen
-/// and the product is [`FrozenMatmul`], whose backward pass gives the
-/// gradient of `x` only: candle's matmul backward also computes a gradient
-/// for the weight, which nothing trains, and keeps it to the end of the pass
-/// (for a Llama-3.2-1B-shaped model, gigabytes and a third of the backward's
-/// work). A weight made from a `Var` (GMSA's alignment block, cast to the
-/// model's dtype or not) gets its gradient.
-pub fn linear(layer: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+/// `x @ w^T + b`. A packed bf16 weight runs [`cpu::bf16`] on inference
+/// passes whose input records no ops. On `Kernels::Training` a weight that
+/// is not a `Var` is frozen and the product is [`FrozenMatmul`], whose
+/// backward pass gives the gradient of `x` only: candle's matmul backward
+/// also computes a gradient for the weight, which nothing trains, and keeps
+/// it to the end of the pass (for a Llama-3.2-1B-shaped model, gigabytes and
+/// a third of the backward's work). A weight made from a `Var` (GMSA's
+/// alignment block, cast to the model's dtype or not) gets its gradient.
+pub fn linear(proj: &Projection, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if let Some(packed) = proj.bf16()
+        && kernels == Kernels::Inference
+        && !x.track_op()
+        && cpu::applies(x)
+    {
+        let y = packed.matmul_t(x)?;
+        return Ok(match proj.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    let layer = proj.linear()?;
     if kernels == Kernels::Inference || layer.weight().track_op() {
-        return Ok(inference_linear(layer, x)?);
+        return Ok(inference_linear(&layer, x)?);
     }
     let weight = layer.weight();
     let dims = x.dims();
@@ -357,7 +371,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f64, 1.0, (5, 4), &dev)?;
         let b = Tensor::randn(0f64, 1.0, 5, &dev)?;
-        let layer = Linear::new(w.clone(), Some(b));
+        let layer: Projection = Linear::new(w.clone(), Some(b)).into();
         let x = candle_core::Var::new(&[[[1.0f64, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, -1.0]]], &dev)?;
         let fast = linear(&layer, x.as_tensor(), Kernels::Inference)?;
         let slow = linear(&layer, x.as_tensor(), Kernels::Training)?;
@@ -375,7 +389,7 @@ mod tests {
     fn a_variable_weight_gets_its_gradient_on_the_training_path() -> Result<()> {
         let dev = Device::Cpu;
         let w = candle_core::Var::randn(0f32, 1.0, (5, 4), &dev)?;
-        let layer = Linear::new(w.as_tensor().clone(), None);
+        let layer: Projection = Linear::new(w.as_tensor().clone(), None).into();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?;
         let grads = linear(&layer, &x, Kernels::Training)?
             .sum_all()?
@@ -383,6 +397,31 @@ mod tests {
         let got = grads.get(w.as_tensor()).expect("weight gradient");
         let expected = Tensor::ones((5, 6), DType::F32, &dev)?.matmul(&x.reshape((6, 4))?)?;
         assert!(max_diff(got, &expected) < 1e-5);
+        Ok(())
+    }
+
+    /// Inference runs the kernel; a pass with gradients takes the unpacked
+    /// weight, and both agree with it.
+    #[test]
+    fn a_packed_projection_matches_its_unpacked_weight_on_both_paths() -> Result<()> {
+        if !cpu::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 24), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 40, &dev)?;
+        let packed = Projection::from(Linear::new(w, Some(b))).packed_bf16()?;
+        let exact = packed.linear()?.into_owned();
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 20, 24), &dev)?;
+        let fast = linear(&packed, &x.as_tensor().detach(), Kernels::Inference)?;
+        let want = exact.forward(x.as_tensor())?;
+        // The kernel rounds the input to bf16 too.
+        assert!(max_diff(&fast, &want) < 0.1, "{}", max_diff(&fast, &want));
+        let slow = linear(&packed, x.as_tensor(), Kernels::Training)?;
+        assert!(max_diff(&slow, &want) < 1e-5);
+        let grads = slow.sum_all()?.backward()?;
+        assert!(grads.get(x.as_tensor()).is_some());
         Ok(())
     }
 

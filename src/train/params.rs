@@ -167,7 +167,7 @@ pub fn fresh_tensors(
         }
         Config::Gmsa(c) => {
             for layer in 0..c.lsa_layers {
-                for (name, tensor) in decoder.layer_tensors(layer) {
+                for (name, tensor) in decoder.layer_tensors(layer)? {
                     let name = format!("lsa.layers.{layer}.{name}");
                     shapes.push((name, tensor.dims().to_vec(), Init::Copy(tensor)));
                 }

@@ -94,12 +94,9 @@ pub fn causal_logits(
     model.decoder.logits(&out.hidden).unwrap()
 }
 
-/// max |a - b| over all elements, compared in f32.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
+/// max |t| over all elements, in f32.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -107,6 +104,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
+}
+
+/// max |a - b| over all elements, compared in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap();
+    max_abs(&(a - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
 
 /// The `sac` binary with a private fingerprint cache and no network.
@@ -234,12 +238,21 @@ pub fn load_model(name: &str) -> sac::runtime::LoadedModel {
 
 /// The model at `path` loaded for the CPU in f32.
 pub fn load_model_at(path: &std::path::Path) -> sac::runtime::LoadedModel {
+    load_model_in(path, sac::device::DTypeSpec::F32)
+}
+
+/// The model at `path` loaded for inference on the CPU in `dtype`.
+pub fn load_model_in(
+    path: &std::path::Path,
+    dtype: sac::device::DTypeSpec,
+) -> sac::runtime::LoadedModel {
     sac::runtime::LoadedModel::load(&sac::runtime::ModelSpec {
         model: path.to_string_lossy().into_owned(),
         revision: None,
         gguf_file: None,
         device: sac::device::DeviceSpec::Cpu,
-        dtype: sac::device::DTypeSpec::F32,
+        dtype,
+        workload: sac::device::Workload::Inference,
     })
     .unwrap()
 }

@@ -400,6 +400,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::model::cpu;
 
     pub(in crate::model::cpu) fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -509,11 +510,7 @@ pub(super) mod tests {
         for (segments, mask) in [(&segments[..], Some(&mask)), (&segments[2..], None)] {
             let got = attend(&q, segments, mask, seq)?;
             let want = reference(&q, segments, mask, seq)?;
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = cpu::max_abs_diff(&got, &want)?;
             assert!(diff < 1e-5, "largest difference {diff}");
         }
         let misshapen = Segment {

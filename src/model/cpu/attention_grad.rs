@@ -129,6 +129,7 @@ impl CustomOp3 for Recomputed {
 
 #[cfg(test)]
 mod tests {
+    use crate::model::cpu;
     use candle_core::{Device, Var};
 
     use super::*;
@@ -174,21 +175,13 @@ mod tests {
             let want = grads(&want_out, &weights, &vars)?;
             let out =
                 attend_differentiable(q.as_tensor(), (k.as_tensor(), v.as_tensor()), mask, seq)?;
-            let diff = (&out - &want_out)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = cpu::max_abs_diff(&out, &want_out)?;
             assert!(diff < 1e-5, "output: largest difference {diff}");
             for (name, (got, want)) in ["q", "k", "v"]
                 .iter()
                 .zip(grads(&out, &weights, &vars)?.iter().zip(&want))
             {
-                let diff = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let diff = cpu::max_abs_diff(got, want)?;
                 assert!(diff < 1e-4, "gradient of {name}: largest difference {diff}");
             }
         }

@@ -79,6 +79,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu;
 
     #[test]
     fn matches_candles_matmul_for_one_and_several_rows() -> Result<()> {
@@ -92,11 +93,7 @@ mod tests {
             let got = matmul_t(&x, &w)?;
             let want = x.broadcast_matmul(&w.t()?)?;
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = cpu::max_abs_diff(&got, &want)?;
             assert!(diff < 1e-4, "{rows} rows: largest difference {diff}");
         }
         let empty = Tensor::zeros((2, 0, 48), DType::F32, &Device::Cpu)?;

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod attention_grad;
+pub mod bf16;
 pub mod linear;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -69,4 +70,10 @@ unsafe fn product(
             gemm::Parallelism::None,
         )
     }
+}
+
+/// max |a - b| over two f32 tensors of one shape, for the kernels' tests.
+#[cfg(test)]
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
