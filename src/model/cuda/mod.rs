@@ -131,7 +131,7 @@ impl MaskedSoftmax {
             }
             None => None,
         };
-        if rows % self.seq != 0 || rows % self.batch != 0 {
+        if !rows.is_multiple_of(self.seq) || !rows.is_multiple_of(self.batch) {
             candle_core::bail!(
                 "masked_softmax: {rows} rows are not whole batches of {} queries",
                 self.seq
