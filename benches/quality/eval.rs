@@ -74,10 +74,12 @@ impl Setting {
     }
 }
 
-/// How answers are asked for.
+/// How documents are compressed and answers asked for.
 #[derive(Debug, Clone)]
 pub struct Asking {
     pub layout: &'static str,
+    /// sac's `--dtype`, for `compress` and `ask` alike.
+    pub dtype: String,
     pub max_tokens: usize,
     /// Answers end at the first line break.
     pub stop: &'static str,
@@ -199,6 +201,7 @@ pub fn evaluate(
             .arg("-m")
             .arg(model)
             .args(["--prompt", asking.layout])
+            .args(["--dtype", &asking.dtype])
             .args([
                 "--compressor",
                 if closed_book {
@@ -231,6 +234,7 @@ pub fn evaluate(
             .args(["-m".as_ref(), model.as_os_str()])
             .arg("--batch")
             .arg(&questions)
+            .args(["--dtype", &asking.dtype])
             .args(["--max-tokens", &asking.max_tokens.to_string()])
             .args(["--stop", asking.stop]);
         // A GMSA file whose decoder was fine-tuned is answered with its adapter.

@@ -70,6 +70,10 @@ struct Args {
     /// Leave out the `none` and `full` rows (a learning curve of adapters).
     #[arg(long)]
     no_baselines: bool,
+    /// sac's `--dtype` for every `compress` and `ask` (the tables in
+    /// docs/benchmarks.md are f32's).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
@@ -189,6 +193,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let asking = |layout| Asking {
         layout,
+        dtype: args.dtype.clone(),
         max_tokens: args.max_tokens,
         stop: "\n",
     };
