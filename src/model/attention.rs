@@ -235,7 +235,7 @@ fn fused_attention(
         .mask
         .map(|m| m.reshape((m.dim(0)?, seq, past_len + seq)))
         .transpose()?;
-    Ok(fused::attend(q, &segments, mask.as_ref(), seq)?)
+    Ok(fused::attend(q, &segments, mask.as_ref(), seq, step.bf16)?)
 }
 
 /// `x @ m` for `x` of shape `[batch, kv_heads, rows, inner]` and a single-row

@@ -366,6 +366,7 @@ impl Decoder {
                 lora,
                 probe,
                 kernels: input.kernels,
+                bf16: self.bf16_weights(),
             };
             let (y, layer_kv, measured) = block.forward(&x, &self.config, &step)?;
             x = y;
@@ -428,6 +429,9 @@ pub(super) struct BlockStep<'a> {
     lora: &'a LayerLora,
     pub(super) probe: Option<&'a AttentionProbe>,
     pub(super) kernels: Kernels,
+    /// The model runs bf16 products ([`Decoder::pack_bf16`]): the
+    /// attention's too, on a prefill.
+    pub(super) bf16: bool,
 }
 
 /// A block's projections, named as below a model's `layers.{i}`.

@@ -17,6 +17,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::bf16::{self, LANES, PackedBf16};
 use super::{Strided, f32_slice, product};
 
 /// Query rows per task and key columns per tile: a tile's scores (32 KiB)
@@ -42,11 +43,17 @@ pub struct Segment<'a> {
 /// `r` is position `r % seq`. `mask` is additive, `[1 or batch, seq, keys]`
 /// over the columns of the segments that have a `mask_offset`. Returns
 /// `[batch, kv_heads, group * seq, head_dim]`.
+///
+/// `bf16`: on a CPU with AVX512-BF16, a pass of at least [`BF16_ROWS`]
+/// rows runs both products on bf16 operands ([`bf16`]), summed in f32:
+/// each segment's keys and values packed once for all of its rows, the
+/// queries and each tile's probabilities rounded as they come.
 pub fn attend(
     q: &Tensor,
     segments: &[Segment],
     mask: Option<&Tensor>,
     seq: usize,
+    bf16: bool,
 ) -> Result<Tensor> {
     let (batch, kv_heads, rows, hd) = q.dims4()?;
     if q.elem_count() == 0 {
@@ -128,7 +135,17 @@ pub fn attend(
             batched: k_rows != 1,
             len,
             mask_offset: segment.mask_offset,
+            packed: None,
         });
+    }
+    let packed: Vec<Option<Vec<Packed>>> = segments_packed(
+        &views,
+        kv_heads,
+        hd,
+        bf16 && rows >= BF16_ROWS && bf16::available(),
+    );
+    for (view, packed) in views.iter_mut().zip(&packed) {
+        view.packed = packed.as_deref();
     }
     let shape = Shape {
         kv_heads,
@@ -185,6 +202,55 @@ struct SegmentView<'a> {
     batched: bool,
     len: usize,
     mask_offset: Option<usize>,
+    /// The keys and values in bf16, per (batch row,) KV head, for a pass
+    /// that runs the bf16 products.
+    packed: Option<&'a [Packed]>,
+}
+
+/// At least this many query rows (a prefill's) run the bf16 products: a
+/// decoding step's few would not repay packing the keys and values.
+pub const BF16_ROWS: usize = 64;
+
+/// One KV head's keys `[len, hd]` and values transposed `[hd, len]`,
+/// packed for [`bf16::block_product`].
+struct Packed {
+    k: PackedBf16,
+    v_t: PackedBf16,
+}
+
+/// Each segment's [`Packed`] K/V per (batch row,) head when `pack`.
+fn segments_packed(
+    views: &[SegmentView],
+    kv_heads: usize,
+    hd: usize,
+    pack: bool,
+) -> Vec<Option<Vec<Packed>>> {
+    views
+        .iter()
+        .map(|view| {
+            pack.then(|| {
+                let heads = view.k.len() / (view.len * hd).max(1);
+                debug_assert_eq!(heads % kv_heads, 0);
+                (0..heads)
+                    .into_par_iter()
+                    .map(|at| {
+                        let k = &view.k[at * view.len * hd..][..view.len * hd];
+                        let v = &view.v[at * view.len * hd..][..view.len * hd];
+                        let mut v_t = vec![0f32; v.len()];
+                        for (i, row) in v.chunks_exact(hd).enumerate() {
+                            for (j, x) in row.iter().enumerate() {
+                                v_t[j * view.len + i] = *x;
+                            }
+                        }
+                        Packed {
+                            k: PackedBf16::from_rows(k, view.len, hd),
+                            v_t: PackedBf16::from_rows(&v_t, hd, view.len),
+                        }
+                    })
+                    .collect()
+            })
+        })
+        .collect()
 }
 
 /// One block of query rows of one (batch row, KV head).
@@ -208,6 +274,19 @@ impl Task<'_> {
         let mut max = vec![f32::NEG_INFINITY; n];
         let mut sum = vec![0f32; n];
         let mut scores = vec![0f32; n * COLS];
+        // The bf16 products' queries, and a tile's probabilities, as pairs.
+        let q_pairs = segments.iter().any(|s| s.packed.is_some()).then(|| {
+            let mut pairs = vec![0u32; n * hd.div_ceil(2)];
+            for (row, dst) in self
+                .q
+                .chunks_exact(hd)
+                .zip(pairs.chunks_mut(hd.div_ceil(2)))
+            {
+                bf16::to_pairs(row, dst);
+            }
+            pairs
+        });
+        let mut p_pairs = vec![0u32; if q_pairs.is_some() { n * COLS / 2 } else { 0 }];
         for segment in segments {
             let at = if segment.batched {
                 self.batch * shape.kv_heads + self.head
@@ -238,29 +317,44 @@ impl Task<'_> {
                     continue;
                 }
                 let tile = &mut scores[..n * cols];
-                // SAFETY: the pointers and steps describe `n x hd`, `hd x
-                // cols` (keys read transposed) and `n x cols` matrices inside
-                // the slices above.
-                unsafe {
-                    product(
-                        (n, cols, hd),
-                        Strided {
-                            ptr: tile.as_mut_ptr(),
-                            col_step: 1,
-                            row_step: cols,
-                        },
-                        false,
-                        Strided {
-                            ptr: self.q.as_ptr(),
-                            col_step: 1,
-                            row_step: hd,
-                        },
-                        Strided {
-                            ptr: keys[start * hd..].as_ptr(),
-                            col_step: hd,
-                            row_step: 1,
-                        },
-                    );
+                match (segment.packed, &q_pairs) {
+                    (Some(packed), Some(q_pairs)) => {
+                        let keys = &packed[at].k;
+                        for block in 0..cols.div_ceil(LANES) {
+                            bf16::block_product(
+                                (q_pairs, hd.div_ceil(2)),
+                                n,
+                                (keys.panel(start / LANES + block), hd.div_ceil(2)),
+                                (&mut tile[block * LANES..], cols),
+                                LANES.min(cols - block * LANES),
+                                false,
+                            );
+                        }
+                    }
+                    // SAFETY: the pointers and steps describe `n x hd`, `hd x
+                    // cols` (keys read transposed) and `n x cols` matrices
+                    // inside the slices above.
+                    _ => unsafe {
+                        product(
+                            (n, cols, hd),
+                            Strided {
+                                ptr: tile.as_mut_ptr(),
+                                col_step: 1,
+                                row_step: cols,
+                            },
+                            false,
+                            Strided {
+                                ptr: self.q.as_ptr(),
+                                col_step: 1,
+                                row_step: hd,
+                            },
+                            Strided {
+                                ptr: keys[start * hd..].as_ptr(),
+                                col_step: hd,
+                                row_step: 1,
+                            },
+                        );
+                    },
                 }
                 for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
                     let bias = bias.map(|b| &b[start..start + cols]);
@@ -272,28 +366,48 @@ impl Task<'_> {
                             .for_each(|o| *o *= rescale);
                     }
                 }
-                // SAFETY: `n x cols` probabilities times the `cols x hd`
-                // values of this tile, added to the `n x hd` output.
-                unsafe {
-                    product(
-                        (n, hd, cols),
-                        Strided {
-                            ptr: out.as_mut_ptr(),
-                            col_step: 1,
-                            row_step: hd,
-                        },
-                        true,
-                        Strided {
-                            ptr: tile.as_ptr(),
-                            col_step: 1,
-                            row_step: cols,
-                        },
-                        Strided {
-                            ptr: values[start * hd..].as_ptr(),
-                            col_step: 1,
-                            row_step: hd,
-                        },
-                    );
+                match segment.packed {
+                    Some(packed) => {
+                        let pairs = cols.div_ceil(2);
+                        let p = &mut p_pairs[..n * pairs];
+                        for (row, dst) in tile.chunks_exact(cols).zip(p.chunks_mut(pairs)) {
+                            bf16::to_pairs(row, dst);
+                        }
+                        for block in 0..hd.div_ceil(LANES) {
+                            let panel = &packed[at].v_t.panel(block)[start / 2 * LANES..];
+                            bf16::block_product(
+                                (p, pairs),
+                                n,
+                                (panel, pairs),
+                                (&mut out[block * LANES..], hd),
+                                LANES.min(hd - block * LANES),
+                                true,
+                            );
+                        }
+                    }
+                    // SAFETY: `n x cols` probabilities times the `cols x hd`
+                    // values of this tile, added to the `n x hd` output.
+                    None => unsafe {
+                        product(
+                            (n, hd, cols),
+                            Strided {
+                                ptr: out.as_mut_ptr(),
+                                col_step: 1,
+                                row_step: hd,
+                            },
+                            true,
+                            Strided {
+                                ptr: tile.as_ptr(),
+                                col_step: 1,
+                                row_step: cols,
+                            },
+                            Strided {
+                                ptr: values[start * hd..].as_ptr(),
+                                col_step: 1,
+                                row_step: hd,
+                            },
+                        );
+                    },
                 }
             }
         }
@@ -458,7 +572,8 @@ pub(super) mod tests {
     #[test]
     fn matches_materialised_scores_across_tiles_segments_and_masks() -> Result<()> {
         let (batch, kv_heads, group, seq, hd) = (2, 2, 3, 300, 16);
-        let (shared_len, past_len) = (520, 40);
+        // An odd length: a bf16 pair of values half padding.
+        let (shared_len, past_len) = (520, 41);
         let q = random(&[batch, kv_heads, group * seq, hd], 1);
         let shared_k = random(&[1, kv_heads, shared_len, hd], 2);
         let shared_v = random(&[1, kv_heads, shared_len, hd], 3);
@@ -507,19 +622,29 @@ pub(super) mod tests {
                 mask_offset: Some(past_len),
             },
         ];
-        for (segments, mask) in [(&segments[..], Some(&mask)), (&segments[2..], None)] {
-            let got = attend(&q, segments, mask, seq)?;
-            let want = reference(&q, segments, mask, seq)?;
-            let diff = cpu::max_abs_diff(&got, &want)?;
-            assert!(diff < 1e-5, "largest difference {diff}");
+        // bf16 products (where the CPU has them) round every operand.
+        let tolerances = [(false, 1e-5), (true, 1e-2)];
+        for (bf16, tolerance) in tolerances
+            .into_iter()
+            .take(1 + usize::from(bf16::available()))
+        {
+            for (segments, mask) in [(&segments[..], Some(&mask)), (&segments[2..], None)] {
+                let got = attend(&q, segments, mask, seq, bf16)?;
+                let want = reference(&q, segments, mask, seq)?;
+                let diff = cpu::max_abs_diff(&got, &want)?;
+                assert!(diff < tolerance, "bf16 {bf16}: largest difference {diff}");
+            }
         }
         let misshapen = Segment {
             bias: Some(&new_k),
             ..segments[2]
         };
-        assert!(attend(&q, &[misshapen], None, seq).is_err());
+        assert!(attend(&q, &[misshapen], None, seq, false).is_err());
         let none = q.narrow(2, 0, 0)?;
-        assert_eq!(attend(&none, &segments[2..], None, 0)?.dims(), none.dims());
+        assert_eq!(
+            attend(&none, &segments[2..], None, 0, true)?.dims(),
+            none.dims()
+        );
         Ok(())
     }
 

@@ -33,7 +33,7 @@ pub fn attend_differentiable(
         bias: None,
         mask_offset: Some(0),
     };
-    let out = attend(q, &[segment], mask, seq)?;
+    let out = attend(q, &[segment], mask, seq, false)?;
     if ![q, k, v].iter().any(|t| t.track_op()) {
         return Ok(out);
     }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::f32_slice;
 
 /// Output features per block: two 16-lane vectors.
-const LANES: usize = 32;
+pub(super) const LANES: usize = 32;
 
 /// Input rows per tile: with two vectors each, 16 accumulators.
 const TILE_ROWS: usize = 8;
@@ -65,7 +65,11 @@ impl PackedBf16 {
             .to_device(&Device::Cpu)?
             .contiguous()?;
         let (storage, layout) = w.storage_and_layout();
-        let ws = f32_slice(&storage, layout)?;
+        Ok(Self::from_rows(f32_slice(&storage, layout)?, out, inner))
+    }
+
+    /// [`Self::pack`] of the row-major `[out, in]` matrix `ws`.
+    pub(super) fn from_rows(ws: &[f32], out: usize, inner: usize) -> Self {
         let pairs = inner.div_ceil(2);
         let mut data = vec![0u32; out.div_ceil(LANES) * pairs * LANES];
         data.par_chunks_mut(pairs * LANES)
@@ -82,7 +86,13 @@ impl PackedBf16 {
                     }
                 }
             });
-        Ok(PackedBf16 { out, inner, data })
+        PackedBf16 { out, inner, data }
+    }
+
+    /// Output features `[block * LANES, ..)`'s pairs, `[pairs][LANES]`.
+    pub(super) fn panel(&self, block: usize) -> &[u32] {
+        let pairs = self.inner.div_ceil(2);
+        &self.data[block * pairs * LANES..][..pairs * LANES]
     }
 
     /// The weight `[out, in]` back in f32 (each value a bf16's).
@@ -143,7 +153,7 @@ impl PackedBf16 {
 
 /// A row of f32 as bf16 pairs (the even value in the low half), rounded to
 /// nearest even; an odd last value pairs with zero.
-fn to_pairs(row: &[f32], dst: &mut [u32]) {
+pub(super) fn to_pairs(row: &[f32], dst: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: `available` checked the instructions.
@@ -159,6 +169,41 @@ fn to_pairs_scalar(row: &[f32], dst: &mut [u32]) {
             .get(1)
             .map_or(0, |&x| bf16::from_f32(x).to_bits() as u32);
         *d = even | odd << 16;
+    }
+}
+
+/// `c (+)= a panel` for one block of output columns: `rows` rows of bf16
+/// pairs in `a` (`a_step` apart) by `depth` pairs of a [`PackedBf16`]
+/// panel (from [`PackedBf16::panel`], or a later pair of it), into the
+/// first `cols` (at most [`LANES`]) columns of `rows` rows of `c` (`c_step`
+/// apart). Adds to `c` when `accumulate`. Needs [`available`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn block_product(
+    (a, a_step): (&[u32], usize),
+    rows: usize,
+    (panel, depth): (&[u32], usize),
+    (c, c_step): (&mut [f32], usize),
+    cols: usize,
+    accumulate: bool,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(available(), "no AVX512-BF16");
+    assert!(cols <= LANES && depth <= a_step && a.len() >= (rows - 1) * a_step + depth);
+    assert!(panel.len() >= depth * LANES && c.len() >= (rows - 1) * c_step + cols);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the instructions are there and the operands lie inside the
+    // slices, as checked above.
+    unsafe {
+        x86::block(
+            (a.as_ptr(), a_step),
+            rows,
+            (panel.as_ptr(), depth),
+            (c.as_mut_ptr(), c_step),
+            cols,
+            accumulate,
+        )
     }
 }
 
@@ -199,40 +244,67 @@ mod x86 {
             .for_each(|(dst, row)| super::to_pairs(row, dst));
         let c = Out(out.as_mut_ptr());
         let n = w.out;
-        (0..n.div_ceil(LANES)).into_par_iter().for_each(|block| {
-            let cols = LANES.min(n - block * LANES);
-            let panel = &w.data[block * pairs * LANES..][..pairs * LANES];
+        (0..n.div_ceil(LANES)).into_par_iter().for_each(|b| {
+            let cols = LANES.min(n - b * LANES);
+            let panel = w.panel(b);
             for k0 in (0..pairs).step_by(DEPTH) {
-                let depth = DEPTH.min(pairs - k0);
-                for r0 in (0..rows).step_by(TILE_ROWS) {
-                    let tile = Tile {
-                        a: a[r0 * pairs + k0..].as_ptr(),
-                        a_step: pairs,
-                        b: panel[k0 * LANES..].as_ptr(),
-                        depth,
-                        // SAFETY: row `r0`, column `block * LANES` of `out`.
-                        c: unsafe { c.at(r0 * n + block * LANES) },
-                        c_step: n,
+                // SAFETY: row 0 and column `b * LANES` of `out`, and
+                // pair `k0` of `a` and of the panel; the caller's contract.
+                unsafe {
+                    block(
+                        (a[k0..].as_ptr(), pairs),
+                        rows,
+                        (panel[k0 * LANES..].as_ptr(), DEPTH.min(pairs - k0)),
+                        (c.at(b * LANES), n),
                         cols,
-                        accumulate: k0 > 0,
-                    };
-                    // SAFETY: the tile's rows, depth and columns lie inside
-                    // `a`, the panel and `out`; the caller's contract.
-                    unsafe {
-                        match TILE_ROWS.min(rows - r0) {
-                            8 => tile.run::<8>(),
-                            7 => tile.run::<7>(),
-                            6 => tile.run::<6>(),
-                            5 => tile.run::<5>(),
-                            4 => tile.run::<4>(),
-                            3 => tile.run::<3>(),
-                            2 => tile.run::<2>(),
-                            _ => tile.run::<1>(),
-                        }
-                    }
+                        k0 > 0,
+                    )
                 }
             }
         });
+    }
+
+    /// [`super::block_product`] on pointers.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; the rows, pairs and columns lie
+    /// inside their allocations.
+    pub(super) unsafe fn block(
+        (a, a_step): (*const u32, usize),
+        rows: usize,
+        (b, depth): (*const u32, usize),
+        (c, c_step): (*mut f32, usize),
+        cols: usize,
+        accumulate: bool,
+    ) {
+        for r0 in (0..rows).step_by(TILE_ROWS) {
+            // SAFETY: row `r0` of `a` and `c`; the caller's contract.
+            let tile = unsafe {
+                Tile {
+                    a: a.add(r0 * a_step),
+                    a_step,
+                    b,
+                    depth,
+                    c: c.add(r0 * c_step),
+                    c_step,
+                    cols,
+                    accumulate,
+                }
+            };
+            // SAFETY: the caller's contract.
+            unsafe {
+                match TILE_ROWS.min(rows - r0) {
+                    8 => tile.run::<8>(),
+                    7 => tile.run::<7>(),
+                    6 => tile.run::<6>(),
+                    5 => tile.run::<5>(),
+                    4 => tile.run::<4>(),
+                    3 => tile.run::<3>(),
+                    2 => tile.run::<2>(),
+                    _ => tile.run::<1>(),
+                }
+            }
+        }
     }
 
     /// [`super::to_pairs`], 32 values an instruction.
