@@ -421,14 +421,38 @@ impl Task<'_> {
 /// [`softmax_tile`]'s signature.
 type SoftmaxTile = fn(&mut [f32], Option<&[f32]>, Option<&[f32]>, &mut f32, &mut f32) -> f32;
 
-/// [`softmax_tile`] with AVX2 and FMA where the CPU has them, else portable.
+/// [`softmax_tile`] with AVX-512 or AVX2 and FMA where the CPU has them
+/// (the same operations, 16 or 8 lanes an instruction), else portable.
 fn softmax_kernel() -> SoftmaxTile {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return |row, bias, mask, max, sum| unsafe { softmax_tile_avx2(row, bias, mask, max, sum) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return |row, bias, mask, max, sum| unsafe {
+                softmax_tile_avx512(row, bias, mask, max, sum)
+            };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
+            return |row, bias, mask, max, sum| unsafe {
+                softmax_tile_avx2(row, bias, mask, max, sum)
+            };
+        }
     }
     softmax_tile
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn softmax_tile_avx512(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    softmax_tile(row, bias, mask, max, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
