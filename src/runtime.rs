@@ -82,7 +82,7 @@ impl ResolvedModel {
         let device: Device = device.open()?;
         let precision = dtype.resolve(&device, workload);
         let dtype = precision.dtype;
-        let (config, tokenizer, decoder) = match &files.layout {
+        let (config, tokenizer, mut decoder) = match &files.layout {
             Layout::Hf(hf) => {
                 let config = ModelConfig::from_file(&hf.config)?;
                 let tokenizer = TextTokenizer::load(hf, &config)?;
@@ -97,7 +97,6 @@ impl ResolvedModel {
                 (config, tokenizer, decoder)
             }
         };
-        let mut decoder = decoder;
         if precision.bf16_weights {
             decoder.pack_bf16()?;
         }

@@ -172,11 +172,7 @@ pub fn linear(proj: &Projection, x: &Tensor, kernels: Kernels) -> Result<Tensor>
         && !x.track_op()
         && cpu::applies(x)
     {
-        let y = packed.matmul_t(x)?;
-        return Ok(match proj.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
+        return Ok(with_bias(packed.matmul_t(x)?, proj.bias())?);
     }
     let layer = proj.linear()?;
     if kernels == Kernels::Inference || layer.weight().track_op() {
@@ -194,11 +190,15 @@ pub fn linear(proj: &Projection, x: &Tensor, kernels: Kernels) -> Result<Tensor>
         })?;
     let mut out_dims = lead.to_vec();
     out_dims.push(weight.dim(0)?);
-    let y = y.reshape(out_dims)?;
-    Ok(match layer.bias() {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    Ok(with_bias(y.reshape(out_dims)?, layer.bias())?)
+}
+
+/// `y + b`, broadcast over `y`'s rows, when there is a bias.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// A decoding step's few rows go to [`cpu::linear`], which spreads them
@@ -218,11 +218,7 @@ fn inference_linear(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     if !thin {
         return layer.forward(x);
     }
-    let y = cpu::linear::matmul_t(x, w)?;
-    match layer.bias() {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    with_bias(cpu::linear::matmul_t(x, w)?, layer.bias())
 }
 
 /// `x @ w^T` for a 2-D `x` and a constant weight `w` (`[out, in]`), with a

@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::bf16::{self, LANES, PackedBf16};
+use super::bf16::{self, PackedBf16};
 use super::{Strided, f32_slice, product};
 
 /// Query rows per task and key columns per tile: a tile's scores (32 KiB)
@@ -212,7 +212,7 @@ struct SegmentView<'a> {
 pub const BF16_ROWS: usize = 64;
 
 /// One KV head's keys `[len, hd]` and values transposed `[hd, len]`,
-/// packed for [`bf16::block_product`].
+/// packed for [`bf16::window_product`].
 struct Packed {
     k: PackedBf16,
     v_t: PackedBf16,
@@ -318,19 +318,15 @@ impl Task<'_> {
                 }
                 let tile = &mut scores[..n * cols];
                 match (segment.packed, &q_pairs) {
-                    (Some(packed), Some(q_pairs)) => {
-                        let keys = &packed[at].k;
-                        for block in 0..cols.div_ceil(LANES) {
-                            bf16::block_product(
-                                (q_pairs, hd.div_ceil(2)),
-                                n,
-                                (keys.panel(start / LANES + block), hd.div_ceil(2)),
-                                (&mut tile[block * LANES..], cols),
-                                LANES.min(cols - block * LANES),
-                                false,
-                            );
-                        }
-                    }
+                    (Some(packed), Some(q_pairs)) => bf16::window_product(
+                        (q_pairs, hd.div_ceil(2)),
+                        n,
+                        &packed[at].k,
+                        (start, cols),
+                        (0, hd.div_ceil(2)),
+                        (tile, cols),
+                        false,
+                    ),
                     // SAFETY: the pointers and steps describe `n x hd`, `hd x
                     // cols` (keys read transposed) and `n x cols` matrices
                     // inside the slices above.
@@ -373,17 +369,15 @@ impl Task<'_> {
                         for (row, dst) in tile.chunks_exact(cols).zip(p.chunks_mut(pairs)) {
                             bf16::to_pairs(row, dst);
                         }
-                        for block in 0..hd.div_ceil(LANES) {
-                            let panel = &packed[at].v_t.panel(block)[start / 2 * LANES..];
-                            bf16::block_product(
-                                (p, pairs),
-                                n,
-                                (panel, pairs),
-                                (&mut out[block * LANES..], hd),
-                                LANES.min(hd - block * LANES),
-                                true,
-                            );
-                        }
+                        bf16::window_product(
+                            (p, pairs),
+                            n,
+                            &packed[at].v_t,
+                            (0, hd),
+                            (start / 2, pairs),
+                            (out, hd),
+                            true,
+                        );
                     }
                     // SAFETY: `n x cols` probabilities times the `cols x hd`
                     // values of this tile, added to the `n x hd` output.

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::f32_slice;
 
 /// Output features per block: two 16-lane vectors.
-pub(super) const LANES: usize = 32;
+const LANES: usize = 32;
 
 /// Input rows per tile: with two vectors each, 16 accumulators.
 const TILE_ROWS: usize = 8;
@@ -90,7 +90,7 @@ impl PackedBf16 {
     }
 
     /// Output features `[block * LANES, ..)`'s pairs, `[pairs][LANES]`.
-    pub(super) fn panel(&self, block: usize) -> &[u32] {
+    fn panel(&self, block: usize) -> &[u32] {
         let pairs = self.inner.div_ceil(2);
         &self.data[block * pairs * LANES..][..pairs * LANES]
     }
@@ -172,38 +172,42 @@ fn to_pairs_scalar(row: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// `c (+)= a panel` for one block of output columns: `rows` rows of bf16
-/// pairs in `a` (`a_step` apart) by `depth` pairs of a [`PackedBf16`]
-/// panel (from [`PackedBf16::panel`], or a later pair of it), into the
-/// first `cols` (at most [`LANES`]) columns of `rows` rows of `c` (`c_step`
-/// apart). Adds to `c` when `accumulate`. Needs [`available`].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn block_product(
+/// `c (+)= a w^T` over a window of `w`: `rows` rows of bf16 pairs in `a`
+/// (`a_step` apart) times input pairs `[pair, pair + depth)` of `w`, into
+/// output columns `[first, first + cols)` of `w` (`first` a multiple of
+/// [`LANES`]), written to the first `cols` columns of `rows` rows of `c`
+/// (`c_step` apart). Adds to `c` when `accumulate`. Needs [`available`].
+pub(super) fn window_product(
     (a, a_step): (&[u32], usize),
     rows: usize,
-    (panel, depth): (&[u32], usize),
+    w: &PackedBf16,
+    (first, cols): (usize, usize),
+    (pair, depth): (usize, usize),
     (c, c_step): (&mut [f32], usize),
-    cols: usize,
     accumulate: bool,
 ) {
     if rows == 0 || cols == 0 {
         return;
     }
     assert!(available(), "no AVX512-BF16");
-    assert!(cols <= LANES && depth <= a_step && a.len() >= (rows - 1) * a_step + depth);
-    assert!(panel.len() >= depth * LANES && c.len() >= (rows - 1) * c_step + cols);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the instructions are there and the operands lie inside the
-    // slices, as checked above.
-    unsafe {
-        x86::block(
-            (a.as_ptr(), a_step),
-            rows,
-            (panel.as_ptr(), depth),
-            (c.as_mut_ptr(), c_step),
-            cols,
-            accumulate,
-        )
+    assert!(first % LANES == 0 && first + cols <= w.out);
+    assert!(pair + depth <= w.inner.div_ceil(2) && depth <= a_step);
+    assert!(a.len() >= (rows - 1) * a_step + depth && c.len() >= (rows - 1) * c_step + cols);
+    for block in 0..cols.div_ceil(LANES) {
+        let panel = &w.panel(first / LANES + block)[pair * LANES..];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the instructions are there, and the rows, pairs and
+        // columns lie inside `a`, the panel and `c`, as checked above.
+        unsafe {
+            x86::block(
+                (a.as_ptr(), a_step),
+                rows,
+                (panel.as_ptr(), depth),
+                (c[block * LANES..].as_mut_ptr(), c_step),
+                LANES.min(cols - block * LANES),
+                accumulate,
+            )
+        }
     }
 }
 
@@ -264,7 +268,7 @@ mod x86 {
         });
     }
 
-    /// [`super::block_product`] on pointers.
+    /// One block of [`super::window_product`], on pointers.
     ///
     /// # Safety
     /// The CPU has AVX512F and AVX512-BF16; the rows, pairs and columns lie
