@@ -46,7 +46,7 @@ pub(super) fn attend(
     }
     let measured = step
         .probe
-        .map(|p| p.measure_from_keys(q, step.past, k, step.mask, (group, seq)))
+        .map(|p| p.measure_on_cpu(q, step.past, k, step.mask, seq, step.bf16))
         .transpose()?;
     Ok((fused_attention(q, (k, v), shared, step, seq)?, measured))
 }

@@ -5,8 +5,9 @@
 
 use std::ops::Range;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
+use super::cpu;
 use super::kv::LayerKv;
 use super::ops::{self, Kernels};
 use crate::error::{InputError, Result};
@@ -107,6 +108,55 @@ impl AttentionProbe {
         self.fold(&parts)
     }
 
+    /// [`AttentionProbe::measure_from_keys`] by the CPU kernel
+    /// ([`cpu::probe`]) for f32 queries on the CPU: one pass over each block
+    /// of query rows instead of candle's ops on `[heads, rows, columns]`.
+    pub(crate) fn measure_on_cpu(
+        &self,
+        q: &Tensor,
+        past: Option<&LayerKv>,
+        new_k: &Tensor,
+        mask: Option<&Tensor>,
+        seq: usize,
+        bf16: bool,
+    ) -> Result<Tensor> {
+        let past_len = past.map_or(0, LayerKv::len);
+        let mut runs = Vec::with_capacity(3);
+        let mut reported = None;
+        for (start, len) in self.columns(past_len, seq) {
+            if start == self.keys.start && len == self.keys.len() && start < past_len {
+                reported = Some(runs.len());
+            }
+            let k = match past {
+                Some(past) if start < past_len => past.k.narrow(2, start, len)?,
+                _ => new_k.clone(),
+            };
+            runs.push((k, start));
+        }
+        let Some(reported) = reported else {
+            return Ok(Tensor::zeros((q.dim(1)?, 0), DType::F32, q.device())?);
+        };
+        let runs: Vec<cpu::probe::Columns> = runs
+            .iter()
+            .map(|(k, start)| cpu::probe::Columns {
+                k,
+                mask_offset: *start,
+            })
+            .collect();
+        let mask = mask
+            .map(|m| m.reshape((m.dim(0)?, seq, past_len + seq)))
+            .transpose()?;
+        Ok(cpu::probe::measure(
+            q,
+            &runs,
+            reported,
+            mask.as_ref(),
+            seq,
+            self.reduce,
+            bf16,
+        )?)
+    }
+
     /// The probe's columns among a pass's past and own keys, `(start, len)`
     /// counted from the first past key: the sinks, the keys reported on,
     /// the pass's own keys.
@@ -137,5 +187,73 @@ impl AttentionProbe {
         };
         // [batch, kv_heads, group, seq, n] -> [kv_heads, n]
         fold(&fold(&fold(&probs, 3)?, 2)?, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::cpu::attention::tests::random;
+
+    /// The CPU kernel reports what candle's ops on the same columns do:
+    /// two batch rows with masks of their own, GQA groups, blocks of rows
+    /// that do not divide the pass, sinks, both folds, f32 and bf16 scores.
+    #[test]
+    fn cpu_kernel_measures_what_candles_ops_do() -> Result<()> {
+        let (batch, kv_heads, group, seq, hd, past_len) = (2, 2, 3, 45, 16, 100);
+        let q = random(&[batch, kv_heads, group * seq, hd], 11);
+        let past = LayerKv {
+            k: random(&[batch, kv_heads, past_len, hd], 12),
+            v: random(&[batch, kv_heads, past_len, hd], 13),
+        };
+        let new_k = random(&[batch, kv_heads, seq, hd], 14);
+        let keys = past_len + seq;
+        // Causal over the new positions; the second row hides part of its past.
+        let mask: Vec<f32> = (0..batch * seq * keys)
+            .map(|i| {
+                let (b, s, key) = (i / (seq * keys), i / keys % seq, i % keys);
+                let hidden = key > past_len + s || (b == 1 && (10..30).contains(&key));
+                if hidden { f32::NEG_INFINITY } else { 0.0 }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, seq, keys), &Device::Cpu)?;
+        for (sinks, reported, reduce) in [
+            (4, 20..90, Reduce::Max),
+            (4, 20..90, Reduce::Mean),
+            (0, 0..past_len, Reduce::Max),
+            (2, 50..50, Reduce::Mean),
+        ] {
+            let probe = AttentionProbe {
+                sinks,
+                keys: reported.clone(),
+                reduce,
+            };
+            // bf16 products (where the CPU has them) round the queries and keys.
+            let precisions = [(false, 1e-6), (true, 5e-3)];
+            let precisions = &precisions[..1 + usize::from(cpu::bf16::available())];
+            for (mask, &(bf16, tolerance)) in [Some(&mask), None]
+                .into_iter()
+                .flat_map(|m| precisions.iter().map(move |p| (m, p)))
+            {
+                let got = probe.measure_on_cpu(&q, Some(&past), &new_k, mask, seq, bf16)?;
+                let want = probe.measure_from_keys(&q, Some(&past), &new_k, mask, (group, seq))?;
+                assert_eq!(got.dims(), [kv_heads, reported.len()]);
+                if reported.is_empty() {
+                    continue;
+                }
+                let (got, want) = (got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?);
+                for (g, w) in got.iter().zip(want.to_vec1::<f32>()?) {
+                    // Written so that a NaN fails too.
+                    let close = (g - w).abs() < tolerance;
+                    assert!(
+                        close,
+                        "{sinks} sinks, {reported:?}, {reduce:?}, bf16 {bf16}: {g} for {w}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }

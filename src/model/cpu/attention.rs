@@ -413,11 +413,12 @@ impl Task<'_> {
 }
 
 /// [`softmax_tile`]'s signature.
-type SoftmaxTile = fn(&mut [f32], Option<&[f32]>, Option<&[f32]>, &mut f32, &mut f32) -> f32;
+pub(super) type SoftmaxTile =
+    fn(&mut [f32], Option<&[f32]>, Option<&[f32]>, &mut f32, &mut f32) -> f32;
 
 /// [`softmax_tile`] with AVX-512 or AVX2 and FMA where the CPU has them
 /// (the same operations, 16 or 8 lanes an instruction), else portable.
-fn softmax_kernel() -> SoftmaxTile {
+pub(super) fn softmax_kernel() -> SoftmaxTile {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
@@ -530,11 +531,11 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(in crate::model) mod tests {
     use super::*;
     use crate::model::cpu;
 
-    pub(in crate::model::cpu) fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(in crate::model) fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut state = seed
             .wrapping_mul(6364136223846793005)

@@ -1,12 +1,14 @@
 //! Kernels of our own for the CPU, where candle's ops leave time on the
-//! table: attention that never materialises its scores, and the thin
-//! matrix products of decoding split across threads. Both call `gemm`, the
-//! crate behind candle's CPU matmul, on the pieces.
+//! table: attention that never materialises its scores, the selectors'
+//! attention probe in one pass per block of query rows, and the thin
+//! matrix products of decoding split across threads. They call `gemm`, the
+//! crate behind candle's CPU matmul, on the pieces, or [`bf16`]'s kernel.
 
 pub mod attention;
 pub mod attention_grad;
 pub mod bf16;
 pub mod linear;
+pub mod probe;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
