@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     let decoder = Decoder::load(
         config.clone(),
         common::random_weights(&config, dtype, &device)?,
+        false,
     )?;
     let adapter = AdapterConfig {
         method: "sac".into(),

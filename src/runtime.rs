@@ -82,24 +82,28 @@ impl ResolvedModel {
         let device: Device = device.open()?;
         let precision = dtype.resolve(&device, workload);
         let dtype = precision.dtype;
-        let (config, tokenizer, mut decoder) = match &files.layout {
+        let (config, tokenizer, decoder) = match &files.layout {
             Layout::Hf(hf) => {
                 let config = ModelConfig::from_file(&hf.config)?;
                 let tokenizer = TextTokenizer::load(hf, &config)?;
-                let decoder = model::load_decoder(hf, config.clone(), &device, dtype)?;
+                let decoder = model::load_decoder(
+                    hf,
+                    config.clone(),
+                    &device,
+                    dtype,
+                    precision.bf16_weights,
+                )?;
                 (config, tokenizer, decoder)
             }
             Layout::Gguf(path) => {
                 let gguf = GgufModel::open(path)?;
                 let config = gguf.config()?;
                 let tokenizer = gguf.tokenizer()?;
-                let decoder = gguf.decoder(config.clone(), &device, dtype)?;
+                let decoder =
+                    gguf.decoder(config.clone(), &device, dtype, precision.bf16_weights)?;
                 (config, tokenizer, decoder)
             }
         };
-        if precision.bf16_weights {
-            decoder.pack_bf16()?;
-        }
         Ok(LoadedModel {
             files,
             config,

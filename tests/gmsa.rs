@@ -220,7 +220,8 @@ fn the_training_gradients_match_finite_differences() {
         panic!("a Hugging Face model directory")
     };
     let config = model_::ModelConfig::from_file(&files.config).unwrap();
-    let decoder = model_::load_decoder(&files, config.clone(), &Device::Cpu, DType::F64).unwrap();
+    let decoder =
+        model_::load_decoder(&files, config.clone(), &Device::Cpu, DType::F64, false).unwrap();
     let stored = candle_core::safetensors::load(
         dir.join("adapter_stage2").join("adapter.safetensors"),
         &Device::Cpu,

@@ -54,10 +54,9 @@ impl Placement {
         let device = self.device.open()?;
         let precision = self.dtype.resolve(&device, Workload::Inference);
         let vb = random_weights(config, precision.dtype, &device)?;
-        let mut decoder = Decoder::load(config.clone(), vb)?;
+        let decoder = Decoder::load(config.clone(), vb, precision.bf16_weights)?;
         let mut name = format!("{:?}", precision.dtype).to_lowercase();
         if precision.bf16_weights {
-            decoder.pack_bf16()?;
             name.push_str(" (bf16 weights)");
         }
         Ok((decoder, name))

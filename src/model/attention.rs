@@ -10,8 +10,8 @@
 
 use candle_core::Tensor;
 
+use super::block::BlockStep;
 use super::cpu::{self, attention as fused};
-use super::decoder::BlockStep;
 use super::kv::{LayerKv, SharedKv};
 use super::ops::{self, Kernels};
 use crate::error::Result;

@@ -9,16 +9,17 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
+use rayon::prelude::*;
 
-use super::attention;
+use super::block::{Block, BlockStep, linear, load_block};
 use super::config::ModelConfig;
 use super::kv::{LayerKv, SharedKv};
-use super::lora::{LayerLora, LowRank, ModelLora};
+use super::lora::{LayerLora, ModelLora};
 use super::mask::{self, AttentionMask};
 use super::ops::{self, Kernels};
 use super::probe::AttentionProbe;
 use super::projection::Projection;
-use super::rope::{Rope, RopeTables};
+use super::rope::Rope;
 use crate::error::{InputError, Result};
 
 /// One forward pass's inputs.
@@ -73,32 +74,6 @@ pub struct ForwardOutput {
     pub attention: Vec<Tensor>,
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Projection,
-    k_proj: Projection,
-    v_proj: Projection,
-    o_proj: Projection,
-    /// Per-head RMSNorm weights on q and k (Qwen3).
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Projection,
-    up_proj: Projection,
-    down_proj: Projection,
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    input_layernorm: Tensor,
-    attention: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
-}
-
 /// Transformer blocks with weights of their own, run with a [`Decoder`]'s
 /// rotary embedding and final norm ([`Decoder::forward_with`]): GMSA's
 /// layer-semantic-alignment block, a trained copy of the model's first
@@ -113,7 +88,7 @@ impl Layers {
     /// `{i}.*` below `vb` (as a model's `layers.{i}.*` below `layers`).
     pub fn load(config: &ModelConfig, vb: VarBuilder, count: usize) -> Result<Self> {
         let blocks = (0..count)
-            .map(|i| load_block(config, &vb.pp(i.to_string())))
+            .map(|i| load_block(config, &vb.pp(i.to_string()), false))
             .collect::<Result<Vec<_>>>()?;
         Ok(Layers { blocks })
     }
@@ -122,37 +97,6 @@ impl Layers {
     pub fn tensor_count(&self) -> usize {
         self.blocks.iter().map(Block::tensor_count).sum()
     }
-}
-
-fn load_block(c: &ModelConfig, vb: &VarBuilder) -> Result<Block> {
-    let (h, hd) = (c.hidden_size, c.head_dim);
-    let q_dim = c.num_heads * hd;
-    let kv_dim = c.num_kv_heads * hd;
-    let attn = vb.pp("self_attn");
-    let mlp = vb.pp("mlp");
-    Ok(Block {
-        input_layernorm: vb.get(h, "input_layernorm.weight")?,
-        attention: Attention {
-            q_proj: linear(&attn, h, q_dim, c.qkv_bias, "q_proj")?,
-            k_proj: linear(&attn, h, kv_dim, c.qkv_bias, "k_proj")?,
-            v_proj: linear(&attn, h, kv_dim, c.qkv_bias, "v_proj")?,
-            o_proj: linear(&attn, q_dim, h, c.o_bias, "o_proj")?,
-            q_norm: c
-                .qk_norm
-                .then(|| attn.get(hd, "q_norm.weight"))
-                .transpose()?,
-            k_norm: c
-                .qk_norm
-                .then(|| attn.get(hd, "k_norm.weight"))
-                .transpose()?,
-        },
-        post_attention_layernorm: vb.get(h, "post_attention_layernorm.weight")?,
-        mlp: Mlp {
-            gate_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "gate_proj")?,
-            up_proj: linear(&mlp, h, c.intermediate_size, c.mlp_bias, "up_proj")?,
-            down_proj: linear(&mlp, c.intermediate_size, h, c.mlp_bias, "down_proj")?,
-        },
-    })
 }
 
 /// A loaded decoder model.
@@ -168,33 +112,40 @@ pub struct Decoder {
     device: Device,
 }
 
-fn linear(
-    vb: &VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    name: &str,
-) -> Result<Projection> {
-    let vb = vb.pp(name);
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-    Ok(Linear::new(weight, bias).into())
-}
-
 impl Decoder {
     /// Builds the model from weights named as in transformers checkpoints
     /// (`model.layers.{i}.self_attn.q_proj.weight`, ...).
-    pub fn load(config: ModelConfig, vb: VarBuilder) -> Result<Self> {
+    ///
+    /// `bf16_weights`: every projection's weight, the head's included, is
+    /// packed in bf16 for the CPU kernel ([`super::cpu::bf16`]) as it is
+    /// read, its f32 copy dropped at once; the activations, norms,
+    /// embeddings and K/V stay in the model's dtype (f32). On the CPU the
+    /// blocks load in parallel: from a source that reads each tensor when
+    /// asked (the GGUF loader dequantizes it then), no more than a block per
+    /// thread is ever held in f32 beside the packed weights.
+    pub fn load(config: ModelConfig, vb: VarBuilder, bf16_weights: bool) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let model = vb.pp("model");
         let embed_weight = model.get((c.vocab_size, h), "embed_tokens.weight")?;
-        let embed_tokens = Embedding::new(embed_weight.clone(), h);
-        let blocks = Layers::load(c, model.pp("layers"), c.num_layers)?.blocks;
-        let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed_weight, None).into()
+        let layers = model.pp("layers");
+        let block = |i: usize| load_block(c, &layers.pp(i.to_string()), bf16_weights);
+        // A GPU's tensors are made on the thread that holds its context.
+        let blocks = if vb.device().is_cpu() {
+            (0..c.num_layers).into_par_iter().map(block).collect()
         } else {
-            linear(&vb, h, c.vocab_size, false, "lm_head")?
+            (0..c.num_layers).map(block).collect::<Result<Vec<_>>>()
+        }?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), h);
+        let lm_head = if c.tie_word_embeddings {
+            let head = Projection::from(Linear::new(embed_weight, None));
+            if bf16_weights {
+                head.packed_bf16()?
+            } else {
+                head
+            }
+        } else {
+            linear(&vb, (h, c.vocab_size), false, "lm_head", bf16_weights)?
         };
         Ok(Decoder {
             rope: Rope::new(c, vb.device())?,
@@ -221,22 +172,10 @@ impl Decoder {
             .map_or_else(|| Ok(Vec::new()), Block::named_tensors)
     }
 
-    /// Whether the projections' weights are packed bf16 ([`Self::pack_bf16`]).
+    /// Whether the projections' weights are packed bf16 ([`Self::load`]'s
+    /// `bf16_weights`).
     pub fn bf16_weights(&self) -> bool {
         self.lm_head.bf16().is_some()
-    }
-
-    /// Packs every projection's weight, the head's included, in bf16 for
-    /// the CPU kernel ([`super::cpu::bf16`]); the activations, norms,
-    /// embeddings and K/V stay in the model's dtype (f32).
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        for block in &mut self.blocks {
-            for proj in block.projections_mut() {
-                *proj = proj.packed_bf16()?;
-            }
-        }
-        self.lm_head = self.lm_head.packed_bf16()?;
-        Ok(())
     }
 
     pub fn dtype(&self) -> DType {
@@ -416,186 +355,6 @@ impl Decoder {
                 .to_device(&self.device)?
                 .to_dtype(acc)?
                 .reshape((rows, 1, 1, seq, keys))?,
-        ))
-    }
-}
-
-/// What every block of one forward pass shares, plus its own past and LoRA.
-pub(super) struct BlockStep<'a> {
-    tables: &'a RopeTables,
-    pub(super) mask: Option<&'a Tensor>,
-    shared: Option<&'a SharedKv>,
-    pub(super) past: Option<&'a LayerKv>,
-    lora: &'a LayerLora,
-    pub(super) probe: Option<&'a AttentionProbe>,
-    pub(super) kernels: Kernels,
-    /// The model runs bf16 products ([`Decoder::pack_bf16`]): the
-    /// attention's too, on a prefill.
-    pub(super) bf16: bool,
-}
-
-/// A block's projections, named as below a model's `layers.{i}`.
-const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
-/// A block's output, the K/V it computed, and what the probe measured.
-type BlockOutput = (Tensor, LayerKv, Option<Tensor>);
-
-impl Block {
-    /// The block's weights and biases, named as below a model's
-    /// `layers.{i}` (`input_layernorm.weight`, `self_attn.q_proj.weight`, ...).
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![
-            (
-                "input_layernorm.weight".into(),
-                self.input_layernorm.clone(),
-            ),
-            (
-                "post_attention_layernorm.weight".into(),
-                self.post_attention_layernorm.clone(),
-            ),
-        ];
-        let a = &self.attention;
-        for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
-            if let Some(norm) = norm {
-                out.push((format!("self_attn.{name}.weight"), norm.clone()));
-            }
-        }
-        for (name, proj) in PROJECTIONS.iter().zip(self.projections()) {
-            let linear = proj.linear()?;
-            out.push((format!("{name}.weight"), linear.weight().clone()));
-            if let Some(bias) = linear.bias() {
-                out.push((format!("{name}.bias"), bias.clone()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// How many tensors [`Self::named_tensors`] gives, without unpacking.
-    fn tensor_count(&self) -> usize {
-        let a = &self.attention;
-        let norms = 2 + usize::from(a.q_norm.is_some()) + usize::from(a.k_norm.is_some());
-        let biases = self
-            .projections()
-            .iter()
-            .filter(|p| p.bias().is_some())
-            .count();
-        norms + PROJECTIONS.len() + biases
-    }
-
-    /// The projections, in the order of [`PROJECTIONS`].
-    fn projections(&self) -> [&Projection; 7] {
-        let (a, m) = (&self.attention, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-    }
-
-    fn projections_mut(&mut self) -> [&mut Projection; 7] {
-        let (a, m) = (&mut self.attention, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
-    }
-
-    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
-        let normed = ops::rms_norm(x, &self.input_layernorm, c.rms_norm_eps, step.kernels)?;
-        let (attn, kv, measured) = self.attention.forward(&normed, c, step)?;
-        let x = (x + attn)?;
-        let normed = ops::rms_norm(
-            &x,
-            &self.post_attention_layernorm,
-            c.rms_norm_eps,
-            step.kernels,
-        )?;
-        let (mlp, lora) = (&self.mlp, step.lora);
-        let gate = project(&mlp.gate_proj, lora.gate.as_ref(), &normed, step.kernels)?.silu()?;
-        let up = project(&mlp.up_proj, lora.up.as_ref(), &normed, step.kernels)?;
-        let y = project(
-            &mlp.down_proj,
-            lora.down.as_ref(),
-            &(gate * up)?,
-            step.kernels,
-        )?;
-        Ok(((x + y)?, kv, measured))
-    }
-}
-
-fn project(
-    proj: &Projection,
-    lora: Option<&LowRank>,
-    x: &Tensor,
-    kernels: Kernels,
-) -> Result<Tensor> {
-    let base = ops::linear(proj, x, kernels)?;
-    match lora {
-        Some(lora) => Ok((base + lora.delta(x)?)?),
-        None => Ok(base),
-    }
-}
-
-impl Attention {
-    fn forward(&self, x: &Tensor, c: &ModelConfig, step: &BlockStep) -> Result<BlockOutput> {
-        let (batch, seq, _) = x.dims3()?;
-        let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let group = c.group_size();
-
-        let q = project(&self.q_proj, step.lora.q.as_ref(), x, step.kernels)?
-            .reshape((batch, seq, heads, hd))?;
-        let k = project(&self.k_proj, step.lora.k.as_ref(), x, step.kernels)?
-            .reshape((batch, seq, kv_heads, hd))?;
-        let v = project(&self.v_proj, step.lora.v.as_ref(), x, step.kernels)?
-            .reshape((batch, seq, kv_heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (
-                ops::rms_norm(&q, qn, c.rms_norm_eps, step.kernels)?,
-                ops::rms_norm(&k, kn, c.rms_norm_eps, step.kernels)?,
-            ),
-            _ => (q, k),
-        };
-        let q = Rope::apply(&q.transpose(1, 2)?, step.tables, step.kernels)?;
-        let k = Rope::apply(&k.transpose(1, 2)?, step.tables, step.kernels)?;
-        // Grouped-query attention without copying K/V per query head: the
-        // `group` query heads that share a KV head are stacked along the
-        // sequence axis, [b, kv_heads, group * seq, hd]. The shared K/V, the
-        // past and the new positions are attended as segments whose scores
-        // share one softmax. The scale is applied to the queries, the
-        // smallest operand.
-        let rows = group * seq;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q.reshape((batch, kv_heads, rows, hd))? * scale)?;
-        // A layer that keeps nothing of the document has no shared segment.
-        let shared = step.shared.filter(|s| !s.kv.is_empty());
-        let (out, measured) = attention::attend(&q, (&k, &v), shared, step, (group, seq, hd))?;
-        let out = out
-            .reshape((batch, heads, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((batch, seq, heads * hd))?;
-        Ok((
-            project(&self.o_proj, step.lora.o.as_ref(), &out, step.kernels)?,
-            LayerKv { k, v },
-            measured,
         ))
     }
 }

@@ -2,6 +2,7 @@
 //! masks and positions are all in the caller's hands.
 
 mod attention;
+mod block;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -32,12 +33,15 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 
-/// Memory-maps the safetensors weights of `files` and builds the decoder in `dtype`.
+/// Memory-maps the safetensors weights of `files` and builds the decoder in
+/// `dtype`, its projections packed in bf16 with `bf16_weights`
+/// ([`Decoder::load`]).
 pub fn load_decoder(
     files: &HfFiles,
     config: ModelConfig,
     device: &Device,
     dtype: DType,
+    bf16_weights: bool,
 ) -> Result<Decoder> {
     // SAFETY: the files are mapped read-only; like every safetensors loader we
     // rely on them not being truncated while the model is alive.
@@ -46,7 +50,7 @@ pub fn load_decoder(
             files: display_paths(&files.weights),
             source,
         })?;
-    Decoder::load(config, vb).map_err(|e| match e {
+    Decoder::load(config, vb, bf16_weights).map_err(|e| match e {
         Error::Candle(source) => Error::Weights {
             files: display_paths(&files.weights),
             source,

@@ -36,7 +36,7 @@ impl Fixture {
             panic!("{name} is not a Hugging Face model directory")
         };
         let config = ModelConfig::from_file(&files.config).unwrap();
-        let decoder = model::load_decoder(&files, config, &Device::Cpu, dtype).unwrap();
+        let decoder = model::load_decoder(&files, config, &Device::Cpu, dtype, false).unwrap();
         let reference =
             candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
                 .unwrap();

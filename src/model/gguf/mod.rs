@@ -1,7 +1,8 @@
 //! llama.cpp's GGUF files: the config (as metadata), the tokenizer and the
 //! weights, quantized or not, in one file. candle's `gguf_file` reads it and
-//! its quantized module dequantizes each tensor at load, to the run dtype;
-//! the tensors are renamed to the Hugging Face names the decoder loads.
+//! its quantized module dequantizes each tensor as the decoder loads it, to
+//! the run dtype; the tensors are renamed to the Hugging Face names the
+//! decoder loads.
 //!
 //! llama.cpp's converter permutes the rows of `attn_q` and `attn_k` of
 //! Llama-family models (its RoPE rotates adjacent pairs, Hugging Face's the
@@ -15,11 +16,12 @@ pub use tokenizer::GgufTokenizerError;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
+use candle_nn::var_builder::SimpleBackend;
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -207,35 +209,45 @@ impl GgufModel {
         tokenizer::build(self)
     }
 
-    /// Every tensor dequantized to `dtype` on `device`, renamed and (for the
-    /// Llama family) unpermuted, as the decoder `config` describes.
-    pub fn decoder(&self, config: ModelConfig, device: &Device, dtype: DType) -> Result<Decoder> {
+    /// The decoder `config` describes, its tensors renamed and (for the
+    /// Llama family) unpermuted, each read and dequantized to `dtype` on
+    /// `device` when the decoder asks for it ([`Tensors`]): with
+    /// `bf16_weights` a projection's f32 copy lives only until it is
+    /// packed, and the whole model is never held in f32.
+    pub fn decoder(
+        &self,
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+        bf16_weights: bool,
+    ) -> Result<Decoder> {
         let (_, permuted) = self.architecture()?;
-        // Tensors are read and dequantized in parallel, each thread with a
-        // file handle of its own: dequantizing is most of a small model's load.
-        let tensors = self
+        let by_hf_name = self
             .content
             .tensor_infos
-            .par_iter()
+            .iter()
             .filter(|(name, _)| name.as_str() != ROPE_FREQS) // read into the config
             .map(|(name, info)| {
                 let hf = hf_name(name)
                     .ok_or_else(|| self.error(ConfigError::UnknownTensor(name.clone())))?;
-                let read = self.dequantized(&mut open_file(&self.path)?, name, info)?;
-                let tensor = match (permuted, hf.rsplit('.').nth(1)) {
-                    (true, Some("q_proj")) => unpermute(&read, config.num_heads)?,
-                    (true, Some("k_proj")) => unpermute(&read, config.num_kv_heads)?,
-                    _ => read,
-                };
-                Ok((hf, tensor.to_dtype(dtype)?.to_device(device)?))
+                Ok((hf, (name.as_str(), info)))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        Decoder::load(config, vb).map_err(|e| match e {
-            Error::Candle(e) => self.error(ConfigError::Weights {
+        let tensors = Tensors {
+            model: self,
+            by_hf_name,
+            permuted: permuted.then_some((config.num_heads, config.num_kv_heads)),
+            failed: Mutex::new(None),
+        };
+        let failed = |tensors: &Tensors| tensors.failed.lock().ok().and_then(|mut f| f.take());
+        let vb = VarBuilder::from_backend(Box::new(&tensors), dtype, device.clone());
+        Decoder::load(config, vb, bf16_weights).map_err(|e| match (failed(&tensors), e) {
+            // The tensor that could not be read, as its own error.
+            (Some(read), _) => read,
+            (None, Error::Candle(e)) => self.error(ConfigError::Weights {
                 cause: first_line(&e),
             }),
-            other => other,
+            (None, other) => other,
         })
     }
 
@@ -303,6 +315,81 @@ fn unpermute(tensor: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
+}
+
+/// A GGUF file's tensors under their Hugging Face names, as a `VarBuilder`
+/// source that reads and dequantizes each one when it is asked for, each
+/// read on a file handle of its own (the decoder loads its blocks in
+/// parallel).
+struct Tensors<'m> {
+    model: &'m GgufModel,
+    by_hf_name: HashMap<String, (&'m str, &'m TensorInfo)>,
+    /// `(heads, kv_heads)` where llama.cpp permuted the query and key rows.
+    permuted: Option<(usize, usize)>,
+    /// The first read that failed, returned as itself rather than as
+    /// candle's error.
+    failed: Mutex<Option<Error>>,
+}
+
+impl Tensors<'_> {
+    fn read(&self, hf: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some(&(name, info)) = self.by_hf_name.get(hf) else {
+            return Err(candle_core::Error::CannotFindTensor { path: hf.into() }.into());
+        };
+        let read = self
+            .model
+            .dequantized(&mut open_file(&self.model.path)?, name, info)?;
+        let tensor = match (self.permuted, hf.rsplit('.').nth(1)) {
+            (Some((heads, _)), Some("q_proj")) => unpermute(&read, heads)?,
+            (Some((_, kv_heads)), Some("k_proj")) => unpermute(&read, kv_heads)?,
+            _ => read,
+        };
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+impl SimpleBackend for &Tensors<'_> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, device).map_err(|e| match e {
+            Error::Candle(e) => e,
+            other => {
+                let message = other.to_string();
+                if let Ok(mut failed) = self.failed.lock() {
+                    failed.get_or_insert(other);
+                }
+                candle_core::Error::Msg(message)
+            }
+        })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.by_hf_name.contains_key(name)
+    }
 }
 
 #[cfg(test)]
