@@ -203,16 +203,7 @@ pub fn measure(
                 }
                 let inverse = sum.recip();
                 let weights = row[report.column..][..report.len].iter();
-                match reduce {
-                    Reduce::Max => folded
-                        .iter_mut()
-                        .zip(weights)
-                        .for_each(|(f, w)| *f = f.max(w * inverse)),
-                    Reduce::Mean => folded
-                        .iter_mut()
-                        .zip(weights)
-                        .for_each(|(f, w)| *f += w * inverse),
-                }
+                fold(reduce, &mut folded, weights.map(|w| w * inverse));
             }
             (head, folded)
         })
@@ -220,19 +211,24 @@ pub fn measure(
     let mut out = vec![0f32; kv_heads * reported_len];
     for (head, folded) in partials {
         let dst = &mut out[head * reported_len..][..reported_len];
-        match reduce {
-            Reduce::Max => dst
-                .iter_mut()
-                .zip(&folded)
-                .for_each(|(d, f)| *d = d.max(*f)),
-            Reduce::Mean => dst.iter_mut().zip(&folded).for_each(|(d, f)| *d += f),
-        }
+        fold(reduce, dst, folded.into_iter());
     }
     if reduce == Reduce::Mean {
         let count = (batch * rows).max(1) as f32;
         out.iter_mut().for_each(|x| *x /= count);
     }
     Tensor::from_vec(out, (kv_heads, reported_len), &Device::Cpu)
+}
+
+/// `values` folded into `dst` by `reduce`: the larger of the two, or the
+/// sum (a mean's, divided at the end).
+fn fold(reduce: Reduce, dst: &mut [f32], values: impl Iterator<Item = f32>) {
+    for (d, v) in dst.iter_mut().zip(values) {
+        *d = match reduce {
+            Reduce::Max => d.max(v),
+            Reduce::Mean => *d + v,
+        };
+    }
 }
 
 /// A run's keys, and where its columns sit in a row of scores.
