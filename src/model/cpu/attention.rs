@@ -229,24 +229,23 @@ fn segments_packed(
         .iter()
         .map(|view| {
             pack.then(|| {
-                let heads = view.k.len() / (view.len * hd).max(1);
-                debug_assert_eq!(heads % kv_heads, 0);
-                (0..heads)
-                    .into_par_iter()
-                    .map(|at| {
-                        let k = &view.k[at * view.len * hd..][..view.len * hd];
-                        let v = &view.v[at * view.len * hd..][..view.len * hd];
-                        let mut v_t = vec![0f32; v.len()];
+                debug_assert_eq!(view.k.len() / (view.len * hd).max(1) % kv_heads, 0);
+                // Each head's values `[len, hd]` as `[hd, len]`.
+                let mut v_t = vec![0f32; view.v.len()];
+                v_t.par_chunks_mut(view.len * hd)
+                    .zip(view.v.par_chunks(view.len * hd))
+                    .for_each(|(v_t, v)| {
                         for (i, row) in v.chunks_exact(hd).enumerate() {
                             for (j, x) in row.iter().enumerate() {
                                 v_t[j * view.len + i] = *x;
                             }
                         }
-                        Packed {
-                            k: PackedBf16::from_rows(k, view.len, hd),
-                            v_t: PackedBf16::from_rows(&v_t, hd, view.len),
-                        }
-                    })
+                    });
+                let keys = PackedBf16::per_matrix(view.k, view.len, hd);
+                let values = PackedBf16::per_matrix(&v_t, hd, view.len);
+                keys.into_iter()
+                    .zip(values)
+                    .map(|(k, v_t)| Packed { k, v_t })
                     .collect()
             })
         })
@@ -275,17 +274,10 @@ impl Task<'_> {
         let mut sum = vec![0f32; n];
         let mut scores = vec![0f32; n * COLS];
         // The bf16 products' queries, and a tile's probabilities, as pairs.
-        let q_pairs = segments.iter().any(|s| s.packed.is_some()).then(|| {
-            let mut pairs = vec![0u32; n * hd.div_ceil(2)];
-            for (row, dst) in self
-                .q
-                .chunks_exact(hd)
-                .zip(pairs.chunks_mut(hd.div_ceil(2)))
-            {
-                bf16::to_pairs(row, dst);
-            }
-            pairs
-        });
+        let q_pairs = segments
+            .iter()
+            .any(|s| s.packed.is_some())
+            .then(|| bf16::rows_to_pairs(self.q, hd));
         let mut p_pairs = vec![0u32; if q_pairs.is_some() { n * COLS / 2 } else { 0 }];
         for segment in segments {
             let at = if segment.batched {

@@ -89,6 +89,16 @@ impl PackedBf16 {
         PackedBf16 { out, inner, data }
     }
 
+    /// [`Self::from_rows`] of each `[rows, width]` matrix stacked in `ws`
+    /// (a head's keys, say), packed in parallel.
+    pub(super) fn per_matrix(ws: &[f32], rows: usize, width: usize) -> Vec<Self> {
+        let size = rows * width;
+        (0..ws.len() / size.max(1))
+            .into_par_iter()
+            .map(|at| Self::from_rows(&ws[at * size..][..size], rows, width))
+            .collect()
+    }
+
     /// Output features `[block * LANES, ..)`'s pairs, `[pairs][LANES]`.
     fn panel(&self, block: usize) -> &[u32] {
         let pairs = self.inner.div_ceil(2);
@@ -160,6 +170,17 @@ pub(super) fn to_pairs(row: &[f32], dst: &mut [u32]) {
         return unsafe { x86::to_pairs(row, dst) };
     }
     to_pairs_scalar(row, dst)
+}
+
+/// The rows of the row-major `x` (`width` values each) as bf16 pairs,
+/// `width.div_ceil(2)` a row: the left operand of [`window_product`].
+pub(super) fn rows_to_pairs(x: &[f32], width: usize) -> Vec<u32> {
+    let pairs = width.div_ceil(2);
+    let mut out = vec![0u32; x.len() / width.max(1) * pairs];
+    for (row, dst) in x.chunks_exact(width.max(1)).zip(out.chunks_mut(pairs)) {
+        to_pairs(row, dst);
+    }
+    out
 }
 
 fn to_pairs_scalar(row: &[f32], dst: &mut [u32]) {

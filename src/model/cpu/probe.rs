@@ -108,17 +108,11 @@ pub fn measure(
     let packed: Vec<Vec<PackedBf16>> = views
         .iter()
         .map(|run| {
-            let heads = if pack {
-                run.k.len() / (run.len * hd).max(1)
+            if pack {
+                PackedBf16::per_matrix(run.k, run.len, hd)
             } else {
-                0
-            };
-            (0..heads)
-                .into_par_iter()
-                .map(|at| {
-                    PackedBf16::from_rows(&run.k[at * run.len * hd..][..run.len * hd], run.len, hd)
-                })
-                .collect()
+                Vec::new()
+            }
         })
         .collect();
     let pairs = hd.div_ceil(2);
@@ -132,13 +126,7 @@ pub fn measure(
             let n = ROWS.min(rows - first_row);
             let q = &q_data[(bh * rows + first_row) * hd..][..n * hd];
             let mut scores = vec![0f32; n * width];
-            let q_pairs = pack.then(|| {
-                let mut q_pairs = vec![0u32; n * pairs];
-                for (row, dst) in q.chunks_exact(hd).zip(q_pairs.chunks_mut(pairs)) {
-                    bf16::to_pairs(row, dst);
-                }
-                q_pairs
-            });
+            let q_pairs = pack.then(|| bf16::rows_to_pairs(q, hd));
             for (run, packed) in views.iter().zip(&packed) {
                 let at = if run.batched { bh } else { head };
                 if let Some(q_pairs) = &q_pairs {
