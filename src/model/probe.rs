@@ -86,15 +86,12 @@ impl AttentionProbe {
         (group, seq): (usize, usize),
     ) -> Result<Tensor> {
         let (batch, kv_heads, _, _) = q.dims4()?;
-        let past_len = past.map_or(0, LayerKv::len);
         let acc = ops::accumulation_dtype(q.dtype());
         let parts = self
-            .columns(past_len, seq)
-            .map(|(start, len)| -> Result<Tensor> {
-                let keys = match past {
-                    Some(past) if start < past_len => past.k.narrow(2, start, len)?,
-                    _ => new_k.clone(),
-                };
+            .column_keys(past, new_k, seq)?
+            .into_iter()
+            .map(|(start, keys)| -> Result<Tensor> {
+                let len = keys.dim(2)?;
                 let scores = q
                     .matmul(&keys.t()?)?
                     .to_dtype(acc)?
@@ -120,29 +117,20 @@ impl AttentionProbe {
         seq: usize,
         bf16: bool,
     ) -> Result<Tensor> {
-        let past_len = past.map_or(0, LayerKv::len);
-        let mut runs = Vec::with_capacity(3);
-        let mut reported = None;
-        for (start, len) in self.columns(past_len, seq) {
-            if start == self.keys.start && len == self.keys.len() && start < past_len {
-                reported = Some(runs.len());
-            }
-            let k = match past {
-                Some(past) if start < past_len => past.k.narrow(2, start, len)?,
-                _ => new_k.clone(),
-            };
-            runs.push((k, start));
-        }
-        let Some(reported) = reported else {
+        if self.keys.is_empty() {
             return Ok(Tensor::zeros((q.dim(1)?, 0), DType::F32, q.device())?);
-        };
-        let runs: Vec<cpu::probe::Columns> = runs
+        }
+        let past_len = past.map_or(0, LayerKv::len);
+        let keys = self.column_keys(past, new_k, seq)?;
+        let runs: Vec<cpu::probe::Columns> = keys
             .iter()
-            .map(|(k, start)| cpu::probe::Columns {
+            .map(|(start, k)| cpu::probe::Columns {
                 k,
                 mask_offset: *start,
             })
             .collect();
+        // The reported keys come after the sinks, if there are any.
+        let reported = usize::from(self.sinks > 0);
         let mask = mask
             .map(|m| m.reshape((m.dim(0)?, seq, past_len + seq)))
             .transpose()?;
@@ -155,6 +143,25 @@ impl AttentionProbe {
             self.reduce,
             bf16,
         )?)
+    }
+
+    /// The keys of [`AttentionProbe::columns`] with where each run starts:
+    /// narrowed from the past, or the pass's own `new_k`.
+    fn column_keys(
+        &self,
+        past: Option<&LayerKv>,
+        new_k: &Tensor,
+        seq: usize,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let past_len = past.map_or(0, LayerKv::len);
+        self.columns(past_len, seq)
+            .map(|(start, len)| {
+                Ok(match past {
+                    Some(past) if start < past_len => (start, past.k.narrow(2, start, len)?),
+                    _ => (start, new_k.clone()),
+                })
+            })
+            .collect()
     }
 
     /// The probe's columns among a pass's past and own keys, `(start, len)`
