@@ -4,7 +4,7 @@
 //! LoRA deltas and the probe, then the gated MLP.
 
 use candle_core::Tensor;
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention;
 use super::config::ModelConfig;
@@ -87,8 +87,8 @@ pub(super) fn load_block(c: &ModelConfig, vb: &VarBuilder, bf16: bool) -> Result
     })
 }
 
-/// Projection `name` below `vb`, `in_dim -> out_dim`; `bf16`: its weight
-/// packed at once, the f32 copy dropped.
+/// Projection `name` below `vb`, `in_dim -> out_dim`, packed with `bf16`
+/// ([`Projection::new`]).
 pub(super) fn linear(
     vb: &VarBuilder,
     (in_dim, out_dim): (usize, usize),
@@ -99,12 +99,7 @@ pub(super) fn linear(
     let vb = vb.pp(name);
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-    let projection = Projection::from(Linear::new(weight, bias));
-    if bf16 {
-        projection.packed_bf16()
-    } else {
-        Ok(projection)
-    }
+    Projection::new(weight, bias, bf16)
 }
 
 /// What every block of one forward pass shares, plus its own past and LoRA.

@@ -8,7 +8,7 @@
 //! switches of [`ModelConfig`] (biases, q/k norms, RoPE scaling), hence one file.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use rayon::prelude::*;
 
 use super::block::{Block, BlockStep, linear, load_block};
@@ -138,12 +138,7 @@ impl Decoder {
         }?;
         let embed_tokens = Embedding::new(embed_weight.clone(), h);
         let lm_head = if c.tie_word_embeddings {
-            let head = Projection::from(Linear::new(embed_weight, None));
-            if bf16_weights {
-                head.packed_bf16()?
-            } else {
-                head
-            }
+            Projection::new(embed_weight, None, bf16_weights)?
         } else {
             linear(&vb, (h, c.vocab_size), false, "lm_head", bf16_weights)?
         };

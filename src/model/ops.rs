@@ -407,7 +407,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (40, 24), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 40, &dev)?;
-        let packed = Projection::from(Linear::new(w, Some(b))).packed_bf16()?;
+        let packed = Projection::new(w, Some(b), true)?;
         let exact = packed.linear()?.into_owned();
         let x = candle_core::Var::randn(0f32, 1.0, (2, 20, 24), &dev)?;
         let fast = linear(&packed, &x.as_tensor().detach(), Kernels::Inference)?;

@@ -29,16 +29,17 @@ impl From<Linear> for Projection {
 }
 
 impl Projection {
-    /// The same projection with its weight rounded to bf16 and packed for
-    /// the CPU kernel.
-    pub fn packed_bf16(&self) -> Result<Self> {
-        Ok(match &self.0 {
-            Weight::Dense(linear) => Projection(Weight::Bf16 {
-                weight: Arc::new(PackedBf16::pack(linear.weight())?),
-                bias: linear.bias().cloned(),
-            }),
-            Weight::Bf16 { .. } => self.clone(),
-        })
+    /// `x @ weight^T + bias`; with `bf16`, the weight rounded to bf16 and
+    /// packed for the CPU kernel at once, the f32 copy dropped.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, bf16: bool) -> Result<Self> {
+        Ok(Projection(if bf16 {
+            Weight::Bf16 {
+                weight: Arc::new(PackedBf16::pack(&weight)?),
+                bias,
+            }
+        } else {
+            Weight::Dense(Linear::new(weight, bias))
+        }))
     }
 
     /// The packed weight, if this projection has one.
