@@ -430,29 +430,26 @@ pub(super) fn softmax_kernel() -> SoftmaxTile {
     softmax_tile
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn softmax_tile_avx512(
-    row: &mut [f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-    max: &mut f32,
-    sum: &mut f32,
-) -> f32 {
-    softmax_tile(row, bias, mask, max, sum)
+/// [`softmax_tile`] compiled for the CPU features `$features`: Rust takes
+/// one function per set.
+macro_rules! softmax_tile_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            row: &mut [f32],
+            bias: Option<&[f32]>,
+            mask: Option<&[f32]>,
+            max: &mut f32,
+            sum: &mut f32,
+        ) -> f32 {
+            softmax_tile(row, bias, mask, max, sum)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_tile_avx2(
-    row: &mut [f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-    max: &mut f32,
-    sum: &mut f32,
-) -> f32 {
-    softmax_tile(row, bias, mask, max, sum)
-}
+softmax_tile_for!(softmax_tile_avx512, "avx512f,fma");
+softmax_tile_for!(softmax_tile_avx2, "avx2,fma");
 
 /// One row of a tile: adds the bias and mask, moves the row's running
 /// maximum, turns the scores into `exp(score - max)` in place and adds them
